@@ -1,0 +1,252 @@
+"""The ``dew`` command line.
+
+Exit codes: 0 success; 1 the operation failed (a task failed, a backend is
+down); 2 bad input (unknown job, bad JSON, unknown id, unreadable config), in
+which case nothing was written. Errors are one line on stderr, never a
+traceback; ``--json`` prints machine-readable output on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, NoReturn
+
+from engine import render
+from engine.errors import DewError, InvalidInput, NotFound
+from engine.logs import configure_logging
+from engine.models import TASK_STATUSES
+from engine.settings import Settings, load_settings
+
+Command = Callable[[argparse.Namespace, Settings], Awaitable[int] | int]
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports bad usage as one line and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"dew: error: {message} (see `{self.prog} --help`)\n")
+        sys.exit(2)
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="dew", description="dew-engine: self-hosted DEW job engine.")
+    parser.add_argument("--config", metavar="FILE", help="a TOML file overriding the defaults")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
+                                parser_class=ArgumentParser)
+
+    sub.add_parser("init", help="create the state directory and the task store")
+    p = sub.add_parser("worker", help="run a worker in the foreground")
+    p.add_argument("--burst", action="store_true", help="stop when the queue is empty")
+    sub.add_parser("jobs", help="list the job names this engine knows")
+
+    p = sub.add_parser("enqueue", help="enqueue a job")
+    p.add_argument("name", help="job name, e.g. engine.echo")
+    p.add_argument("--args", default="{}", help="job arguments as a JSON object")
+    p.add_argument("--task-id", help="idempotency key: the same id twice is one task")
+    p.add_argument("--defer", type=float, metavar="SECONDS", help="run no earlier than this")
+    p.add_argument("--wait", action="store_true", help="wait and print the final task")
+    p.add_argument("--timeout", type=float, metavar="S", help="with --wait: give up after S s")
+    p.add_argument("--json", action="store_true")
+
+    tasks = sub.add_parser("tasks", help="inspect tasks").add_subparsers(
+        dest="action", metavar="ACTION", required=True, parser_class=ArgumentParser)
+    p = tasks.add_parser("list", help="list tasks, newest first")
+    p.add_argument("--status", choices=TASK_STATUSES)
+    p.add_argument("--name")
+    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--json", action="store_true")
+    p = tasks.add_parser("show", help="show one task")
+    p.add_argument("task_id")
+    p.add_argument("--json", action="store_true")
+
+    failures = sub.add_parser("failures", help="inspect and clear failed-task reports")
+    fsub = failures.add_subparsers(dest="action", metavar="ACTION", required=True,
+                                   parser_class=ArgumentParser)
+    p = fsub.add_parser("list", help="list failure records, newest first")
+    p.add_argument("--operation")
+    p.add_argument("--task-id")
+    p.add_argument("--limit", type=int, default=100)
+    p.add_argument("--json", action="store_true")
+    p = fsub.add_parser("show", help="show one failure record")
+    p.add_argument("failure_id")
+    p.add_argument("--json", action="store_true")
+    p = fsub.add_parser("delete", help="delete one failure record, or all of them")
+    p.add_argument("failure_id", nargs="?")
+    p.add_argument("--all", action="store_true")
+    p.add_argument("--json", action="store_true")
+
+    stack = sub.add_parser("stack", help="the local stack: private Redis + one worker")
+    ssub = stack.add_subparsers(dest="action", metavar="ACTION", required=True,
+                                parser_class=ArgumentParser)
+    ssub.add_parser("up", help="start what is not running")
+    ssub.add_parser("down", help="stop what `up` started")
+    ssub.add_parser("status", help="show what is running")
+    return parser
+
+
+# --- commands ------------------------------------------------------------------------
+
+
+async def cmd_init(args: argparse.Namespace, settings: Settings) -> int:
+    from engine.store import open_store
+
+    store = await open_store(settings)
+    await store.close()
+    print(f"state directory {settings.state_dir} ready (task store {settings.db_path})")
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    from engine.worker import build_worker
+
+    build_worker(settings, burst=args.burst).run()
+    return 0
+
+
+def cmd_jobs(args: argparse.Namespace, settings: Settings) -> int:
+    from engine.registry import default_registry
+
+    for spec in default_registry():
+        print(f"{spec.name:32} {spec.description}")
+    return 0
+
+
+async def cmd_enqueue(args: argparse.Namespace, settings: Settings) -> int:
+    from engine.client import Client, check_defer, check_json_args, check_task_id
+    from engine.registry import default_registry
+
+    try:
+        job_args = json.loads(args.args)
+    except json.JSONDecodeError as exc:
+        raise InvalidInput(f"--args is not valid JSON: {exc.msg} at column {exc.colno}") from None
+    if args.timeout is not None and not args.wait:
+        raise InvalidInput("--timeout needs --wait")
+    # Check everything before the task store is opened: bad input writes nothing.
+    default_registry().check_args(args.name, check_json_args(job_args))
+    if args.task_id is not None:
+        check_task_id(args.task_id)
+    check_defer(args.defer)
+    async with await Client.open(settings) as client:
+        task = await client.enqueue(args.name, job_args, task_id=args.task_id, defer=args.defer)
+        if not args.wait:
+            print(json.dumps({"task_id": task.task_id}) if args.json else task.task_id)
+            return 0
+        task = await client.wait(task.task_id, timeout=args.timeout)
+    _print(task.to_json(), args.json, render.task)
+    return 0 if task.status == "succeeded" else 1
+
+
+async def cmd_tasks(args: argparse.Namespace, settings: Settings) -> int:
+    from engine.store import open_store
+
+    store = await open_store(settings)
+    try:
+        if args.action == "list":
+            _check_limit(args.limit)
+            tasks = await store.list_tasks(args.status, args.name, args.limit)
+            _print([t.to_json() for t in tasks], args.json, render.task_table)
+        else:
+            task = await store.get_task(args.task_id)
+            if task is None:
+                raise NotFound(f"no task with id {args.task_id!r}")
+            failures = await store.list_failures(task_id=task.task_id)
+            shown = task.to_json()
+            if not args.json:
+                shown["failures"] = [f.to_json() for f in failures]
+            _print(shown, args.json, render.task)
+    finally:
+        await store.close()
+    return 0
+
+
+async def cmd_failures(args: argparse.Namespace, settings: Settings) -> int:
+    from engine.store import open_store
+
+    if args.action == "delete" and bool(args.failure_id) == bool(args.all):
+        raise InvalidInput("give either a failure id or --all")
+    store = await open_store(settings)
+    try:
+        if args.action == "list":
+            _check_limit(args.limit)
+            records = await store.list_failures(args.operation, args.task_id, args.limit)
+            _print([f.to_json() for f in records], args.json, render.failure_table)
+        elif args.action == "show":
+            record = await store.get_failure(args.failure_id)
+            if record is None:
+                raise NotFound(f"no failure record with id {args.failure_id!r}")
+            _print(record.to_json(), args.json, render.failure)
+        elif args.all:
+            count = await store.delete_all_failures()
+            _print({"deleted": count}, args.json, lambda d: f"deleted {d['deleted']} record(s)")
+        else:
+            if not await store.delete_failure(args.failure_id):
+                raise NotFound(f"no failure record with id {args.failure_id!r}")
+            _print({"deleted": 1}, args.json, lambda d: f"deleted {args.failure_id}")
+    finally:
+        await store.close()
+    return 0
+
+
+def cmd_stack(args: argparse.Namespace, settings: Settings) -> int:
+    from engine import stack
+
+    if args.action == "up":
+        state = stack.up(settings, config_file=args.config)
+    elif args.action == "down":
+        state = stack.down(settings)
+    else:
+        state = stack.status(settings)
+    print("\n".join(state.lines()))
+    return 0
+
+
+COMMANDS: dict[str, Command] = {
+    "init": cmd_init,
+    "worker": cmd_worker,
+    "jobs": cmd_jobs,
+    "enqueue": cmd_enqueue,
+    "tasks": cmd_tasks,
+    "failures": cmd_failures,
+    "stack": cmd_stack,
+}
+
+
+def _check_limit(limit: int) -> None:
+    if not 1 <= limit <= 10_000:
+        raise InvalidInput(f"--limit must be between 1 and 10000, got {limit}")
+
+
+def _print(data: Any, as_json: bool, human: Callable[[Any], str]) -> None:
+    print(json.dumps(data, indent=2) if as_json else human(data))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings(args.config)
+        worker = args.command == "worker"
+        configure_logging(
+            settings.log_file, settings.log.level,
+            console=settings.log.console,
+            # Commands other than the worker keep the terminal for their output.
+            console_level=None if worker else "warning",
+        )
+        outcome = COMMANDS[args.command](args, settings)
+        code = asyncio.run(outcome) if asyncio.iscoroutine(outcome) else outcome
+        return int(code)  # type: ignore[arg-type]
+    except DewError as exc:
+        sys.stderr.write(f"dew: error: {exc.message}\n")
+        # Bad input (exit 2) is one line; an operational error also says what to do.
+        if exc.exit_code != 2 and exc.fix:
+            sys.stderr.write(f"dew: fix: {exc.fix}\n")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""The engine's async client: enqueue jobs through the outbox, wait for them.
+
+    async with await Client.open() as client:
+        task = await client.enqueue("engine.echo", {"value": 1})
+        done = await client.wait(task.task_id, timeout=30)
+
+``enqueue`` writes the task row (queued) first and pushes the job to arq with
+``_job_id`` = task id second. If the push fails (Redis down) the task is still
+safe in the store and the sweeper delivers it later; the same task id twice
+returns the existing task and never runs it twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import re
+import uuid
+from datetime import timedelta
+from types import TracebackType
+from typing import Any
+
+from engine.errors import BackendUnavailable, InvalidInput, NotFound, TransientError
+from engine.logs import get_logger
+from engine.models import TaskRecord, TaskStatus, utcnow
+from engine.queue import Queue
+from engine.redaction import keep_sealed
+from engine.registry import Registry, default_registry
+from engine.settings import Settings, load_settings
+from engine.store import TaskStore, open_store
+
+TASK_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+MAX_DEFER = 366 * 24 * 3600
+MAX_ARGS_BYTES = 256 * 1024
+
+log = get_logger("dew.client")
+
+
+def new_task_id() -> str:
+    return uuid.uuid4().hex
+
+
+def check_task_id(task_id: str) -> str:
+    if not TASK_ID.match(task_id):
+        raise InvalidInput(
+            f"invalid task id {task_id!r}: use 1-128 letters, digits, '.', '_', ':' or '-'"
+        )
+    return task_id
+
+
+def check_defer(defer: float | None) -> float | None:
+    if defer is None:
+        return None
+    if not math.isfinite(defer) or defer < 0 or defer > MAX_DEFER:
+        raise InvalidInput(f"--defer must be between 0 and {MAX_DEFER} seconds, got {defer}")
+    return defer
+
+
+def check_json_args(args: Any) -> dict[str, Any]:
+    if not isinstance(args, dict):
+        raise InvalidInput("job arguments must be a JSON object")
+    try:
+        size = len(json.dumps(args))
+    except (TypeError, ValueError) as exc:
+        raise InvalidInput(f"job arguments are not JSON: {exc}") from None
+    if size > MAX_ARGS_BYTES:
+        raise InvalidInput(f"job arguments are {size} bytes; the limit is {MAX_ARGS_BYTES}")
+    return args
+
+
+class Client:
+    def __init__(
+        self, settings: Settings, store: TaskStore, queue: Queue | None, registry: Registry
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self._queue = queue
+        self.registry = registry
+
+    @classmethod
+    async def open(
+        cls, settings: Settings | None = None, registry: Registry | None = None
+    ) -> Client:
+        """Open the task store; Redis is connected on the first enqueue."""
+        settings = settings or load_settings()
+        store = await open_store(settings)
+        return cls(settings, store, None, registry or default_registry())
+
+    async def close(self) -> None:
+        if self._queue is not None:
+            await self._queue.close()
+        await self.store.close()
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def queue(self) -> Queue:
+        if self._queue is None:
+            self._queue = await Queue.connect(self.settings)
+        return self._queue
+
+    async def enqueue(
+        self,
+        name: str,
+        args: dict[str, Any] | None = None,
+        task_id: str | None = None,
+        defer: float | None = None,
+    ) -> TaskRecord:
+        """Record the task, then push it to the queue. Bad input raises InvalidInput
+        (or UnknownJob) and writes nothing."""
+        args = check_json_args({} if args is None else args)
+        spec = self.registry.check_args(name, args)
+        task_id = check_task_id(task_id) if task_id is not None else new_task_id()
+        defer = check_defer(defer)
+        stored_args = keep_sealed(args, spec.secret_fields)
+
+        now = utcnow()
+        due_at = now + timedelta(seconds=defer or 0)
+        task, created = await self.store.create_task(task_id, name, stored_args, now, due_at)
+        if not created:
+            if task.name != name or task.args != stored_args:
+                raise InvalidInput(
+                    f"task id {task_id} is already used by another job ({task.name})",
+                    fix="Use a new task id, or the same name and arguments to get that task.",
+                )
+            if task.final:
+                return task
+        try:
+            queue = await self.queue()
+            await queue.push(task_id, name, args, due_at if defer else None)
+        except BackendUnavailable as exc:
+            # The outbox row is the promise: the sweeper delivers it when Redis is back.
+            log.warning("job not pushed to Redis; the sweeper will deliver it",
+                        task_id=task_id, job=name, error=exc.message)
+        return task
+
+    async def get(self, task_id: str) -> TaskRecord:
+        task = await self.store.get_task(task_id)
+        if task is None:
+            raise NotFound(f"no task with id {task_id!r}")
+        return task
+
+    async def wait(
+        self, task_id: str, timeout: float | None = None, poll: float = 0.05
+    ) -> TaskRecord:
+        """Wait until the task succeeded or failed; return its final record.
+
+        Raises NotFound for an unknown id and TransientError (code ``wait_timeout``)
+        when ``timeout`` passes; the task goes on.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        delay = poll
+        while True:
+            task = await self.get(task_id)
+            if task.final:
+                return task
+            if deadline is not None and loop.time() >= deadline:
+                raise TransientError(
+                    f"task {task_id} is still {task.status} after {timeout} s",
+                    code="wait_timeout",
+                    fix=f"Wait longer, or look later with `dew tasks show {task_id}`.",
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 1.5, 0.5)
+
+    async def list_tasks(
+        self, status: TaskStatus | None = None, name: str | None = None, limit: int = 100
+    ) -> list[TaskRecord]:
+        return await self.store.list_tasks(status=status, name=name, limit=limit)
+

@@ -1,0 +1,148 @@
+"""The one error hierarchy of dew-engine.
+
+Errors are data: every error carries a stable ``code``, a ``category``, the
+user-facing ``message``, the ``cause`` and the ``fix`` to show, and whether a
+retry can help (``retryable``). The worker decides retries from ``retryable``
+alone, the CLI decides its exit code from ``exit_code``, and failure records
+are written from the same fields.
+
+    DewError                        (code, category, message, cause, fix, retryable)
+    ├── PermanentError              retryable=False: fails at once, never retried
+    │   ├── InvalidInput            bad arguments; CLI exit 2; nothing was changed
+    │   │   ├── UnknownJob          a job name no handler is registered for
+    │   │   └── ConfigError         an unreadable or invalid configuration
+    │   ├── NotFound                no such task / failure record / key; CLI exit 2
+    │   ├── Conflict                the target's state forbids the operation
+    │   ├── SecurityError           an integrity or identity check failed
+    │   └── InternalError           a bug: an exception nobody mapped
+    └── TransientError              retryable=True: retried with backoff, then recorded
+        └── BackendUnavailable      Redis, the task store or the HSM cannot be reached
+
+Exceptions of the libraries underneath (redis, arq, aiosqlite, python-pkcs11,
+asyncssh, database drivers) are mapped to these in exactly one place per
+adapter; nothing else catches them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class DewError(Exception):
+    """Base of every error the engine raises on purpose."""
+
+    code: ClassVar[str] = "error"
+    category: ClassVar[str] = "engine"
+    retryable: ClassVar[bool] = False
+    exit_code: ClassVar[int] = 1
+    default_fix: ClassVar[str] = ""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        cause: str = "",
+        fix: str = "",
+        code: str | None = None,
+        category: str | None = None,
+        target: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.cause = cause
+        self.fix = fix or self.default_fix
+        self.target = target
+        # Instances may refine the class defaults (e.g. one PermanentError class
+        # serves several rows of the product's error table).
+        if code is not None:
+            self.code = code  # type: ignore[misc]
+        if category is not None:
+            self.category = category  # type: ignore[misc]
+
+    def __str__(self) -> str:
+        return self.message
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON shape stored on a failed task and shown by ``--json``."""
+        return {
+            "code": self.code,
+            "category": self.category,
+            "message": self.message,
+            "cause": self.cause,
+            "fix": self.fix,
+            "retryable": self.retryable,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DewError:
+        """Rebuild an error stored by :meth:`to_dict` (the class is lost, the data is not)."""
+        base: type[DewError] = TransientError if data.get("retryable") else PermanentError
+        return base(
+            str(data.get("message", "")),
+            cause=str(data.get("cause", "")),
+            fix=str(data.get("fix", "")),
+            code=str(data.get("code", base.code)),
+            category=str(data.get("category", base.category)),
+        )
+
+
+class PermanentError(DewError):
+    """Retrying cannot help: the job fails at once with a failure record."""
+
+    code = "permanent_error"
+
+
+class InvalidInput(PermanentError):
+    """The caller sent something we cannot accept. Nothing was changed."""
+
+    code = "invalid_parameter"
+    category = "parameters"
+    exit_code = 2
+    default_fix = "Check the call."
+
+
+class UnknownJob(InvalidInput):
+    code = "unknown_job"
+    default_fix = "Run `dew jobs` to list the job names this engine knows."
+
+
+class ConfigError(InvalidInput):
+    code = "invalid_config"
+    category = "config"
+    default_fix = "Fix the configuration file or the DEW_* environment variable named."
+
+
+class NotFound(PermanentError):
+    code = "not_found"
+    category = "parameters"
+    exit_code = 2
+    default_fix = "Check the identifier."
+
+
+class Conflict(PermanentError):
+    code = "conflict"
+    category = "state"
+
+
+class SecurityError(PermanentError):
+    code = "security"
+    category = "security"
+
+
+class InternalError(PermanentError):
+    code = "internal_error"
+    category = "internal"
+    default_fix = "Report this with the task id; the worker log holds the traceback."
+
+
+class TransientError(DewError):
+    """Retrying may help: the worker retries with backoff, then records a failure."""
+
+    code = "transient_error"
+    retryable = True
+
+
+class BackendUnavailable(TransientError):
+    code = "backend_unavailable"
+    category = "backend"
+    default_fix = "Start the service named (for the local stack: `make up`) and retry."

@@ -1,0 +1,103 @@
+"""The records the engine keeps: tasks, failure records, workers.
+
+Their ``to_json`` shapes are the public JSON contract of ``dew tasks`` and
+``dew failures`` (see the README).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from engine.redaction import redact
+
+TaskStatus = Literal["queued", "running", "succeeded", "failed"]
+TASK_STATUSES: tuple[TaskStatus, ...] = ("queued", "running", "succeeded", "failed")
+FINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed"})
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def iso(ts: datetime | None) -> str | None:
+    """Timestamps are stored as ISO 8601 UTC with microseconds, so text order is time order."""
+    if ts is None:
+        return None
+    return ts.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+def parse_iso(text: str | None) -> datetime | None:
+    return None if text is None else datetime.fromisoformat(text)
+
+
+@dataclass(frozen=True)
+class TaskRecord:
+    task_id: str
+    name: str
+    args: dict[str, Any]
+    status: TaskStatus
+    attempts: int
+    enqueued_at: datetime
+    due_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    result: Any
+    error: dict[str, Any] | None
+    worker_id: str | None
+
+    @property
+    def final(self) -> bool:
+        return self.status in FINAL_STATUSES
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "task_id": self.task_id,
+            "name": self.name,
+            "args": redact(self.args),  # sealed values are shown redacted too
+            "status": self.status,
+            "attempts": self.attempts,
+            "enqueued_at": iso(self.enqueued_at),
+            "started_at": iso(self.started_at),
+            "finished_at": iso(self.finished_at),
+            "result": self.result,
+            "error": self.error,
+        }
+
+
+@dataclass(frozen=True)
+class FailureRecord:
+    failure_id: str
+    task_id: str
+    operation: str
+    target: str | None
+    category: str
+    code: str
+    error: str
+    cause: str
+    fix: str
+    created_at: datetime
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "failure_id": self.failure_id,
+            "task_id": self.task_id,
+            "operation": self.operation,
+            "target": self.target,
+            "category": self.category,
+            "code": self.code,
+            "error": self.error,
+            "cause": self.cause,
+            "fix": self.fix,
+            "created_at": iso(self.created_at),
+        }
+
+
+@dataclass(frozen=True)
+class WorkerRecord:
+    worker_id: str
+    host: str
+    pid: int
+    started_at: datetime
+    heartbeat_at: datetime

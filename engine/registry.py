@@ -1,0 +1,94 @@
+"""The job registry: job names, their handlers, argument checks and secret fields.
+
+Handlers register themselves by name (``engine.echo``, ``kms.schedule_key_deletion``,
+``kps.bind`` ...). The client looks names up here to refuse an unknown job or bad
+arguments before anything is written; the worker builds its arq functions from it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from engine.errors import InvalidInput, UnknownJob
+
+if TYPE_CHECKING:
+    from engine.context import JobContext
+
+Handler = Callable[["JobContext", dict[str, Any]], Awaitable[Any]]
+Validator = Callable[[dict[str, Any]], None]
+
+JOB_NAME = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+$")
+HANDLER_PACKAGES = ("handlers",)
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    name: str
+    handler: Handler
+    validate: Validator | None = None
+    secret_fields: frozenset[str] = frozenset()
+    description: str = ""
+
+
+class Registry:
+    def __init__(self) -> None:
+        self._jobs: dict[str, JobSpec] = {}
+
+    def job(
+        self,
+        name: str,
+        *,
+        validate: Validator | None = None,
+        secret_fields: tuple[str, ...] = (),
+        description: str = "",
+    ) -> Callable[[Handler], Handler]:
+        """Decorator registering ``handler`` as the job ``name``."""
+        if not JOB_NAME.match(name):
+            raise ValueError(f"job name {name!r} must look like 'domain.operation'")
+
+        def register(handler: Handler) -> Handler:
+            if name in self._jobs:
+                raise ValueError(f"job {name!r} is registered twice")
+            doc = (handler.__doc__ or "").strip().splitlines()
+            self._jobs[name] = JobSpec(
+                name, handler, validate, frozenset(secret_fields), description or
+                (doc[0] if doc else "")
+            )
+            return handler
+
+        return register
+
+    def get(self, name: str) -> JobSpec:
+        try:
+            return self._jobs[name]
+        except KeyError:
+            raise UnknownJob(f"unknown job name {name!r}") from None
+
+    def check_args(self, name: str, args: Any) -> JobSpec:
+        """The spec of job ``name`` after checking ``args`` (InvalidInput if bad)."""
+        spec = self.get(name)
+        if not isinstance(args, dict):
+            raise InvalidInput(f"the arguments of {name} must be a JSON object")
+        if spec.validate is not None:
+            spec.validate(args)
+        return spec
+
+    def __iter__(self) -> Iterator[JobSpec]:
+        return iter(sorted(self._jobs.values(), key=lambda s: s.name))
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._jobs
+
+
+JOBS = Registry()
+
+
+def default_registry() -> Registry:
+    """The registry with every handler module loaded."""
+    for package in HANDLER_PACKAGES:
+        importlib.import_module(package)
+    return JOBS

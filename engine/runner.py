@@ -1,0 +1,158 @@
+"""Run one task: mark it running, call its handler, record how it ended.
+
+This is the task lifecycle of ARCHITECTURE.md, kept out of arq so it is tested
+on its own: ``TaskRunner.run`` returns a ``RunOutcome`` and the arq glue in
+``engine.worker`` turns a retry into ``arq.Retry``. A task that already ended
+(arq ran the job twice) is not run again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import structlog
+
+from engine.context import JobContext, failure_record
+from engine.errors import DewError, InternalError, InvalidInput, PermanentError
+from engine.lifecycle import decide_outcome
+from engine.logs import get_logger
+from engine.models import utcnow
+from engine.redaction import contains_redacted, keep_sealed
+from engine.registry import JobSpec
+from engine.settings import Settings
+from engine.store import TaskStore
+
+log = get_logger("dew.worker")
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    status: str  # succeeded | failed | retry | skipped
+    retry_in: float = 0.0
+
+    def summary(self, task_id: str) -> dict[str, Any]:
+        return {"task_id": task_id, "status": self.status}
+
+
+class TaskRunner:
+    def __init__(
+        self,
+        settings: Settings,
+        store: TaskStore,
+        worker_id: str,
+        resources: dict[str, Any] | None = None,
+        clock: Callable[[], datetime] = utcnow,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.worker_id = worker_id
+        self.resources = resources if resources is not None else {}
+        self.clock = clock
+        self.rand = rand
+
+    async def run(
+        self, spec: JobSpec, task_id: str, args: Any, enqueued_at: datetime | None = None
+    ) -> RunOutcome:
+        stored_args = keep_sealed(args, spec.secret_fields) if isinstance(args, dict) else {
+            "_invalid": repr(args)[:200]
+        }
+        task = await self.store.mark_running(
+            task_id, spec.name, stored_args, self.worker_id, self.clock(),
+            enqueued_at or self.clock(),
+        )
+        if task.final:
+            log.info("task already finished; not run again", task_id=task_id, job=spec.name,
+                     status=task.status)
+            return RunOutcome("skipped")
+
+        with structlog.contextvars.bound_contextvars(task_id=task_id, job=spec.name):
+            job_log = get_logger("dew.job")
+            job_log.info("job started", attempt=task.attempts)
+            ctx = JobContext(
+                task_id=task_id, name=spec.name, attempt=task.attempts, settings=self.settings,
+                store=self.store, log=job_log, clock=self.clock, resources=self.resources,
+            )
+            result: Any = None
+            error: DewError | None = None
+            try:
+                self._check(spec, args, task.attempts)
+                result = await spec.handler(ctx, args)
+                json.dumps(result)
+            except DewError as exc:
+                error = exc
+            except asyncio.CancelledError:
+                # Shutdown or job timeout: arq re-queues the job; the row stays running
+                # and the next run counts one more attempt.
+                job_log.warning("job cancelled", attempt=task.attempts)
+                raise
+            except (TypeError, ValueError) as exc:
+                job_log.exception("handler returned a result that is not JSON")
+                error = InternalError(f"{spec.name} returned a result that is not JSON: {exc}")
+            except Exception as exc:  # noqa: BLE001 - any bug becomes a recorded failure
+                job_log.exception("handler raised an unexpected error")
+                error = InternalError(
+                    f"{spec.name} failed unexpectedly: {type(exc).__name__}",
+                    cause=str(exc)[:500],
+                )
+            return await self._finish(spec, task_id, task.attempts, result, error, job_log)
+
+    def _check(self, spec: JobSpec, args: Any, attempts: int) -> None:
+        if not isinstance(args, dict):
+            raise InvalidInput(f"the arguments of {spec.name} must be a JSON object")
+        if contains_redacted(args):
+            raise PermanentError(
+                "a secret argument was sent in clear and redacted, so this run cannot use it",
+                code="secret_lost",
+                category="parameters",
+                fix="Enqueue the job again with its secret arguments sealed by the client.",
+            )
+        # More runs than tries means the job kept killing its worker (each crash
+        # re-runs it): stop instead of looping for ever.
+        if attempts > self.settings.retry.max_tries + 2:
+            raise PermanentError(
+                f"gave up after {attempts - 1} attempts that never finished",
+                code="too_many_attempts",
+                fix="Look for worker crashes in the log around this task.",
+            )
+        if spec.validate is not None:
+            spec.validate(args)
+
+    async def _finish(
+        self,
+        spec: JobSpec,
+        task_id: str,
+        attempts: int,
+        result: Any,
+        error: DewError | None,
+        job_log: Any,
+    ) -> RunOutcome:
+        retry = self.settings.retry
+        outcome = decide_outcome(
+            error, attempts, retry.max_tries, retry.backoff_base, retry.backoff_max, self.rand
+        )
+        now = self.clock()
+        if outcome.action == "succeed":
+            await self.store.mark_succeeded(task_id, result, now)
+            job_log.info("job succeeded", attempt=attempts)
+            return RunOutcome("succeeded")
+        assert error is not None
+        if outcome.action == "retry":
+            await self.store.mark_retrying(
+                task_id, error.to_dict(), now + timedelta(seconds=outcome.delay), now
+            )
+            job_log.warning("job will be retried", attempt=attempts, code=error.code,
+                            error=error.message, retry_in=round(outcome.delay, 3))
+            return RunOutcome("retry", outcome.delay)
+        await self.store.mark_failed(
+            task_id, error.to_dict(), failure_record(task_id, spec.name, None, error, now), now
+        )
+        job_log.error("job failed", attempt=attempts, code=error.code, error=error.message,
+                      retryable=error.retryable)
+        return RunOutcome("failed")

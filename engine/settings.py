@@ -1,0 +1,255 @@
+"""Settings: embedded defaults, then a ``--config`` file, then ``DEW_*`` variables.
+
+The defaults live in ``config/default.toml``. Every key can be overridden by a
+TOML file of the same shape and by ``DEW_<SECTION>_<KEY>`` environment
+variables; ``DEW_STATE_DIR`` and ``DEW_REDIS_URL`` are shortcuts for
+``engine.state_dir`` and ``redis.url``. Loading is a plain function of its
+inputs (file text and an environment mapping) so it is tested without I/O.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from engine.errors import ConfigError
+
+SHORTCUTS = {"DEW_STATE_DIR": ("engine", "state_dir"), "DEW_REDIS_URL": ("redis", "url")}
+
+
+@dataclass(frozen=True)
+class EngineSection:
+    state_dir: Path = Path("var")
+
+
+@dataclass(frozen=True)
+class RedisSection:
+    url: str = ""
+    queue: str = "arq:queue"
+
+
+@dataclass(frozen=True)
+class WorkerSection:
+    max_jobs: int = 100
+    poll_delay: float = 0.05
+    job_timeout: int = 300
+    heartbeat_interval: float = 2.0
+    heartbeat_timeout: float = 10.0
+    keep_result: int = 3600
+
+
+@dataclass(frozen=True)
+class RetrySection:
+    max_tries: int = 5
+    backoff_base: float = 1.0
+    backoff_max: float = 300.0
+
+
+@dataclass(frozen=True)
+class SweeperSection:
+    interval: int = 5
+    grace: float = 5.0
+
+
+@dataclass(frozen=True)
+class LogSection:
+    level: str = "info"
+    file: str = "logs/dew.log"
+    console: str = "auto"
+
+
+@dataclass(frozen=True)
+class Settings:
+    engine: EngineSection = field(default_factory=EngineSection)
+    redis: RedisSection = field(default_factory=RedisSection)
+    worker: WorkerSection = field(default_factory=WorkerSection)
+    retry: RetrySection = field(default_factory=RetrySection)
+    sweeper: SweeperSection = field(default_factory=SweeperSection)
+    log: LogSection = field(default_factory=LogSection)
+
+    @property
+    def state_dir(self) -> Path:
+        return self.engine.state_dir
+
+    @property
+    def db_path(self) -> Path:
+        return self.state_dir / "dew.sqlite3"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.state_dir / "run"
+
+    @property
+    def log_file(self) -> Path:
+        return self.state_dir / self.log.file
+
+    @property
+    def redis_socket(self) -> Path:
+        """The unix socket of the private Redis, used when ``redis.url`` is empty."""
+        return self.run_dir / "redis.sock"
+
+    @property
+    def redis_url(self) -> str:
+        return self.redis.url or f"unix://{self.redis_socket}"
+
+    def replace(self, **sections: Any) -> Settings:
+        """A copy with some keys changed: ``replace(worker={"max_jobs": 5})``."""
+        return _apply(self, {name: dict(values) for name, values in sections.items()}, "code")
+
+
+def default_config_text() -> str:
+    """The text of ``config/default.toml``, from the wheel or from the source tree."""
+    packaged = resources.files("engine") / "_config" / "default.toml"
+    if packaged.is_file():
+        return packaged.read_text(encoding="utf-8")
+    return (Path(__file__).resolve().parent.parent / "config" / "default.toml").read_text(
+        encoding="utf-8"
+    )
+
+
+def parse_toml(text: str, origin: str) -> dict[str, Any]:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{origin} is not valid TOML: {exc}") from None
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, str]]:
+    """``DEW_<SECTION>_<KEY>`` variables as a nested mapping of strings."""
+    sections = {f.name for f in dataclasses.fields(Settings)}
+    out: dict[str, dict[str, str]] = {}
+    for var, value in environ.items():
+        if var in SHORTCUTS:
+            section, key = SHORTCUTS[var]
+        elif var.startswith("DEW_"):
+            rest = var[4:].lower()
+            section, _, key = rest.partition("_")
+            if section not in sections or not key:
+                continue  # e.g. DEW_HSM_PIN belongs to the crypto core, not to settings
+        else:
+            continue
+        out.setdefault(section, {})[key] = value
+    return out
+
+
+def build_settings(
+    default_text: str,
+    config_text: str | None = None,
+    config_origin: str = "config file",
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    settings = _apply(Settings(), parse_toml(default_text, "config/default.toml"), "defaults")
+    if config_text is not None:
+        settings = _apply(settings, parse_toml(config_text, config_origin), config_origin)
+    return _apply(settings, env_overrides(environ or {}), "environment")
+
+
+def load_settings(config_file: str | os.PathLike[str] | None = None) -> Settings:
+    """Settings for this process: defaults, ``config_file``, then ``os.environ``."""
+    text = None
+    origin = "config file"
+    if config_file is not None:
+        origin = str(config_file)
+        try:
+            text = Path(config_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise ConfigError(f"cannot read config file {origin}: {reason}") from None
+    return build_settings(default_config_text(), text, origin, os.environ)
+
+
+def _apply(settings: Settings, data: Mapping[str, Any], origin: str) -> Settings:
+    sections = {f.name: f for f in dataclasses.fields(Settings)}
+    changes: dict[str, Any] = {}
+    for name, values in data.items():
+        if name not in sections:
+            raise ConfigError(f"{origin}: unknown section [{name}]")
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"{origin}: [{name}] must be a table")
+        current = getattr(settings, name)
+        keys = {f.name: f for f in dataclasses.fields(current)}
+        updates = {}
+        for key, raw in values.items():
+            if key not in keys:
+                raise ConfigError(f"{origin}: unknown setting {name}.{key}")
+            default = getattr(current, key)
+            updates[key] = _coerce(raw, type(default), f"{origin}: {name}.{key}")
+        changes[name] = dataclasses.replace(current, **updates)
+    result = dataclasses.replace(settings, **changes)
+    _validate(result, origin)
+    return result
+
+
+def _coerce(raw: Any, kind: type, where: str) -> Any:
+    try:
+        if kind is bool:
+            if isinstance(raw, bool):
+                return raw
+            text = str(raw).strip().lower()
+            if text in {"1", "true", "yes", "on"}:
+                return True
+            if text in {"0", "false", "no", "off"}:
+                return False
+            raise ValueError(raw)
+        if kind is int:
+            if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+                raise ValueError(raw)
+            return int(raw)
+        if kind is float:
+            if isinstance(raw, bool):
+                raise ValueError(raw)
+            return float(raw)
+        if issubclass(kind, Path):
+            return Path(str(raw))
+        if isinstance(raw, (dict, list)):
+            raise ValueError(raw)
+        return str(raw)
+    except ValueError:
+        raise ConfigError(f"{where} must be a {_type_name(kind)}, got {raw!r}") from None
+
+
+def _type_name(kind: type) -> str:
+    return {int: "whole number", float: "number", bool: "boolean"}.get(kind, "string")
+
+
+def _validate(s: Settings, origin: str) -> None:
+    checks = [
+        (s.worker.max_jobs >= 1, "worker.max_jobs must be at least 1"),
+        (s.worker.poll_delay > 0, "worker.poll_delay must be above 0"),
+        (s.worker.job_timeout >= 1, "worker.job_timeout must be at least 1"),
+        (s.worker.heartbeat_interval > 0, "worker.heartbeat_interval must be above 0"),
+        (
+            s.worker.heartbeat_timeout > s.worker.heartbeat_interval,
+            "worker.heartbeat_timeout must exceed worker.heartbeat_interval",
+        ),
+        (s.retry.max_tries >= 1, "retry.max_tries must be at least 1"),
+        (s.retry.backoff_base >= 0, "retry.backoff_base must not be negative"),
+        (s.retry.backoff_max >= s.retry.backoff_base, "retry.backoff_max must be >= backoff_base"),
+        (
+            1 <= s.sweeper.interval <= 60 and 60 % s.sweeper.interval == 0,
+            "sweeper.interval must divide 60 (1, 2, 3, 4, 5, 6, 10, 12, 15, 20, 30 or 60)",
+        ),
+        (s.sweeper.grace >= 0, "sweeper.grace must not be negative"),
+        (
+            s.log.level.lower() in {"debug", "info", "warning", "error"},
+            "log.level must be debug, info, warning or error",
+        ),
+        (
+            s.log.console in {"auto", "pretty", "json", "off"},
+            "log.console must be auto, pretty, json or off",
+        ),
+        (bool(s.redis.queue), "redis.queue must not be empty"),
+        (
+            not s.redis.url or s.redis.url.startswith(("redis://", "rediss://", "unix://")),
+            "redis.url must start with redis://, rediss:// or unix://",
+        ),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(f"{origin}: {message}")

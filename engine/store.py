@@ -1,0 +1,83 @@
+"""The task store interface: the source of truth for tasks and failure records.
+
+Redis is only a transport; what a task is, how often it ran and how it ended
+lives here. The engine talks to the store only through ``TaskStore``, so that
+moving to PostgreSQL (the scale-out path) is a new backend, not a rewrite.
+``open_store`` picks the backend; today that is SQLite (``engine.sqlite_store``).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Protocol
+
+from engine.models import FailureRecord, TaskRecord, TaskStatus, WorkerRecord
+from engine.settings import Settings
+
+
+class TaskStore(Protocol):
+    async def close(self) -> None: ...
+
+    # tasks
+    async def create_task(
+        self, task_id: str, name: str, args: dict[str, Any], now: datetime, due_at: datetime
+    ) -> tuple[TaskRecord, bool]:
+        """Insert a queued task; return it and whether it is new (else the existing row)."""
+
+    async def get_task(self, task_id: str) -> TaskRecord | None: ...
+
+    async def list_tasks(
+        self, status: TaskStatus | None = None, name: str | None = None, limit: int = 100
+    ) -> list[TaskRecord]: ...
+
+    async def unfinished_tasks(self, limit: int = 10_000) -> list[TaskRecord]: ...
+
+    async def mark_running(
+        self,
+        task_id: str,
+        name: str,
+        args: dict[str, Any],
+        worker_id: str,
+        now: datetime,
+        enqueued_at: datetime,
+    ) -> TaskRecord:
+        """Count one more attempt and mark it running; create the row if a plain
+        arq client enqueued the job. A final task is returned unchanged."""
+
+    async def mark_succeeded(self, task_id: str, result: Any, now: datetime) -> None: ...
+
+    async def mark_retrying(
+        self, task_id: str, error: dict[str, Any], due_at: datetime, now: datetime
+    ) -> None: ...
+
+    async def mark_failed(
+        self, task_id: str, error: dict[str, Any], failure: FailureRecord | None, now: datetime
+    ) -> None:
+        """Mark the task failed and write its failure record, in one transaction."""
+
+    # failure records
+    async def add_failure(self, failure: FailureRecord) -> None: ...
+
+    async def list_failures(
+        self, operation: str | None = None, task_id: str | None = None, limit: int = 100
+    ) -> list[FailureRecord]: ...
+
+    async def get_failure(self, failure_id: str) -> FailureRecord | None: ...
+
+    async def delete_failure(self, failure_id: str) -> bool: ...
+
+    async def delete_all_failures(self) -> int: ...
+
+    # workers
+    async def heartbeat(self, worker: WorkerRecord) -> None: ...
+
+    async def remove_worker(self, worker_id: str) -> None: ...
+
+    async def live_workers(self, since: datetime) -> set[str]: ...
+
+
+async def open_store(settings: Settings) -> TaskStore:
+    """Open (and create or migrate) the task store named by the settings."""
+    from engine.sqlite_store import SqliteTaskStore
+
+    return await SqliteTaskStore.open(settings.db_path)
