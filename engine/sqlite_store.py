@@ -95,13 +95,18 @@ class SqliteTaskStore:
             ) from None
         async with _mapped(path):
             conn = await aiosqlite.connect(str(path), isolation_level=None)
-            conn.row_factory = aiosqlite.Row
-            await conn.execute("PRAGMA busy_timeout = 15000")
-            await conn.execute("PRAGMA journal_mode = WAL")
-            await conn.execute("PRAGMA synchronous = NORMAL")
-            store = cls(conn, path)
-            await store._migrate()
-            return store
+        try:
+            async with _mapped(path):
+                conn.row_factory = aiosqlite.Row
+                await conn.execute("PRAGMA busy_timeout = 15000")
+                await conn.execute("PRAGMA journal_mode = WAL")
+                await conn.execute("PRAGMA synchronous = NORMAL")
+                store = cls(conn, path)
+                await store._migrate()
+                return store
+        except BaseException:
+            await conn.close()  # its thread would keep the process alive
+            raise
 
     async def close(self) -> None:
         await self._conn.close()

@@ -1,0 +1,59 @@
+# dew-engine: `make demo` and `make test` are the two commands a newcomer needs.
+# Everything else (setup, up, down) is what those two do on the way.
+
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+DEW     := $(BIN)/dew
+STAMP   := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: help setup system-packages venv init up down demo test lint bench clean
+
+help:
+	@echo "make demo    set up, start a private Redis and a worker, run the scenario, stop"
+	@echo "make test    set up, then run the test suite"
+	@echo "make up      start the private Redis and one worker in the background (var/run/*.pid)"
+	@echo "make down    stop exactly what 'make up' started"
+	@echo "make lint    ruff + mypy"
+	@echo "make bench   run the benchmarks in bench/"
+
+setup: system-packages venv
+
+# Debian/Ubuntu packages the engine and its tests use. As root they are installed
+# with apt-get; otherwise the exact command is printed and setup stops.
+system-packages:
+	@sh .ci/system-packages
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+init: setup
+	$(DEW) init
+
+up: setup
+	$(DEW) stack up
+
+down:
+	@if [ -x $(DEW) ]; then $(DEW) stack down; else echo "nothing to stop"; fi
+
+demo: setup
+	$(BIN)/python -m engine.demo
+
+test: setup
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+lint: venv
+	$(BIN)/ruff check engine handlers schedules tests bench
+	$(BIN)/mypy
+
+bench: setup
+	$(BIN)/python bench/queue_throughput.py
+
+clean: down
+	rm -rf var

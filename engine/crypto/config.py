@@ -1,0 +1,153 @@
+"""HSM configuration, PIN files and the SoftHSM2 configuration file.
+
+The PKCS#11 module path, token label and slot are plain configuration, so a
+vendor HSM replaces SoftHSM without code changes: set ``module_path`` to the
+vendor's library and ``softhsm_conf`` to None. A PIN comes from ``pin`` (the
+caller passes ``DEW_HSM_PIN`` when set) or from ``pin_file``, which must be mode
+0600 and owned by us. The PIN never appears in a repr, a log line or an error.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from engine.errors import ConfigError
+
+SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
+DEFAULT_TOKEN_LABEL = "dew"
+PIN_FILE_MODE = 0o600
+
+
+@dataclass(frozen=True, repr=False)
+class HsmConfig:
+    module_path: str = SOFTHSM_MODULE
+    token_label: str = DEFAULT_TOKEN_LABEL
+    slot: int | None = None
+    pin: str | None = field(default=None, compare=False)
+    pin_file: Path | None = None
+    so_pin_file: Path | None = None
+    # SoftHSM only: the softhsm2.conf to write (if missing) and point SOFTHSM2_CONF at.
+    softhsm_conf: Path | None = None
+    token_dir: Path | None = None
+    pool_size: int = 2
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.pool_size <= 64:
+            raise ConfigError(f"hsm pool_size must be 1..64, got {self.pool_size}")
+        if not self.token_label or len(self.token_label.encode()) > 32:
+            raise ConfigError("hsm token_label must be 1..32 bytes (a PKCS#11 token label)")
+
+    @classmethod
+    def for_softhsm(
+        cls,
+        state_dir: Path | str,
+        *,
+        pin: str | None = None,
+        token_label: str = DEFAULT_TOKEN_LABEL,
+        module_path: str = SOFTHSM_MODULE,
+        pool_size: int = 2,
+    ) -> HsmConfig:
+        """The default layout: ``STATE/hsm/{softhsm2.conf,tokens/,user.pin,so.pin}``."""
+        hsm = Path(state_dir) / "hsm"
+        return cls(
+            module_path=module_path,
+            token_label=token_label,
+            pin=pin,
+            pin_file=hsm / "user.pin",
+            so_pin_file=hsm / "so.pin",
+            softhsm_conf=hsm / "softhsm2.conf",
+            token_dir=hsm / "tokens",
+            pool_size=pool_size,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"HsmConfig(module_path={self.module_path!r}, token_label={self.token_label!r}, "
+            f"slot={self.slot!r}, pin={'<hidden>' if self.pin is not None else None}, "
+            f"pin_file={self.pin_file!r}, so_pin_file={self.so_pin_file!r}, "
+            f"softhsm_conf={self.softhsm_conf!r}, token_dir={self.token_dir!r}, "
+            f"pool_size={self.pool_size!r})"
+        )
+
+    __str__ = __repr__
+
+    def user_pin(self) -> str:
+        """The user PIN: the explicit value, else the PIN file."""
+        if self.pin is not None:
+            return self.pin
+        if self.pin_file is not None and self.pin_file.exists():
+            return read_pin_file(self.pin_file)
+        raise ConfigError(
+            "no HSM user PIN is configured",
+            cause="neither an explicit PIN nor an existing PIN file was given",
+            fix="Set DEW_HSM_PIN, or initialise the token so that it writes the PIN file"
+            + (f" {self.pin_file}" if self.pin_file else "")
+            + ".",
+            code="hsm_pin_missing",
+        )
+
+
+def read_pin_file(path: Path) -> str:
+    """Read a PIN file, refusing one that others could read or that is not ours."""
+    try:
+        st = path.stat()
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot read the PIN file {path}: {exc.strerror}", code="hsm_pin_file"
+        ) from None
+    mode = stat.S_IMODE(st.st_mode)
+    if mode != PIN_FILE_MODE:
+        raise ConfigError(
+            f"the PIN file {path} has mode {mode:04o}; it must be 0600",
+            cause="a PIN file readable by others exposes the HSM user PIN",
+            fix=f"chmod 600 {path}",
+            code="hsm_pin_file_mode",
+        )
+    if st.st_uid != os.geteuid():
+        raise ConfigError(
+            f"the PIN file {path} is owned by uid {st.st_uid}, not by this user",
+            fix=f"chown {os.geteuid()} {path}",
+            code="hsm_pin_file_owner",
+        )
+    text = path.read_text(encoding="utf-8").strip()
+    if not text:
+        raise ConfigError(f"the PIN file {path} is empty", code="hsm_pin_file")
+    return text
+
+
+def write_pin_file(path: Path, pin: str) -> None:
+    """Write a PIN atomically, mode 0600 from the first byte (O_EXCL temp, fsync, rename)."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PIN_FILE_MODE)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(pin + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def generate_pin() -> str:
+    # 32 hex characters: within every SoftHSM / common HSM PIN length limit.
+    return secrets.token_hex(16)
+
+
+def ensure_softhsm_conf(conf: Path, token_dir: Path) -> None:
+    """Create ``softhsm2.conf`` naming ``token_dir`` unless it already exists."""
+    # The HSM directory holds the PIN files too: private from its creation.
+    conf.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    token_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if conf.exists():
+        return
+    conf.write_text(
+        f"directories.tokendir = {token_dir}\nobjectstore.backend = file\nlog.level = ERROR\n",
+        encoding="utf-8",
+    )

@@ -1,0 +1,296 @@
+"""The crypto core: an async, safe API over a PKCS#11 token.
+
+Every key operation of the engine comes here (ARCHITECTURE principle 1). Master
+keys are generated in the token as sensitive, never-extractable objects; no
+method returns or exports their material. Data keys (DEKs) handed to callers
+are random bytes from the token RNG, sealed under a master key with
+AES-256-GCM inside the token.
+
+Threading design (why one session per pool thread)
+---------------------------------------------------
+python-pkcs11 blocks, so calls run in a bounded thread pool (``pool_size``
+threads). python-pkcs11 would call ``C_Initialize(NULL)``, which tells the
+module the application is single-threaded: SoftHSM then takes no locks, and two
+threads with their own sessions crashed the process in 6 of 6 probe runs. One
+session shared by all threads is safe (python-pkcs11 holds a lock per session
+operation) but serialises everything. So we initialise the module ourselves
+with ``CKF_OS_LOCKING_OK`` through ctypes before python-pkcs11 attaches
+(:mod:`engine.crypto._cinit`); the module then locks its own shared state and
+each pool thread can own a session, as PKCS#11 intends. Evidence:
+``tests/crypto/test_concurrency.py`` runs 2 threads x 1,000 mixed data-key /
+seal / open calls from asyncio tasks in a subprocess (a crash would kill only
+that process) and checks every result. If a module refuses OS locking
+(``CKR_CANT_LOCK``) the pool shrinks to one thread with one session, which is
+the safe shared-session design.
+
+Lifecycle: ``await core.connect()`` / ``await core.close()``, or
+``async with CryptoCore(config) as core``. (``open`` is the inverse of ``seal``.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+from types import TracebackType
+from typing import Any
+
+from engine.crypto import _pkcs11
+from engine.crypto._pool import SessionPool, Worker
+from engine.crypto.config import HsmConfig
+from engine.crypto.model import (
+    DATA_KEY_MAX_BYTES,
+    DATA_KEY_MIN_BYTES,
+    GCM_TAG_BYTES,
+    MAX_AAD_BYTES,
+    MAX_KEY_ID_BYTES,
+    MAX_PLAINTEXT_BYTES,
+    RANDOM_MAX_BYTES,
+    RANDOM_MIN_BYTES,
+    DataKey,
+    KeyFamily,
+    KeyInfo,
+    KeySpec,
+    Sealed,
+    SignAlgorithm,
+    check_bytes,
+    check_iv,
+    check_label,
+    check_length,
+    pack_sealed,
+    unpack_sealed,
+)
+from engine.errors import BackendUnavailable, InvalidInput
+
+
+def _spec(value: KeySpec | str) -> KeySpec:
+    try:
+        return KeySpec(value)
+    except ValueError:
+        choices = ", ".join(s.value for s in KeySpec)
+        raise InvalidInput(f"unknown key spec {value!r}; choose one of {choices}") from None
+
+
+def _algorithm(value: SignAlgorithm | str) -> SignAlgorithm:
+    try:
+        return SignAlgorithm(value)
+    except ValueError:
+        choices = ", ".join(a.value for a in SignAlgorithm)
+        raise InvalidInput(
+            f"unknown signing algorithm {value!r}; choose one of {choices}"
+        ) from None
+
+
+class CryptoCore:
+    """Async access to one token. Construct from :class:`HsmConfig`, then connect."""
+
+    def __init__(self, config: HsmConfig) -> None:
+        self.config = config
+        self._pool: SessionPool | None = None
+        self._module: _pkcs11.Module | None = None
+        self._token: Any = None
+        self._connect_lock = asyncio.Lock()
+
+    def __repr__(self) -> str:
+        state = "connected" if self._pool is not None else "closed"
+        return f"<CryptoCore {self.config.token_label!r} {state}>"
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def connect(self) -> None:
+        """Load the module, find the token and log in. Idempotent."""
+        async with self._connect_lock:
+            if self._pool is not None:
+                return
+            module, token = await asyncio.to_thread(self._login)
+            self._module, self._token = module, token
+            self._pool = SessionPool(
+                token, self.config.pool_size, per_thread_sessions=module.os_locking
+            )
+
+    def _login(self) -> tuple[_pkcs11.Module, Any]:
+        module = _pkcs11.load_module(self.config)
+        token = _pkcs11.require_token(module, self.config.token_label, self.config.slot)
+        _pkcs11.login(module, token, self.config.user_pin())
+        return module, token
+
+    async def close(self) -> None:
+        """Finish running calls, close the sessions, log out (last core of the process)."""
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        try:
+            await pool.close()
+        finally:
+            if self._module is not None:
+                await asyncio.to_thread(_pkcs11.logout, self._module, self._token)
+
+    async def __aenter__(self) -> CryptoCore:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    @property
+    def session_mode(self) -> str:
+        """``"session-per-thread"`` (OS locking) or ``"single-session"`` (fallback)."""
+        pool = self._require()
+        return "session-per-thread" if pool.per_thread_sessions else "single-session"
+
+    @property
+    def threads(self) -> int:
+        return self._require().size
+
+    @property
+    def sessions_opened(self) -> int:
+        return self._require().sessions_opened
+
+    def _require(self) -> SessionPool:
+        if self._pool is None:
+            raise BackendUnavailable(
+                "the crypto core is not connected", code="hsm_closed",
+                fix="Call `await core.connect()` (or use `async with`) first.",
+            )
+        return self._pool
+
+    # ------------------------------------------------------------------ keys
+
+    async def generate_key(self, spec: KeySpec | str, label: str, key_id: bytes) -> KeyInfo:
+        """Generate a master key in the token. KeyExists if the label is taken."""
+        key_spec = _spec(spec)
+        check_label(label)
+        key_id = check_bytes("key_id", key_id, MAX_KEY_ID_BYTES, min_len=1)
+        pool = self._require()
+
+        def work(w: Worker) -> KeyInfo:
+            with pool.admin_lock:
+                try:
+                    return _pkcs11.generate_key(w.session, key_spec, label, key_id)
+                finally:
+                    pool.invalidate()
+
+        return await pool.run(work)
+
+    async def destroy_key(self, label: str) -> bool:
+        """Destroy every object labelled ``label``; False if there was none."""
+        check_label(label)
+        pool = self._require()
+
+        def work(w: Worker) -> bool:
+            with pool.admin_lock:
+                try:
+                    return _pkcs11.destroy_key(w.session, label)
+                finally:
+                    pool.invalidate()
+
+        return await pool.run(work)
+
+    async def key_exists(self, label: str) -> bool:
+        check_label(label)
+        return await self._require().run(
+            lambda w: bool(_pkcs11.objects_with_label(w.session, label))
+        )
+
+    async def key_info(self, label: str) -> KeyInfo:
+        """Label, CKA_ID and spec of a key; KeyNotFound if absent."""
+        check_label(label)
+        return await self._require().run(lambda w: _pkcs11.key_info(w.session, label))
+
+    async def public_key_spki_der(self, label: str) -> bytes:
+        """An RSA / EC key's public half as DER SubjectPublicKeyInfo."""
+        check_label(label)
+        return await self._require().run(
+            lambda w: _pkcs11.public_key_spki_der(w.key(label, "public"), label)
+        )
+
+    # ------------------------------------------------------------------ AES-GCM
+
+    async def seal(self, key_label: str, plaintext: bytes, aad: bytes = b"") -> Sealed:
+        """AES-256-GCM in the token: ``(iv, ciphertext || tag)``, IV from the token RNG."""
+        check_label(key_label)
+        plaintext = check_bytes("plaintext", plaintext, MAX_PLAINTEXT_BYTES)
+        aad = check_bytes("aad", aad, MAX_AAD_BYTES)
+        return await self._require().run(
+            lambda w: _pkcs11.gcm_seal(w.session, w.key(key_label, "secret"), key_label,
+                                       plaintext, aad)
+        )
+
+    async def open(
+        self, key_label: str, iv: bytes, ciphertext: bytes, aad: bytes = b""
+    ) -> bytes:
+        """Inverse of :meth:`seal`; IntegrityCheckFailed on a wrong key, AAD or tag."""
+        check_label(key_label)
+        check_iv(iv)
+        ciphertext = check_bytes("ciphertext", ciphertext, MAX_PLAINTEXT_BYTES + GCM_TAG_BYTES)
+        aad = check_bytes("aad", aad, MAX_AAD_BYTES)
+        return await self._require().run(
+            lambda w: _pkcs11.gcm_open(w.key(key_label, "secret"), key_label, iv, ciphertext,
+                                       aad)
+        )
+
+    # ------------------------------------------------------------------ data keys
+
+    async def generate_data_key(
+        self, key_label: str, length_bytes: int = 32, aad: bytes = b""
+    ) -> DataKey:
+        """A fresh DEK from the token RNG, and the same DEK sealed under ``key_label``."""
+        check_label(key_label)
+        check_length("length_bytes", length_bytes, DATA_KEY_MIN_BYTES, DATA_KEY_MAX_BYTES)
+        aad = check_bytes("aad", aad, MAX_AAD_BYTES)
+
+        def work(w: Worker) -> DataKey:
+            key = w.key(key_label, "secret")
+            dek = _pkcs11.random_bytes(w.session, length_bytes)
+            return DataKey(dek, pack_sealed(_pkcs11.gcm_seal(w.session, key, key_label, dek, aad)))
+
+        return await self._require().run(work)
+
+    async def wrap_data_key(self, key_label: str, plaintext_dek: bytes, aad: bytes = b"") -> bytes:
+        """Seal a caller's DEK under ``key_label``; returns the wrapped blob."""
+        check_label(key_label)
+        dek = check_bytes("plaintext_dek", plaintext_dek, DATA_KEY_MAX_BYTES,
+                          min_len=DATA_KEY_MIN_BYTES)
+        aad = check_bytes("aad", aad, MAX_AAD_BYTES)
+        sealed = await self.seal(key_label, dek, aad)
+        return pack_sealed(sealed)
+
+    async def unwrap_data_key(self, key_label: str, blob: bytes, aad: bytes = b"") -> bytes:
+        """The DEK inside a blob from :meth:`generate_data_key` / :meth:`wrap_data_key`."""
+        iv, ciphertext = unpack_sealed(blob)
+        return await self.open(key_label, iv, ciphertext, aad)
+
+    # ------------------------------------------------------------------ misc
+
+    async def random_bytes(self, n: int) -> bytes:
+        """``n`` (1..1024) random bytes from the token's RNG."""
+        check_length("n", n, RANDOM_MIN_BYTES, RANDOM_MAX_BYTES)
+        return await self._require().run(lambda w: _pkcs11.random_bytes(w.session, n))
+
+    async def sign(
+        self, label: str, message: bytes, algorithm: SignAlgorithm | str
+    ) -> bytes:
+        """HMAC tag, RSA signature, or DER ECDSA signature over ``message``."""
+        algo = _algorithm(algorithm)
+        check_label(label)
+        message = check_bytes("message", message, MAX_PLAINTEXT_BYTES)
+        kind = "secret" if algo.family is KeyFamily.HMAC else "private"
+        return await self._require().run(
+            lambda w: _pkcs11.sign(w.key(label, kind), label, algo, message)
+        )
+
+    async def verify(
+        self, label: str, message: bytes, signature: bytes, algorithm: SignAlgorithm | str
+    ) -> bool:
+        """True when ``signature`` is valid for ``message`` (checked in the token)."""
+        algo = _algorithm(algorithm)
+        check_label(label)
+        message = check_bytes("message", message, MAX_PLAINTEXT_BYTES)
+        signature = check_bytes("signature", signature, 4096)
+        kind = "secret" if algo.family is KeyFamily.HMAC else "public"
+        return await self._require().run(
+            lambda w: _pkcs11.verify(w.key(label, kind), label, algo, message, signature)
+        )

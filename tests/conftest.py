@@ -1,0 +1,72 @@
+"""Shared fixtures: a private redis-server per test session, settings in a temp dir,
+a client, and ``dew worker`` subprocesses."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from engine.client import Client
+from engine.redis_server import RedisServer, free_port
+from engine.settings import Settings, load_settings
+from tests.helpers import WorkerProcess
+
+# Short intervals so crash and loss recovery take seconds in tests.
+TEST_SETTINGS = {
+    "worker": {"poll_delay": 0.01, "heartbeat_interval": 0.5, "heartbeat_timeout": 2.0,
+               "job_timeout": 60},
+    "retry": {"max_tries": 3, "backoff_base": 0.05, "backoff_max": 0.2},
+    "sweeper": {"interval": 1, "grace": 0.5},
+    "log": {"console": "off", "level": "debug"},
+}
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis"), port=free_port())
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def settings(tmp_path: Path, redis_server: RedisServer) -> Settings:
+    if not redis_server.ping():  # a test killed it: bring it back for the next one
+        redis_server.start()
+    redis.Redis.from_url(redis_server.url).flushall()
+    return load_settings().replace(
+        engine={"state_dir": tmp_path / "var"}, redis={"url": redis_server.url}, **TEST_SETTINGS
+    )
+
+
+@pytest.fixture
+async def client(settings: Settings) -> AsyncIterator[Client]:
+    async with await Client.open(settings) as c:
+        yield c
+
+
+@pytest.fixture
+def worker(settings: Settings, tmp_path: Path) -> Iterator[WorkerProcess]:
+    """A running ``dew worker``; stopped at the end of the test."""
+    proc = WorkerProcess(settings, tmp_path / "worker.out")
+    proc.start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+def make_worker(settings: Settings, tmp_path: Path) -> Iterator[type[WorkerProcess]]:
+    """Start workers by hand (``make_worker().start()``); all stopped at the end."""
+    started: list[WorkerProcess] = []
+
+    def factory(wait: bool = True) -> WorkerProcess:
+        proc = WorkerProcess(settings, tmp_path / f"worker{len(started)}.out")
+        started.append(proc)
+        return proc.start(wait)
+
+    yield factory  # type: ignore[misc]
+    for proc in started:
+        proc.stop()

@@ -1,0 +1,99 @@
+"""Load proof of the threading design: 2 pool threads, each with its own session.
+
+The workload runs in a subprocess (this file run as a script) because the
+failure it guards against is a crash of the whole process: with python-pkcs11's
+own ``C_Initialize(NULL)`` SoftHSM takes no locks and two sessions used from two
+threads crashed the process (FACTS.md). A fresh process also means a fresh
+module initialisation, done the way production does it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+TASKS = 1_000  # each task makes 2 core calls: 2,000 calls over 2 threads
+
+
+async def workload(tasks: int, pool_size: int) -> dict[str, object]:
+    from engine.crypto import CryptoCore, IntegrityCheckFailed, KeySpec
+    from engine.crypto.testing import shared_softhsm_config
+
+    config = shared_softhsm_config(pool_size=pool_size)
+    async with CryptoCore(config) as core:
+        label = "concurrency-cmk"
+        await core.generate_key(KeySpec.AES_256, label, b"concurrency")
+        wrong: list[str] = []
+        refused = 0
+
+        async def one(i: int) -> None:
+            nonlocal refused
+            aad = f"task={i}".encode()
+            kind = i % 5
+            if kind == 0:
+                dek = await core.generate_data_key(label, (16, 32, 64)[i % 3], aad)
+                if await core.unwrap_data_key(label, dek.wrapped, aad) != dek.plaintext:
+                    wrong.append(f"datakey {i}")
+            elif kind == 1:
+                message = os.urandom(i % 200)
+                sealed = await core.seal(label, message, aad)
+                if await core.open(label, *sealed, aad) != message:
+                    wrong.append(f"seal/open {i}")
+            elif kind == 2:
+                dek_bytes = os.urandom(32)
+                blob = await core.wrap_data_key(label, dek_bytes, aad)
+                if await core.unwrap_data_key(label, blob, aad) != dek_bytes:
+                    wrong.append(f"wrap/unwrap {i}")
+            elif kind == 3:
+                sealed = await core.seal(label, b"bound to its aad", aad)
+                try:
+                    await core.open(label, *sealed, aad + b"!")
+                    wrong.append(f"wrong aad accepted {i}")
+                except IntegrityCheckFailed:
+                    refused += 1
+            else:
+                data = await core.random_bytes(1 + i % 64)
+                sealed = await core.seal(label, data)
+                if len(data) != 1 + i % 64 or await core.open(label, *sealed) != data:
+                    wrong.append(f"random {i}")
+
+        started = time.perf_counter()
+        await asyncio.gather(*(one(i) for i in range(tasks)))
+        elapsed = time.perf_counter() - started
+        result = {
+            "mode": core.session_mode,
+            "threads": core.threads,
+            "sessions": core.sessions_opened,
+            "calls": tasks * 2,
+            "wrong": wrong,
+            "refused": refused,
+            "calls_per_second": round(tasks * 2 / elapsed),
+        }
+        await core.destroy_key(label)
+        return result
+
+
+def test_two_threads_thousand_calls_each_no_crash_no_wrong_result() -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("SOFTHSM2_CONF", None)
+    done = subprocess.run(
+        [sys.executable, __file__, str(TASKS), "2"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=180,
+    )
+    assert done.returncode == 0, f"rc={done.returncode}\n{done.stdout}\n{done.stderr}"
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["mode"] == "session-per-thread"
+    assert result["threads"] == 2 and result["sessions"] == 2  # both threads did work
+    assert result["calls"] == 2_000
+    assert result["wrong"] == []
+    assert result["refused"] == TASKS // 5
+
+
+if __name__ == "__main__":
+    print(json.dumps(asyncio.run(workload(int(sys.argv[1]), int(sys.argv[2])))))

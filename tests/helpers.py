@@ -1,0 +1,112 @@
+"""Test helpers: settings as environment variables, and a worker in a subprocess."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from engine.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """Every setting as a DEW_<SECTION>_<KEY> variable, for a subprocess."""
+    env: dict[str, str] = {}
+    for section in dataclasses.fields(settings):
+        values = getattr(settings, section.name)
+        for key in dataclasses.fields(values):
+            env[f"DEW_{section.name}_{key.name}".upper()] = str(getattr(values, key.name))
+    return env
+
+
+def dew_env(settings: Settings, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DEW_")}
+    env.update(settings_env(settings))
+    env.update(extra)
+    return env
+
+
+def run_dew(settings: Settings, *args: str, input: str | None = None,
+            timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "engine.cli", *args], env=dew_env(settings), cwd=ROOT,
+        capture_output=True, text=True, input=input, timeout=timeout,
+    )
+
+
+class WorkerProcess:
+    """``dew worker`` in a subprocess, as operators run it."""
+
+    def __init__(self, settings: Settings, log_path: Path) -> None:
+        self.settings = settings
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, wait: bool = True) -> WorkerProcess:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        out = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "engine.cli", "worker"], env=dew_env(self.settings),
+            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+        )
+        if wait:
+            self.wait_beating()
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def wait_beating(self, timeout: float = 20) -> None:
+        """Wait for the worker's first heartbeat (read with plain sqlite3: works in
+        sync and async tests alike)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker exited: {self.log_path.read_text()[-2000:]}")
+            if self.settings.db_path.exists():
+                with sqlite3.connect(self.settings.db_path, timeout=10) as db:
+                    try:
+                        rows = db.execute("SELECT worker_id FROM workers").fetchall()
+                    except sqlite3.OperationalError:
+                        rows = []
+                if any(f":{self.pid}:" in r[0] for r in rows):
+                    return
+            time.sleep(0.1)
+        raise RuntimeError("worker did not start")
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.proc = None
+
+
+async def wait_for(predicate: Any, timeout: float = 30.0, interval: float = 0.1) -> Any:
+    """Await ``predicate()`` until it returns something truthy."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met in {timeout} s (last value {value!r})")
+        await asyncio.sleep(interval)

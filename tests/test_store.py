@@ -1,0 +1,174 @@
+"""The SQLite task store: schema, idempotent writes, failure records, concurrency."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import subprocess
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from engine.context import failure_record
+from engine.errors import ConfigError, PermanentError
+from engine.models import WorkerRecord, utcnow
+from engine.sqlite_store import MIGRATIONS, SqliteTaskStore
+
+
+@pytest.fixture
+async def store(tmp_path: Path):  # type: ignore[no-untyped-def]
+    s = await SqliteTaskStore.open(tmp_path / "state" / "dew.sqlite3")
+    yield s
+    await s.close()
+
+
+async def test_schema_is_versioned_and_in_wal_mode(tmp_path: Path) -> None:
+    path = tmp_path / "dew.sqlite3"
+    await (await SqliteTaskStore.open(path)).close()
+    await (await SqliteTaskStore.open(path)).close()  # re-opening migrates nothing twice
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        indexes = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='index'")}
+    assert {"tasks_status_enqueued", "tasks_name_enqueued", "failures_operation_created"} <= indexes
+
+
+async def test_newer_schema_and_garbage_files_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "dew.sqlite3"
+    with sqlite3.connect(path) as db:
+        db.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
+    with pytest.raises(ConfigError, match="newer than this engine"):
+        await SqliteTaskStore.open(path)
+    junk = tmp_path / "junk.sqlite3"
+    junk.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(ConfigError, match="not a usable task store"):
+        await SqliteTaskStore.open(junk)
+
+
+async def test_create_task_is_idempotent(store: SqliteTaskStore) -> None:
+    now = utcnow()
+    first, created = await store.create_task("t1", "engine.echo", {"value": 1}, now, now)
+    again, created_again = await store.create_task("t1", "engine.echo", {"value": 2}, now, now)
+    assert created and not created_again
+    assert again == first and again.args == {"value": 1}
+    assert first.status == "queued" and first.attempts == 0
+
+
+async def test_running_counts_attempts_and_creates_rows_for_plain_arq_jobs(
+    store: SqliteTaskStore,
+) -> None:
+    now = utcnow()
+    t = await store.mark_running("plain", "engine.echo", {"value": 1}, "w1", now, now)
+    assert (t.status, t.attempts, t.worker_id) == ("running", 1, "w1")
+    t = await store.mark_running("plain", "engine.echo", {"value": 1}, "w2", now, now)
+    assert (t.attempts, t.worker_id) == (2, "w2")
+    await store.mark_succeeded("plain", {"ok": True}, now)
+    t = await store.mark_running("plain", "engine.echo", {"value": 1}, "w3", now, now)
+    assert (t.status, t.attempts, t.result) == ("succeeded", 2, {"ok": True})  # final: untouched
+
+
+async def test_retry_then_fail_writes_one_failure_record(store: SqliteTaskStore) -> None:
+    now = utcnow()
+    await store.create_task("t", "engine.fail", {}, now, now)
+    await store.mark_running("t", "engine.fail", {}, "w", now, now)
+    err = PermanentError("boom", cause="c", fix="f", code="x")
+    await store.mark_retrying("t", err.to_dict(), now + timedelta(seconds=1), now)
+    assert (await store.get_task("t")).status == "queued"  # type: ignore[union-attr]
+    record = failure_record("t", "engine.fail", "srv1", err, now)
+    await store.mark_failed("t", err.to_dict(), record, now)
+    await store.mark_failed("t", err.to_dict(), failure_record("t", "engine.fail", None, err, now),
+                            now)  # a second run of a finished task adds nothing
+    task = await store.get_task("t")
+    assert task is not None and task.status == "failed" and task.error["message"] == "boom"  # type: ignore[index]
+    records = await store.list_failures(task_id="t")
+    assert [r.failure_id for r in records] == [record.failure_id]
+    assert records[0].target == "srv1" and records[0].fix == "f"
+
+
+async def test_failure_records_list_filter_and_delete(store: SqliteTaskStore) -> None:
+    now = utcnow()
+    for i, op in enumerate(["kps.bind", "kps.bind", "csms.rotate_secret"]):
+        await store.add_failure(failure_record(f"t{i}", op, f"s{i}", PermanentError("e"),
+                                               now + timedelta(seconds=i)))
+    assert len(await store.list_failures()) == 3
+    binds = await store.list_failures(operation="kps.bind")
+    assert [f.task_id for f in binds] == ["t1", "t0"]  # newest first
+    assert await store.delete_failure(binds[0].failure_id)
+    assert not await store.delete_failure(binds[0].failure_id)
+    assert await store.get_failure(binds[0].failure_id) is None
+    assert await store.delete_all_failures() == 2
+    assert await store.list_failures() == []
+
+
+async def test_list_tasks_filters(store: SqliteTaskStore) -> None:
+    now = utcnow()
+    for i in range(5):
+        await store.create_task(f"t{i}", "engine.echo" if i % 2 else "engine.sleep", {},
+                                now + timedelta(seconds=i), now)
+    await store.mark_running("t4", "engine.sleep", {}, "w", now, now)
+    assert [t.task_id for t in await store.list_tasks(limit=2)] == ["t4", "t3"]
+    assert {t.task_id for t in await store.list_tasks(name="engine.echo")} == {"t1", "t3"}
+    assert [t.task_id for t in await store.list_tasks(status="running")] == ["t4"]
+    assert len(await store.unfinished_tasks()) == 5
+
+
+async def test_workers_heartbeat(store: SqliteTaskStore) -> None:
+    now = utcnow()
+    await store.heartbeat(WorkerRecord("w1", "h", 1, now, now - timedelta(seconds=30)))
+    await store.heartbeat(WorkerRecord("w2", "h", 2, now, now))
+    assert await store.live_workers(now - timedelta(seconds=10)) == {"w2"}
+    await store.remove_worker("w2")
+    assert await store.live_workers(now - timedelta(seconds=10)) == set()
+
+
+async def test_concurrent_coroutines_share_one_connection(store: SqliteTaskStore) -> None:
+    now = utcnow()
+
+    async def life(i: int) -> None:
+        await store.create_task(f"c{i}", "engine.echo", {}, now, now)
+        await store.mark_running(f"c{i}", "engine.echo", {}, "w", now, now)
+        if i % 2:
+            await store.mark_succeeded(f"c{i}", i, now)
+        else:
+            err = PermanentError("e")
+            await store.mark_failed(f"c{i}", err.to_dict(),
+                                    failure_record(f"c{i}", "engine.echo", None, err, now), now)
+
+    await asyncio.gather(*(life(i) for i in range(200)))
+    assert len(await store.list_tasks(status="succeeded", limit=1000)) == 100
+    assert len(await store.list_tasks(status="failed", limit=1000)) == 100
+    assert len(await store.list_failures(limit=1000)) == 100
+
+
+WRITER = """
+import asyncio, sys
+from pathlib import Path
+from engine.models import utcnow
+from engine.sqlite_store import SqliteTaskStore
+
+async def main(prefix):
+    store = await SqliteTaskStore.open(Path(sys.argv[1]))
+    for i in range(150):
+        now = utcnow()
+        await store.create_task(f"{prefix}{i}", "engine.echo", {}, now, now)
+        await store.mark_running(f"{prefix}{i}", "engine.echo", {}, prefix, now, now)
+        await store.mark_succeeded(f"{prefix}{i}", i, now)
+    await store.close()
+
+asyncio.run(main(sys.argv[2]))
+"""
+
+
+def test_concurrent_writer_processes(tmp_path: Path) -> None:
+    """Worker, CLI and sweeper are separate processes writing one file."""
+    path = tmp_path / "dew.sqlite3"
+    procs = [
+        subprocess.Popen([sys.executable, "-c", WRITER, str(path), f"p{n}-"])
+        for n in range(4)
+    ]
+    assert [p.wait(120) for p in procs] == [0, 0, 0, 0]
+    with sqlite3.connect(path) as db:
+        rows = db.execute("SELECT status, COUNT(*) FROM tasks GROUP BY status").fetchall()
+    assert rows == [("succeeded", 600)]
