@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import json
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -22,6 +23,9 @@ from engine.models import TASK_STATUSES
 from engine.settings import Settings, load_settings
 
 Command = Callable[[argparse.Namespace, Settings], Awaitable[int] | int]
+# Domain command groups (``dew kms ...``): each module has
+# ``register(subparsers, commands)`` adding its parsers and command functions.
+CLI_PLUGINS: tuple[str, ...] = ()
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -85,6 +89,9 @@ def build_parser() -> ArgumentParser:
     ssub.add_parser("up", help="start what is not running")
     ssub.add_parser("down", help="stop what `up` started")
     ssub.add_parser("status", help="show what is running")
+
+    for plugin in CLI_PLUGINS:
+        importlib.import_module(plugin).register(sub, COMMANDS)
     return parser
 
 

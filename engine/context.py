@@ -15,6 +15,7 @@ from typing import Any
 
 from engine.errors import DewError
 from engine.models import FailureRecord
+from engine.resources import Resources
 from engine.settings import Settings
 from engine.store import TaskStore
 
@@ -28,7 +29,7 @@ class JobContext:
     store: TaskStore
     log: Any  # a structlog BoundLogger with task_id and job bound
     clock: Callable[[], datetime]
-    resources: dict[str, Any] = field(default_factory=dict)
+    resources: Resources
     failures: list[FailureRecord] = field(default_factory=list)
 
     def now(self) -> datetime:

@@ -25,6 +25,7 @@ from engine.logs import get_logger
 from engine.models import utcnow
 from engine.redaction import contains_redacted, keep_sealed
 from engine.registry import JobSpec
+from engine.resources import Resources
 from engine.settings import Settings
 from engine.store import TaskStore
 
@@ -46,14 +47,14 @@ class TaskRunner:
         settings: Settings,
         store: TaskStore,
         worker_id: str,
-        resources: dict[str, Any] | None = None,
+        resources: Resources | None = None,
         clock: Callable[[], datetime] = utcnow,
         rand: Callable[[], float] = random.random,
     ) -> None:
         self.settings = settings
         self.store = store
         self.worker_id = worker_id
-        self.resources = resources if resources is not None else {}
+        self.resources = resources if resources is not None else Resources(settings)
         self.clock = clock
         self.rand = rand
 

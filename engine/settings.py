@@ -21,6 +21,8 @@ from typing import Any
 from engine.errors import ConfigError
 
 SHORTCUTS = {"DEW_STATE_DIR": ("engine", "state_dir"), "DEW_REDIS_URL": ("redis", "url")}
+# Secrets are never settings (settings get printed); the crypto core reads these itself.
+SECRET_VARIABLES = frozenset({"DEW_HSM_PIN"})
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,20 @@ class LogSection:
 
 
 @dataclass(frozen=True)
+class HsmSection:
+    module: str = "/usr/lib/softhsm/libsofthsm2.so"
+    token_label: str = "dew"
+    slot: int = -1
+    pin_file: str = ""
+    pool_size: int = 2
+
+
+@dataclass(frozen=True)
+class KmsSection:
+    quota: int = 100
+
+
+@dataclass(frozen=True)
 class Settings:
     engine: EngineSection = field(default_factory=EngineSection)
     redis: RedisSection = field(default_factory=RedisSection)
@@ -72,6 +88,8 @@ class Settings:
     retry: RetrySection = field(default_factory=RetrySection)
     sweeper: SweeperSection = field(default_factory=SweeperSection)
     log: LogSection = field(default_factory=LogSection)
+    hsm: HsmSection = field(default_factory=HsmSection)
+    kms: KmsSection = field(default_factory=KmsSection)
 
     @property
     def state_dir(self) -> Path:
@@ -125,6 +143,8 @@ def env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, str]]:
     sections = {f.name for f in dataclasses.fields(Settings)}
     out: dict[str, dict[str, str]] = {}
     for var, value in environ.items():
+        if var in SECRET_VARIABLES:
+            continue
         if var in SHORTCUTS:
             section, key = SHORTCUTS[var]
         elif var.startswith("DEW_"):
@@ -245,6 +265,9 @@ def _validate(s: Settings, origin: str) -> None:
             "log.console must be auto, pretty, json or off",
         ),
         (bool(s.redis.queue), "redis.queue must not be empty"),
+        (1 <= s.hsm.pool_size <= 64, "hsm.pool_size must be between 1 and 64"),
+        (s.hsm.slot >= -1, "hsm.slot must be -1 (find the token by label) or a slot number"),
+        (1 <= s.kms.quota <= 100_000, "kms.quota must be between 1 and 100000"),
         (
             not s.redis.url or s.redis.url.startswith(("redis://", "rediss://", "unix://")),
             "redis.url must start with redis://, rediss:// or unix://",

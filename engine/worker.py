@@ -15,7 +15,7 @@ import logging
 import os
 import socket
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -28,6 +28,7 @@ from engine.logs import get_logger
 from engine.models import WorkerRecord, utcnow
 from engine.queue import Queue, redis_settings
 from engine.registry import JobSpec, Registry, default_registry
+from engine.resources import Resources
 from engine.runner import TaskRunner
 from engine.settings import Settings
 from engine.store import TaskStore, open_store
@@ -47,8 +48,11 @@ class WorkerState:
     queue: Queue
     runner: TaskRunner
     started_at: datetime
-    resources: dict[str, Any] = field(default_factory=dict)
     heartbeat_task: asyncio.Task[None] | None = None
+
+    @property
+    def resources(self) -> Resources:
+        return self.runner.resources
 
 
 def new_worker_id() -> str:
@@ -100,9 +104,9 @@ def build_worker(
         queue = Queue(ctx["redis"], settings.redis.queue, settings.redis_url)
         state = WorkerState(
             settings=settings, worker_id=worker_id, store=store, queue=queue,
-            runner=TaskRunner(settings, store, worker_id), started_at=utcnow(),
+            runner=TaskRunner(settings, store, worker_id, Resources(settings)),
+            started_at=utcnow(),
         )
-        state.runner.resources = state.resources
         await _beat(state)
         state.heartbeat_task = asyncio.create_task(_heartbeat_loop(state))
         ctx["dew"] = state
@@ -115,6 +119,7 @@ def build_worker(
             return
         if state.heartbeat_task is not None:
             state.heartbeat_task.cancel()
+        await state.runner.resources.close()
         await state.store.remove_worker(state.worker_id)
         await state.store.close()
         log.info("worker stopped", worker_id=worker_id)
