@@ -108,9 +108,17 @@ async def cmd_init(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    from redis.exceptions import RedisError
+
+    from engine.queue import unavailable
     from engine.worker import build_worker
 
-    build_worker(settings, burst=args.burst).run()
+    try:
+        build_worker(settings, burst=args.burst).run()
+    except (RedisError, OSError) as exc:
+        # arq's poll loop ends on a Redis outage longer than the retries; the task
+        # store keeps every task, so a restarted worker (or `make up`) carries on.
+        raise unavailable(exc, settings.redis_url) from None
     return 0
 
 

@@ -14,7 +14,11 @@ from typing import Any
 
 from arq.connections import ArqRedis, RedisSettings, create_pool
 from arq.constants import in_progress_key_prefix, job_key_prefix, result_key_prefix
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from engine import serialization
 from engine.errors import BackendUnavailable, ConfigError
@@ -27,11 +31,21 @@ def redis_settings(settings: Settings) -> RedisSettings:
         rs = RedisSettings.from_dsn(settings.redis_url)
     except (RuntimeError, ValueError) as exc:
         raise ConfigError(f"invalid redis.url {settings.redis_url!r}: {exc}") from None
-    # Fail fast: a CLI call must not hang for long when Redis is down.
+    # Fail fast: a CLI call must not hang for long when Redis is down...
     rs.conn_timeout = 2
     rs.conn_retries = 2
     rs.conn_retry_delay = 0
+    # ...but ride out a restart: a dropped connection is re-opened and the
+    # command retried a few times (about 3 s in all) before it counts as down.
+    rs.retry = Retry(ExponentialBackoff(cap=1.0, base=0.1), 5)
+    rs.retry_on_error = [RedisConnectionError, RedisTimeoutError]
     return rs
+
+
+def unavailable(exc: BaseException, url: str) -> BackendUnavailable:
+    return BackendUnavailable(
+        f"Redis at {url} cannot be reached", cause=f"{type(exc).__name__}: {exc}"
+    )
 
 
 @asynccontextmanager
@@ -40,9 +54,7 @@ async def mapped_redis_errors(url: str) -> AsyncIterator[None]:
     try:
         yield
     except (RedisError, OSError) as exc:
-        raise BackendUnavailable(
-            f"Redis at {url} cannot be reached", cause=f"{type(exc).__name__}: {exc}"
-        ) from None
+        raise unavailable(exc, url) from None
 
 
 class Queue:

@@ -1,0 +1,91 @@
+"""The outbox guarantees: Redis losing everything, and a worker killed mid-job."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+import pytest
+
+from engine.client import Client
+from engine.redis_server import RedisServer
+from engine.settings import Settings
+from tests.helpers import WorkerProcess, wait_for
+
+pytestmark = pytest.mark.slow
+
+
+async def test_redis_restart_loses_nothing_and_runs_nothing_twice(
+    client: Client, redis_server: RedisServer, make_worker: Callable[[], WorkerProcess]
+) -> None:
+    ids = [f"r{i:03}" for i in range(200)]
+    for task_id in ids:
+        await client.enqueue("engine.echo", {"value": task_id}, task_id=task_id)
+    queue = await client.queue()
+    assert await queue.pool.zcard("arq:queue") == 200
+
+    redis_server.kill()  # no persistence: every queued job is gone
+    redis_server.start()
+    assert await queue.pool.zcard("arq:queue") == 0
+
+    make_worker()
+
+    async def all_done() -> bool:
+        return len(await client.list_tasks(status="succeeded", limit=1000)) == 200
+
+    await wait_for(all_done, timeout=90, interval=0.5)
+    tasks = await client.list_tasks(limit=1000)
+    assert sorted(t.task_id for t in tasks) == ids
+    assert all(t.attempts == 1 and t.result == t.task_id for t in tasks)  # none ran twice
+
+
+async def test_enqueue_while_redis_is_down_is_delivered_later(
+    client: Client, redis_server: RedisServer, make_worker: Callable[[], WorkerProcess]
+) -> None:
+    redis_server.stop()
+    task = await client.enqueue("engine.echo", {"value": "later"})  # the row is the promise
+    assert (await client.get(task.task_id)).status == "queued"
+    redis_server.start()
+    make_worker()
+    done = await client.wait(task.task_id, timeout=30)
+    assert (done.status, done.result, done.attempts) == ("succeeded", "later", 1)
+
+
+async def test_killed_worker_job_is_taken_over_in_seconds(
+    client: Client, settings: Settings, make_worker: Callable[[], WorkerProcess]
+) -> None:
+    first = make_worker()
+    task = await client.enqueue("engine.sleep", {"seconds": 2.0})
+
+    async def running() -> bool:
+        return (await client.get(task.task_id)).status == "running"
+
+    await wait_for(running, timeout=20, interval=0.05)
+    first.kill()  # SIGKILL: no chance to clean up or re-queue
+    killed_at = time.monotonic()
+    make_worker()
+    done = await client.wait(task.task_id, timeout=60)
+    took = time.monotonic() - killed_at
+    assert (done.status, done.attempts) == ("succeeded", 2)
+    assert await client.store.list_failures(task_id=task.task_id) == []
+    # Bounded by heartbeat_timeout + sweep interval + the job itself, not arq's
+    # job_timeout + 10 s (70 s with these settings).
+    assert took < settings.worker.job_timeout, took
+
+
+async def test_stopped_worker_requeues_its_job(
+    client: Client, make_worker: Callable[[], WorkerProcess]
+) -> None:
+    first = make_worker()
+    task = await client.enqueue("engine.sleep", {"seconds": 1.0})
+
+    async def running() -> bool:
+        return (await client.get(task.task_id)).status == "running"
+
+    await wait_for(running, timeout=20, interval=0.05)
+    first.stop()  # SIGTERM: arq cancels the job and puts it back
+    make_worker()
+    done = await client.wait(task.task_id, timeout=30)
+    assert (done.status, done.attempts) == ("succeeded", 2)
+    await asyncio.sleep(0)
