@@ -158,10 +158,11 @@ async def cmd_enqueue(args: argparse.Namespace, settings: Settings) -> int:
 async def cmd_tasks(args: argparse.Namespace, settings: Settings) -> int:
     from engine.store import open_store
 
+    if args.action == "list":
+        _check_limit(args.limit)
     store = await open_store(settings)
     try:
         if args.action == "list":
-            _check_limit(args.limit)
             tasks = await store.list_tasks(args.status, args.name, args.limit)
             _print([t.to_json() for t in tasks], args.json, render.task_table)
         else:
@@ -183,10 +184,11 @@ async def cmd_failures(args: argparse.Namespace, settings: Settings) -> int:
 
     if args.action == "delete" and bool(args.failure_id) == bool(args.all):
         raise InvalidInput("give either a failure id or --all")
+    if args.action == "list":
+        _check_limit(args.limit)
     store = await open_store(settings)
     try:
         if args.action == "list":
-            _check_limit(args.limit)
             records = await store.list_failures(args.operation, args.task_id, args.limit)
             _print([f.to_json() for f in records], args.json, render.failure_table)
         elif args.action == "show":

@@ -70,6 +70,8 @@ def configure_logging(
         file_handler.setFormatter(_formatter(structlog.processors.JSONRenderer()))
         root.addHandler(file_handler)
 
+    logging.getLogger("asyncio").setLevel(logging.WARNING)  # "Using selector" noise
+
     if console != "off":
         pretty = console == "pretty" or (console == "auto" and sys.stderr.isatty())
         renderer: Any = (
