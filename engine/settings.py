@@ -114,7 +114,8 @@ class Settings:
 
     @property
     def redis_url(self) -> str:
-        return self.redis.url or f"unix://{self.redis_socket}"
+        # Absolute: in "unix://var/run/x.sock" a URL parser takes "var" for a host.
+        return self.redis.url or f"unix://{self.redis_socket.absolute()}"
 
     def replace(self, **sections: Any) -> Settings:
         """A copy with some keys changed: ``replace(worker={"max_jobs": 5})``."""

@@ -1,10 +1,13 @@
 """The SQLite task store (aiosqlite, WAL): the default backend of ``TaskStore``.
 
-One connection per process. Every write that is a single statement runs in
-autocommit (an UPSERT with RETURNING where it must read too), so concurrent
-coroutines never share a transaction; the few multi-statement writes hold a
-lock and use ``BEGIN IMMEDIATE`` so that two processes (worker, CLI, sweeper)
-queue on SQLite's busy timeout instead of failing on a lock upgrade.
+One connection per process. Every write holds one lock, so a statement of one
+coroutine never lands inside another's transaction; transactions use ``BEGIN
+IMMEDIATE`` so that two processes (worker, CLI, sweeper) queue on SQLite's busy
+timeout instead of failing on a lock upgrade. The hot writes (enqueue, running,
+succeeded) are group-committed (``engine.batching``): a thread hand-off to
+aiosqlite costs more than the statement, so each batch is one multi-row
+statement (with RETURNING where the caller needs the rows) instead of one call
+per task.
 Migrations are numbered SQL scripts tracked in ``PRAGMA user_version``.
 sqlite3 errors are mapped to engine errors here and nowhere else.
 """
@@ -14,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
 from pathlib import Path
@@ -22,6 +25,7 @@ from typing import Any
 
 import aiosqlite
 
+from engine.batching import Batcher
 from engine.errors import BackendUnavailable, ConfigError, DewError
 from engine.models import FailureRecord, TaskRecord, TaskStatus, WorkerRecord, iso, parse_iso
 
@@ -68,7 +72,59 @@ MIGRATIONS: tuple[str, ...] = (
         heartbeat_at TEXT NOT NULL
     );
     """,
+    # 2: KMS key registry (keys, their versions in the HSM) and the hash-chained audit log
+    """
+    CREATE TABLE kms_keys (
+        key_id       TEXT PRIMARY KEY,
+        account      TEXT NOT NULL,
+        alias        TEXT NOT NULL,
+        spec         TEXT NOT NULL,
+        usage        TEXT NOT NULL,
+        state        TEXT NOT NULL CHECK (state IN
+                        ('enabled','disabled','pending_deletion','pending_import','deleted')),
+        origin       TEXT NOT NULL CHECK (origin IN ('kms','external')),
+        default_key  INTEGER NOT NULL CHECK (default_key IN (0, 1)),
+        description  TEXT NOT NULL DEFAULT '',
+        created_at   TEXT NOT NULL,
+        updated_at   TEXT NOT NULL,
+        scheduled_deletion_date TEXT,
+        deleted_at   TEXT,
+        current_version INTEGER NOT NULL
+    );
+    CREATE UNIQUE INDEX kms_keys_account_alias ON kms_keys (account, alias)
+        WHERE state <> 'deleted';
+    CREATE INDEX kms_keys_account_created ON kms_keys (account, created_at);
+    CREATE INDEX kms_keys_state_due ON kms_keys (state, scheduled_deletion_date);
+    CREATE TABLE kms_key_versions (
+        key_id       TEXT NOT NULL REFERENCES kms_keys (key_id),
+        version      INTEGER NOT NULL,
+        token_label  TEXT NOT NULL UNIQUE,
+        created_at   TEXT NOT NULL,
+        destroyed_at TEXT,
+        PRIMARY KEY (key_id, version)
+    );
+    CREATE TABLE audit (
+        seq       INTEGER PRIMARY KEY,
+        time      TEXT NOT NULL,
+        account   TEXT NOT NULL,
+        actor     TEXT NOT NULL,
+        operation TEXT NOT NULL,
+        key_id    TEXT,
+        outcome   TEXT NOT NULL,
+        detail    TEXT NOT NULL,
+        prev_hash TEXT NOT NULL,
+        hash      TEXT NOT NULL
+    );
+    CREATE INDEX audit_key_seq ON audit (key_id, seq);
+    CREATE TABLE audit_head (
+        id   INTEGER PRIMARY KEY CHECK (id = 1),
+        seq  INTEGER NOT NULL,
+        hash TEXT NOT NULL
+    );
+    """,
 )
+
+Row = tuple[str | None, ...]  # statement parameters of one batched write
 
 TASK_COLUMNS = (
     "task_id, name, args, status, attempts, enqueued_at, due_at, started_at, finished_at, "
@@ -84,6 +140,10 @@ class SqliteTaskStore:
         self._conn = conn
         self._path = path
         self._tx_lock = asyncio.Lock()
+        # The hot writes (one each per enqueue, run and success) are group-committed.
+        self._creates = Batcher(self._create_batch)
+        self._runs = Batcher(self._running_batch)
+        self._successes = Batcher(self._succeeded_batch)
 
     @classmethod
     async def open(cls, path: Path) -> SqliteTaskStore:
@@ -135,17 +195,24 @@ class SqliteTaskStore:
     async def create_task(
         self, task_id: str, name: str, args: dict[str, Any], now: datetime, due_at: datetime
     ) -> tuple[TaskRecord, bool]:
-        row = await self._write_returning(
-            f"""INSERT INTO tasks (task_id, name, args, status, attempts, enqueued_at, due_at)
-            VALUES (?, ?, ?, 'queued', 0, ?, ?)
-            ON CONFLICT (task_id) DO NOTHING RETURNING {TASK_COLUMNS}""",
-            (task_id, name, _dump(args), iso(now), iso(due_at)),
-        )
-        if row is not None:
-            return _task(row), True
-        existing = await self.get_task(task_id)
-        assert existing is not None  # the conflict proves the row exists; rows are never deleted
-        return existing, False
+        return await self._creates.submit((task_id, name, _dump(args), iso(now), iso(due_at)))
+
+    async def _create_batch(self, items: Sequence[Row]) -> list[tuple[TaskRecord, bool]]:
+        ids = [str(item[0]) for item in items]
+        async with self._tx_lock, _mapped(self._path):
+            created = await self._fetch_by_id(
+                f"""INSERT INTO tasks (task_id, name, args, status, attempts, enqueued_at, due_at)
+                VALUES {_rows("(?, ?, ?, 'queued', 0, ?, ?)", len(items))}
+                ON CONFLICT (task_id) DO NOTHING RETURNING {TASK_COLUMNS}""",
+                [p for item in items for p in item],
+            )
+            existing = await self._rows_by_id([i for i in ids if i not in created])
+        results, seen = [], set(existing)
+        for task_id in ids:
+            row = created.get(task_id) or existing[task_id]
+            results.append((_task(row), task_id not in seen))
+            seen.add(task_id)
+        return results
 
     async def get_task(self, task_id: str) -> TaskRecord | None:
         async with _mapped(self._path):
@@ -183,29 +250,40 @@ class SqliteTaskStore:
         now: datetime,
         enqueued_at: datetime,
     ) -> TaskRecord:
-        row = await self._write_returning(
-            f"""INSERT INTO tasks (task_id, name, args, status, attempts, enqueued_at, due_at,
-                                   started_at, worker_id)
-            VALUES (?, ?, ?, 'running', 1, ?, ?, ?, ?)
-            ON CONFLICT (task_id) DO UPDATE SET
-                status = 'running', attempts = attempts + 1,
-                started_at = excluded.started_at, worker_id = excluded.worker_id
-            WHERE status NOT IN ('succeeded', 'failed')
-            RETURNING {TASK_COLUMNS}""",
-            (task_id, name, _dump(args), iso(enqueued_at), iso(enqueued_at), iso(now), worker_id),
+        return await self._runs.submit(
+            (task_id, name, _dump(args), iso(enqueued_at), iso(enqueued_at), iso(now), worker_id)
         )
-        if row is not None:
-            return _task(row)
-        final = await self.get_task(task_id)
-        assert final is not None
-        return final
+
+    async def _running_batch(self, items: Sequence[Row]) -> list[TaskRecord]:
+        ids = [str(item[0]) for item in items]
+        async with self._tx_lock, _mapped(self._path):
+            rows = await self._fetch_by_id(
+                f"""INSERT INTO tasks (task_id, name, args, status, attempts, enqueued_at, due_at,
+                                       started_at, worker_id)
+                VALUES {_rows("(?, ?, ?, 'running', 1, ?, ?, ?, ?)", len(items))}
+                ON CONFLICT (task_id) DO UPDATE SET
+                    status = 'running', attempts = attempts + 1,
+                    started_at = excluded.started_at, worker_id = excluded.worker_id
+                WHERE status NOT IN ('succeeded', 'failed')
+                RETURNING {TASK_COLUMNS}""",
+                [p for item in items for p in item],
+            )
+            # Tasks that already ended are left as they are and returned as they are.
+            rows |= await self._rows_by_id([i for i in ids if i not in rows])
+        return [_task(rows[i]) for i in ids]
 
     async def mark_succeeded(self, task_id: str, result: Any, now: datetime) -> None:
+        await self._successes.submit((iso(now), _dump(result), task_id))
+
+    async def _succeeded_batch(self, items: Sequence[Row]) -> list[None]:
         await self._execute(
-            """UPDATE tasks SET status = 'succeeded', finished_at = ?, result = ?, error = NULL
-            WHERE task_id = ? AND status NOT IN ('succeeded', 'failed')""",
-            (iso(now), _dump(result), task_id),
+            f"""UPDATE tasks SET status = 'succeeded', finished_at = done.column1,
+                result = done.column2, error = NULL
+            FROM (VALUES {_rows("(?, ?, ?)", len(items))}) AS done
+            WHERE tasks.task_id = done.column3 AND tasks.status NOT IN ('succeeded', 'failed')""",
+            [p for item in items for p in item],
         )
+        return [None] * len(items)
 
     async def mark_retrying(
         self, task_id: str, error: dict[str, Any], due_at: datetime, now: datetime
@@ -297,9 +375,15 @@ class SqliteTaskStore:
             cursor = await self._conn.execute(sql, tuple(params))
             return int(cursor.rowcount)
 
-    async def _write_returning(self, sql: str, params: Iterable[Any]) -> sqlite3.Row | None:
-        async with self._tx_lock, _mapped(self._path):
-            return await self._fetchone(sql, params)
+    async def _rows_by_id(self, ids: Sequence[str]) -> dict[str, sqlite3.Row]:
+        if not ids:
+            return {}
+        return await self._fetch_by_id(
+            f"SELECT {TASK_COLUMNS} FROM tasks WHERE task_id IN ({_rows('?', len(ids))})", ids
+        )
+
+    async def _fetch_by_id(self, sql: str, params: Sequence[Any]) -> dict[str, sqlite3.Row]:
+        return {row["task_id"]: row for row in await self._fetchall(sql, params)}
 
     async def _fetchone(self, sql: str, params: Iterable[Any] = ()) -> sqlite3.Row | None:
         async with self._conn.execute(sql, tuple(params)) as cursor:
@@ -344,6 +428,11 @@ async def _mapped(path: Path) -> AsyncIterator[None]:
             f"{path} is not a usable task store: {exc}",
             fix="Point DEW_STATE_DIR at a directory holding a dew-engine task store.",
         ) from None
+
+
+def _rows(template: str, count: int) -> str:
+    """``(?, ?), (?, ?), ...``: one statement writes a whole batch."""
+    return ", ".join([template] * count)
 
 
 def _statements(script: str) -> list[str]:

@@ -16,7 +16,7 @@ def test_embedded_defaults() -> None:
     s = build_settings(DEFAULTS)
     assert s.state_dir == Path("var")
     assert s.db_path == Path("var/dew.sqlite3")
-    assert s.redis_url == "unix://var/run/redis.sock"
+    assert s.redis_url == f"unix://{Path.cwd()}/var/run/redis.sock"
     assert s.redis.queue == "arq:queue"
     assert s.retry.max_tries == 5
 

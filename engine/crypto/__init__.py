@@ -2,8 +2,8 @@
 
 Use::
 
-    config = HsmConfig.for_softhsm(state_dir, pin=os.environ.get("DEW_HSM_PIN"))
-    init_token(config)                       # first run only; no-op when the token exists
+    config = hsm_config_from_settings(settings)  # [hsm] settings + DEW_HSM_PIN
+    ensure_token(settings)                   # first run only; no-op when the token exists
     async with CryptoCore(config) as core:
         await core.generate_key(KeySpec.AES_256, "cmk-1:v1", b"cmk-1")
         sealed = await core.seal("cmk-1:v1", b"data", aad=b"context")
@@ -13,7 +13,12 @@ Raw PKCS#11 (templates, mechanisms, python-pkcs11 exceptions) stays in the
 private ``_pkcs11`` module.
 """
 
-from engine.crypto.config import HsmConfig, read_pin_file
+from engine.crypto.config import (
+    HsmConfig,
+    ensure_token,
+    hsm_config_from_settings,
+    read_pin_file,
+)
 from engine.crypto.core import CryptoCore
 from engine.crypto.errors import IntegrityCheckFailed, KeyExists, KeyNotFound, KeyUsageError
 from engine.crypto.model import (
@@ -39,6 +44,8 @@ __all__ = [
     "KeyUsageError",
     "Sealed",
     "SignAlgorithm",
+    "ensure_token",
+    "hsm_config_from_settings",
     "init_token",
     "pack_sealed",
     "read_pin_file",

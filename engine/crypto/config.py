@@ -2,7 +2,8 @@
 
 The PKCS#11 module path, token label and slot are plain configuration, so a
 vendor HSM replaces SoftHSM without code changes: set ``module_path`` to the
-vendor's library and ``softhsm_conf`` to None. A PIN comes from ``pin`` (the
+vendor's library and ``softhsm_conf`` to None (:func:`hsm_config_from_settings`
+does this from the ``[hsm]`` settings). A PIN comes from ``pin`` (the
 caller passes ``DEW_HSM_PIN`` when set) or from ``pin_file``, which must be mode
 0600 and owned by us. The PIN never appears in a repr, a log line or an error.
 """
@@ -12,10 +13,15 @@ from __future__ import annotations
 import os
 import secrets
 import stat
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from engine.errors import ConfigError
+
+if TYPE_CHECKING:
+    from engine.settings import Settings
 
 SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 DEFAULT_TOKEN_LABEL = "dew"
@@ -151,3 +157,70 @@ def ensure_softhsm_conf(conf: Path, token_dir: Path) -> None:
         f"directories.tokendir = {token_dir}\nobjectstore.backend = file\nlog.level = ERROR\n",
         encoding="utf-8",
     )
+
+
+# --------------------------------------------------------------------------- from settings
+
+PIN_VARIABLE = "DEW_HSM_PIN"
+
+
+def is_softhsm_module(module_path: str) -> bool:
+    """SoftHSM2's library (``libsofthsm2.so`` wherever it is installed)."""
+    return Path(module_path).name.startswith("libsofthsm2")
+
+
+def hsm_config_from_settings(
+    settings: Settings, environ: Mapping[str, str] | None = None
+) -> HsmConfig:
+    """The HSM configuration of a process: ``[hsm]`` settings plus ``DEW_HSM_PIN``.
+
+    With SoftHSM's module the token lives under the state directory
+    (``STATE/hsm/{softhsm2.conf,tokens/}``); any other module is a vendor HSM
+    whose own configuration finds its token, so no softhsm2.conf is written.
+    The PIN is ``DEW_HSM_PIN`` when set (it is deliberately not a setting:
+    settings get printed), else the PIN file: ``hsm.pin_file`` or
+    ``STATE/hsm/user.pin``.
+    """
+    env = os.environ if environ is None else environ
+    hsm = settings.hsm
+    pin = env.get(PIN_VARIABLE) or None
+    # Absolute, so a token directory written into softhsm2.conf does not depend
+    # on the directory a later process starts in.
+    state = settings.state_dir.absolute()
+    pin_file = Path(hsm.pin_file).absolute() if hsm.pin_file else state / "hsm" / "user.pin"
+    base = HsmConfig.for_softhsm(
+        state, pin=pin, token_label=hsm.token_label, module_path=hsm.module,
+        pool_size=hsm.pool_size,
+    )
+    softhsm = is_softhsm_module(hsm.module)
+    return replace(
+        base,
+        slot=None if hsm.slot < 0 else hsm.slot,
+        pin_file=pin_file,
+        softhsm_conf=base.softhsm_conf if softhsm else None,
+        token_dir=base.token_dir if softhsm else None,
+    )
+
+
+def ensure_token(settings: Settings, environ: Mapping[str, str] | None = None) -> bool:
+    """Initialise the configured token unless it exists; True when it was created.
+
+    The user PIN is ``DEW_HSM_PIN`` when set, else the PIN file's, else a
+    generated one written to the PIN file (mode 0600). Blocking: call it from
+    ``dew init`` or through ``asyncio.to_thread``.
+    """
+    from engine.crypto.token import init_token, token_exists  # they import this module
+
+    config = hsm_config_from_settings(settings, environ)
+    if config.softhsm_conf is None:
+        # A vendor HSM's tokens are made with the vendor's tools (C_InitToken on a
+        # real device may need its SO and wipes the slot): only check.
+        if token_exists(config):
+            return False
+        raise ConfigError(
+            f"no initialised token labelled {config.token_label!r} in {config.module_path}",
+            fix="Create the token with your HSM vendor's tools, or set hsm.token_label / "
+            "hsm.slot to an existing one.",
+            code="hsm_token_missing",
+        )
+    return init_token(config)

@@ -1,0 +1,533 @@
+"""The KMS key registry and the hash-chained audit log, in the task store's database.
+
+``KmsStore`` is the interface the KMS service uses; ``SqliteKmsStore`` is the
+default backend (a PostgreSQL one would implement the same Protocol). The
+schema is migration 2 of :mod:`engine.sqlite_store`; opening this store runs
+the migrations through that module, so both agree on one ``user_version``.
+
+Same discipline as the task store: one aiosqlite connection per process (its
+own, beside the task store's), WAL, and every write holds ``_tx_lock`` so a
+statement of one coroutine never lands inside another coroutine's
+transaction. Multi-statement writes use ``BEGIN IMMEDIATE``, so two processes
+(worker, CLI) queue on the busy timeout instead of failing on a lock upgrade;
+that is also what makes "check the quota, then insert" and "read the chain's
+head, then append" atomic across processes.
+
+Audit chain: entry ``seq`` holds ``prev_hash`` (the hash of entry ``seq - 1``,
+64 zeros for the first) and ``hash`` = SHA-256 over its previous hash and its
+own stored fields. ``audit_head`` keeps the last ``(seq, hash)``, so deleting
+the newest entries is caught too. The chain is unkeyed: it detects an edit
+or a deletion by someone who does not also recompute every later hash (a
+keyed chain, an HMAC in the HSM, would close that gap).
+
+sqlite3 errors become engine errors in :func:`_mapped` and nowhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import sqlite3
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import aiosqlite
+
+from engine.errors import BackendUnavailable, ConfigError, Conflict, DewError
+from engine.models import iso, parse_iso
+
+GENESIS_HASH = "0" * 64
+KEY_COLUMNS = (
+    "key_id, account, alias, spec, usage, state, origin, default_key, description, created_at, "
+    "updated_at, scheduled_deletion_date, deleted_at, current_version"
+)
+VERSION_COLUMNS = "key_id, version, token_label, created_at, destroyed_at"
+AUDIT_COLUMNS = (
+    "seq, time, account, actor, operation, key_id, outcome, detail, prev_hash, hash"
+)
+CreateOutcome = Literal["created", "alias_taken", "quota_exceeded"]
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    key_id: str
+    account: str
+    alias: str
+    spec: str
+    usage: str
+    state: str
+    origin: str
+    default_key: bool
+    description: str
+    created_at: datetime
+    updated_at: datetime
+    scheduled_deletion_date: datetime | None
+    deleted_at: datetime | None
+    current_version: int
+
+
+@dataclass(frozen=True)
+class KeyVersion:
+    key_id: str
+    version: int
+    token_label: str
+    created_at: datetime
+    destroyed_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class AuditEvent:
+    """One thing to record: who did what to which key, and how it ended."""
+
+    time: datetime
+    account: str
+    actor: str
+    operation: str
+    key_id: str | None
+    outcome: str  # success | failure | unchanged
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    """A stored, chained audit entry (text fields exactly as stored)."""
+
+    seq: int
+    time: str
+    account: str
+    actor: str
+    operation: str
+    key_id: str | None
+    outcome: str
+    detail: str
+    prev_hash: str
+    hash: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "seq": self.seq, "time": self.time, "account": self.account, "actor": self.actor,
+            "operation": self.operation, "key_id": self.key_id, "outcome": self.outcome,
+            "detail": json.loads(self.detail), "prev_hash": self.prev_hash, "hash": self.hash,
+        }
+
+
+@dataclass(frozen=True)
+class AuditVerdict:
+    intact: bool
+    entries: int
+    first_broken_seq: int | None = None
+    reason: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"intact": self.intact, "entries": self.entries,
+                "first_broken_seq": self.first_broken_seq, "reason": self.reason}
+
+
+def entry_hash(
+    prev_hash: str, seq: int, time: str, account: str, actor: str, operation: str,
+    key_id: str | None, outcome: str, detail: str,
+) -> str:
+    """The chain's hash of one entry: SHA-256 of a JSON array of its stored fields."""
+    body = json.dumps([prev_hash, seq, time, account, actor, operation, key_id, outcome, detail],
+                      separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(body.encode("utf-8")).hexdigest()
+
+
+class KmsStore(Protocol):
+    """What the KMS service needs from persistence (SQLite today)."""
+
+    async def close(self) -> None: ...
+
+    async def create_key(
+        self, key: KeyRecord, version: KeyVersion, event: AuditEvent, quota: int | None
+    ) -> CreateOutcome:
+        """Insert a key and its first version, and audit it, in one transaction.
+        The alias check and (for custom keys) the quota check happen inside it."""
+
+    async def get_key(self, key_id: str) -> KeyRecord | None: ...
+
+    async def find_alias(self, account: str, alias: str) -> KeyRecord | None:
+        """The live (not deleted) key with this alias in the account."""
+
+    async def find_deleted_alias(self, account: str, alias: str) -> KeyRecord | None:
+        """The most recently deleted key that had this alias in the account."""
+
+    async def list_keys(self, account: str, state: str | None = None) -> list[KeyRecord]: ...
+
+    async def count_custom_keys(self, account: str) -> int: ...
+
+    async def change_state(
+        self, key_id: str, from_states: Iterable[str], to_state: str, now: datetime,
+        event: AuditEvent, *, scheduled_deletion_date: datetime | None = None,
+        deleted_at: datetime | None = None, due_by: datetime | None = None,
+    ) -> KeyRecord | None:
+        """Guarded transition plus its audit entry, atomically; None (and nothing
+        written) when the key is not in one of ``from_states`` (or not due by ``due_by``)."""
+
+    async def versions(self, key_id: str) -> list[KeyVersion]: ...
+
+    async def mark_version_destroyed(self, key_id: str, version: int, now: datetime) -> None: ...
+
+    async def due_for_deletion(self, now: datetime) -> list[KeyRecord]: ...
+
+    async def deleted_with_material(self) -> list[KeyRecord]:
+        """Deleted keys whose token objects are not all destroyed yet."""
+
+    async def has_deletion_work(self, now: datetime) -> bool: ...
+
+    async def append_audit(self, events: Sequence[AuditEvent]) -> None: ...
+
+    async def list_audit(
+        self, key_id: str | None = None, account: str | None = None, limit: int = 100
+    ) -> list[AuditEntry]: ...
+
+    async def verify_audit(self) -> AuditVerdict: ...
+
+
+class SqliteKmsStore:
+    def __init__(self, conn: aiosqlite.Connection, path: Path) -> None:
+        self._conn = conn
+        self._path = path
+        self._tx_lock = asyncio.Lock()
+
+    @classmethod
+    async def open(cls, path: Path) -> SqliteKmsStore:
+        # The task store owns the migrations (ours is number 2): opening it once
+        # creates or upgrades the schema, then we keep a connection of our own.
+        from engine.sqlite_store import SqliteTaskStore
+
+        tasks = await SqliteTaskStore.open(path)
+        await tasks.close()
+        async with _mapped(path):
+            conn = await aiosqlite.connect(str(path), isolation_level=None)
+        try:
+            async with _mapped(path):
+                conn.row_factory = aiosqlite.Row
+                await conn.execute("PRAGMA busy_timeout = 15000")
+                await conn.execute("PRAGMA journal_mode = WAL")
+                await conn.execute("PRAGMA synchronous = NORMAL")
+            return cls(conn, path)
+        except BaseException:
+            await conn.close()  # its thread would keep the process alive
+            raise
+
+    async def close(self) -> None:
+        await self._conn.close()
+
+    # --- keys ------------------------------------------------------------------------
+
+    async def create_key(
+        self, key: KeyRecord, version: KeyVersion, event: AuditEvent, quota: int | None
+    ) -> CreateOutcome:
+        async with self._transaction():
+            taken = await self._fetchone(
+                "SELECT 1 FROM kms_keys WHERE account = ? AND alias = ? AND state <> 'deleted'",
+                (key.account, key.alias),
+            )
+            if taken is not None:
+                return "alias_taken"
+            if quota is not None:
+                row = await self._fetchone(
+                    "SELECT COUNT(*) FROM kms_keys WHERE account = ? AND default_key = 0 "
+                    "AND state <> 'deleted'", (key.account,),
+                )
+                if row is not None and int(row[0]) >= quota:
+                    return "quota_exceeded"
+            await self._conn.execute(
+                f"INSERT INTO kms_keys ({KEY_COLUMNS}) VALUES "
+                "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (key.key_id, key.account, key.alias, key.spec, key.usage, key.state, key.origin,
+                 int(key.default_key), key.description, iso(key.created_at),
+                 iso(key.updated_at), iso(key.scheduled_deletion_date), iso(key.deleted_at),
+                 key.current_version),
+            )
+            await self._conn.execute(
+                f"INSERT INTO kms_key_versions ({VERSION_COLUMNS}) VALUES (?, ?, ?, ?, ?)",
+                (version.key_id, version.version, version.token_label, iso(version.created_at),
+                 iso(version.destroyed_at)),
+            )
+            await self._append([event])
+        return "created"
+
+    async def get_key(self, key_id: str) -> KeyRecord | None:
+        async with _mapped(self._path):
+            row = await self._fetchone(
+                f"SELECT {KEY_COLUMNS} FROM kms_keys WHERE key_id = ?", (key_id,))
+        return None if row is None else _key(row)
+
+    async def find_alias(self, account: str, alias: str) -> KeyRecord | None:
+        async with _mapped(self._path):
+            row = await self._fetchone(
+                f"SELECT {KEY_COLUMNS} FROM kms_keys WHERE account = ? AND alias = ? "
+                "AND state <> 'deleted'", (account, alias),
+            )
+        return None if row is None else _key(row)
+
+    async def find_deleted_alias(self, account: str, alias: str) -> KeyRecord | None:
+        async with _mapped(self._path):
+            row = await self._fetchone(
+                f"SELECT {KEY_COLUMNS} FROM kms_keys WHERE account = ? AND alias = ? "
+                "AND state = 'deleted' ORDER BY deleted_at DESC LIMIT 1", (account, alias),
+            )
+        return None if row is None else _key(row)
+
+    async def list_keys(self, account: str, state: str | None = None) -> list[KeyRecord]:
+        sql = f"SELECT {KEY_COLUMNS} FROM kms_keys WHERE account = ? AND state <> 'deleted'"
+        params: tuple[Any, ...] = (account,)
+        if state is not None:
+            sql += " AND state = ?"
+            params += (state,)
+        async with _mapped(self._path):
+            rows = await self._fetchall(sql + " ORDER BY created_at, key_id", params)
+        return [_key(r) for r in rows]
+
+    async def count_custom_keys(self, account: str) -> int:
+        async with _mapped(self._path):
+            row = await self._fetchone(
+                "SELECT COUNT(*) FROM kms_keys WHERE account = ? AND default_key = 0 "
+                "AND state <> 'deleted'", (account,),
+            )
+        return 0 if row is None else int(row[0])
+
+    async def change_state(
+        self, key_id: str, from_states: Iterable[str], to_state: str, now: datetime,
+        event: AuditEvent, *, scheduled_deletion_date: datetime | None = None,
+        deleted_at: datetime | None = None, due_by: datetime | None = None,
+    ) -> KeyRecord | None:
+        states = tuple(from_states)
+        marks = ", ".join("?" for _ in states)
+        sql = (
+            "UPDATE kms_keys SET state = ?, updated_at = ?, scheduled_deletion_date = ?, "
+            f"deleted_at = ? WHERE key_id = ? AND state IN ({marks})"
+        )
+        params: tuple[Any, ...] = (to_state, iso(now), iso(scheduled_deletion_date),
+                                   iso(deleted_at), key_id, *states)
+        if due_by is not None:
+            sql += " AND scheduled_deletion_date <= ?"
+            params += (iso(due_by),)
+        async with self._transaction():
+            row = await self._fetchone(sql + f" RETURNING {KEY_COLUMNS}", params)
+            if row is None:
+                return None
+            record = _key(row)
+            await self._append([event])
+        return record
+
+    async def versions(self, key_id: str) -> list[KeyVersion]:
+        async with _mapped(self._path):
+            rows = await self._fetchall(
+                f"SELECT {VERSION_COLUMNS} FROM kms_key_versions WHERE key_id = ? "
+                "ORDER BY version", (key_id,),
+            )
+        return [_version(r) for r in rows]
+
+    async def mark_version_destroyed(self, key_id: str, version: int, now: datetime) -> None:
+        async with self._tx_lock, _mapped(self._path):
+            await self._conn.execute(
+                "UPDATE kms_key_versions SET destroyed_at = ? WHERE key_id = ? AND version = ? "
+                "AND destroyed_at IS NULL", (iso(now), key_id, version),
+            )
+
+    async def due_for_deletion(self, now: datetime) -> list[KeyRecord]:
+        async with _mapped(self._path):
+            rows = await self._fetchall(
+                f"SELECT {KEY_COLUMNS} FROM kms_keys WHERE state = 'pending_deletion' "
+                "AND scheduled_deletion_date <= ? ORDER BY scheduled_deletion_date", (iso(now),),
+            )
+        return [_key(r) for r in rows]
+
+    async def deleted_with_material(self) -> list[KeyRecord]:
+        async with _mapped(self._path):
+            rows = await self._fetchall(
+                f"SELECT {KEY_COLUMNS} FROM kms_keys WHERE state = 'deleted' AND key_id IN "
+                "(SELECT key_id FROM kms_key_versions WHERE destroyed_at IS NULL)",
+            )
+        return [_key(r) for r in rows]
+
+    async def has_deletion_work(self, now: datetime) -> bool:
+        async with _mapped(self._path):
+            row = await self._fetchone(
+                "SELECT EXISTS (SELECT 1 FROM kms_keys WHERE state = 'pending_deletion' "
+                "AND scheduled_deletion_date <= ?) OR EXISTS (SELECT 1 FROM kms_keys k "
+                "JOIN kms_key_versions v ON v.key_id = k.key_id "
+                "WHERE k.state = 'deleted' AND v.destroyed_at IS NULL)", (iso(now),),
+            )
+        return bool(row and row[0])
+
+    # --- audit -----------------------------------------------------------------------
+
+    async def append_audit(self, events: Sequence[AuditEvent]) -> None:
+        if not events:
+            return
+        async with self._transaction():
+            await self._append(events)
+
+    async def list_audit(
+        self, key_id: str | None = None, account: str | None = None, limit: int = 100
+    ) -> list[AuditEntry]:
+        clauses, params = [], []
+        for column, value in (("key_id", key_id), ("account", account)):
+            if value is not None:
+                clauses.append(f"{column} = ?")
+                params.append(value)
+        where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
+        async with _mapped(self._path):
+            rows = await self._fetchall(
+                f"SELECT {AUDIT_COLUMNS} FROM (SELECT {AUDIT_COLUMNS} FROM audit {where} "
+                "ORDER BY seq DESC LIMIT ?) ORDER BY seq", (*params, limit),
+            )
+        return [_entry(r) for r in rows]
+
+    async def verify_audit(self) -> AuditVerdict:
+        """Walk the whole chain; the first entry that does not fit is reported."""
+        expected_seq, prev, count = 1, GENESIS_HASH, 0
+        async with _mapped(self._path):
+            # One read transaction: a concurrent append cannot show a half chain.
+            async with self._tx_lock:
+                await self._conn.execute("BEGIN")
+                try:
+                    async with self._conn.execute(
+                        f"SELECT {AUDIT_COLUMNS} FROM audit ORDER BY seq"
+                    ) as cursor:
+                        async for row in cursor:
+                            entry = _entry(row)
+                            broken = _check_entry(entry, expected_seq, prev)
+                            if broken:
+                                return AuditVerdict(False, count, broken[0], broken[1])
+                            expected_seq, prev, count = entry.seq + 1, entry.hash, count + 1
+                    head = await self._fetchone("SELECT seq, hash FROM audit_head WHERE id = 1")
+                finally:
+                    await self._conn.execute("COMMIT")
+        head_seq, head_hash = (int(head[0]), str(head[1])) if head else (0, GENESIS_HASH)
+        if (head_seq, head_hash) != (expected_seq - 1, prev):
+            return AuditVerdict(
+                False, count, expected_seq,
+                f"the chain ends at seq {expected_seq - 1} but its head says {head_seq}: "
+                "newest entries were deleted or the head was edited",
+            )
+        return AuditVerdict(True, count)
+
+    async def _append(self, events: Iterable[AuditEvent]) -> None:
+        """Chain ``events`` after the head; the caller holds a write transaction."""
+        head = await self._fetchone("SELECT seq, hash FROM audit_head WHERE id = 1")
+        seq, prev = (int(head[0]), str(head[1])) if head else (0, GENESIS_HASH)
+        for event in events:
+            seq += 1
+            time = iso(event.time)
+            assert time is not None
+            detail = json.dumps(event.detail, sort_keys=True, separators=(",", ":"),
+                                ensure_ascii=False, default=str)
+            digest = entry_hash(prev, seq, time, event.account, event.actor, event.operation,
+                                event.key_id, event.outcome, detail)
+            await self._conn.execute(
+                f"INSERT INTO audit ({AUDIT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (seq, time, event.account, event.actor, event.operation, event.key_id,
+                 event.outcome, detail, prev, digest),
+            )
+            prev = digest
+        await self._conn.execute(
+            "INSERT INTO audit_head (id, seq, hash) VALUES (1, ?, ?) "
+            "ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
+            (seq, prev),
+        )
+
+    # --- plumbing --------------------------------------------------------------------
+
+    async def _fetchone(self, sql: str, params: Iterable[Any] = ()) -> sqlite3.Row | None:
+        async with self._conn.execute(sql, tuple(params)) as cursor:
+            return await cursor.fetchone()
+
+    async def _fetchall(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
+        async with self._conn.execute(sql, tuple(params)) as cursor:
+            return list(await cursor.fetchall())
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[None]:
+        async with self._tx_lock, _mapped(self._path):
+            await self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                await self._conn.execute("ROLLBACK")
+                raise
+            await self._conn.execute("COMMIT")
+
+
+def _check_entry(entry: AuditEntry, seq: int, prev: str) -> tuple[int, str] | None:
+    if entry.seq != seq:
+        return seq, f"entry {seq} is missing (the next one is {entry.seq})"
+    if entry.prev_hash != prev:
+        return entry.seq, f"entry {entry.seq} does not point at the hash of entry {seq - 1}"
+    recomputed = entry_hash(entry.prev_hash, entry.seq, entry.time, entry.account, entry.actor,
+                            entry.operation, entry.key_id, entry.outcome, entry.detail)
+    if recomputed != entry.hash:
+        return entry.seq, f"entry {entry.seq} was changed after it was written"
+    return None
+
+
+@asynccontextmanager
+async def _mapped(path: Path) -> AsyncIterator[None]:
+    """The one place sqlite3 errors of the KMS store become engine errors."""
+    try:
+        yield
+    except DewError:
+        raise
+    except sqlite3.IntegrityError as exc:
+        raise Conflict(
+            "the KMS registry refused a write that conflicts with another key",
+            cause=str(exc), code="kms_registry_conflict",
+            fix="Retry; another process changed the same key at the same time.",
+        ) from None
+    except sqlite3.OperationalError as exc:
+        text = str(exc)
+        if "locked" in text or "busy" in text:
+            raise BackendUnavailable(
+                f"the KMS registry {path} is busy", cause=text,
+                fix="Retry; another process holds a long write lock.",
+            ) from None
+        raise BackendUnavailable(
+            f"the KMS registry {path} cannot be used: {text}",
+            fix="Check that the state directory exists and is writable.",
+        ) from None
+    except sqlite3.DatabaseError as exc:
+        raise ConfigError(
+            f"{path} is not a usable task store: {exc}",
+            fix="Point DEW_STATE_DIR at a directory holding a dew-engine task store.",
+        ) from None
+
+
+def _ts(text: str) -> datetime:
+    ts = parse_iso(text)
+    assert ts is not None
+    return ts
+
+
+def _key(row: sqlite3.Row) -> KeyRecord:
+    return KeyRecord(
+        key_id=row["key_id"], account=row["account"], alias=row["alias"], spec=row["spec"],
+        usage=row["usage"], state=row["state"], origin=row["origin"],
+        default_key=bool(row["default_key"]), description=row["description"],
+        created_at=_ts(row["created_at"]), updated_at=_ts(row["updated_at"]),
+        scheduled_deletion_date=parse_iso(row["scheduled_deletion_date"]),
+        deleted_at=parse_iso(row["deleted_at"]), current_version=int(row["current_version"]),
+    )
+
+
+def _version(row: sqlite3.Row) -> KeyVersion:
+    return KeyVersion(
+        key_id=row["key_id"], version=int(row["version"]), token_label=row["token_label"],
+        created_at=_ts(row["created_at"]), destroyed_at=parse_iso(row["destroyed_at"]),
+    )
+
+
+def _entry(row: sqlite3.Row) -> AuditEntry:
+    return AuditEntry(
+        seq=int(row["seq"]), time=row["time"], account=row["account"], actor=row["actor"],
+        operation=row["operation"], key_id=row["key_id"], outcome=row["outcome"],
+        detail=row["detail"], prev_hash=row["prev_hash"], hash=row["hash"],
+    )
