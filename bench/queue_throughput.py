@@ -71,7 +71,7 @@ async def gather_bounded(n: int, concurrency: int, make: Any) -> None:
     await asyncio.gather(*(one(i) for i in range(n)))
 
 
-async def bench_bare(url: str, args: argparse.Namespace) -> tuple[float, float]:
+async def bench_bare(url: str, args: argparse.Namespace) -> tuple[float, float, float]:
     proc = subprocess.Popen(
         [sys.executable, __file__, "--bare-worker", url, str(args.max_jobs), str(args.poll_delay)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -86,6 +86,7 @@ async def bench_bare(url: str, args: argparse.Namespace) -> tuple[float, float]:
             args.jobs, args.concurrency,
             lambda i: pool.enqueue_job("engine.echo", {"value": i}, _queue_name=BARE_QUEUE),
         )
+        enqueued = time.perf_counter() - t0
         while await pool.zcard(BARE_QUEUE):
             await asyncio.sleep(0.01)
         elapsed, cpu = time.perf_counter() - t0, cpu_seconds(proc.pid) - cpu0
@@ -93,10 +94,10 @@ async def bench_bare(url: str, args: argparse.Namespace) -> tuple[float, float]:
         await pool.aclose()
         proc.terminate()
         proc.wait(10)
-    return elapsed, cpu
+    return elapsed, cpu, enqueued
 
 
-async def bench_ours(url: str, state: Path, args: argparse.Namespace) -> tuple[float, float]:
+async def bench_ours(url: str, state: Path, args: argparse.Namespace) -> tuple[float, float, float]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DEW_")}
     env.update({
         "DEW_STATE_DIR": str(state), "DEW_REDIS_URL": url,
@@ -116,6 +117,7 @@ async def bench_ours(url: str, state: Path, args: argparse.Namespace) -> tuple[f
                 args.jobs, args.concurrency,
                 lambda i: client.enqueue("engine.echo", {"value": i}),
             )
+            enqueued = time.perf_counter() - t0
             db = sqlite3.connect(settings.db_path, timeout=30)
             while db.execute(
                 "SELECT COUNT(*) FROM tasks WHERE status = 'succeeded'"
@@ -126,7 +128,7 @@ async def bench_ours(url: str, state: Path, args: argparse.Namespace) -> tuple[f
     finally:
         proc.terminate()
         proc.wait(10)
-    return elapsed, cpu
+    return elapsed, cpu, enqueued
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -146,6 +148,9 @@ async def main(args: argparse.Namespace) -> None:
                       f"({bare[1] / args.jobs * 1000:.2f} ms worker CPU/job) | dew-engine "
                       f"{args.jobs / ours[0]:8.0f} jobs/s ({ours[1] / args.jobs * 1000:.2f} ms "
                       f"worker CPU/job) | ratio {bare[0] / ours[0]:.2f}")
+                print(f"         enqueue phase: bare {bare[2]:.2f}s, ours {ours[2]:.2f}s; "
+                      f"drain after enqueue: bare {bare[0] - bare[2]:.2f}s, "
+                      f"ours {ours[0] - ours[2]:.2f}s")
             bare_best = min(b[0] for b, _ in rows)
             ours_best = min(o[0] for _, o in rows)
             print(f"\nbest of {args.rounds}: bare arq {args.jobs / bare_best:.0f} jobs/s, "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -30,6 +31,7 @@ from engine.settings import Settings
 from engine.store import TaskStore
 
 log = get_logger("dew.worker")
+job_log = get_logger("dew.job")
 
 
 @dataclass(frozen=True)
@@ -74,8 +76,8 @@ class TaskRunner:
             return RunOutcome("skipped")
 
         with structlog.contextvars.bound_contextvars(task_id=task_id, job=spec.name):
-            job_log = get_logger("dew.job")
-            job_log.info("job started", attempt=task.attempts)
+            started = time.perf_counter()
+            job_log.debug("job started", attempt=task.attempts)
             ctx = JobContext(
                 task_id=task_id, name=spec.name, attempt=task.attempts, settings=self.settings,
                 store=self.store, log=job_log, clock=self.clock, resources=self.resources,
@@ -102,7 +104,9 @@ class TaskRunner:
                     f"{spec.name} failed unexpectedly: {type(exc).__name__}",
                     cause=str(exc)[:500],
                 )
-            return await self._finish(spec, task_id, task.attempts, result, error, job_log)
+            return await self._finish(
+                spec, task_id, task.attempts, result, error, time.perf_counter() - started
+            )
 
     def _check(self, spec: JobSpec, args: Any, attempts: int) -> None:
         if not isinstance(args, dict):
@@ -132,7 +136,7 @@ class TaskRunner:
         attempts: int,
         result: Any,
         error: DewError | None,
-        job_log: Any,
+        took: float,
     ) -> RunOutcome:
         retry = self.settings.retry
         outcome = decide_outcome(
@@ -141,19 +145,21 @@ class TaskRunner:
         now = self.clock()
         if outcome.action == "succeed":
             await self.store.mark_succeeded(task_id, result, now)
-            job_log.info("job succeeded", attempt=attempts)
+            job_log.info("job succeeded", attempt=attempts, ms=round(took * 1000, 1))
             return RunOutcome("succeeded")
         assert error is not None
         if outcome.action == "retry":
             await self.store.mark_retrying(
                 task_id, error.to_dict(), now + timedelta(seconds=outcome.delay), now
             )
-            job_log.warning("job will be retried", attempt=attempts, code=error.code,
+            job_log.warning("job will be retried", attempt=attempts, ms=round(took * 1000, 1),
+                            code=error.code,
                             error=error.message, retry_in=round(outcome.delay, 3))
             return RunOutcome("retry", outcome.delay)
         await self.store.mark_failed(
             task_id, error.to_dict(), failure_record(task_id, spec.name, None, error, now), now
         )
-        job_log.error("job failed", attempt=attempts, code=error.code, error=error.message,
+        job_log.error("job failed", attempt=attempts, ms=round(took * 1000, 1), code=error.code,
+                      error=error.message,
                       retryable=error.retryable)
         return RunOutcome("failed")
