@@ -46,6 +46,7 @@ demo: setup
 	$(BIN)/python -m engine.demo
 
 test: setup
+	@sh .ci/services
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 lint: venv

@@ -25,7 +25,7 @@ from engine.settings import Settings, load_settings
 Command = Callable[[argparse.Namespace, Settings], Awaitable[int] | int]
 # Domain command groups (``dew kms ...``): each module has
 # ``register(subparsers, commands)`` adding its parsers and command functions.
-CLI_PLUGINS: tuple[str, ...] = ()
+CLI_PLUGINS: tuple[str, ...] = ("engine.cli_kms", "engine.cli_secrets", "engine.cli_keypairs")
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -99,11 +99,14 @@ def build_parser() -> ArgumentParser:
 
 
 async def cmd_init(args: argparse.Namespace, settings: Settings) -> int:
+    from engine.crypto import ensure_token
     from engine.store import open_store
 
     store = await open_store(settings)
     await store.close()
+    created = await asyncio.to_thread(ensure_token, settings)
     print(f"state directory {settings.state_dir} ready (task store {settings.db_path})")
+    print(f"HSM token {settings.hsm.token_label!r} " + ("created" if created else "present"))
     return 0
 
 

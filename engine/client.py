@@ -7,7 +7,8 @@
 ``enqueue`` writes the task row (queued) first and pushes the job to arq with
 ``_job_id`` = task id second. If the push fails (Redis down) the task is still
 safe in the store and the sweeper delivers it later; the same task id twice
-returns the existing task and never runs it twice.
+returns the existing task and never runs it twice. Secret arguments are sealed
+under a KMS key (``engine.sealing``) before either write.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from engine.models import TaskRecord, TaskStatus, utcnow
 from engine.queue import Queue
 from engine.redaction import keep_sealed
 from engine.registry import Registry, default_registry
+from engine.resources import Resources
+from engine.sealing import needs_sealing, seal_args
 from engine.settings import Settings, load_settings
 from engine.store import TaskStore, open_store
 
@@ -77,6 +80,7 @@ class Client:
         self.store = store
         self._queue = queue
         self.registry = registry
+        self.resources = Resources(settings)
 
     @classmethod
     async def open(
@@ -88,6 +92,7 @@ class Client:
         return cls(settings, store, None, registry or default_registry())
 
     async def close(self) -> None:
+        await self.resources.close()
         if self._queue is not None:
             await self._queue.close()
         await self.store.close()
@@ -121,6 +126,10 @@ class Client:
         spec = self.registry.check_args(name, args)
         task_id = check_task_id(task_id) if task_id is not None else new_task_id()
         defer = check_defer(defer)
+        if needs_sealing(args, spec.secret_fields):
+            # Secrets leave this process only sealed under a KMS key (Redis and the
+            # task store see ciphertext); the worker opens them.
+            args = await seal_args(args, spec.secret_fields, await self.resources.get("kms"))
         stored_args = keep_sealed(args, spec.secret_fields)
 
         now = utcnow()

@@ -171,7 +171,8 @@ class KmsStore(Protocol):
 
     async def versions(self, key_id: str) -> list[KeyVersion]: ...
 
-    async def mark_version_destroyed(self, key_id: str, version: int, now: datetime) -> None: ...
+    async def mark_version_destroyed(self, key_id: str, version: int, now: datetime) -> bool:
+        """Record that a version's token objects are gone; False if already recorded."""
 
     async def due_for_deletion(self, now: datetime) -> list[KeyRecord]: ...
 
@@ -326,12 +327,13 @@ class SqliteKmsStore:
             )
         return [_version(r) for r in rows]
 
-    async def mark_version_destroyed(self, key_id: str, version: int, now: datetime) -> None:
+    async def mark_version_destroyed(self, key_id: str, version: int, now: datetime) -> bool:
         async with self._tx_lock, _mapped(self._path):
-            await self._conn.execute(
+            cursor = await self._conn.execute(
                 "UPDATE kms_key_versions SET destroyed_at = ? WHERE key_id = ? AND version = ? "
                 "AND destroyed_at IS NULL", (iso(now), key_id, version),
             )
+            return int(cursor.rowcount) == 1
 
     async def due_for_deletion(self, now: datetime) -> list[KeyRecord]:
         async with _mapped(self._path):
@@ -386,23 +388,22 @@ class SqliteKmsStore:
     async def verify_audit(self) -> AuditVerdict:
         """Walk the whole chain; the first entry that does not fit is reported."""
         expected_seq, prev, count = 1, GENESIS_HASH, 0
-        async with _mapped(self._path):
-            # One read transaction: a concurrent append cannot show a half chain.
-            async with self._tx_lock:
-                await self._conn.execute("BEGIN")
-                try:
-                    async with self._conn.execute(
-                        f"SELECT {AUDIT_COLUMNS} FROM audit ORDER BY seq"
-                    ) as cursor:
-                        async for row in cursor:
-                            entry = _entry(row)
-                            broken = _check_entry(entry, expected_seq, prev)
-                            if broken:
-                                return AuditVerdict(False, count, broken[0], broken[1])
-                            expected_seq, prev, count = entry.seq + 1, entry.hash, count + 1
-                    head = await self._fetchone("SELECT seq, hash FROM audit_head WHERE id = 1")
-                finally:
-                    await self._conn.execute("COMMIT")
+        # One read transaction: a concurrent append cannot show a half chain.
+        async with _mapped(self._path), self._tx_lock:
+            await self._conn.execute("BEGIN")
+            try:
+                async with self._conn.execute(
+                    f"SELECT {AUDIT_COLUMNS} FROM audit ORDER BY seq"
+                ) as cursor:
+                    async for row in cursor:
+                        entry = _entry(row)
+                        broken = _check_entry(entry, expected_seq, prev)
+                        if broken:
+                            return AuditVerdict(False, count, broken[0], broken[1])
+                        expected_seq, prev, count = entry.seq + 1, entry.hash, count + 1
+                head = await self._fetchone("SELECT seq, hash FROM audit_head WHERE id = 1")
+            finally:
+                await self._conn.execute("COMMIT")
         head_seq, head_hash = (int(head[0]), str(head[1])) if head else (0, GENESIS_HASH)
         if (head_seq, head_hash) != (expected_seq - 1, prev):
             return AuditVerdict(
@@ -416,6 +417,7 @@ class SqliteKmsStore:
         """Chain ``events`` after the head; the caller holds a write transaction."""
         head = await self._fetchone("SELECT seq, hash FROM audit_head WHERE id = 1")
         seq, prev = (int(head[0]), str(head[1])) if head else (0, GENESIS_HASH)
+        rows = []
         for event in events:
             seq += 1
             time = iso(event.time)
@@ -424,12 +426,12 @@ class SqliteKmsStore:
                                 ensure_ascii=False, default=str)
             digest = entry_hash(prev, seq, time, event.account, event.actor, event.operation,
                                 event.key_id, event.outcome, detail)
-            await self._conn.execute(
-                f"INSERT INTO audit ({AUDIT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (seq, time, event.account, event.actor, event.operation, event.key_id,
-                 event.outcome, detail, prev, digest),
-            )
+            rows.append((seq, time, event.account, event.actor, event.operation, event.key_id,
+                         event.outcome, detail, prev, digest))
             prev = digest
+        # One round trip to the connection's thread for the whole batch.
+        await self._conn.executemany(
+            f"INSERT INTO audit ({AUDIT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
         await self._conn.execute(
             "INSERT INTO audit_head (id, seq, hash) VALUES (1, ?, ?) "
             "ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash",

@@ -24,9 +24,10 @@ from engine.errors import DewError, InternalError, InvalidInput, PermanentError
 from engine.lifecycle import decide_outcome
 from engine.logs import get_logger
 from engine.models import utcnow
-from engine.redaction import contains_redacted, keep_sealed
+from engine.redaction import contains_redacted, keep_sealed, redact
 from engine.registry import JobSpec
 from engine.resources import Resources
+from engine.sealing import has_sealed, unseal_args
 from engine.settings import Settings
 from engine.store import TaskStore
 
@@ -86,6 +87,8 @@ class TaskRunner:
             error: DewError | None = None
             try:
                 self._check(spec, args, task.attempts)
+                if has_sealed(args):
+                    args = await unseal_args(args, await self.resources.get("kms"))
                 result = await spec.handler(ctx, args)
                 json.dumps(result)
             except DewError as exc:
@@ -144,7 +147,8 @@ class TaskRunner:
         )
         now = self.clock()
         if outcome.action == "succeed":
-            await self.store.mark_succeeded(task_id, result, now)
+            # A result is shown to anyone who may list tasks: no secret in it either.
+            await self.store.mark_succeeded(task_id, redact(result, spec.secret_fields), now)
             job_log.info("job succeeded", attempt=attempts, ms=round(took * 1000, 1))
             return RunOutcome("succeeded")
         assert error is not None

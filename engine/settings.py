@@ -81,6 +81,39 @@ class KmsSection:
 
 
 @dataclass(frozen=True)
+class CsmsSection:
+    max_concurrent_rotations: int = 20
+    db_timeout: float = 5.0
+    scheduler_interval: int = 10
+
+
+@dataclass(frozen=True)
+class KpsSection:
+    """SSH key pairs: batch size, fan-out, SSH timeouts (seconds), retries, quota."""
+
+    batch_limit: int = 100
+    concurrency: int = 50
+    connect_timeout: float = 10.0
+    login_timeout: float = 15.0
+    command_timeout: float = 30.0
+    retries: int = 2
+    retry_delay: float = 1.0
+    quota: int = 500
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.batch_limit <= 10_000:
+            raise ConfigError("kps.batch_limit must be between 1 and 10000")
+        if not 1 <= self.concurrency <= 1000:
+            raise ConfigError("kps.concurrency must be between 1 and 1000")
+        if min(self.connect_timeout, self.login_timeout, self.command_timeout) <= 0:
+            raise ConfigError("kps timeouts must be above 0")
+        if not 0 <= self.retries <= 10 or self.retry_delay < 0:
+            raise ConfigError("kps.retries must be 0..10 and kps.retry_delay not negative")
+        if not 1 <= self.quota <= 100_000:
+            raise ConfigError("kps.quota must be between 1 and 100000")
+
+
+@dataclass(frozen=True)
 class Settings:
     engine: EngineSection = field(default_factory=EngineSection)
     redis: RedisSection = field(default_factory=RedisSection)
@@ -90,6 +123,8 @@ class Settings:
     log: LogSection = field(default_factory=LogSection)
     hsm: HsmSection = field(default_factory=HsmSection)
     kms: KmsSection = field(default_factory=KmsSection)
+    csms: CsmsSection = field(default_factory=CsmsSection)
+    kps: KpsSection = field(default_factory=KpsSection)
 
     @property
     def state_dir(self) -> Path:

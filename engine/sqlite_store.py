@@ -122,6 +122,109 @@ MIGRATIONS: tuple[str, ...] = (
         hash TEXT NOT NULL
     );
     """,
+    # 3: csms: secrets (rotation schedule and state, failure count), versions, stages
+    """
+    CREATE TABLE csms_secrets (
+        secret_id        TEXT PRIMARY KEY,
+        account          TEXT NOT NULL,
+        name             TEXT NOT NULL,
+        secret_type      TEXT NOT NULL,
+        kms_key          TEXT NOT NULL,
+        description      TEXT NOT NULL DEFAULT '',
+        state            TEXT NOT NULL CHECK (state IN ('enabled','pending_deletion')),
+        created_at       TEXT NOT NULL,
+        updated_at       TEXT NOT NULL,
+        deletion_date    TEXT,
+        next_version     INTEGER NOT NULL,
+        rotation_period  INTEGER,
+        next_rotation_at TEXT,
+        last_rotated_at  TEXT,
+        failed_rotations INTEGER NOT NULL DEFAULT 0,
+        last_failure     TEXT,
+        rotation_step    TEXT,
+        rotation_version TEXT,
+        rotation_task    TEXT,
+        rotation_started TEXT
+    );
+    CREATE UNIQUE INDEX csms_secrets_account_name ON csms_secrets (account, name);
+    CREATE INDEX csms_secrets_rotation_due ON csms_secrets (next_rotation_at)
+        WHERE next_rotation_at IS NOT NULL;
+    CREATE INDEX csms_secrets_deletion_due ON csms_secrets (deletion_date)
+        WHERE deletion_date IS NOT NULL;
+    CREATE TABLE csms_versions (
+        secret_id   TEXT NOT NULL REFERENCES csms_secrets (secret_id),
+        version_id  TEXT NOT NULL,
+        seq         INTEGER NOT NULL,
+        created_at  TEXT NOT NULL,
+        kms_key_id  TEXT NOT NULL,
+        wrapped_dek BLOB NOT NULL,
+        nonce       BLOB NOT NULL,
+        ciphertext  BLOB NOT NULL,
+        PRIMARY KEY (secret_id, version_id)
+    );
+    CREATE TABLE csms_stages (
+        secret_id  TEXT NOT NULL REFERENCES csms_secrets (secret_id),
+        stage      TEXT NOT NULL,
+        version_id TEXT NOT NULL,
+        updated_at TEXT NOT NULL,
+        PRIMARY KEY (secret_id, stage)
+    );
+    CREATE INDEX csms_stages_version ON csms_stages (secret_id, version_id);
+    """,
+    # 4: kps: SSH key pairs, servers and which key pair is bound to which server
+    # (IF NOT EXISTS: safe whatever position the CSMS migration takes beside it)
+    """
+    CREATE TABLE IF NOT EXISTS kps_keypairs (
+        keypair_id   TEXT PRIMARY KEY,
+        account      TEXT NOT NULL,
+        owner        TEXT NOT NULL,
+        scope        TEXT NOT NULL CHECK (scope IN ('user','account')),
+        name         TEXT NOT NULL,
+        algorithm    TEXT NOT NULL,
+        key_type     TEXT NOT NULL CHECK (key_type IN ('ssh','x509')),
+        public_key   TEXT NOT NULL,
+        fingerprint  TEXT NOT NULL,
+        managed      INTEGER NOT NULL CHECK (managed IN (0, 1)),
+        private_key  TEXT,
+        created_at   TEXT NOT NULL,
+        updated_at   TEXT NOT NULL
+    );
+    CREATE UNIQUE INDEX IF NOT EXISTS kps_keypairs_user_name
+        ON kps_keypairs (account, owner, name) WHERE scope = 'user';
+    CREATE UNIQUE INDEX IF NOT EXISTS kps_keypairs_account_name
+        ON kps_keypairs (account, name) WHERE scope = 'account';
+    CREATE TABLE IF NOT EXISTS kps_servers (
+        server_id       TEXT PRIMARY KEY,
+        account         TEXT NOT NULL,
+        name            TEXT NOT NULL,
+        host            TEXT NOT NULL,
+        port            INTEGER NOT NULL,
+        login_user      TEXT NOT NULL,
+        host_key        TEXT,
+        trust_first_use INTEGER NOT NULL CHECK (trust_first_use IN (0, 1)),
+        sshd_config     TEXT,
+        reload_command  TEXT,
+        authorized_keys TEXT,
+        created_at      TEXT NOT NULL,
+        UNIQUE (account, name)
+    );
+    CREATE TABLE IF NOT EXISTS kps_bindings (
+        keypair_id  TEXT NOT NULL REFERENCES kps_keypairs (keypair_id),
+        server_id   TEXT NOT NULL REFERENCES kps_servers (server_id),
+        bound_at    TEXT NOT NULL,
+        task_id     TEXT,
+        PRIMARY KEY (keypair_id, server_id)
+    );
+    CREATE INDEX IF NOT EXISTS kps_bindings_server ON kps_bindings (server_id);
+    CREATE TABLE IF NOT EXISTS kps_task_servers (
+        task_id     TEXT NOT NULL,
+        server      TEXT NOT NULL,
+        status      TEXT NOT NULL,
+        detail      TEXT NOT NULL,
+        updated_at  TEXT NOT NULL,
+        PRIMARY KEY (task_id, server)
+    );
+    """,
 )
 
 Row = tuple[str | None, ...]  # statement parameters of one batched write

@@ -35,11 +35,9 @@ import hashlib
 import json
 import re
 import struct
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import IntEnum, StrEnum
-from typing import Any
 
 from engine.crypto import IntegrityCheckFailed, KeySpec
 from engine.errors import InvalidInput
@@ -47,6 +45,7 @@ from engine.errors import InvalidInput
 DEFAULT_ACCOUNT = "default"
 ACCOUNT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
 ALIAS = re.compile(r"^[a-zA-Z0-9:/_-]{1,255}$")
+KEY_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z")
 DEFAULT_SUFFIX = "/default"
 # Services whose "<service>/default" key is created on first request. A fixed
 # list, so that a typo ("kpss/default") is an unknown key instead of a new one.
@@ -110,7 +109,7 @@ USAGES: dict[str, tuple[KeyUsage, ...]] = {
 
 
 def check_account(account: object) -> str:
-    if not isinstance(account, str) or not ACCOUNT.match(account):
+    if not isinstance(account, str) or not ACCOUNT.fullmatch(account):
         raise InvalidInput(
             f"invalid account {account!r}: use 1-64 letters, digits, '_', '.', '@' or '-'",
             code="invalid_account",
@@ -120,17 +119,14 @@ def check_account(account: object) -> str:
 
 def is_key_id(ref: str) -> bool:
     """Key ids are canonical lower-case UUIDs; everything else is an alias."""
-    try:
-        return str(uuid.UUID(ref)) == ref
-    except ValueError:
-        return False
+    return KEY_ID.match(ref) is not None
 
 
 def check_key_ref(ref: object) -> str:
     """A key id or an alias (what every command's KEY argument is)."""
     if not isinstance(ref, str) or not ref:
         raise InvalidInput("a key (its id or alias) is required", code="invalid_key")
-    if is_key_id(ref) or ALIAS.match(ref):
+    if is_key_id(ref) or ALIAS.fullmatch(ref):
         return ref
     raise InvalidInput(
         f"invalid key {_shown(ref)}: give a key id (UUID) or an alias matching "
@@ -148,7 +144,7 @@ def default_service(alias: str) -> str | None:
 
 
 def check_custom_alias(alias: object) -> str:
-    if not isinstance(alias, str) or not ALIAS.match(alias):
+    if not isinstance(alias, str) or not ALIAS.fullmatch(alias):
         raise InvalidInput(
             f"invalid alias {_shown(alias)}: 1-255 characters of letters, digits, ':', '/', "
             "'_' and '-'",
@@ -370,7 +366,7 @@ def unpack_ciphertext(blob: bytes, purpose: Purpose) -> tuple[CipherHeader, byte
     head = blob[: HEADER_BYTES - 32]
     if hashlib.sha256(head).digest() != blob[HEADER_BYTES - 32 : HEADER_BYTES]:
         raise _broken("the header digest does not match the header")
-    magic, version, algorithm, kind, flags, key_version, length = _FIXED.unpack_from(blob)
+    _, version, algorithm, kind, flags, key_version, length = _FIXED.unpack_from(blob)
     if version != FORMAT_VERSION or flags != 0:
         raise InvalidInput(f"unsupported ciphertext format version {version}",
                            code="invalid_ciphertext")
@@ -407,8 +403,3 @@ def unpad(header: CipherHeader, padded: bytes) -> bytes:
 
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
-
-
-def jsonable(value: Any) -> Any:
-    """Values for JSON output: bytes become hex (callers choose Base64 themselves)."""
-    return value.hex() if isinstance(value, bytes) else value

@@ -35,6 +35,33 @@ async def _sweep_outbox(state: WorkerState) -> dict[str, int]:
     return dict(await sweep(state.settings, state.store, state.queue))
 
 
+async def _delete_due_keys(state: WorkerState) -> dict[str, Any]:
+    from handlers.kms import delete_due_keys
+
+    return await delete_due_keys(state.resources, actor="cron:kms.delete_due_keys")
+
+
+async def _enqueue_due_rotations(state: WorkerState) -> dict[str, Any]:
+    from engine.client import Client
+    from engine.models import utcnow
+    from engine.registry import default_registry
+    from handlers.secrets import enqueue_due_rotations
+
+    # A client on the worker's own store and queue (not closed here: they are the worker's).
+    client = Client(state.settings, state.store, state.queue, default_registry())
+    store = await state.resources.get("csms_store")
+    interval = state.settings.csms.scheduler_interval
+    # Look one interval (plus slack) ahead: those rotations are queued deferred to
+    # their due time, so they start on time instead of at the next look.
+    return await enqueue_due_rotations(store, client, utcnow(), lookahead=2 * interval)
+
+
+async def _delete_due_secrets(state: WorkerState) -> dict[str, Any]:
+    from handlers.secrets import delete_due_secrets
+
+    return await delete_due_secrets(state.resources)
+
+
 def cron_table(settings: Settings) -> list[ScheduleEntry]:
     every = settings.sweeper.interval
     return [
@@ -44,5 +71,25 @@ def cron_table(settings: Settings) -> list[ScheduleEntry]:
             second=frozenset(range(0, 60, every)),
             run_at_startup=True,
             description=f"re-enqueue lost tasks, free dead workers' jobs (every {every} s)",
+        ),
+        ScheduleEntry(
+            name="kms.delete_due_keys",
+            run=_delete_due_keys,
+            second=frozenset({30}),
+            description="destroy KMS keys whose pending deletion period is over (every minute)",
+        ),
+        ScheduleEntry(
+            name="csms.enqueue_due_rotations",
+            run=_enqueue_due_rotations,
+            second=frozenset(range(0, 60, settings.csms.scheduler_interval)),
+            run_at_startup=True,
+            description="queue secret rotations due soon, once each, deferred to their due "
+            f"time (every {settings.csms.scheduler_interval} s)",
+        ),
+        ScheduleEntry(
+            name="csms.delete_due_secrets",
+            run=_delete_due_secrets,
+            second=frozenset({40}),
+            description="delete secrets whose recovery window is over (every minute)",
         ),
     ]

@@ -10,9 +10,11 @@ import pytest
 import redis
 
 from engine.client import Client
+from engine.crypto import HsmConfig
+from engine.crypto.testing import shared_softhsm_config
 from engine.redis_server import RedisServer, free_port
 from engine.settings import Settings, load_settings
-from tests.helpers import WorkerProcess
+from tests.helpers import WorkerProcess, link_shared_token
 
 # Short intervals so crash and loss recovery take seconds in tests.
 TEST_SETTINGS = {
@@ -32,14 +34,24 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def hsm_config() -> HsmConfig:
+    """The process's one SoftHSM token (SoftHSM reads its config once per process)."""
+    return shared_softhsm_config()
+
+
 @pytest.fixture
-def settings(tmp_path: Path, redis_server: RedisServer) -> Settings:
+def settings(tmp_path: Path, redis_server: RedisServer, hsm_config: HsmConfig) -> Settings:
+    """A temp state dir, the session's Redis (emptied), short timeouts, and the
+    shared HSM token linked in, so this process, ``dew`` subprocesses and workers
+    all use the same keys."""
     if not redis_server.ping():  # a test killed it: bring it back for the next one
         redis_server.start()
     redis.Redis.from_url(redis_server.url).flushall()
-    return load_settings().replace(
+    settings = load_settings().replace(
         engine={"state_dir": tmp_path / "var"}, redis={"url": redis_server.url}, **TEST_SETTINGS
     )
+    return link_shared_token(settings, hsm_config)
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -13,9 +14,23 @@ import time
 from pathlib import Path
 from typing import Any
 
+from engine.crypto import HsmConfig
 from engine.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def link_shared_token(settings: Settings, config: HsmConfig) -> Settings:
+    """Settings whose STATE/hsm points subprocesses at this process's token."""
+    hsm = settings.state_dir / "hsm"
+    hsm.mkdir(parents=True, exist_ok=True, mode=0o700)
+    assert config.softhsm_conf is not None and config.pin_file is not None
+    # A link, not a copy: in this process the module is already loaded with that file.
+    (hsm / "softhsm2.conf").unlink(missing_ok=True)
+    (hsm / "softhsm2.conf").symlink_to(config.softhsm_conf.resolve())
+    shutil.copy(config.pin_file, hsm / "user.pin")
+    (hsm / "user.pin").chmod(0o600)
+    return settings.replace(hsm={"token_label": config.token_label})
 
 
 def settings_env(settings: Settings) -> dict[str, str]:

@@ -42,7 +42,8 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(
     settings: Settings, args: tuple[str, ...], message: str
 ) -> None:
     assert_bad_input(settings, *args, message=message)
-    assert not settings.state_dir.exists()  # not even the task store or a log file
+    # Not even the task store or a log file.
+    assert not settings.db_path.exists() and not settings.log_file.exists()
 
 
 def test_unknown_ids(settings: Settings) -> None:

@@ -221,13 +221,18 @@ _MODULES: dict[str, Module] = {}
 _MODULES_LOCK = threading.Lock()
 
 
+def _same_file(a: str | None, b: str) -> bool:
+    return a is not None and os.path.realpath(a) == os.path.realpath(b)
+
+
 def load_module(config: HsmConfig) -> Module:
     """Load and initialise the configured module once per process."""
     conf = str(config.softhsm_conf) if config.softhsm_conf else None
     with _MODULES_LOCK:
         module = _MODULES.get(config.module_path)
         if module is not None:
-            if conf is not None and module.softhsm_conf != conf:
+            # The same file under another name (a symlink) is the same configuration.
+            if conf is not None and not _same_file(module.softhsm_conf, conf):
                 raise ConfigError(
                     f"{config.module_path} is already loaded in this process with "
                     f"SOFTHSM2_CONF={module.softhsm_conf}, not {conf}",

@@ -10,10 +10,11 @@ caller passes ``DEW_HSM_PIN`` when set) or from ``pin_file``, which must be mode
 
 from __future__ import annotations
 
+import fcntl
 import os
 import secrets
 import stat
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -193,13 +194,34 @@ def hsm_config_from_settings(
         pool_size=hsm.pool_size,
     )
     softhsm = is_softhsm_module(hsm.module)
+    token_dir = base.token_dir
+    if softhsm and base.softhsm_conf is not None:
+        # An existing softhsm2.conf is the truth about where the tokens are.
+        token_dir = tokendir_of(base.softhsm_conf) or token_dir
     return replace(
         base,
         slot=None if hsm.slot < 0 else hsm.slot,
         pin_file=pin_file,
         softhsm_conf=base.softhsm_conf if softhsm else None,
-        token_dir=base.token_dir if softhsm else None,
+        token_dir=token_dir if softhsm else None,
     )
+
+
+def tokendir_of(conf: Path) -> Path | None:
+    """The ``directories.tokendir`` a softhsm2.conf names, if the file exists."""
+    try:
+        text = conf.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot read {conf}: {exc.strerror}", code="hsm_conf_unreadable"
+        ) from None
+    for line in text.splitlines():
+        key, _, value = line.partition("=")
+        if key.strip() == "directories.tokendir" and value.strip():
+            return Path(value.strip())
+    return None
 
 
 def ensure_token(settings: Settings, environ: Mapping[str, str] | None = None) -> bool:
@@ -208,10 +230,19 @@ def ensure_token(settings: Settings, environ: Mapping[str, str] | None = None) -
     The user PIN is ``DEW_HSM_PIN`` when set, else the PIN file's, else a
     generated one written to the PIN file (mode 0600). Blocking: call it from
     ``dew init`` or through ``asyncio.to_thread``.
+
+    SoftHSM lists its tokens once, in ``C_Initialize``: a process that loaded
+    the module before another process created the token never sees it, and
+    would create a second token with the same label. So the check-and-create
+    runs under an exclusive lock on ``STATE/hsm/.init.lock``, and a marker
+    file written after creation lets later processes skip loading the module
+    here at all (they load it when they connect, and then see the token).
     """
     from engine.crypto.token import init_token, token_exists  # they import this module
 
     config = hsm_config_from_settings(settings, environ)
+    if config.softhsm_conf is not None:
+        return _ensure_softhsm_token(config, init_token)
     if config.softhsm_conf is None:
         # A vendor HSM's tokens are made with the vendor's tools (C_InitToken on a
         # real device may need its SO and wipes the slot): only check.
@@ -224,3 +255,18 @@ def ensure_token(settings: Settings, environ: Mapping[str, str] | None = None) -
             code="hsm_token_missing",
         )
     return init_token(config)
+
+
+def _ensure_softhsm_token(config: HsmConfig, init: Callable[[HsmConfig], bool]) -> bool:
+    assert config.softhsm_conf is not None
+    hsm = config.softhsm_conf.parent
+    hsm.mkdir(mode=0o700, parents=True, exist_ok=True)
+    marker = hsm / f".token-{config.token_label.encode().hex()}.ready"
+    with (hsm / ".init.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        tokens = config.token_dir
+        if marker.exists() and tokens is not None and any(tokens.iterdir()):
+            return False
+        created = init(config)  # loads the module: a no-op if the token is already there
+        marker.touch(mode=0o600)
+        return created

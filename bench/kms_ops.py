@@ -1,0 +1,237 @@
+"""KMS data-key operations per second: our API vs a bare PKCS#11 call vs no HSM at all.
+
+Three ways to do create-datakey (32 random bytes from the token + AES-256-GCM
+under the CMK, 64+ bytes of additional data) and decrypt-datakey (AES-256-GCM
+decrypt), on one SoftHSM2 token created in a temporary directory:
+
+- ``dew``: ``KmsService.create_datakey`` / ``decrypt_datakey`` from asyncio
+  tasks (``--callers`` concurrent), through the crypto core's thread pool
+  (``threads`` = pool size), with key lookup, ciphertext format and audit.
+- ``core``: the crypto core alone (``CryptoCore.generate_data_key`` / ``open``),
+  same callers and pool: shows how the overhead splits between the thread
+  pool and the KMS layer above it.
+- ``pkcs11``: the same token calls made directly with python-pkcs11, one
+  session per thread, in a tight loop (no asyncio, no registry, no audit).
+- ``cryptography``: in-process AESGCM and os.urandom (the no-HSM ceiling).
+
+Each with 1 and 2 threads. Prints ops/s, the 2-thread/1-thread ratio, our
+overhead over the direct call (extra time per op: direct/ours - 1) and the
+HSM's cost against in-process crypto.
+
+    .venv/bin/python bench/kms_ops.py [--seconds 1.5] [--callers 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import pkcs11  # noqa: E402
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # noqa: E402
+from pkcs11 import GCMParams, Mechanism, ObjectClass  # noqa: E402
+
+from engine.crypto import CryptoCore, HsmConfig, init_token  # noqa: E402
+from engine.kms_store import SqliteKmsStore  # noqa: E402
+from handlers.kms import KmsService, token_label  # noqa: E402
+
+THREADS = (1, 2)
+AAD = bytes(64) + b"{}"  # the size of our header's authenticated part
+
+
+def measure_threads(
+    seconds: float, threads: int, make_op: Callable[[], Callable[[], Any]]
+) -> float:
+    """ops/s of ``threads`` threads each calling its own ``make_op()`` in a loop."""
+    counts = [0] * threads
+    start = threading.Barrier(threads + 1)
+    stop = threading.Event()
+
+    def loop(i: int) -> None:
+        op = make_op()
+        op()  # warm-up: sessions open, caches fill
+        start.wait()
+        n = 0
+        while not stop.is_set():
+            op()
+            n += 1
+        counts[i] = n
+
+    workers = [threading.Thread(target=loop, args=(i,)) for i in range(threads)]
+    for w in workers:
+        w.start()
+    start.wait()
+    began = time.perf_counter()
+    time.sleep(seconds)
+    stop.set()
+    for w in workers:
+        w.join()
+    return sum(counts) / (time.perf_counter() - began)
+
+
+async def measure_async(seconds: float, callers: int, op: Callable[[], Awaitable[Any]]) -> float:
+    await op()  # warm-up
+    deadline = time.perf_counter() + seconds
+    count = 0
+
+    async def caller() -> None:
+        nonlocal count
+        while time.perf_counter() < deadline:
+            await op()
+            count += 1
+
+    began = time.perf_counter()
+    await asyncio.gather(*(caller() for _ in range(callers)))
+    return count / (time.perf_counter() - began)
+
+
+def direct_ops(config: HsmConfig, label: str, kind: str) -> Callable[[], Callable[[], Any]]:
+    # pkcs11.lib() hands back the module our core initialised (with OS locking),
+    # so one session per thread is safe here too.
+    token = pkcs11.lib(config.module_path).get_token(token_label=config.token_label)
+
+    def make() -> Callable[[], Any]:
+        session = token.open(rw=True)
+        key: Any = session.get_key(object_class=ObjectClass.SECRET_KEY, label=label)
+        iv = session.generate_random(96)
+        sample = key.encrypt(bytes(32), mechanism=Mechanism.AES_GCM,
+                             mechanism_param=GCMParams(iv, AAD))
+
+        def create() -> Any:
+            dek = session.generate_random(256)
+            nonce = session.generate_random(96)
+            return key.encrypt(dek, mechanism=Mechanism.AES_GCM,
+                               mechanism_param=GCMParams(nonce, AAD))
+
+        def decrypt() -> Any:
+            return key.decrypt(sample, mechanism=Mechanism.AES_GCM,
+                               mechanism_param=GCMParams(iv, AAD))
+
+        return create if kind == "create" else decrypt
+
+    return make
+
+
+def software_ops(kind: str) -> Callable[[], Callable[[], Any]]:
+    def make() -> Callable[[], Any]:
+        aead = AESGCM(AESGCM.generate_key(256))
+        iv = os.urandom(12)
+        sample = aead.encrypt(iv, bytes(32), AAD)
+
+        def create() -> Any:
+            return aead.encrypt(os.urandom(12), os.urandom(32), AAD)
+
+        def decrypt() -> Any:
+            return aead.decrypt(iv, sample, AAD)
+
+        return create if kind == "create" else decrypt
+
+    return make
+
+
+async def run(seconds: float, callers: int) -> dict[tuple[str, str, int], float]:
+    results: dict[tuple[str, str, int], float] = {}
+    with tempfile.TemporaryDirectory(prefix="dew-bench-") as tmp:
+        base = HsmConfig.for_softhsm(tmp, token_label="dew-bench")
+        init_token(base)
+        store = await SqliteKmsStore.open(Path(tmp) / "dew.sqlite3")
+        cores = {n: CryptoCore(replace(base, pool_size=n)) for n in THREADS}
+        for core in cores.values():
+            await core.connect()
+        try:
+            setup = KmsService(store, cores[1])
+            key = await setup.create_key("bench/cmk")
+            sample = await setup.create_datakey(key.key_id)
+            await setup.close()
+            label = token_label(key.key_id, 1)
+            for threads in THREADS:
+                kms = KmsService(store, cores[threads])
+
+                async def create(kms: KmsService = kms) -> Any:
+                    return await kms.create_datakey(key.key_id)
+
+                async def decrypt(kms: KmsService = kms) -> Any:
+                    return await kms.decrypt_datakey(key.key_id, sample.cipher_text)
+
+                results[("create-datakey", "dew", threads)] = await measure_async(
+                    seconds, callers, create)
+                results[("decrypt-datakey", "dew", threads)] = await measure_async(
+                    seconds, callers, decrypt)
+                await kms.close()
+                core = cores[threads]
+                blob = (await core.generate_data_key(label, 32, AAD)).wrapped
+
+                async def core_create(core: CryptoCore = core) -> Any:
+                    return await core.generate_data_key(label, 32, AAD)
+
+                async def core_open(core: CryptoCore = core, blob: bytes = blob) -> Any:
+                    return await core.unwrap_data_key(label, blob, AAD)
+
+                results[("create-datakey", "core", threads)] = await measure_async(
+                    seconds, callers, core_create)
+                results[("decrypt-datakey", "core", threads)] = await measure_async(
+                    seconds, callers, core_open)
+                for op, kind in (("create-datakey", "create"), ("decrypt-datakey", "decrypt")):
+                    results[(op, "pkcs11", threads)] = await asyncio.to_thread(
+                        measure_threads, seconds, threads, direct_ops(base, label, kind))
+                    results[(op, "cryptography", threads)] = await asyncio.to_thread(
+                        measure_threads, seconds, threads, software_ops(kind))
+        finally:
+            for core in cores.values():
+                await core.close()
+            await store.close()
+    return results
+
+
+def report(results: dict[tuple[str, str, int], float], callers: int) -> str:
+    names = {"dew": f"dew KmsService ({callers} asyncio callers)",
+             "core": "dew crypto core alone (same callers)",
+             "pkcs11": "direct python-pkcs11 call",
+             "cryptography": "in-process cryptography AESGCM"}
+    lines = [f"{'operation':17} {'implementation':40} {'1 thread':>10} {'2 threads':>10} "
+             f"{'2t/1t':>6}"]
+    for op in ("create-datakey", "decrypt-datakey"):
+        for impl in ("dew", "core", "pkcs11", "cryptography"):
+            one, two = results[(op, impl, 1)], results[(op, impl, 2)]
+            lines.append(f"{op:17} {names[impl]:40} {one:>10,.0f} {two:>10,.0f} "
+                         f"{two / one:>6.2f}")
+    lines.append("")
+    lines.append("ratios (ops/s)                                   1 thread  2 threads")
+    for op in ("create-datakey", "decrypt-datakey"):
+        ours = [results[(op, "dew", t)] for t in THREADS]
+        direct = [results[(op, "pkcs11", t)] for t in THREADS]
+        soft = [results[(op, "cryptography", t)] for t in THREADS]
+        lines.append(f"{op:17} dew / direct PKCS#11            "
+                     + "".join(f"{o / d:>10.2f}" for o, d in zip(ours, direct, strict=True)))
+        lines.append(f"{op:17} our overhead (direct/dew - 1)   "
+                     + "".join(f"{d / o - 1:>+10.0%}" for o, d in zip(ours, direct, strict=True)))
+        core = [results[(op, "core", t)] for t in THREADS]
+        lines.append(f"{op:17} core overhead (direct/core - 1) "
+                     + "".join(f"{d / c - 1:>+10.0%}" for c, d in zip(core, direct, strict=True)))
+        lines.append(f"{op:17} direct PKCS#11 / cryptography  "
+                     + "".join(f"{d / s:>10.3f}" for d, s in zip(direct, soft, strict=True)))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=1.5, help="per measurement")
+    parser.add_argument("--callers", type=int, default=32, help="concurrent asyncio callers")
+    args = parser.parse_args()
+    results = asyncio.run(run(args.seconds, args.callers))
+    print(report(results, args.callers))
+
+
+if __name__ == "__main__":
+    main()

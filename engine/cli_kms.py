@@ -1,0 +1,341 @@
+"""``dew kms ...`` and ``dew audit ...``: the KMS from the command line.
+
+Every ``kms`` command takes ``--account`` (default ``default``) and ``--json``.
+Input is checked before anything is opened, so bad input (exit 2, one line)
+leaves no trace. ``schedule-key-deletion`` and ``cancel-key-deletion`` run as
+jobs: they enqueue the job and wait for a worker to run it (``dew stack up``
+or ``make up`` starts one). Without a worker the task stays queued and the
+command gives up after ``--timeout`` seconds (default 30, exit 1); the task
+still runs when a worker starts. ``--no-wait`` only enqueues.
+
+``dew audit verify`` exits 0 when the chain is intact and 1 with the first
+broken entry otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from engine.errors import DewError, InvalidInput
+from engine.settings import Settings
+
+DEFAULT_JOB_TIMEOUT = 30.0
+JOB_NOTE = (
+    "This enqueues a job and waits for a worker to run it (`dew stack up` starts one). "
+    "Without a worker the task stays queued: the command gives up after --timeout seconds "
+    "(exit 1) and the task still runs when a worker starts."
+)
+
+
+def register(subparsers: Any, commands: dict[str, Any]) -> None:
+    kms = subparsers.add_parser("kms", help="KMS: master keys, data keys, encrypt-data")
+    ksub = kms.add_subparsers(dest="action", metavar="ACTION", required=True,
+                              parser_class=type(kms))
+
+    def command(name: str, help_text: str, description: str = "") -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = ksub.add_parser(
+            name, help=help_text, description=description or help_text)
+        p.add_argument("--account", default="default", help="the account (default: default)")
+        p.add_argument("--json", action="store_true", help="print JSON")
+        return p
+
+    p = command("create-key", "create a customer master key in the HSM")
+    p.add_argument("--alias", required=True)
+    p.add_argument("--spec", default="AES_256",
+                   help="AES_256 (default), HMAC_256/384/512, RSA_2048/3072/4096, EC_P256/P384")
+    p.add_argument("--usage", help="ENCRYPT_DECRYPT, SIGN_VERIFY or GENERATE_VERIFY_MAC "
+                   "(default: the spec's usual one)")
+    p.add_argument("--description", default="")
+    p = command("describe-key", "show one key (KEY is its id or alias)")
+    p.add_argument("key")
+    p = command("list-keys", "list the account's keys")
+    p.add_argument("--state", help="enabled, disabled, pending_deletion or pending_import")
+    for name, text in (("enable-key", "enable a disabled key"),
+                       ("disable-key", "disable a key (it can no longer be used)")):
+        command(name, text).add_argument("key")
+    for name, text in (
+        ("create-datakey", "a new data key: plaintext and encrypted (hex)"),
+        ("create-datakey-without-plaintext", "a new data key, encrypted only (hex)"),
+    ):
+        p = command(name, text)
+        p.add_argument("key")
+        p.add_argument("--length-bits", type=int, default=256, help="128, 256 (default) or 512")
+        _context_option(p)
+    p = command("encrypt-datakey", "encrypt your own data key (hex) under KEY")
+    p.add_argument("key")
+    p.add_argument("--plain-text", required=True, metavar="HEX")
+    _context_option(p)
+    p = command("decrypt-datakey", "decrypt a data key made under KEY")
+    p.add_argument("key")
+    p.add_argument("--cipher-text", required=True, metavar="HEX")
+    _context_option(p)
+    p = command("encrypt-data", "encrypt at most 4096 bytes under KEY (Base64 ciphertext)")
+    p.add_argument("key")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--plain-text-base64", metavar="B64")
+    source.add_argument("--plain-text-file", metavar="FILE")
+    _context_option(p)
+    p = command("decrypt-data", "decrypt encrypt-data output (the key is inside it)")
+    p.add_argument("--cipher-text", required=True, metavar="B64")
+    _context_option(p)
+    p = command("gen-random", "random bytes from the HSM (hex)")
+    p.add_argument("--bytes", type=int, required=True, metavar="N", help="1..1024")
+    p = command("schedule-key-deletion", "schedule a key's deletion (a job; needs a worker)",
+                "Schedule the key's deletion in 7..1096 days. " + JOB_NOTE)
+    p.add_argument("key")
+    p.add_argument("--pending-days", type=int, required=True, metavar="N", help="7..1096")
+    _job_options(p)
+    p = command("cancel-key-deletion", "cancel a scheduled deletion; the key comes back "
+                "disabled (a job; needs a worker)",
+                "Cancel the key's scheduled deletion; the key comes back disabled (enable it "
+                "with enable-key). " + JOB_NOTE)
+    p.add_argument("key")
+    _job_options(p)
+
+    audit = subparsers.add_parser("audit", help="the hash-chained audit log of key operations")
+    asub = audit.add_subparsers(dest="action", metavar="ACTION", required=True,
+                                parser_class=type(audit))
+    p = asub.add_parser("list", help="audit entries, oldest first (the newest --limit)")
+    p.add_argument("--key", help="only this key (id, or alias in --account)")
+    p.add_argument("--account", help="only this account")
+    p.add_argument("--limit", type=int, default=100)
+    p.add_argument("--json", action="store_true")
+    p = asub.add_parser("verify", help="check the chain; exit 1 at the first broken entry")
+    p.add_argument("--json", action="store_true")
+
+    commands["kms"] = cmd_kms
+    commands["audit"] = cmd_audit
+
+
+def _context_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--encryption-context", metavar="JSON",
+                   help='a JSON object of strings, e.g. {"file":"a.txt"}; decrypt needs the same')
+
+
+def _job_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--timeout", type=float, default=DEFAULT_JOB_TIMEOUT, metavar="S",
+                   help=f"give up waiting after S seconds (default {DEFAULT_JOB_TIMEOUT:g})")
+    p.add_argument("--no-wait", action="store_true", help="enqueue and print the task id")
+
+
+# --------------------------------------------------------------------------- kms
+
+
+def _checked(args: argparse.Namespace) -> dict[str, Any]:
+    """Every check that needs no store or HSM, done before either is opened."""
+    from handlers import kms_format as f
+
+    f.check_account(args.account)
+    out: dict[str, Any] = {}
+    if getattr(args, "key", None) is not None:
+        f.check_key_ref(args.key)
+    if getattr(args, "encryption_context", None) is not None:
+        try:
+            context = json.loads(args.encryption_context)
+        except json.JSONDecodeError:
+            raise InvalidInput("--encryption-context is not valid JSON") from None
+        out["context"] = f.check_context(context)
+    action = args.action
+    if action == "create-key":
+        f.check_custom_alias(args.alias)
+        f.check_usage(f.check_spec(args.spec), args.usage)
+        f.check_description(args.description)
+    elif action == "list-keys" and args.state is not None:
+        states = [s.value for s in f.KeyState if s is not f.KeyState.DELETED]
+        if args.state not in states:
+            raise InvalidInput(f"--state must be one of {', '.join(states)}")
+    elif action in ("create-datakey", "create-datakey-without-plaintext"):
+        f.check_length_bits(args.length_bits)
+    elif action == "encrypt-datakey":
+        out["plain"] = f.decode_hex("--plain-text", args.plain_text)
+    elif action == "decrypt-datakey":
+        out["cipher"] = f.decode_hex("--cipher-text", args.cipher_text)
+    elif action == "encrypt-data":
+        out["plain"] = f.check_plaintext(_plaintext(args))
+    elif action == "decrypt-data":
+        out["cipher"] = f.decode_base64("--cipher-text", args.cipher_text)
+    elif action == "gen-random":
+        f.check_random_bytes(args.bytes)
+    elif action in ("schedule-key-deletion", "cancel-key-deletion") and not (
+        0 < args.timeout <= 24 * 3600
+    ):
+        raise InvalidInput("--timeout must be between 0 and 86400 seconds")
+    return out
+
+
+def _plaintext(args: argparse.Namespace) -> bytes:
+    from handlers.kms_format import MAX_DATA_BYTES, decode_base64
+
+    if args.plain_text_base64 is not None:
+        return decode_base64("--plain-text-base64", args.plain_text_base64)
+    path = Path(args.plain_text_file)
+    try:
+        with path.open("rb") as fh:
+            # Read one byte more than allowed: enough to refuse a large file.
+            return fh.read(MAX_DATA_BYTES + 1)
+    except OSError as exc:
+        raise InvalidInput(f"cannot read {path}: {exc.strerror}") from None
+
+
+async def cmd_kms(args: argparse.Namespace, settings: Settings) -> int:
+    from handlers.kms import open_kms
+
+    checked = _checked(args)
+    if args.action in ("schedule-key-deletion", "cancel-key-deletion"):
+        return await _run_job(args, settings)
+    async with open_kms(settings) as kms:
+        acct: str = args.account
+        ctx: dict[str, str] | None = checked.get("context")
+        action = args.action
+        data: Any
+        human: Callable[[Any], str] = _lines
+        if action == "create-key":
+            data = (await kms.create_key(args.alias, args.spec, args.usage, args.description,
+                                         account=acct)).to_json()
+        elif action == "describe-key":
+            data = (await kms.describe_key(args.key, account=acct)).to_json()
+        elif action == "list-keys":
+            data = [k.to_json() for k in await kms.list_keys(state=args.state, account=acct)]
+            human = _key_table
+        elif action == "enable-key":
+            data = (await kms.enable_key(args.key, account=acct)).to_json()
+        elif action == "disable-key":
+            data = (await kms.disable_key(args.key, account=acct)).to_json()
+        elif action == "create-datakey":
+            data = (await kms.create_datakey(args.key, args.length_bits, account=acct,
+                                             encryption_context=ctx)).to_json()
+        elif action == "create-datakey-without-plaintext":
+            data = (await kms.create_datakey_without_plaintext(
+                args.key, args.length_bits, account=acct, encryption_context=ctx)).to_json()
+        elif action == "encrypt-datakey":
+            data = (await kms.encrypt_datakey(args.key, checked["plain"], account=acct,
+                                              encryption_context=ctx)).to_json()
+        elif action == "decrypt-datakey":
+            data = (await kms.decrypt_datakey(args.key, checked["cipher"], account=acct,
+                                              encryption_context=ctx)).to_json()
+        elif action == "encrypt-data":
+            data = (await kms.encrypt_data(args.key, checked["plain"], account=acct,
+                                           encryption_context=ctx)).to_json()
+        elif action == "decrypt-data":
+            data = (await kms.decrypt_data(checked["cipher"], account=acct,
+                                           encryption_context=ctx)).to_json()
+        else:  # gen-random
+            data = {"random_data": (await kms.gen_random(args.bytes, account=acct)).hex()}
+    _print(data, args.json, human)
+    return 0
+
+
+async def _run_job(args: argparse.Namespace, settings: Settings) -> int:
+    from engine.client import Client
+    from engine.registry import default_registry
+    from handlers.kms import open_kms
+
+    if args.action == "schedule-key-deletion":
+        name = "kms.schedule_key_deletion"
+        job_args: dict[str, Any] = {"key": args.key, "pending_days": args.pending_days}
+    else:
+        name = "kms.cancel_key_deletion"
+        job_args = {"key": args.key}
+    if args.account != "default":
+        job_args["account"] = args.account
+    default_registry().check_args(name, job_args)
+    # A key that is not there is bad input (exit 2), not a task that fails later.
+    async with open_kms(settings) as kms:
+        await kms.describe_key(args.key, account=args.account)
+    async with await Client.open(settings) as client:
+        task = await client.enqueue(name, job_args)
+        if args.no_wait:
+            _print({"task_id": task.task_id}, args.json, lambda d: str(d["task_id"]))
+            return 0
+        task = await client.wait(task.task_id, timeout=args.timeout)
+    if task.status != "succeeded":
+        raise DewError.from_dict(task.error or {"message": f"task {task.task_id} failed"})
+    result = dict(task.result or {})
+    result["task_id"] = task.task_id
+    _print(result, args.json, _lines)
+    return 0
+
+
+# --------------------------------------------------------------------------- audit
+
+
+async def cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
+    from handlers.kms import open_kms
+    from handlers.kms_format import check_account, check_key_ref
+
+    if args.action == "list":
+        if not 1 <= args.limit <= 100_000:
+            raise InvalidInput(f"--limit must be between 1 and 100000, got {args.limit}")
+        if args.account is not None:
+            check_account(args.account)
+        if args.key is not None:
+            check_key_ref(args.key)
+    async with open_kms(settings) as kms:
+        if args.action == "list":
+            entries = await kms.audit_list(args.key, account=args.account, limit=args.limit)
+            _print([e.to_json() for e in entries], args.json, _audit_table)
+            return 0
+        verdict = await kms.audit_verify()
+    _print(verdict.to_json(), args.json, _verdict)
+    return 0 if verdict.intact else 1
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _print(data: Any, as_json: bool, human: Callable[[Any], str]) -> None:
+    sys.stdout.write((json.dumps(data, indent=2) if as_json else human(data)) + "\n")
+
+
+def _lines(data: dict[str, Any]) -> str:
+    width = max((len(k) for k in data), default=0)
+    return "\n".join(f"{k:{width}}  {_text(v)}" for k, v in data.items())
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _key_table(keys: list[dict[str, Any]]) -> str:
+    if not keys:
+        return "no keys"
+    lines = [f"{'KEY ID':36}  {'ALIAS':24} {'SPEC':9} {'STATE':16} {'DEFAULT':7}  DELETION DATE"]
+    for k in keys:
+        lines.append(
+            f"{k['key_id']:36}  {_cut(k['key_alias'], 24):24} {k['key_spec']:9} "
+            f"{k['key_state']:16} {'yes' if k['default_key'] else 'no':7}  "
+            f"{_text(k['scheduled_deletion_date'])[:19]}"
+        )
+    return "\n".join(lines)
+
+
+def _audit_table(entries: list[dict[str, Any]]) -> str:
+    if not entries:
+        return "no audit entries"
+    lines = [f"{'SEQ':>6}  {'TIME (UTC)':19}  {'ACCOUNT':12} {'OPERATION':32} {'OUTCOME':9} "
+             f"{'KEY':36}  ACTOR"]
+    for e in entries:
+        lines.append(
+            f"{e['seq']:>6}  {e['time'][:19].replace('T', ' '):19}  {_cut(e['account'], 12):12} "
+            f"{e['operation']:32} {e['outcome']:9} {_text(e['key_id'])[:36]:36}  {e['actor']}"
+        )
+    return "\n".join(lines)
+
+
+def _verdict(v: dict[str, Any]) -> str:
+    if v["intact"]:
+        return f"audit chain intact: {v['entries']} entries"
+    return f"audit chain BROKEN at seq {v['first_broken_seq']}: {v['reason']}"
+
+
+def _cut(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"

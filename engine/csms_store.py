@@ -1,0 +1,459 @@
+"""CSMS persistence: secrets, their encrypted versions, stages and rotation state.
+
+``SqliteCsmsStore`` keeps them in the task store's database (migration 3 of
+:mod:`engine.sqlite_store`), with its own aiosqlite connection, the same way
+:mod:`engine.kms_store` does: WAL, every write under ``_tx_lock``, and
+multi-statement writes in ``BEGIN IMMEDIATE`` transactions so that two
+processes (worker, CLI) queue on the busy timeout. Stage changes are
+compare-and-swap: the caller passes the stage map it decided from, and the
+write happens only if the stored map is still that one, so two writers never
+leave a stage on two versions or lose SYSCURRENT.
+
+Only ciphertext is stored: a version row holds the KMS-encrypted data key,
+the nonce and the AES-GCM ciphertext, never a value. sqlite3 errors become
+engine errors in :func:`_mapped` and nowhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+from collections.abc import AsyncIterator, Iterable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from engine.errors import BackendUnavailable, ConfigError, Conflict, DewError
+from engine.models import iso, parse_iso
+
+SECRET_COLUMNS = (
+    "secret_id, account, name, secret_type, kms_key, description, state, created_at, "
+    "updated_at, deletion_date, next_version, rotation_period, next_rotation_at, "
+    "last_rotated_at, failed_rotations, last_failure, rotation_step, rotation_version, "
+    "rotation_task, rotation_started"
+)
+VERSION_COLUMNS = (
+    "secret_id, version_id, seq, created_at, kms_key_id, wrapped_dek, nonce, ciphertext"
+)
+PENDING = "SYSPENDING"
+CURRENT = "SYSCURRENT"
+PREVIOUS = "SYSPREVIOUS"
+
+
+@dataclass(frozen=True)
+class SecretRecord:
+    secret_id: str
+    account: str
+    name: str
+    secret_type: str
+    kms_key: str
+    description: str
+    state: str
+    created_at: datetime
+    updated_at: datetime
+    deletion_date: datetime | None
+    next_version: int
+    rotation_period: int | None  # seconds; None: no scheduled rotation
+    next_rotation_at: datetime | None
+    last_rotated_at: datetime | None
+    failed_rotations: int
+    last_failure: dict[str, Any] | None
+    rotation_step: str | None
+    rotation_version: str | None
+    rotation_task: str | None
+    rotation_started: datetime | None
+
+
+@dataclass(frozen=True, repr=False)
+class VersionRecord:
+    secret_id: str
+    version_id: str
+    seq: int
+    created_at: datetime
+    kms_key_id: str
+    wrapped_dek: bytes
+    nonce: bytes
+    ciphertext: bytes
+
+    def __repr__(self) -> str:
+        return f"VersionRecord({self.secret_id!r}, {self.version_id!r})"
+
+
+class SqliteCsmsStore:
+    def __init__(self, conn: aiosqlite.Connection, path: Path) -> None:
+        self._conn = conn
+        self._path = path
+        self._tx_lock = asyncio.Lock()
+
+    @classmethod
+    async def open(cls, path: Path) -> SqliteCsmsStore:
+        # The task store owns the migrations (ours is number 3).
+        from engine.sqlite_store import SqliteTaskStore
+
+        tasks = await SqliteTaskStore.open(path)
+        await tasks.close()
+        async with _mapped(path):
+            conn = await aiosqlite.connect(str(path), isolation_level=None)
+        try:
+            async with _mapped(path):
+                conn.row_factory = aiosqlite.Row
+                await conn.execute("PRAGMA busy_timeout = 15000")
+                await conn.execute("PRAGMA journal_mode = WAL")
+                await conn.execute("PRAGMA synchronous = NORMAL")
+            return cls(conn, path)
+        except BaseException:
+            await conn.close()  # its thread would keep the process alive
+            raise
+
+    async def close(self) -> None:
+        await self._conn.close()
+
+    # --- secrets ---------------------------------------------------------------------
+
+    async def create_secret(
+        self, secret: SecretRecord, version: VersionRecord, stages: Mapping[str, str]
+    ) -> bool:
+        """Insert a secret with its first version; False when the name is taken."""
+        async with self._transaction():
+            taken = await self._fetchone(
+                "SELECT 1 FROM csms_secrets WHERE account = ? AND name = ?",
+                (secret.account, secret.name))
+            if taken is not None:
+                return False
+            await self._conn.execute(
+                f"INSERT INTO csms_secrets ({SECRET_COLUMNS}) VALUES ({_marks(20)})",
+                _secret_params(secret))
+            await self._insert_version(version)
+            await self._write_stages(secret.secret_id, {}, stages, secret.created_at)
+        return True
+
+    async def get_secret(self, account: str, name: str) -> SecretRecord | None:
+        async with _mapped(self._path):
+            row = await self._fetchone(
+                f"SELECT {SECRET_COLUMNS} FROM csms_secrets WHERE account = ? AND name = ?",
+                (account, name))
+        return None if row is None else _secret(row)
+
+    async def list_secrets(self, account: str) -> list[SecretRecord]:
+        async with _mapped(self._path):
+            rows = await self._fetchall(
+                f"SELECT {SECRET_COLUMNS} FROM csms_secrets WHERE account = ? ORDER BY name",
+                (account,))
+        return [_secret(r) for r in rows]
+
+    async def allocate_version(self, secret_id: str) -> int:
+        """The next version number of a secret (a number is never handed out twice)."""
+        async with self._transaction():
+            row = await self._fetchone(
+                "UPDATE csms_secrets SET next_version = next_version + 1 WHERE secret_id = ? "
+                "RETURNING next_version - 1", (secret_id,))
+        if row is None:
+            raise Conflict("the secret was deleted meanwhile", code="secret_gone")
+        return int(row[0])
+
+    async def set_state(
+        self, secret_id: str, from_state: str, to_state: str, now: datetime,
+        deletion_date: datetime | None,
+    ) -> SecretRecord | None:
+        """Guarded state change; None when the secret is not in ``from_state``."""
+        async with self._transaction():
+            row = await self._fetchone(
+                "UPDATE csms_secrets SET state = ?, deletion_date = ?, updated_at = ? "
+                f"WHERE secret_id = ? AND state = ? RETURNING {SECRET_COLUMNS}",
+                (to_state, iso(deletion_date), iso(now), secret_id, from_state))
+        return None if row is None else _secret(row)
+
+    async def set_rotation(
+        self, secret_id: str, period: int | None, next_at: datetime | None, now: datetime
+    ) -> SecretRecord | None:
+        async with self._transaction():
+            row = await self._fetchone(
+                "UPDATE csms_secrets SET rotation_period = ?, next_rotation_at = ?, "
+                f"updated_at = ? WHERE secret_id = ? RETURNING {SECRET_COLUMNS}",
+                (period, iso(next_at), iso(now), secret_id))
+        return None if row is None else _secret(row)
+
+    async def due_rotations(self, before: datetime, limit: int = 1000) -> list[SecretRecord]:
+        """Enabled secrets whose next rotation is at or before ``before``, earliest first."""
+        async with _mapped(self._path):
+            rows = await self._fetchall(
+                f"SELECT {SECRET_COLUMNS} FROM csms_secrets WHERE next_rotation_at IS NOT NULL "
+                "AND next_rotation_at <= ? AND state = 'enabled' "
+                "ORDER BY next_rotation_at LIMIT ?", (iso(before), limit))
+        return [_secret(r) for r in rows]
+
+    async def due_deletions(self, now: datetime) -> list[SecretRecord]:
+        async with _mapped(self._path):
+            rows = await self._fetchall(
+                f"SELECT {SECRET_COLUMNS} FROM csms_secrets WHERE state = 'pending_deletion' "
+                "AND deletion_date <= ? ORDER BY deletion_date", (iso(now),))
+        return [_secret(r) for r in rows]
+
+    async def delete_secret(self, secret_id: str, due_by: datetime) -> bool:
+        """Remove a secret pending deletion whose date has come, with every version."""
+        async with self._transaction():
+            row = await self._fetchone(
+                "SELECT 1 FROM csms_secrets WHERE secret_id = ? AND state = 'pending_deletion' "
+                "AND deletion_date <= ?", (secret_id, iso(due_by)))
+            if row is None:
+                return False
+            for table in ("csms_stages", "csms_versions", "csms_secrets"):
+                await self._conn.execute(f"DELETE FROM {table} WHERE secret_id = ?",
+                                         (secret_id,))
+        return True
+
+    # --- versions and stages ---------------------------------------------------------
+
+    async def stages(self, secret_id: str) -> dict[str, str]:
+        async with _mapped(self._path):
+            return await self._stages(secret_id)
+
+    async def versions(self, secret_id: str) -> list[VersionRecord]:
+        async with _mapped(self._path):
+            rows = await self._fetchall(
+                f"SELECT {VERSION_COLUMNS} FROM csms_versions WHERE secret_id = ? "
+                "ORDER BY seq", (secret_id,))
+        return [_version(r) for r in rows]
+
+    async def get_version(self, secret_id: str, version_id: str) -> VersionRecord | None:
+        async with _mapped(self._path):
+            row = await self._fetchone(
+                f"SELECT {VERSION_COLUMNS} FROM csms_versions WHERE secret_id = ? "
+                "AND version_id = ?", (secret_id, version_id))
+        return None if row is None else _version(row)
+
+    async def add_version(
+        self, version: VersionRecord, expected: Mapping[str, str], stages: Mapping[str, str],
+        now: datetime, keep: int,
+    ) -> bool:
+        """Insert a version and move stages, if the stages are still ``expected``.
+
+        Versions past ``keep`` that carry no stage are pruned, oldest first.
+        """
+        async with self._transaction():
+            if await self._stages(version.secret_id) != dict(expected):
+                return False
+            await self._insert_version(version)
+            await self._write_stages(version.secret_id, expected, stages, now)
+            await self._conn.execute(
+                "DELETE FROM csms_versions WHERE secret_id = ? AND version_id IN ("
+                " SELECT version_id FROM csms_versions v WHERE secret_id = ? AND NOT EXISTS"
+                " (SELECT 1 FROM csms_stages s WHERE s.secret_id = v.secret_id"
+                "  AND s.version_id = v.version_id)"
+                " ORDER BY seq LIMIT max(0, (SELECT COUNT(*) FROM csms_versions"
+                "  WHERE secret_id = ?) - ?))",
+                (version.secret_id, version.secret_id, version.secret_id, keep))
+            await self._touch(version.secret_id, now)
+        return True
+
+    async def replace_stages(
+        self, secret_id: str, expected: Mapping[str, str], stages: Mapping[str, str],
+        now: datetime,
+    ) -> bool:
+        """Compare-and-swap of the whole stage map; False if it changed meanwhile."""
+        async with self._transaction():
+            if await self._stages(secret_id) != dict(expected):
+                return False
+            await self._write_stages(secret_id, expected, stages, now)
+            await self._touch(secret_id, now)
+        return True
+
+    # --- rotation --------------------------------------------------------------------
+
+    async def start_pending(
+        self, version: VersionRecord, task_id: str, now: datetime
+    ) -> str:
+        """Add ``version`` as SYSPENDING unless a pending version exists; record step
+        ``create``. Returns the pending version id (the existing one, if any)."""
+        async with self._transaction():
+            stages = await self._stages(version.secret_id)
+            pending = stages.get(PENDING)
+            if pending is None:
+                await self._insert_version(version)
+                await self._write_stages(version.secret_id, stages,
+                                         {**stages, PENDING: version.version_id}, now)
+                pending = version.version_id
+            await self._step(version.secret_id, "create", pending, task_id, now)
+        return pending
+
+    async def record_step(
+        self, secret_id: str, step: str, pending: str | None, task_id: str, now: datetime
+    ) -> None:
+        async with self._transaction():
+            await self._step(secret_id, step, pending, task_id, now)
+
+    async def finish_rotation(
+        self, secret_id: str, pending: str, now: datetime, next_at: datetime | None
+    ) -> bool:
+        """SYSCURRENT to the pending version, the old current to SYSPREVIOUS, SYSPENDING
+        dropped, rotation state cleared: one transaction. False if ``pending`` is no
+        longer the pending version (another run finished it)."""
+        async with self._transaction():
+            stages = await self._stages(secret_id)
+            if stages.get(PENDING) != pending:
+                return False
+            new = {s: v for s, v in stages.items() if s != PENDING}
+            old = new.get(CURRENT)
+            new[CURRENT] = pending
+            if old is not None and old != pending:
+                new[PREVIOUS] = old
+            await self._write_stages(secret_id, stages, new, now)
+            await self._conn.execute(
+                "UPDATE csms_secrets SET rotation_step = NULL, rotation_version = NULL, "
+                "rotation_task = NULL, rotation_started = NULL, last_rotated_at = ?, "
+                "next_rotation_at = ?, updated_at = ? WHERE secret_id = ?",
+                (iso(now), iso(next_at), iso(now), secret_id))
+        return True
+
+    async def record_failure(
+        self, secret_id: str, failure: Mapping[str, Any], step: str | None,
+        pending: str | None, now: datetime, next_at: datetime | None,
+    ) -> None:
+        """One more failed rotation, the last failure, and where a re-run resumes."""
+        async with self._transaction():
+            await self._conn.execute(
+                "UPDATE csms_secrets SET failed_rotations = failed_rotations + 1, "
+                "last_failure = ?, rotation_step = ?, rotation_version = ?, "
+                "next_rotation_at = CASE WHEN rotation_period IS NULL THEN NULL ELSE ? END, "
+                "updated_at = ? WHERE secret_id = ?",
+                (json.dumps(dict(failure), separators=(",", ":")), step, pending, iso(next_at),
+                 iso(now), secret_id))
+
+    # --- plumbing --------------------------------------------------------------------
+
+    async def _step(
+        self, secret_id: str, step: str, pending: str | None, task_id: str, now: datetime
+    ) -> None:
+        await self._conn.execute(
+            "UPDATE csms_secrets SET rotation_step = ?, rotation_version = ?, rotation_task = ?, "
+            "rotation_started = COALESCE(rotation_started, ?), updated_at = ? "
+            "WHERE secret_id = ?", (step, pending, task_id, iso(now), iso(now), secret_id))
+
+    async def _touch(self, secret_id: str, now: datetime) -> None:
+        await self._conn.execute("UPDATE csms_secrets SET updated_at = ? WHERE secret_id = ?",
+                                 (iso(now), secret_id))
+
+    async def _stages(self, secret_id: str) -> dict[str, str]:
+        rows = await self._fetchall(
+            "SELECT stage, version_id FROM csms_stages WHERE secret_id = ?", (secret_id,))
+        return {str(r[0]): str(r[1]) for r in rows}
+
+    async def _write_stages(
+        self, secret_id: str, old: Mapping[str, str], new: Mapping[str, str], now: datetime
+    ) -> None:
+        for stage in set(old) - set(new):
+            await self._conn.execute(
+                "DELETE FROM csms_stages WHERE secret_id = ? AND stage = ?", (secret_id, stage))
+        for stage, version in new.items():
+            if old.get(stage) != version:
+                await self._conn.execute(
+                    "INSERT INTO csms_stages (secret_id, stage, version_id, updated_at) "
+                    "VALUES (?, ?, ?, ?) ON CONFLICT (secret_id, stage) DO UPDATE SET "
+                    "version_id = excluded.version_id, updated_at = excluded.updated_at",
+                    (secret_id, stage, version, iso(now)))
+
+    async def _insert_version(self, v: VersionRecord) -> None:
+        await self._conn.execute(
+            f"INSERT INTO csms_versions ({VERSION_COLUMNS}) VALUES ({_marks(8)})",
+            (v.secret_id, v.version_id, v.seq, iso(v.created_at), v.kms_key_id, v.wrapped_dek,
+             v.nonce, v.ciphertext))
+
+    async def _fetchone(self, sql: str, params: Iterable[Any] = ()) -> sqlite3.Row | None:
+        async with self._conn.execute(sql, tuple(params)) as cursor:
+            return await cursor.fetchone()
+
+    async def _fetchall(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
+        async with self._conn.execute(sql, tuple(params)) as cursor:
+            return list(await cursor.fetchall())
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[None]:
+        async with self._tx_lock, _mapped(self._path):
+            await self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                await self._conn.execute("ROLLBACK")
+                raise
+            await self._conn.execute("COMMIT")
+
+
+@asynccontextmanager
+async def _mapped(path: Path) -> AsyncIterator[None]:
+    """The one place sqlite3 errors of the CSMS store become engine errors."""
+    try:
+        yield
+    except DewError:
+        raise
+    except sqlite3.IntegrityError as exc:
+        raise Conflict("the secrets store refused a conflicting write", cause=str(exc),
+                       code="csms_store_conflict",
+                       fix="Retry; another process changed the same secret at the same time.",
+                       ) from None
+    except sqlite3.OperationalError as exc:
+        text = str(exc)
+        busy = "locked" in text or "busy" in text
+        raise BackendUnavailable(
+            f"the secrets store {path} is busy" if busy
+            else f"the secrets store {path} cannot be used: {text}",
+            cause=text,
+            fix="Retry; another process holds a long write lock." if busy
+            else "Check that the state directory exists and is writable.",
+        ) from None
+    except sqlite3.DatabaseError as exc:
+        raise ConfigError(
+            f"{path} is not a usable task store: {exc}",
+            fix="Point DEW_STATE_DIR at a directory holding a dew-engine task store.",
+        ) from None
+
+
+def _marks(n: int) -> str:
+    return ", ".join("?" * n)
+
+
+def _secret_params(s: SecretRecord) -> tuple[Any, ...]:
+    return (s.secret_id, s.account, s.name, s.secret_type, s.kms_key, s.description, s.state,
+            iso(s.created_at), iso(s.updated_at), iso(s.deletion_date), s.next_version,
+            s.rotation_period, iso(s.next_rotation_at), iso(s.last_rotated_at),
+            s.failed_rotations,
+            None if s.last_failure is None else json.dumps(s.last_failure),
+            s.rotation_step, s.rotation_version, s.rotation_task, iso(s.rotation_started))
+
+
+def _ts(text: str) -> datetime:
+    ts = parse_iso(text)
+    assert ts is not None
+    return ts
+
+
+def _secret(row: sqlite3.Row) -> SecretRecord:
+    period = row["rotation_period"]
+    failure = row["last_failure"]
+    return SecretRecord(
+        secret_id=row["secret_id"], account=row["account"], name=row["name"],
+        secret_type=row["secret_type"], kms_key=row["kms_key"], description=row["description"],
+        state=row["state"], created_at=_ts(row["created_at"]),
+        updated_at=_ts(row["updated_at"]), deletion_date=parse_iso(row["deletion_date"]),
+        next_version=int(row["next_version"]),
+        rotation_period=None if period is None else int(period),
+        next_rotation_at=parse_iso(row["next_rotation_at"]),
+        last_rotated_at=parse_iso(row["last_rotated_at"]),
+        failed_rotations=int(row["failed_rotations"]),
+        last_failure=None if failure is None else json.loads(failure),
+        rotation_step=row["rotation_step"], rotation_version=row["rotation_version"],
+        rotation_task=row["rotation_task"], rotation_started=parse_iso(row["rotation_started"]),
+    )
+
+
+def _version(row: sqlite3.Row) -> VersionRecord:
+    return VersionRecord(
+        secret_id=row["secret_id"], version_id=row["version_id"], seq=int(row["seq"]),
+        created_at=_ts(row["created_at"]), kms_key_id=row["kms_key_id"],
+        wrapped_dek=bytes(row["wrapped_dek"]), nonce=bytes(row["nonce"]),
+        ciphertext=bytes(row["ciphertext"]),
+    )

@@ -1,0 +1,383 @@
+"""KPS persistence: SSH key pairs, servers, and which key pair is bound where.
+
+The schema is migration 4 of :mod:`engine.sqlite_store`; opening this store
+runs the migrations through that module. Same discipline as the KMS store: an
+aiosqlite connection of its own, WAL, one lock around every write, and
+``BEGIN IMMEDIATE`` for check-then-write so that two processes (CLI, worker)
+queue on the busy timeout. A managed private key is stored only as the
+envelope the service hands in (never in clear). sqlite3 errors become engine
+errors in :func:`_mapped` and nowhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import aiosqlite
+
+from engine.errors import BackendUnavailable, ConfigError, Conflict, DewError
+from engine.models import iso, parse_iso
+
+KEYPAIR_COLUMNS = (
+    "keypair_id, account, owner, scope, name, algorithm, key_type, public_key, fingerprint, "
+    "managed, private_key, created_at, updated_at"
+)
+SERVER_COLUMNS = (
+    "server_id, account, name, host, port, login_user, host_key, trust_first_use, sshd_config, "
+    "reload_command, authorized_keys, created_at"
+)
+CreateOutcome = Literal["created", "name_taken", "quota_exceeded"]
+DeleteOutcome = Literal["deleted", "bound", "missing"]
+
+
+@dataclass(frozen=True, repr=False)
+class KeyPairRecord:
+    keypair_id: str
+    account: str
+    owner: str
+    scope: str  # user | account
+    name: str
+    algorithm: str
+    key_type: str  # ssh | x509
+    public_key: str  # the OpenSSH line
+    fingerprint: str
+    managed: bool
+    private_key: str | None  # the envelope (JSON), never the key in clear
+    created_at: datetime
+    updated_at: datetime
+
+    def __repr__(self) -> str:
+        return (f"KeyPairRecord({self.name!r}, {self.algorithm}, {self.scope}, "
+                f"managed={self.managed})")
+
+
+@dataclass(frozen=True)
+class ServerRecord:
+    server_id: str
+    account: str
+    name: str
+    host: str
+    port: int
+    login_user: str
+    host_key: str | None  # pinned OpenSSH public key line
+    trust_first_use: bool
+    sshd_config: str | None
+    reload_command: str | None
+    authorized_keys: str | None
+    created_at: datetime
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "host": self.host, "port": self.port, "user": self.login_user,
+            "host_key": self.host_key, "trust_first_use": self.trust_first_use,
+            "host_key_pinned": self.host_key is not None, "sshd_config": self.sshd_config,
+            "reload_command": self.reload_command, "authorized_keys": self.authorized_keys,
+            "account": self.account, "created_at": iso(self.created_at),
+        }
+
+
+class SqliteKpsStore:
+    def __init__(self, conn: aiosqlite.Connection, path: Path) -> None:
+        self._conn = conn
+        self._path = path
+        self._tx_lock = asyncio.Lock()
+
+    @classmethod
+    async def open(cls, path: Path) -> SqliteKpsStore:
+        from engine.sqlite_store import SqliteTaskStore
+
+        tasks = await SqliteTaskStore.open(path)  # creates or upgrades the schema
+        await tasks.close()
+        async with _mapped(path):
+            conn = await aiosqlite.connect(str(path), isolation_level=None)
+        try:
+            async with _mapped(path):
+                conn.row_factory = aiosqlite.Row
+                await conn.execute("PRAGMA busy_timeout = 15000")
+                await conn.execute("PRAGMA journal_mode = WAL")
+                await conn.execute("PRAGMA synchronous = NORMAL")
+            return cls(conn, path)
+        except BaseException:
+            await conn.close()
+            raise
+
+    async def close(self) -> None:
+        await self._conn.close()
+
+    # --- key pairs -------------------------------------------------------------------
+
+    async def create_keypair(self, pair: KeyPairRecord, quota: int) -> CreateOutcome:
+        async with self._transaction():
+            if await self._visible_name_taken(pair.account, pair.owner, pair.name, pair.scope):
+                return "name_taken"
+            if pair.scope == "account" and await self._account_count(pair.account) >= quota:
+                return "quota_exceeded"
+            await self._conn.execute(
+                f"INSERT INTO kps_keypairs ({KEYPAIR_COLUMNS}) VALUES "
+                "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (pair.keypair_id, pair.account, pair.owner, pair.scope, pair.name,
+                 pair.algorithm, pair.key_type, pair.public_key, pair.fingerprint,
+                 int(pair.managed), pair.private_key, iso(pair.created_at),
+                 iso(pair.updated_at)),
+            )
+        return "created"
+
+    async def _account_count(self, account: str) -> int:
+        row = await self._fetchone(
+            "SELECT COUNT(*) FROM kps_keypairs WHERE account = ? AND scope = 'account'",
+            (account,))
+        return 0 if row is None else int(row[0])
+
+    async def _visible_name_taken(self, account: str, owner: str, name: str, scope: str
+                                  ) -> bool:
+        # A user sees their own pairs and the account's: a name must be unambiguous
+        # for everyone who can see it.
+        sql = ("SELECT 1 FROM kps_keypairs WHERE account = ? AND name = ? AND "
+               "(scope = 'account' OR owner = ?)")
+        params: tuple[Any, ...] = (account, name, owner)
+        if scope == "account":
+            sql = "SELECT 1 FROM kps_keypairs WHERE account = ? AND name = ?"
+            params = (account, name)
+        return await self._fetchone(sql, params) is not None
+
+    async def find_keypair(self, account: str, user: str, name: str) -> KeyPairRecord | None:
+        """The pair named ``name`` that ``user`` sees: their own, else the account's."""
+        async with _mapped(self._path):
+            row = await self._fetchone(
+                f"SELECT {KEYPAIR_COLUMNS} FROM kps_keypairs WHERE account = ? AND name = ? "
+                "AND (scope = 'account' OR owner = ?) ORDER BY scope = 'account' LIMIT 1",
+                (account, name, user),
+            )
+        return None if row is None else _keypair(row)
+
+    async def get_keypair(self, keypair_id: str) -> KeyPairRecord | None:
+        async with _mapped(self._path):
+            row = await self._fetchone(
+                f"SELECT {KEYPAIR_COLUMNS} FROM kps_keypairs WHERE keypair_id = ?", (keypair_id,))
+        return None if row is None else _keypair(row)
+
+    async def list_keypairs(self, account: str, user: str) -> list[KeyPairRecord]:
+        async with _mapped(self._path):
+            rows = await self._fetchall(
+                f"SELECT {KEYPAIR_COLUMNS} FROM kps_keypairs WHERE account = ? AND "
+                "(scope = 'account' OR owner = ?) ORDER BY name, scope", (account, user))
+        return [_keypair(r) for r in rows]
+
+    async def delete_keypair(self, keypair_id: str) -> DeleteOutcome:
+        async with self._transaction():
+            if await self._fetchone("SELECT 1 FROM kps_bindings WHERE keypair_id = ?",
+                                    (keypair_id,)) is not None:
+                return "bound"
+            cursor = await self._conn.execute(
+                "DELETE FROM kps_keypairs WHERE keypair_id = ?", (keypair_id,))
+            return "deleted" if cursor.rowcount else "missing"
+
+    async def upgrade_keypair(self, pair: KeyPairRecord, quota: int, now: datetime
+                              ) -> CreateOutcome:
+        """user -> account scope; refused on a name clash or over the quota."""
+        async with self._transaction():
+            clash = await self._fetchone(
+                "SELECT 1 FROM kps_keypairs WHERE account = ? AND name = ? AND keypair_id <> ?",
+                (pair.account, pair.name, pair.keypair_id))
+            if clash is not None:
+                return "name_taken"
+            if await self._account_count(pair.account) >= quota:
+                return "quota_exceeded"
+            await self._conn.execute(
+                "UPDATE kps_keypairs SET scope = 'account', updated_at = ? WHERE keypair_id = ?",
+                (iso(now), pair.keypair_id))
+        return "created"
+
+    async def count_account_keypairs(self, account: str) -> int:
+        async with _mapped(self._path):
+            return await self._account_count(account)
+
+    # --- servers ---------------------------------------------------------------------
+
+    async def add_server(self, server: ServerRecord) -> bool:
+        """False when the name is taken."""
+        async with self._transaction():
+            if await self._fetchone("SELECT 1 FROM kps_servers WHERE account = ? AND name = ?",
+                                    (server.account, server.name)) is not None:
+                return False
+            await self._conn.execute(
+                f"INSERT INTO kps_servers ({SERVER_COLUMNS}) VALUES "
+                "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (server.server_id, server.account, server.name, server.host, server.port,
+                 server.login_user, server.host_key, int(server.trust_first_use),
+                 server.sshd_config, server.reload_command, server.authorized_keys,
+                 iso(server.created_at)),
+            )
+        return True
+
+    async def find_server(self, account: str, name: str) -> ServerRecord | None:
+        async with _mapped(self._path):
+            row = await self._fetchone(
+                f"SELECT {SERVER_COLUMNS} FROM kps_servers WHERE account = ? AND name = ?",
+                (account, name))
+        return None if row is None else _server(row)
+
+    async def get_server(self, server_id: str) -> ServerRecord | None:
+        async with _mapped(self._path):
+            row = await self._fetchone(
+                f"SELECT {SERVER_COLUMNS} FROM kps_servers WHERE server_id = ?", (server_id,))
+        return None if row is None else _server(row)
+
+    async def list_servers(self, account: str) -> list[ServerRecord]:
+        async with _mapped(self._path):
+            rows = await self._fetchall(
+                f"SELECT {SERVER_COLUMNS} FROM kps_servers WHERE account = ? ORDER BY name",
+                (account,))
+        return [_server(r) for r in rows]
+
+    async def remove_server(self, server_id: str) -> DeleteOutcome:
+        async with self._transaction():
+            if await self._fetchone("SELECT 1 FROM kps_bindings WHERE server_id = ?",
+                                    (server_id,)) is not None:
+                return "bound"
+            cursor = await self._conn.execute(
+                "DELETE FROM kps_servers WHERE server_id = ?", (server_id,))
+            return "deleted" if cursor.rowcount else "missing"
+
+    async def pin_host_key(self, server_id: str, host_key: str) -> str | None:
+        """Pin ``host_key`` unless a key is pinned already; return the pinned key."""
+        async with self._transaction():
+            await self._conn.execute(
+                "UPDATE kps_servers SET host_key = ? WHERE server_id = ? AND host_key IS NULL",
+                (host_key, server_id))
+            row = await self._fetchone("SELECT host_key FROM kps_servers WHERE server_id = ?",
+                                       (server_id,))
+        return None if row is None else row[0]
+
+    # --- bindings --------------------------------------------------------------------
+
+    async def bind(self, keypair_id: str, server_id: str, now: datetime, task_id: str | None,
+                   replaces: str | None = None) -> None:
+        """Record the binding (and drop the one it replaces) in one transaction."""
+        async with self._transaction():
+            if replaces is not None and replaces != keypair_id:
+                await self._conn.execute(
+                    "DELETE FROM kps_bindings WHERE keypair_id = ? AND server_id = ?",
+                    (replaces, server_id))
+            await self._conn.execute(
+                "INSERT INTO kps_bindings (keypair_id, server_id, bound_at, task_id) "
+                "VALUES (?, ?, ?, ?) ON CONFLICT (keypair_id, server_id) DO NOTHING",
+                (keypair_id, server_id, iso(now), task_id))
+
+    async def unbind(self, keypair_id: str, server_id: str) -> None:
+        async with self._tx_lock, _mapped(self._path):
+            await self._conn.execute(
+                "DELETE FROM kps_bindings WHERE keypair_id = ? AND server_id = ?",
+                (keypair_id, server_id))
+
+    async def unbind_all_on(self, server_id: str, keep: str) -> None:
+        """After a reset only ``keep`` is bound on the server (the old keys are gone)."""
+        async with self._tx_lock, _mapped(self._path):
+            await self._conn.execute(
+                "DELETE FROM kps_bindings WHERE server_id = ? AND keypair_id <> ?",
+                (server_id, keep))
+
+    async def servers_of(self, keypair_id: str) -> list[str]:
+        async with _mapped(self._path):
+            rows = await self._fetchall(
+                "SELECT s.name FROM kps_bindings b JOIN kps_servers s USING (server_id) "
+                "WHERE b.keypair_id = ? ORDER BY s.name", (keypair_id,))
+        return [r[0] for r in rows]
+
+    async def keypairs_on(self, server_id: str) -> list[str]:
+        async with _mapped(self._path):
+            rows = await self._fetchall(
+                "SELECT k.name FROM kps_bindings b JOIN kps_keypairs k USING (keypair_id) "
+                "WHERE b.server_id = ? ORDER BY k.name", (server_id,))
+        return [r[0] for r in rows]
+
+    # --- per-server progress of a job (what the CLI's progress bar reads) -----------
+
+    async def set_progress(self, task_id: str, server: str, status: str, detail: str,
+                           now: datetime) -> None:
+        async with self._tx_lock, _mapped(self._path):
+            await self._conn.execute(
+                "INSERT INTO kps_task_servers (task_id, server, status, detail, updated_at) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (task_id, server) DO UPDATE SET "
+                "status = excluded.status, detail = excluded.detail, "
+                "updated_at = excluded.updated_at", (task_id, server, status, detail, iso(now)))
+
+    async def progress(self, task_id: str) -> dict[str, str]:
+        """Server name -> status (running, succeeded, failed) for one job."""
+        async with _mapped(self._path):
+            rows = await self._fetchall(
+                "SELECT server, status FROM kps_task_servers WHERE task_id = ?", (task_id,))
+        return {r[0]: r[1] for r in rows}
+
+    # --- plumbing --------------------------------------------------------------------
+
+    async def _fetchone(self, sql: str, params: Iterable[Any] = ()) -> sqlite3.Row | None:
+        async with self._conn.execute(sql, tuple(params)) as cursor:
+            return await cursor.fetchone()
+
+    async def _fetchall(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
+        async with self._conn.execute(sql, tuple(params)) as cursor:
+            return list(await cursor.fetchall())
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[None]:
+        async with self._tx_lock, _mapped(self._path):
+            await self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                await self._conn.execute("ROLLBACK")
+                raise
+            await self._conn.execute("COMMIT")
+
+
+@asynccontextmanager
+async def _mapped(path: Path) -> AsyncIterator[None]:
+    """The one place sqlite3 errors of the KPS store become engine errors."""
+    try:
+        yield
+    except DewError:
+        raise
+    except sqlite3.IntegrityError as exc:
+        raise Conflict("the KPS registry refused a conflicting write", cause=str(exc),
+                       code="kps_registry_conflict",
+                       fix="Retry; another process changed the same record.") from None
+    except sqlite3.OperationalError as exc:
+        raise BackendUnavailable(f"the KPS registry {path} cannot be used: {exc}",
+                                 fix="Check that the state directory exists and is writable."
+                                 ) from None
+    except sqlite3.DatabaseError as exc:
+        raise ConfigError(f"{path} is not a usable task store: {exc}") from None
+
+
+def _ts(text: str) -> datetime:
+    ts = parse_iso(text)
+    assert ts is not None
+    return ts
+
+
+def _keypair(row: sqlite3.Row) -> KeyPairRecord:
+    return KeyPairRecord(
+        keypair_id=row["keypair_id"], account=row["account"], owner=row["owner"],
+        scope=row["scope"], name=row["name"], algorithm=row["algorithm"],
+        key_type=row["key_type"], public_key=row["public_key"], fingerprint=row["fingerprint"],
+        managed=bool(row["managed"]), private_key=row["private_key"],
+        created_at=_ts(row["created_at"]), updated_at=_ts(row["updated_at"]),
+    )
+
+
+def _server(row: sqlite3.Row) -> ServerRecord:
+    return ServerRecord(
+        server_id=row["server_id"], account=row["account"], name=row["name"], host=row["host"],
+        port=int(row["port"]), login_user=row["login_user"], host_key=row["host_key"],
+        trust_first_use=bool(row["trust_first_use"]), sshd_config=row["sshd_config"],
+        reload_command=row["reload_command"], authorized_keys=row["authorized_keys"],
+        created_at=_ts(row["created_at"]),
+    )

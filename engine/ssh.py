@@ -1,0 +1,358 @@
+"""The SSH transport: a thin asyncssh adapter (ARCHITECTURE principle 6).
+
+- **Pinned host keys.** A server's host key is given or taken on first use
+  (then the caller pins it); every later connection trusts that key only. A
+  different key raises :class:`HostKeyChanged` (a security error), never a
+  silent accept. ``known_hosts`` is never None and ``~/.ssh`` of the engine's
+  own user (keys, agent, config) is never read.
+- **Atomic remote writes.** :meth:`Session.write_file` writes a temp file in the
+  target's directory, fsyncs it, keeps the old file's owner and mode (or sets
+  the mode asked for), and renames it over the target, so a killed job never
+  leaves a half-written file. It is a compare-and-swap on the content the
+  caller read: a concurrent change makes it raise :class:`RemoteChanged`.
+- **Errors mapped in one place**: :func:`map_error` turns asyncssh and socket
+  exceptions into the product's table (``Invalid server login credential.``,
+  ``SSH connection failure. Check your port.``, ``Timeout: socket is not
+  established. Check your security group rules.``).
+- **Per-server serialization** within a process: :func:`server_lock`.
+
+Decisions (what to write) are pure functions elsewhere; this module only
+moves bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import hashlib
+import secrets
+import shlex
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+import asyncssh
+
+from engine.errors import DewError, PermanentError, SecurityError, TransientError
+
+CATEGORY = "SSH connection"
+BAD_CREDENTIAL = "Invalid server login credential."
+PORT_FAILURE = "SSH connection failure. Check your port."
+TIMEOUT = "Timeout: socket is not established. Check your security group rules."
+STATUS_ERROR = "Server status error."
+CAS_EXIT = 75  # the remote file changed since it was read
+
+
+class InvalidCredential(PermanentError):
+    code = "ssh_invalid_credential"
+    category = CATEGORY
+    default_fix = "Log in with the password or private key and check it."
+
+
+class ConnectionFailure(TransientError):
+    code = "ssh_connection_failure"
+    category = CATEGORY
+    default_fix = "Check the listening port of sshd."
+
+
+class ConnectTimeout(TransientError):
+    code = "ssh_timeout"
+    category = CATEGORY
+    default_fix = "Open the port to the engine's address in the security group or firewall."
+
+
+class HostKeyChanged(SecurityError):
+    code = "ssh_host_key_changed"
+    category = "security"
+    default_fix = ("If the server was rebuilt on purpose, check its new host key out of band "
+                   "and pin it again (`dew servers remove` and `add --host-key`); otherwise "
+                   "treat the server as compromised.")
+
+
+class ServerStatusError(PermanentError):
+    code = "server_status_error"
+    category = "server check"
+    default_fix = "Check that the server is running and that its sshd works."
+
+
+class RemoteChanged(TransientError):
+    code = "remote_file_changed"
+    category = "server check"
+    default_fix = "Retry: another change landed on the same file at the same time."
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where to connect: the server's address, login user and pinned host key."""
+
+    name: str
+    host: str
+    port: int
+    user: str
+    host_key: str | None = None  # an OpenSSH public key line; None: trust on first use
+
+
+@dataclass(frozen=True, repr=False)
+class Credential:
+    """A password or an OpenSSH/PEM private key (text). Never printed."""
+
+    password: str | None = None
+    private_key: str | None = None
+
+    def __repr__(self) -> str:
+        kind = "password" if self.password is not None else "private_key"
+        return f"Credential({kind}=<hidden>)"
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    connect: float = 10.0
+    login: float = 15.0
+    command: float = 30.0
+
+
+def map_error(exc: BaseException, target: Target) -> DewError:
+    """The one place asyncssh and socket exceptions become engine errors."""
+    where = f"{target.user}@{target.host}:{target.port}"
+    if isinstance(exc, DewError):
+        return exc
+    if isinstance(exc, asyncssh.HostKeyNotVerifiable):
+        return HostKeyChanged(
+            "The server's host key does not match the pinned key.",
+            cause=f"{where} presented a host key other than the one pinned for "
+            f"{target.name}: the server was rebuilt, or someone is in the middle",
+            target=target.name)
+    if isinstance(exc, asyncssh.PermissionDenied):
+        return InvalidCredential(
+            BAD_CREDENTIAL, target=target.name,
+            cause=f"{where} refused the password or key: wrong credential, sshd config "
+            "changed, or account locked")
+    if isinstance(exc, ConnectionRefusedError):
+        return ConnectionFailure(PORT_FAILURE, target=target.name,
+                                 cause=f"nothing listens on {where}, or sshd is down")
+    if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
+        return ConnectTimeout(TIMEOUT, target=target.name,
+                              cause=f"{where} did not answer in time: a firewall or security "
+                              "group drops the port, or the host is down")
+    if isinstance(exc, asyncssh.ConnectionLost) and "timeout" in str(exc).lower():
+        return ConnectTimeout(TIMEOUT, target=target.name,
+                              cause=f"{where} did not complete the SSH login in time")
+    if isinstance(exc, OSError) and exc.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH,
+                                                  errno.ETIMEDOUT):
+        return ConnectTimeout(TIMEOUT, target=target.name,
+                              cause=f"{where}: {exc.strerror or exc}")
+    if isinstance(exc, (asyncssh.Error, OSError, EOFError)):
+        reason = getattr(exc, "reason", "") or getattr(exc, "strerror", "") or str(exc)
+        return ConnectionFailure(PORT_FAILURE, target=target.name,
+                                 cause=f"{where}: {type(exc).__name__}: {str(reason)[:200]}")
+    return ServerStatusError(STATUS_ERROR, target=target.name,
+                             cause=f"{where}: {type(exc).__name__}")
+
+
+class _Client(asyncssh.SSHClient):
+    """Accepts an unknown host key only on first use (nothing pinned yet)."""
+
+    def __init__(self, trust_first_use: bool) -> None:
+        self._tofu = trust_first_use
+
+    def validate_host_public_key(self, host: str, addr: str, port: int,
+                                 key: asyncssh.SSHKey) -> bool:
+        return self._tofu
+
+
+def _options(target: Target, credential: Credential, timeouts: Timeouts,
+             password_only: bool = False) -> dict[str, Any]:
+    pinned = [asyncssh.import_public_key(target.host_key)] if target.host_key else []
+    options: dict[str, Any] = {
+        "port": target.port, "username": target.user,
+        # Non-empty tuple: trust exactly these keys (an empty one means ~/.ssh/known_hosts).
+        "known_hosts": (pinned, [], []),
+        "connect_timeout": timeouts.connect, "login_timeout": timeouts.login,
+        "agent_path": None, "config": None, "client_keys": None, "password": None,
+        "gss_auth": False, "host_based_auth": False, "ignore_encrypted": True,
+        "keepalive_interval": 0,
+    }
+    if credential.private_key is not None:
+        options["client_keys"] = [asyncssh.import_private_key(credential.private_key)]
+        options["kbdint_auth"] = False
+        options["password_auth"] = False
+    else:
+        options["password"] = credential.password
+        if password_only:
+            options["kbdint_auth"] = False
+    return options
+
+
+async def connect(target: Target, credential: Credential, timeouts: Timeouts,
+                  password_only: bool = False) -> Session:
+    """A logged-in session (DewError on any failure, mapped by :func:`map_error`)."""
+    try:
+        options = _options(target, credential, timeouts, password_only)
+        conn, _ = await asyncssh.create_connection(
+            lambda: _Client(target.host_key is None), target.host, **options)
+    except (TimeoutError, asyncssh.Error, OSError, EOFError, ValueError) as exc:
+        if isinstance(exc, asyncssh.KeyImportError):
+            raise InvalidCredential(BAD_CREDENTIAL, target=target.name,
+                                    cause="the private key given cannot be read") from None
+        raise map_error(exc, target) from None
+    host_key = conn.get_server_host_key()
+    seen = host_key.export_public_key().decode().split()[:2] if host_key else []
+    return Session(target, conn, timeouts, " ".join(seen))
+
+
+async def check_login(target: Target, credential: Credential, timeouts: Timeouts,
+                      password_only: bool = False, attempts: int = 3) -> None:
+    """A fresh login works (DewError if not). Refused connections are retried
+    briefly: sshd re-executing itself after a reload does not listen for a moment."""
+    for attempt in range(attempts):
+        try:
+            session = await connect(target, credential, timeouts, password_only)
+        except ConnectionFailure:
+            if attempt == attempts - 1:
+                raise
+            await asyncio.sleep(0.2 * (attempt + 1))
+            continue
+        await session.close()
+        return
+
+
+_LOCKS: dict[str, asyncio.Lock] = {}
+
+
+def server_lock(key: str) -> asyncio.Lock:
+    """The lock serializing operations on one server in this process."""
+    lock = _LOCKS.get(key)
+    if lock is None:
+        lock = _LOCKS[key] = asyncio.Lock()
+    return lock
+
+
+def shell_path(path: str) -> str:
+    """A shell word for ``path``: ``~/x`` and relative paths are under ``$HOME``."""
+    if path.startswith("~/"):
+        return '"$HOME"/' + shlex.quote(path[2:])
+    if not path.startswith("/"):
+        return '"$HOME"/' + shlex.quote(path)
+    return shlex.quote(path)
+
+
+def content_hash(content: bytes | None) -> str:
+    """What the remote CAS check compares: SHA-256 hex, or ``absent``."""
+    return "absent" if content is None else hashlib.sha256(content).hexdigest()
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What one read round trip brings back."""
+
+    os_release: str
+    home: str
+    systemd: bool
+    files: dict[str, bytes | None] = field(default_factory=dict)
+
+
+@dataclass
+class Session:
+    target: Target
+    conn: asyncssh.SSHClientConnection
+    timeouts: Timeouts
+    host_key: str  # "type base64" of the key the server presented
+
+    async def close(self) -> None:
+        self.conn.close()
+        await self.conn.wait_closed()
+
+    async def __aenter__(self) -> Session:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self.close()
+
+    async def run(self, command: str, stdin: bytes | None = None) -> tuple[int, bytes, bytes]:
+        """(exit status, stdout, stderr) of a remote command."""
+        try:
+            # asyncssh sends no EOF for an empty ``input``: such commands must not read stdin.
+            done = await self.conn.run(command, input=stdin or None, encoding=None,
+                                       check=False, timeout=self.timeouts.command)
+        except TimeoutError:
+            raise ServerStatusError(STATUS_ERROR, target=self.target.name,
+                                    cause=f"a command on {self.target.name} did not finish in "
+                                    f"{self.timeouts.command} s") from None
+        except (asyncssh.Error, OSError) as exc:
+            raise map_error(exc, self.target) from None
+        out = done.stdout if isinstance(done.stdout, bytes) else b""
+        err = done.stderr if isinstance(done.stderr, bytes) else b""
+        return int(done.exit_status if done.exit_status is not None else 255), out, err
+
+    async def snapshot(self, paths: list[str]) -> Snapshot:
+        """``/etc/os-release``, ``$HOME``, systemd or not, and ``paths`` (None: missing)."""
+        mark = secrets.token_hex(12)
+        sep = f"printf '\\n%s\\n' {mark}"
+        parts = ["cat /etc/os-release 2>/dev/null", sep, "printf %s \"$HOME\"", sep,
+                 "[ -d /run/systemd/system ] && printf yes", sep]
+        for path in paths:
+            p = shell_path(path)
+            parts += [f"if [ -e {p} ]; then printf 1; cat -- {p} || exit 3; else printf 0; fi",
+                      sep]
+        status, out, err = await self.run("; ".join(parts))
+        chunks = out.split(f"\n{mark}\n".encode())
+        if status not in (0, 1) or len(chunks) != len(paths) + 4:
+            raise ServerStatusError(STATUS_ERROR, target=self.target.name,
+                                    cause=f"reading the server's files failed (exit {status}): "
+                                    f"{err.decode(errors='replace')[:200]}")
+        files: dict[str, bytes | None] = {}
+        for path, chunk in zip(paths, chunks[3:], strict=False):
+            files[path] = chunk[1:] if chunk[:1] == b"1" else None
+        return Snapshot(chunks[0].decode(errors="replace"), chunks[1].decode(errors="replace"),
+                        chunks[2] == b"yes", files)
+
+    async def write_file(self, path: str, content: bytes, expected: bytes | None, *,
+                         mode: str | None = None, private_dir: bool = False) -> None:
+        """Atomically replace ``path`` with ``content`` if it still holds ``expected``.
+
+        Temp file in the same directory, fsync, owner and mode of the old file
+        kept (``mode`` forces one), rename, fsync of the directory.
+        ``private_dir`` creates the directory 700 (and makes it 700 if under $HOME).
+        """
+        p = shell_path(path)
+        script = [
+            "set -e", "umask 077", f"f={p}", 'd=$(dirname -- "$f")',
+            '[ -d "$d" ] || mkdir -p -- "$d"',
+        ]
+        if private_dir:
+            script.append('case "$d" in "$HOME"/*) chmod 700 -- "$d";; esac')
+        script += [
+            'if [ -e "$f" ]; then cur=$(sha256sum < "$f" | cut -c1-64); else cur=absent; fi',
+            f'[ "$cur" = {content_hash(expected)} ] || exit {CAS_EXIT}',
+            't=$(mktemp -- "$d/.dew.XXXXXXXX")', "trap 'rm -f -- \"$t\"' EXIT",
+            'cat > "$t"' if content else ': > "$t"',
+            'if [ -e "$f" ]; then chown --reference="$f" -- "$t" 2>/dev/null || true; '
+            'chmod --reference="$f" -- "$t"; fi',
+        ]
+        if mode is not None:
+            script.append(f'chmod {mode} -- "$t"')
+        script += [
+            'sync -- "$t" 2>/dev/null || sync', 'mv -f -- "$t" "$f"', "trap - EXIT",
+            'sync -- "$d" 2>/dev/null || true',
+        ]
+        status, _, err = await self.run("\n".join(script), stdin=content)
+        if status == CAS_EXIT:
+            raise RemoteChanged(f"{path} changed on {self.target.name} while we edited it",
+                                target=self.target.name)
+        if status != 0:
+            raise ServerStatusError(STATUS_ERROR, target=self.target.name,
+                                    cause=f"writing {path} failed (exit {status}): "
+                                    f"{err.decode(errors='replace')[:200]}")
+
+
+@asynccontextmanager
+async def session(target: Target, credential: Credential, timeouts: Timeouts
+                  ) -> AsyncIterator[Session]:
+    s = await connect(target, credential, timeouts)
+    try:
+        yield s
+    finally:
+        await s.close()

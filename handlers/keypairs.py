@@ -1,0 +1,746 @@
+"""KPS: SSH key pairs, and bind / replace / reset / unbind on servers over SSH.
+
+``KpsService`` is the domain API (CLI, demo, tests): create, import, list,
+show, delete, upgrade, export-private, convert; servers add, list, show,
+remove. Key generation draws its randomness from the HSM (``gen_random``, which
+the KMS audit records). A managed private key is kept envelope-encrypted: a
+fresh data key from ``create-datakey`` under ``kps/default`` encrypts it with
+AES-256-GCM locally, and only the encrypted data key is stored beside it.
+
+Jobs (``servers`` up to ``kps.batch_limit``; ``auth`` sealed by the client):
+
+- ``kps.bind {keypair, servers, auth: {password | private_key}, disable_pw_login}``
+- ``kps.replace {keypair (new), servers, auth: {private_key of the old pair}}``
+- ``kps.reset {keypair, servers, auth: {password}, disable_pw_login}``: the keys of
+  the pairs bound to the server before are removed (their private key is lost).
+- ``kps.unbind {keypair, servers, auth: {private_key}, enable_pw_login}``
+
+(The issue's ``disable_password`` / ``enable_password`` are named ``*_pw_login``
+here: :mod:`engine.redaction` redacts every argument named like a password.)
+
+Each server is edited idempotently (pure transforms in
+:mod:`handlers.authorized_keys` and :mod:`handlers.sshd_config`, atomic writes
+through :mod:`engine.ssh`), then proven with a fresh login. A server that fails
+gets its own failure record and leaves the others going; its state is left as
+it was. The task itself succeeds with a per-server result unless the batch is
+refused as a whole (bad input, batch over the limit, inconsistent batch).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import re
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from engine.context import JobContext
+from engine.errors import Conflict, DewError, InvalidInput, NotFound, PermanentError
+from engine.kps_store import KeyPairRecord, ServerRecord, SqliteKpsStore
+from engine.models import iso, utcnow
+from engine.redaction import is_sealed
+from engine.registry import JOBS
+from engine.resources import Closer, Resources, resource
+from engine.sealing import unseal_args
+from engine.settings import KpsSection, Settings
+from engine.ssh import (
+    STATUS_ERROR,
+    Credential,
+    HostKeyChanged,
+    InvalidCredential,
+    ServerStatusError,
+    Session,
+    Target,
+    Timeouts,
+    check_login,
+    connect,
+    server_lock,
+)
+from handlers import authorized_keys as ak
+from handlers import ssh_keys
+from handlers.os_release import DEFAULT_SSHD_CONFIG, default_reload_command, parse_os_release
+from handlers.sshd_config import set_password_login
+
+SEAL_KEY = "kps/default"
+DEFAULT_ACCOUNT = "default"
+DEFAULT_AUTHORIZED_KEYS = "~/.ssh/authorized_keys"
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+HOST = re.compile(r"^[A-Za-z0-9._:-]{1,253}$")
+LOGIN = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}\$?$")
+ACTOR = "kps"
+
+TOO_MANY = "Too many key pairs to be bound in batches."
+INCONSISTENT = "Key pairs to be bound in batches are inconsistent."
+OS_NOT_SUPPORTED = "ECS OS not supported."
+
+
+def invalid(cause: str, fix: str = "Check the call.") -> InvalidInput:
+    return InvalidInput(ssh_keys.INVALID_PARAMETER, cause=cause, fix=fix)
+
+
+def check_name(name: Any, what: str = "key pair") -> str:
+    if not isinstance(name, str) or not NAME.match(name):
+        raise invalid(f"a {what} name must be 1-64 letters, digits, '.', '_' or '-' "
+                      f"(starting with a letter or digit), got {str(name)[:70]!r}")
+    return name
+
+
+class KeyPairNotFound(NotFound):
+    code = "keypair_not_found"
+    default_fix = "Run `dew keypairs list` to see the key pairs you can use."
+
+
+class ServerNotFound(NotFound):
+    code = "server_not_found"
+    default_fix = "Run `dew servers list` to see the servers."
+
+
+class BatchError(PermanentError):
+    category = "batch"
+
+
+# --------------------------------------------------------------------------- views
+
+
+@dataclass(frozen=True)
+class KeyPairView:
+    record: KeyPairRecord
+    servers: list[str]
+
+    def to_json(self) -> dict[str, Any]:
+        r = self.record
+        key = ssh_keys.parse_public_key(r.public_key)
+        return {
+            "name": r.name, "algorithm": r.algorithm, "type": r.key_type,
+            "fingerprint": r.fingerprint, "keygen": key.keygen_line(),
+            "public_key": r.public_key, "scope": r.scope, "owner": r.owner,
+            "account": r.account, "managed": r.managed, "servers": self.servers,
+            "created_at": iso(r.created_at),
+        }
+
+
+@dataclass(frozen=True, repr=False)
+class CreatedKeyPair:
+    view: KeyPairView
+    private_key: bytes  # OpenSSH format; handed out once
+
+    def __repr__(self) -> str:
+        return f"CreatedKeyPair({self.view.record.name!r}, private_key=<hidden>)"
+
+
+# --------------------------------------------------------------------------- service
+
+
+class KpsService:
+    """Key pairs and servers of every account, over the KPS store and KMS."""
+
+    def __init__(self, store: SqliteKpsStore, kms: Any, config: KpsSection,
+                 clock: Callable[[], datetime] = utcnow) -> None:
+        self.store = store
+        self.kms = kms  # handlers.kms.KmsService (typed loosely: no import cycle)
+        self.config = config
+        self.clock = clock
+
+    # -- key pairs
+
+    async def create(self, name: str, algorithm: str, *, managed: bool = False,
+                     scope: str = "user", account: str = DEFAULT_ACCOUNT,
+                     user: str = "local") -> CreatedKeyPair:
+        """A new key pair; the private key is returned once (and kept only if managed)."""
+        check_name(name)
+        _check_scope(scope)
+        if algorithm not in ssh_keys.CREATE_ALGORITHMS:
+            raise invalid(f"unknown algorithm {str(algorithm)[:40]!r}",
+                          f"Use one of {', '.join(ssh_keys.CREATE_ALGORITHMS)}.")
+        await self._refuse_taken(account, user, name)
+        seed = await self.kms.gen_random(96, account=account, actor=f"{ACTOR}:{user}")
+        key = await asyncio.to_thread(ssh_keys.generate_private_key, algorithm, seed)
+        public = ssh_keys.public_key_of(key, name)
+        pem = ssh_keys.dump_private_key(key, "openssh")
+        record = await self._store_new(name, public, "ssh", pem if managed else None,
+                                       scope, account, user)
+        return CreatedKeyPair(KeyPairView(record, []), pem)
+
+    async def import_(self, name: str, public_text: str, kind: str = "ssh", *,
+                      private_key: bytes | None = None, passphrase: bytes | None = None,
+                      scope: str = "user", account: str = DEFAULT_ACCOUNT,
+                      user: str = "local") -> KeyPairView:
+        """Import a public key (any accepted form); a matching private key is kept managed."""
+        check_name(name)
+        _check_scope(scope)
+        public = ssh_keys.parse_public_key(public_text, kind)
+        pem = None
+        if private_key is not None:
+            loaded = ssh_keys.load_private_key(private_key, passphrase)
+            if not ssh_keys.matches(loaded.key, public):
+                raise InvalidInput(ssh_keys.MISMATCH, code="private_key_mismatch",
+                                   cause="the private key's public half differs from the "
+                                   "public key given", fix="Check both keys.")
+            pem = ssh_keys.dump_private_key(loaded.key, "openssh")
+        await self._refuse_taken(account, user, name)
+        record = await self._store_new(name, public.with_comment(public.comment or name),
+                                       kind, pem, scope, account, user)
+        return KeyPairView(record, [])
+
+    async def _refuse_taken(self, account: str, user: str, name: str) -> None:
+        # Early, before an RSA key is generated for nothing; the store checks again
+        # (and for account scope, against every user's names) when it inserts.
+        if await self.store.find_keypair(account, user, name) is not None:
+            raise Conflict(f"a key pair named {name!r} exists", code="keypair_exists",
+                           fix="Choose another name.")
+
+    async def _store_new(self, name: str, public: ssh_keys.PublicKey, kind: str,
+                         pem: bytes | None, scope: str, account: str, user: str
+                         ) -> KeyPairRecord:
+        keypair_id = uuid.uuid4().hex
+        envelope = None if pem is None else await self._seal_private(keypair_id, pem, account)
+        now = self.clock()
+        record = KeyPairRecord(
+            keypair_id=keypair_id, account=account, owner=user, scope=scope, name=name,
+            algorithm=public.algorithm, key_type=kind, public_key=public.openssh(),
+            fingerprint=public.fingerprint, managed=pem is not None, private_key=envelope,
+            created_at=now, updated_at=now)
+        outcome = await self.store.create_keypair(record, self.config.quota)
+        if outcome == "name_taken":
+            raise Conflict(f"a key pair named {name!r} exists", code="keypair_exists",
+                           fix="Choose another name.")
+        if outcome == "quota_exceeded":
+            raise Conflict(f"the account has {self.config.quota} account key pairs already",
+                           code="kps_quota_exceeded",
+                           fix="Delete account key pairs you no longer need, or raise "
+                           "kps.quota.")
+        return record
+
+    async def _seal_private(self, keypair_id: str, pem: bytes, account: str) -> str:
+        context = {"kps:keypair": keypair_id}
+        dek = await self.kms.create_datakey(SEAL_KEY, 256, account=account, actor=ACTOR,
+                                            encryption_context=context)
+        nonce = os.urandom(12)
+        body = AESGCM(dek.plain_text).encrypt(nonce, pem, keypair_id.encode())
+        return json.dumps({"v": 1, "kms_key": SEAL_KEY,
+                           "dek": base64.b64encode(dek.cipher_text).decode(),
+                           "nonce": base64.b64encode(nonce).decode(),
+                           "body": base64.b64encode(body).decode()})
+
+    async def private_key(self, record: KeyPairRecord) -> bytes:
+        """The managed private key in clear (for export and for login checks)."""
+        if not record.managed or record.private_key is None:
+            raise Conflict(f"the private key of {record.name!r} is not managed",
+                           code="keypair_not_managed",
+                           fix="Only key pairs created or imported with their private key "
+                           "managed (--managed) can be exported.")
+        data = json.loads(record.private_key)
+        dek = await self.kms.decrypt_datakey(
+            data["kms_key"], base64.b64decode(data["dek"]), account=record.account,
+            actor=ACTOR, encryption_context={"kps:keypair": record.keypair_id})
+        try:
+            return AESGCM(dek.plain_text).decrypt(
+                base64.b64decode(data["nonce"]), base64.b64decode(data["body"]),
+                record.keypair_id.encode())
+        except InvalidTag:
+            raise PermanentError("the stored private key failed its integrity check",
+                                 code="keypair_integrity", category="security") from None
+
+    async def get(self, name: str, *, account: str = DEFAULT_ACCOUNT, user: str = "local"
+                  ) -> KeyPairRecord:
+        check_name(name)
+        record = await self.store.find_keypair(account, user, name)
+        if record is None:
+            raise KeyPairNotFound(f"no key pair named {name!r}")
+        return record
+
+    async def show(self, name: str, **who: str) -> KeyPairView:
+        record = await self.get(name, **who)
+        return KeyPairView(record, await self.store.servers_of(record.keypair_id))
+
+    async def list(self, *, account: str = DEFAULT_ACCOUNT, user: str = "local"
+                   ) -> list[KeyPairView]:
+        return [KeyPairView(r, await self.store.servers_of(r.keypair_id))
+                for r in await self.store.list_keypairs(account, user)]
+
+    async def delete(self, name: str, **who: str) -> None:
+        record = await self.get(name, **who)
+        outcome = await self.store.delete_keypair(record.keypair_id)
+        if outcome == "bound":
+            servers = await self.store.servers_of(record.keypair_id)
+            raise Conflict(f"{name!r} is bound to {', '.join(servers)}",
+                           code="keypair_bound",
+                           fix="Unbind it from those servers first (`dew keypairs unbind`).")
+        if outcome == "missing":
+            raise KeyPairNotFound(f"no key pair named {name!r}")
+
+    async def upgrade(self, name: str, **who: str) -> KeyPairView:
+        record = await self.get(name, **who)
+        if record.scope == "account":
+            return KeyPairView(record, await self.store.servers_of(record.keypair_id))
+        outcome = await self.store.upgrade_keypair(record, self.config.quota, self.clock())
+        if outcome == "name_taken":
+            raise Conflict(f"another key pair of the account is named {name!r}",
+                           code="keypair_name_clash",
+                           fix="Rename or delete the other key pair, then upgrade.")
+        if outcome == "quota_exceeded":
+            raise Conflict("the account key pair quota is reached", code="kps_quota_exceeded",
+                           fix="Delete account key pairs you no longer need.")
+        return await self.show(name, **who)
+
+    # -- servers
+
+    async def add_server(self, name: str, host: str, *, port: int = 22, user: str = "root",
+                         host_key: str | None = None, trust_first_use: bool = False,
+                         sshd_config: str | None = None, reload_command: str | None = None,
+                         authorized_keys: str | None = None,
+                         account: str = DEFAULT_ACCOUNT) -> ServerRecord:
+        check_name(name, "server")
+        if not isinstance(host, str) or not HOST.match(host):
+            raise invalid(f"invalid host {str(host)[:60]!r}")
+        if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+            raise invalid(f"the port must be 1..65535, got {port!r}")
+        if not LOGIN.match(user):
+            raise invalid(f"invalid login user {user[:40]!r}")
+        if (host_key is None) == (not trust_first_use):
+            raise invalid("give either a host key (--host-key FILE) or --trust-first-use",
+                          "Pin the server's host key, or accept the first one it shows.")
+        pinned = None
+        if host_key is not None:
+            pinned = " ".join(ssh_keys.parse_public_key(host_key).openssh().split()[:2])
+        for label, path in (("--sshd-config", sshd_config),
+                            ("--authorized-keys", authorized_keys)):
+            if path is not None and (not path or "\n" in path or "\0" in path):
+                raise invalid(f"{label} must be a path")
+        if reload_command is not None and (not reload_command.strip() or "\n" in reload_command):
+            raise invalid("--reload-command must be one line")
+        record = ServerRecord(
+            server_id=uuid.uuid4().hex, account=account, name=name, host=host, port=port,
+            login_user=user, host_key=pinned, trust_first_use=trust_first_use,
+            sshd_config=sshd_config, reload_command=reload_command,
+            authorized_keys=authorized_keys, created_at=self.clock())
+        if not await self.store.add_server(record):
+            raise Conflict(f"a server named {name!r} exists", code="server_exists",
+                           fix="Choose another name, or remove the old one first.")
+        return record
+
+    async def server(self, name: str, account: str = DEFAULT_ACCOUNT) -> ServerRecord:
+        check_name(name, "server")
+        record = await self.store.find_server(account, name)
+        if record is None:
+            raise ServerNotFound(f"no server named {name!r}")
+        return record
+
+    async def remove_server(self, name: str, account: str = DEFAULT_ACCOUNT) -> None:
+        record = await self.server(name, account)
+        if await self.store.remove_server(record.server_id) == "bound":
+            pairs = await self.store.keypairs_on(record.server_id)
+            raise Conflict(f"key pairs are bound to {name!r}: {', '.join(pairs)}",
+                           code="server_bound", fix="Unbind them first.")
+
+
+def _check_scope(scope: str) -> None:
+    if scope not in ("user", "account"):
+        raise invalid(f"scope must be user or account, got {str(scope)[:20]!r}")
+
+
+def convert_private_key(data: bytes, to: str, *, passphrase: bytes | None = None,
+                        new_passphrase: bytes | None = None, comment: str | None = None
+                        ) -> bytes:
+    """Convert a private key between OpenSSH, PEM, PKCS#8 and PuTTY (.ppk v3)."""
+    if to not in ssh_keys.PRIVATE_FORMATS:
+        raise invalid(f"unknown format {to[:20]!r}",
+                      f"Use {', '.join(ssh_keys.PRIVATE_FORMATS)}.")
+    loaded = ssh_keys.load_private_key(data, passphrase)
+    return ssh_keys.dump_private_key(loaded.key, to, comment or loaded.comment, new_passphrase)
+
+
+# --------------------------------------------------------------------------- resources
+
+
+@resource("kps_store")
+async def _kps_store_resource(resources: Resources) -> tuple[SqliteKpsStore, Closer]:
+    store = await SqliteKpsStore.open(resources.settings.db_path)
+    return store, store.close
+
+
+@resource("kps")
+async def _kps_resource(resources: Resources) -> tuple[KpsService, None]:
+    store = await resources.get("kps_store")
+    kms = await resources.get("kms")
+    return KpsService(store, kms, resources.settings.kps), None
+
+
+# --------------------------------------------------------------------------- jobs
+
+OPERATIONS = ("bind", "replace", "reset", "unbind")
+AUTH_NEEDED = {"bind": ("password", "private_key"), "replace": ("private_key",),
+               "reset": ("password",), "unbind": ("private_key",)}
+# Not "disable_password": the engine redacts every argument whose name says
+# "password" (engine.redaction), which would lose a plain flag on re-delivery.
+FLAGS = {"bind": "disable_pw_login", "reset": "disable_pw_login",
+         "unbind": "enable_pw_login", "replace": ""}
+
+
+def _validator(op: str) -> Callable[[dict[str, Any]], None]:
+    """Shape checks run before anything is stored (the batch rules run in the job,
+    so that a refused batch leaves a failure record)."""
+    allowed = {"keypair", "servers", "auth", "account", "user", FLAGS[op]} - {""}
+
+    def validate(args: dict[str, Any]) -> None:
+        unknown = sorted(set(args) - allowed)
+        renamed = {"disable_password": "disable_pw_login", "enable_password": "enable_pw_login"}
+        for old, new in renamed.items():
+            if old in args:
+                raise invalid(f"use {new!r}, not {old!r}: arguments named *password* are "
+                              "redacted in the task store, so a re-run would lose the flag")
+        if unknown:
+            raise invalid(f"kps.{op} does not take {', '.join(unknown)}")
+        check_name(args.get("keypair"))
+        servers = args.get("servers")
+        if not isinstance(servers, list) or not servers:
+            raise invalid("servers must be a non-empty list")
+        for item in servers:
+            name = item.get("server") if isinstance(item, dict) else item
+            check_name(name, "server")
+            if isinstance(item, dict) and set(item) - {"server", "keypair"}:
+                raise invalid("a batch item has 'server' and optionally 'keypair'")
+        if "auth" not in args or not is_sealed(args["auth"]):
+            raise invalid("auth must be present and sealed (engine.sealing.seal_args)",
+                          "Seal the credential with the client; it must never travel in "
+                          "clear.")
+        flag = FLAGS[op]
+        if flag and not isinstance(args.get(flag, False), bool):
+            raise invalid(f"{flag} must be true or false")
+        for key in ("account", "user"):
+            if key in args and not isinstance(args[key], str):
+                raise invalid(f"{key} must be a string")
+
+    return validate
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One job's resolved inputs."""
+
+    op: str
+    keypair: KeyPairRecord
+    public: ssh_keys.PublicKey
+    new_private: str | None  # the engine-held private key of ``keypair`` (login checks)
+    credential: Credential
+    old_public: ssh_keys.PublicKey | None  # replace: the key the auth private key proves
+    password_change: bool | None  # True: turn on; False: turn off; None: leave
+    timeouts: Timeouts
+
+
+def _check_batch(op: str, args: dict[str, Any], limit: int) -> list[str]:
+    servers = args["servers"]
+    if len(servers) > limit:
+        raise BatchError(TOO_MANY, code="kps_batch_too_large",
+                         cause=f"{len(servers)} servers in one batch; the limit is {limit}",
+                         fix="Bind fewer at once.")
+    names: list[str] = []
+    for item in servers:
+        if isinstance(item, dict):
+            if item.get("keypair", args["keypair"]) != args["keypair"]:
+                raise BatchError(INCONSISTENT, code="kps_batch_inconsistent",
+                                 cause=f"the batch names {args['keypair']!r} and "
+                                 f"{str(item.get('keypair'))[:64]!r}",
+                                 fix="One key pair per batch.")
+            names.append(str(item["server"]))
+        else:
+            names.append(str(item))
+    return list(dict.fromkeys(names))  # a server named twice is done once
+
+
+def _credential(op: str, auth: Any) -> Credential:
+    if not isinstance(auth, dict) or len(auth) != 1:
+        raise invalid("auth must be {password: ...} or {private_key: ...}")
+    (kind, value), = auth.items()
+    if kind not in AUTH_NEEDED[op] or not isinstance(value, str) or not value:
+        raise invalid(f"kps.{op} authenticates with {' or '.join(AUTH_NEEDED[op])}")
+    if kind == "password":
+        return Credential(password=value)
+    try:
+        loaded = ssh_keys.load_private_key(value.encode())
+    except InvalidInput:
+        raise invalid("auth.private_key is not a readable unencrypted private key") from None
+    return Credential(private_key=ssh_keys.dump_private_key(loaded.key, "openssh").decode())
+
+
+async def run_operation(ctx: JobContext, args: dict[str, Any], op: str) -> dict[str, Any]:
+    """The body of the four jobs."""
+    config = ctx.settings.kps
+    names = _check_batch(op, args, config.batch_limit)
+    kps: KpsService = await ctx.resources.get("kps")
+    account = args.get("account", DEFAULT_ACCOUNT)
+    user = args.get("user", "local")
+    opened = await unseal_args({"auth": args["auth"]}, kps.kms, account)
+    credential = _credential(op, opened["auth"])
+    record = await kps.get(args["keypair"], account=account, user=user)
+    servers = [await kps.server(name, account) for name in names]
+    new_private = (await kps.private_key(record)).decode() if record.managed else None
+    old_public = None
+    if op == "replace":
+        assert credential.private_key is not None
+        old_public = ssh_keys.public_key_of(
+            ssh_keys.load_private_key(credential.private_key.encode()).key)
+    if op == "unbind" and credential.private_key is not None:
+        own = ssh_keys.public_key_of(
+            ssh_keys.load_private_key(credential.private_key.encode()).key)
+        if own.blob != ssh_keys.parse_public_key(record.public_key).blob:
+            raise InvalidInput(ssh_keys.MISMATCH, code="private_key_mismatch",
+                               cause=f"unbind authenticates with the private key of "
+                               f"{record.name!r}; the key given belongs to another pair",
+                               fix="Check both keys.")
+    flag = args.get(FLAGS[op], False) if FLAGS[op] else False
+    plan = Plan(op, record, ssh_keys.parse_public_key(record.public_key), new_private,
+                credential, old_public,
+                (op == "unbind") if flag else None,
+                Timeouts(config.connect_timeout, config.login_timeout, config.command_timeout))
+    limit = asyncio.Semaphore(config.concurrency)
+
+    async def one(server: ServerRecord) -> dict[str, Any]:
+        async with limit:
+            await kps.store.set_progress(ctx.task_id, server.name, "running", "", ctx.now())
+            try:
+                result = await _with_retries(ctx, config, lambda: _apply(ctx, kps, plan, server))
+            except DewError as exc:
+                await ctx.record_failure(server.name, exc)
+                await kps.store.set_progress(ctx.task_id, server.name, "failed", exc.message,
+                                             ctx.now())
+                return {"server": server.name, "status": "failed", "code": exc.code,
+                        "error": exc.message}
+            await kps.store.set_progress(ctx.task_id, server.name, "succeeded", "", ctx.now())
+            return {"server": server.name, "status": "succeeded", **result}
+
+    results = await asyncio.gather(*(one(s) for s in servers))
+    failed = sum(1 for r in results if r["status"] == "failed")
+    return {"operation": op, "keypair": record.name, "fingerprint": record.fingerprint,
+            "servers": list(results), "succeeded": len(results) - failed, "failed": failed}
+
+
+async def _with_retries(ctx: JobContext, config: KpsSection,
+                        attempt: Callable[[], Any]) -> dict[str, Any]:
+    for n in range(config.retries + 1):
+        try:
+            result: dict[str, Any] = await attempt()
+            return result
+        except DewError as exc:
+            if not exc.retryable or n == config.retries:
+                raise
+            ctx.log.info("server attempt failed; retrying", target=exc.target, code=exc.code,
+                         cause=exc.cause)
+            await asyncio.sleep(config.retry_delay * 2 ** n)
+    raise AssertionError("unreachable")
+
+
+def _target(server: ServerRecord) -> Target:
+    return Target(server.name, server.host, server.port, server.login_user, server.host_key)
+
+
+async def _apply(ctx: JobContext, kps: KpsService, plan: Plan, server: ServerRecord
+                 ) -> dict[str, Any]:
+    """One server, under its lock: read, decide (pure), write, reload, prove."""
+    async with server_lock(server.server_id):
+        # The pin may have been taken by an earlier job since the plan was made.
+        server = await kps.store.get_server(server.server_id) or server
+        target = _target(server)
+        try:
+            session = await connect(target, plan.credential, plan.timeouts)
+        except InvalidCredential:
+            # A re-run (retry, or a worker killed mid-job) may find its own work done.
+            if plan.op == "unbind" and plan.password_change is None:
+                # The pair's own key is refused: it is not authorized, which is the goal.
+                await _record_binding(ctx, kps, plan, server)
+                return {"changed": False, "verified": True, "password_login": None}
+            if plan.op == "replace" and plan.new_private is not None:
+                session = await connect(target, Credential(private_key=plan.new_private),
+                                        plan.timeouts)
+            else:
+                raise
+        try:
+            if server.host_key is None:
+                pinned = await kps.store.pin_host_key(server.server_id, session.host_key)
+                target = Target(target.name, target.host, target.port, target.user, pinned)
+                if pinned != session.host_key:
+                    # Another job pinned a different key in between: do not trust this one.
+                    raise HostKeyChanged("The server's host key does not match the pinned "
+                                         "key.", target=server.name,
+                                         cause="the key pinned on first use differs")
+            return await _change(ctx, kps, plan, server, target, session)
+        finally:
+            await session.close()
+
+
+async def _change(ctx: JobContext, kps: KpsService, plan: Plan, server: ServerRecord,
+                  target: Target, session: Session) -> dict[str, Any]:
+    keys_path = server.authorized_keys or DEFAULT_AUTHORIZED_KEYS
+    config_path = server.sshd_config or DEFAULT_SSHD_CONFIG
+    paths = [keys_path] + ([config_path] if plan.password_change is not None else [])
+    snap = await session.snapshot(paths)
+    system = parse_os_release(snap.os_release)
+    if not system.supported:
+        raise ServerStatusError(OS_NOT_SUPPORTED, code="os_not_supported",
+                                cause=f"Server OS not supported: {system.name}",
+                                fix="Use a supported OS (see `dew keypairs --help`).",
+                                target=server.name)
+    old_raw = snap.files[keys_path]
+    old_text = (old_raw or b"").decode("utf-8", errors="surrogateescape")
+    new_text = _new_keys(plan, old_text, await _reset_victims(kps, plan, server))
+    changed = new_text != old_text
+    if changed:
+        await session.write_file(keys_path, new_text.encode("utf-8", errors="surrogateescape"),
+                                 old_raw, mode="600", private_dir=True)
+    verified = False
+    new_cred = Credential(private_key=plan.new_private) if plan.new_private else None
+    if plan.op != "unbind" and new_cred is not None:
+        await _prove(check_login(target, new_cred, plan.timeouts), server, "the new key pair")
+        verified = True
+    if plan.op == "unbind" or (plan.op == "replace" and plan.old_public is not None
+                               and plan.old_public.blob != plan.public.blob):
+        await _prove_refused(target, plan.credential, plan.timeouts, server)
+        verified = True
+    password = None
+    if plan.password_change is not None:
+        password = await _switch_password(session, server, config_path,
+                                          snap.files[config_path], plan.password_change,
+                                          system.suse, snap.systemd, system)
+        if password == "changed" and not plan.password_change and plan.credential.password:
+            await _prove_refused(target, plan.credential, plan.timeouts, server,
+                                 password_only=True)
+    await _record_binding(ctx, kps, plan, server)
+    return {"changed": changed, "verified": verified, "password_login": password}
+
+
+def _new_keys(plan: Plan, text: str, victims: list[ssh_keys.PublicKey]) -> str:
+    if plan.op == "unbind":
+        return ak.remove_key(text, plan.public)
+    comment = plan.keypair.name
+    if plan.op == "replace" and plan.old_public is not None:
+        return ak.replace_key(text, plan.old_public, plan.public, comment)
+    text = ak.add_key(text, plan.public, comment)
+    for old in victims:
+        if old.blob != plan.public.blob:
+            text = ak.remove_key(text, old)
+    return text
+
+
+async def _reset_victims(kps: KpsService, plan: Plan, server: ServerRecord
+                         ) -> list[ssh_keys.PublicKey]:
+    """reset: the keys of the pairs recorded as bound to the server (their private key is
+    lost); every other line of the file is left alone."""
+    if plan.op != "reset":
+        return []
+    victims = []
+    for name in await kps.store.keypairs_on(server.server_id):
+        record = await kps.store.find_keypair(server.account, plan.keypair.owner, name)
+        if record is not None:
+            victims.append(ssh_keys.parse_public_key(record.public_key))
+    return victims
+
+
+async def _prove(check: Any, server: ServerRecord, what: str) -> None:
+    try:
+        await check
+    except InvalidCredential:
+        raise ServerStatusError(STATUS_ERROR, code="login_check_failed", target=server.name,
+                                cause=f"after the change, a fresh login with {what} was "
+                                "refused (StrictModes, AuthorizedKeysFile or another "
+                                "authorized_keys path?)",
+                                fix="Check the server's AuthorizedKeysFile and the modes of "
+                                "~/.ssh.") from None
+
+
+async def _prove_refused(target: Target, credential: Credential, timeouts: Timeouts,
+                         server: ServerRecord, password_only: bool = False) -> None:
+    try:
+        await check_login(target, credential, timeouts, password_only)
+    except InvalidCredential:
+        return
+    what = "the password" if password_only else "the removed key"
+    raise ServerStatusError(STATUS_ERROR, code="login_still_accepted", target=server.name,
+                            cause=f"after the change, {what} still logs in",
+                            fix="Check the server's sshd_config (Include, Match blocks) and "
+                            "other authorized_keys files.")
+
+
+async def _switch_password(session: Session, server: ServerRecord, path: str,
+                           raw: bytes | None, enabled: bool, suse: bool, systemd: bool,
+                           system: Any) -> str:
+    if raw is None:
+        raise ServerStatusError(STATUS_ERROR, code="sshd_config_missing", target=server.name,
+                                cause=f"{path} does not exist on the server",
+                                fix="Set the server's sshd config path (--sshd-config).")
+    old = raw.decode("utf-8", errors="surrogateescape")
+    new = set_password_login(old, enabled, suse)
+    if new == old:
+        return "unchanged"
+    data = new.encode("utf-8", errors="surrogateescape")
+    await session.write_file(path, data, raw)
+    command = server.reload_command or default_reload_command(system, systemd)
+    status, _, err = await session.run(command)
+    if status != 0:
+        # Put the old file back: a failed operation leaves the server as it was.
+        await session.write_file(path, raw, data)
+        raise ServerStatusError(STATUS_ERROR, code="sshd_reload_failed", target=server.name,
+                                cause=f"`{command}` exited with {status}: "
+                                f"{err.decode(errors='replace').strip()[:200]}",
+                                fix="Check the reload command (--reload-command) and sshd.")
+    return "changed"
+
+
+async def _record_binding(ctx: JobContext, kps: KpsService, plan: Plan,
+                          server: ServerRecord) -> None:
+    record = plan.keypair
+    if plan.op == "unbind":
+        await kps.store.unbind(record.keypair_id, server.server_id)
+        return
+    replaced = None
+    if plan.op == "replace" and plan.old_public is not None:
+        for pair in await kps.store.list_keypairs(server.account, record.owner):
+            if pair.fingerprint == plan.old_public.fingerprint:
+                replaced = pair.keypair_id
+    await kps.store.bind(record.keypair_id, server.server_id, ctx.now(), ctx.task_id,
+                         replaces=replaced)
+    if plan.op == "reset":
+        await kps.store.unbind_all_on(server.server_id, keep=record.keypair_id)
+
+
+def _job(op: str) -> None:
+    async def handler(ctx: JobContext, args: dict[str, Any]) -> dict[str, Any]:
+        return await run_operation(ctx, args, op)
+
+    handler.__doc__ = {
+        "bind": "Install a key pair on servers (optionally turn password login off).",
+        "replace": "Swap the bound key pair for a new one (auth: the old private key).",
+        "reset": "Install a key pair when the old private key is lost (auth: password).",
+        "unbind": "Remove a key pair from servers (optionally turn password login on).",
+    }[op]
+    JOBS.job(f"kps.{op}", validate=_validator(op), secret_fields=("auth",))(handler)
+
+
+for _op in OPERATIONS:
+    _job(_op)
+
+
+def settings_timeouts(settings: Settings) -> Timeouts:
+    k = settings.kps
+    return Timeouts(k.connect_timeout, k.login_timeout, k.command_timeout)
+
+
+@asynccontextmanager
+async def open_kps(settings: Settings) -> AsyncIterator[KpsService]:
+    """A KPS service for one command or script (KMS opened lazily); closed on exit."""
+    from handlers.kms import open_kms
+
+    async with open_kms(settings) as kms:
+        store = await SqliteKpsStore.open(settings.db_path)
+        try:
+            yield KpsService(store, kms, settings.kps)
+        finally:
+            await store.close()

@@ -1,0 +1,305 @@
+"""CSMS rules as pure functions: names, values, stages, periods, generated values.
+
+Everything here decides without I/O, so the CLI checks input before it opens
+anything (bad input changes nothing) and the service applies the same checks.
+Stage moves are computed here too: :func:`move_stage` takes the stage map of a
+secret and returns the new one, keeping the invariant that a stage names one
+version at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import string
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Any
+
+from engine.errors import InvalidInput
+
+NAME = re.compile(r"^[a-zA-Z0-9._-]{1,64}$")
+STAGE = re.compile(r"^[a-zA-Z0-9._-]{1,64}$")
+VERSION_ID = re.compile(r"^v[1-9][0-9]{0,9}$")
+MAX_VALUE_BYTES = 32 * 1024
+MAX_DESCRIPTION = 2048
+RECOVERY_DAYS = (7, 30)
+PERIOD_HOURS = (6, 8760)
+GENERATE_LENGTH = (8, 4096)
+DEFAULT_GENERATE_LENGTH = 32
+MAX_STAGES_PER_SECRET = 20
+MAX_VERSIONS = 100  # older versions without a stage are pruned past this
+DEFAULT_KMS_KEY = "csms/default"
+# A rotation that failed is tried again at most this long after (or one period, if shorter).
+RETRY_FAILED_AFTER = timedelta(hours=1)
+
+CURRENT = "SYSCURRENT"
+PREVIOUS = "SYSPREVIOUS"
+PENDING = "SYSPENDING"
+PROTECTED_STAGES = frozenset({CURRENT, PREVIOUS})
+
+
+class SecretType(StrEnum):
+    COMMON = "COMMON"
+    RDS_POSTGRESQL = "RDS_POSTGRESQL"
+    RDS_MYSQL = "RDS_MYSQL"
+
+
+# The database engines a value document may name, per secret type.
+ENGINES = {
+    SecretType.RDS_POSTGRESQL: frozenset({"postgresql", "postgres"}),
+    SecretType.RDS_MYSQL: frozenset({"mysql", "mariadb", "taurusdb"}),
+}
+
+# Symbols that need no quoting in SQL literals, URLs or shells' double quotes.
+SAFE_SYMBOLS = "!#%+,-.:=?^_~"
+CHARSETS: dict[str, str] = {
+    "alphanumeric": string.ascii_letters + string.digits,
+    "alphanumeric-symbols": string.ascii_letters + string.digits + SAFE_SYMBOLS,
+    "hex": "0123456789abcdef",
+    "digits": string.digits,
+    "printable": "".join(c for c in string.printable if c.isprintable() and c != " "),
+}
+DEFAULT_CHARSET = "alphanumeric-symbols"
+
+
+class SecretState(StrEnum):
+    ENABLED = "enabled"
+    PENDING_DELETION = "pending_deletion"
+
+
+def check_name(name: object) -> str:
+    if not isinstance(name, str) or not NAME.match(name):
+        raise InvalidInput(
+            f"invalid secret name {_show(name)}: use 1-64 letters, digits, '.', '_' or '-'",
+            code="invalid_secret_name",
+        )
+    return name
+
+
+def check_stage(stage: object) -> str:
+    if not isinstance(stage, str) or not STAGE.match(stage):
+        raise InvalidInput(
+            f"invalid stage {_show(stage)}: use 1-64 letters, digits, '.', '_' or '-'",
+            code="invalid_stage",
+        )
+    return stage
+
+
+def check_version_id(version_id: object) -> str:
+    if not isinstance(version_id, str) or not VERSION_ID.match(version_id):
+        raise InvalidInput(
+            f"invalid version id {_show(version_id)}: version ids look like v1, v2, ...",
+            code="invalid_version_id",
+        )
+    return version_id
+
+
+def check_type(kind: object) -> SecretType:
+    try:
+        return SecretType(str(kind))
+    except ValueError:
+        raise InvalidInput(
+            f"invalid secret type {_show(kind)}: use COMMON, RDS_POSTGRESQL or RDS_MYSQL",
+            code="invalid_secret_type",
+        ) from None
+
+
+def check_description(text: object) -> str:
+    if not isinstance(text, str) or len(text) > MAX_DESCRIPTION:
+        raise InvalidInput(f"the description must be text of at most {MAX_DESCRIPTION} "
+                           "characters", code="invalid_description")
+    return text
+
+
+def check_recovery_days(days: object) -> int:
+    low, high = RECOVERY_DAYS
+    if isinstance(days, bool) or not isinstance(days, int) or not low <= days <= high:
+        raise InvalidInput(f"--recovery-days must be between {low} and {high}, got {days}",
+                           code="invalid_recovery_days")
+    return days
+
+
+def parse_period(text: object) -> int:
+    """A rotation period (``6h``..``8760h``, or ``1d``..``365d``) in seconds."""
+    low, high = PERIOD_HOURS
+    if isinstance(text, str):
+        m = re.fullmatch(r"\s*([0-9]{1,6})\s*([hd])\s*", text)
+        if m:
+            hours = int(m.group(1)) * (24 if m.group(2) == "d" else 1)
+            if low <= hours <= high:
+                return hours * 3600
+    raise InvalidInput(f"--period must be between {low}h and {high}h (e.g. 24h or 30d), "
+                       f"got {_show(text)}", code="invalid_rotation_period")
+
+
+def check_value(value: object, kind: SecretType) -> bytes:
+    """A secret value: 1 byte to 32 KiB; for RDS types a connection document."""
+    if not isinstance(value, bytes | bytearray):
+        raise InvalidInput("a secret value must be bytes", code="invalid_secret_value")
+    if not value:
+        raise InvalidInput("the secret value is empty", code="invalid_secret_value")
+    if len(value) > MAX_VALUE_BYTES:
+        # The size only: the value itself never goes into an error.
+        raise InvalidInput(f"the secret value is over {MAX_VALUE_BYTES} bytes (32 KiB)",
+                           code="secret_value_too_large")
+    if kind is not SecretType.COMMON:
+        parse_db_document(bytes(value), kind)
+    return bytes(value)
+
+
+@dataclass(frozen=True, repr=False)
+class DbDocument:
+    """The value of an RDS secret: where to log in, and as whom."""
+
+    engine: str
+    host: str
+    port: int
+    username: str
+    password: str
+    dbname: str
+    extra: Mapping[str, Any]
+
+    def __repr__(self) -> str:  # the password must never reach a log line
+        return (f"DbDocument(engine={self.engine!r}, host={self.host!r}, port={self.port}, "
+                f"username={self.username!r}, dbname={self.dbname!r})")
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def with_password(self, password: str) -> DbDocument:
+        return DbDocument(self.engine, self.host, self.port, self.username, password,
+                          self.dbname, self.extra)
+
+    def to_bytes(self) -> bytes:
+        doc = {**self.extra, "engine": self.engine, "host": self.host, "port": self.port,
+               "username": self.username, "password": self.password, "dbname": self.dbname}
+        return json.dumps(doc, separators=(",", ":")).encode("utf-8")
+
+
+def parse_db_document(value: bytes, kind: SecretType) -> DbDocument:
+    """Check an RDS secret value; errors name the field, never its content."""
+    try:
+        doc = json.loads(value)
+    except (ValueError, UnicodeDecodeError):
+        doc = None
+    if not isinstance(doc, dict):
+        raise InvalidInput(
+            f"a {kind} secret value must be a JSON object with engine, host, port, username, "
+            "password and dbname", code="invalid_db_document")
+    for field in ("engine", "host", "username", "password"):
+        if not isinstance(doc.get(field), str) or not doc[field]:
+            raise InvalidInput(f"the {kind} secret value needs a non-empty text field "
+                               f"{field!r}", code="invalid_db_document")
+    engines = ENGINES[kind]
+    if doc["engine"].lower() not in engines:
+        raise InvalidInput(f"engine must be one of {', '.join(sorted(engines))} for {kind}",
+                           code="invalid_db_document")
+    port = doc.get("port")
+    if isinstance(port, str) and port.isdigit():
+        port = int(port)
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise InvalidInput("port must be a number between 1 and 65535",
+                           code="invalid_db_document")
+    dbname = doc.get("dbname", "")
+    if not isinstance(dbname, str):
+        raise InvalidInput("dbname must be text", code="invalid_db_document")
+    extra = {k: v for k, v in doc.items()
+             if k not in {"engine", "host", "port", "username", "password", "dbname"}}
+    return DbDocument(doc["engine"].lower(), doc["host"], port, doc["username"],
+                      doc["password"], dbname, extra)
+
+
+def check_charset(name: object) -> str:
+    if not isinstance(name, str) or name not in CHARSETS:
+        raise InvalidInput(f"--charset must be one of {', '.join(CHARSETS)}, got {_show(name)}",
+                           code="invalid_charset")
+    return CHARSETS[name]
+
+
+def check_length(length: object) -> int:
+    low, high = GENERATE_LENGTH
+    if isinstance(length, bool) or not isinstance(length, int) or not low <= length <= high:
+        raise InvalidInput(f"--length must be between {low} and {high}, got {length}",
+                           code="invalid_length")
+    return length
+
+
+def generate_value(length: int = DEFAULT_GENERATE_LENGTH,
+                   charset: str = CHARSETS[DEFAULT_CHARSET]) -> str:
+    """A random value from the OS CSPRNG; with letters and digits in it when the set has them."""
+    while True:
+        value = "".join(secrets.choice(charset) for _ in range(length))
+        # Databases with password policies want mixed classes; retry the rare miss.
+        classes = [c for c in (string.ascii_lowercase, string.ascii_uppercase, string.digits)
+                   if set(c) & set(charset)]
+        if length < len(classes) * 2 or all(set(value) & set(c) for c in classes):
+            return value
+
+
+def version_id(seq: int) -> str:
+    return f"v{seq}"
+
+
+# --------------------------------------------------------------------------- stages
+
+StageMap = dict[str, str]  # stage -> version id
+
+
+def move_stage(stages: Mapping[str, str], stage: str, version: str) -> StageMap:
+    """Put ``stage`` on ``version``. Moving SYSCURRENT hands SYSPREVIOUS to the old current."""
+    out = dict(stages)
+    old = out.get(stage)
+    if old == version:
+        return out
+    out[stage] = version
+    if stage == CURRENT and old is not None:
+        out[PREVIOUS] = old
+    return out
+
+
+def remove_stage(stages: Mapping[str, str], stage: str, version: str | None = None) -> StageMap:
+    if stage in PROTECTED_STAGES:
+        raise InvalidInput(
+            f"{stage} cannot be removed: a secret always has a current version and keeps "
+            "the one before",
+            code="stage_protected",
+            fix=f"Move {stage} to another version with set-stage instead.",
+        )
+    if stage not in stages:
+        raise InvalidInput(f"no version has the stage {stage}", code="stage_not_found")
+    if version is not None and stages[stage] != version:
+        raise InvalidInput(f"the stage {stage} is on {stages[stage]}, not on {version}",
+                           code="stage_not_on_version")
+    return {s: v for s, v in stages.items() if s != stage}
+
+
+def check_stage_count(stages: Mapping[str, str]) -> None:
+    if len(stages) > MAX_STAGES_PER_SECRET:
+        raise InvalidInput(f"a secret has at most {MAX_STAGES_PER_SECRET} stages",
+                           code="too_many_stages")
+
+
+def stages_of(stages: Mapping[str, str], version: str) -> list[str]:
+    order = {CURRENT: 0, PREVIOUS: 1, PENDING: 2}
+    return sorted((s for s, v in stages.items() if v == version),
+                  key=lambda s: (order.get(s, 3), s))
+
+
+# --------------------------------------------------------------------------- schedules
+
+
+def next_after_failure(now: datetime, period_s: int | None) -> datetime | None:
+    """When a failed scheduled rotation is tried again (None: rotation is off)."""
+    if period_s is None:
+        return None
+    return now + min(RETRY_FAILED_AFTER, timedelta(seconds=period_s))
+
+
+def _show(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."

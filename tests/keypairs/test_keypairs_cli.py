@@ -1,0 +1,115 @@
+"""Key pairs through the CLI: formats proven with ssh-keygen and puttygen, bad input."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from engine.settings import Settings
+from tests.helpers import run_dew
+from tests.keypairs.conftest import dew_ok
+
+ALGORITHMS = ["SSH_ED25519", "ECDSA_NISTP256", "ECDSA_NISTP384", "ECDSA_NISTP521",
+              "SSH_RSA_2048"]
+
+
+def _count(settings: Settings, table: str) -> int:
+    if not settings.db_path.exists():
+        return 0
+    with sqlite3.connect(settings.db_path) as db:
+        try:
+            return int(db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
+        except sqlite3.OperationalError:
+            return 0
+
+
+@pytest.mark.slow
+def test_create_fingerprints_and_ppk_both_ways(kps_settings: Settings, tmp_path: Path) -> None:
+    s = kps_settings
+    for alg in ALGORITHMS:
+        out = tmp_path / alg
+        data = dew_ok(s, "keypairs", "create", alg.lower().replace("_", "-"), "--algorithm",
+                      alg, "--managed", "--out", str(out))
+        assert out.stat().st_mode & 0o777 == 0o600
+        keygen = subprocess.run(["ssh-keygen", "-lf", f"{out}.pub"], capture_output=True,
+                                text=True, check=True).stdout.strip()
+        assert keygen == data["keygen"] and data["fingerprint"] in keygen
+        # ssh-keygen derives the same public key from our private key file.
+        derived = subprocess.run(["ssh-keygen", "-y", "-f", str(out)], capture_output=True,
+                                 text=True, check=True).stdout.split()[1]
+        assert derived == str(data["public_key"]).split()[1]
+        # ours -> .ppk -> puttygen -> OpenSSH: same key.
+        ppk = tmp_path / f"{alg}.ppk"
+        dew_ok(s, "keypairs", "convert", str(out), "--to", "ppk", "--out", str(ppk))
+        assert ppk.read_text().startswith("PuTTY-User-Key-File-3: ")
+        back = subprocess.run(["puttygen", str(ppk), "-O", "public-openssh"],
+                              capture_output=True, text=True, check=True).stdout.split()[1]
+        assert back == derived
+        # puttygen -> .ppk v2 and v3 -> ours -> OpenSSH: same key.
+        for version in ("2", "3"):
+            theirs = tmp_path / f"{alg}.v{version}.ppk"
+            subprocess.run(["puttygen", str(out), "--ppk-param", f"version={version}", "-O",
+                            "private", "-o", str(theirs)], check=True, capture_output=True)
+            converted = tmp_path / f"{alg}.v{version}.key"
+            dew_ok(s, "keypairs", "convert", str(theirs), "--to", "openssh", "--out",
+                   str(converted))
+            again = subprocess.run(["ssh-keygen", "-y", "-f", str(converted)],
+                                   capture_output=True, text=True, check=True).stdout.split()[1]
+            assert again == derived
+    # export-private gives the managed key again, identical.
+    exported = tmp_path / "exported"
+    dew_ok(s, "keypairs", "export-private", "ssh-ed25519", "--out", str(exported))
+    assert exported.read_bytes() == (tmp_path / "SSH_ED25519").read_bytes()
+
+
+@pytest.mark.slow
+def test_import_forms_scope_and_refusals(kps_settings: Settings, tmp_path: Path) -> None:
+    s = kps_settings
+    key = tmp_path / "id"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "me@host", "-f",
+                    str(key)], check=True)
+    rfc = tmp_path / "id.rfc"
+    subprocess.run(["puttygen", str(key), "-O", "public", "-o", str(rfc)], check=True)
+    assert rfc.read_text().startswith("---- BEGIN SSH2 PUBLIC KEY ----")
+    a = dew_ok(s, "keypairs", "import", "from-rfc", "--public-key", str(rfc))
+    b = dew_ok(s, "keypairs", "import", "from-openssh", "--public-key", f"{key}.pub",
+               "--private-key", str(key))
+    assert a["fingerprint"] == b["fingerprint"] and b["managed"] is True
+    other = tmp_path / "other"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
+    before = _count(s, "kps_keypairs")
+    bad = run_dew(s, "keypairs", "import", "mismatch", "--public-key", f"{key}.pub",
+                  "--private-key", str(other))
+    assert bad.returncode == 2
+    assert bad.stderr.startswith(
+        "dew: error: The imported private key does not match the public key.")
+    assert bad.stderr.count("\n") == 1
+    bad = run_dew(s, "keypairs", "import", "typ", "--public-key", f"{key}.pub", "--type", "pgp")
+    assert bad.returncode == 2 and "Invalid key pair type." in bad.stderr
+    for args in (["create", "bad name!"], ["create", "x", "--algorithm", "DSA"],
+                 ["import", "x", "--public-key", str(tmp_path / "missing")],
+                 ["import", "x", "--public-key", str(key)]):
+        bad = run_dew(s, "keypairs", *args)
+        assert bad.returncode == 2, (args, bad.stderr)
+        assert bad.stderr.startswith("dew: error: Invalid parameter."), bad.stderr
+        assert bad.stderr.count("\n") == 1
+    assert _count(s, "kps_keypairs") == before  # nothing stored on any error
+    # Scope: alice's user pair is hers; upgrade makes it the account's; a clash is refused.
+    dew_ok(s, "keypairs", "create", "shared", "--user", "alice", "--out", str(tmp_path / "sh"))
+    assert run_dew(s, "keypairs", "show", "shared", "--user", "bob").returncode == 2
+    dew_ok(s, "keypairs", "create", "dup", "--user", "alice", "--out", str(tmp_path / "d1"))
+    dew_ok(s, "keypairs", "create", "dup", "--user", "bob", "--out", str(tmp_path / "d2"))
+    assert dew_ok(s, "keypairs", "upgrade", "shared", "--user", "alice")["scope"] == "account"
+    assert dew_ok(s, "keypairs", "show", "shared", "--user", "bob")["scope"] == "account"
+    assert run_dew(s, "keypairs", "upgrade", "dup", "--user", "alice").returncode == 1
+    listed = json.loads(run_dew(s, "keypairs", "list", "--user", "bob", "--json").stdout)
+    assert sorted(p["name"] for p in listed) == ["dup", "shared"]
+    # Unmanaged private keys are never stored.
+    with sqlite3.connect(s.db_path) as db:
+        rows = db.execute("SELECT name, managed, private_key FROM kps_keypairs").fetchall()
+    assert all((m == 0) == (p is None) for _, m, p in rows)
+    assert all(p is None or "PRIVATE KEY" not in p for _, _, p in rows)

@@ -1,0 +1,126 @@
+"""The pure parts: authorized_keys and sshd_config transforms, os-release (no I/O)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from handlers import authorized_keys as ak
+from handlers import ssh_keys
+from handlers.os_release import default_reload_command, parse_os_release
+from handlers.sshd_config import effective, password_login_enabled, set_password_login
+
+
+def _key(comment: str = "") -> ssh_keys.PublicKey:
+    return ssh_keys.public_key_of(
+        ssh_keys.generate_private_key("SSH_ED25519", os.urandom(96)), comment)
+
+
+K, OTHER = _key("k"), _key("other")
+FILES = [
+    "",
+    "\n",
+    "# only a comment",
+    "# c\r\nssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAAAgQC7 junk\r\n",
+    f"{OTHER.openssh()}\n\n# note\n",
+    f"{OTHER.openssh()}",
+    f'command="echo hi there",no-pty {OTHER.openssh()}\n   \n\tgarbage line\n',
+    f"{OTHER.openssh()}\n{OTHER.openssh()}\n",
+    "\n\n\n# trailing blank lines\n\n",
+]
+
+
+@pytest.mark.parametrize("text", FILES)
+def test_add_is_idempotent_and_remove_restores(text: str) -> None:
+    added = ak.add_key(text, K, "k")
+    assert ak.count_key(added, K) == 1
+    assert ak.add_key(added, K, "k") == added  # twice: once
+    assert added.startswith(text)  # nothing before it changed
+    removed = ak.remove_key(added, K)
+    expected = text if not text or text.endswith("\n") else text + "\n"
+    assert removed == expected
+    assert ak.remove_key(text, K) == text  # removing an absent key changes nothing
+
+
+@pytest.mark.parametrize("text", FILES)
+def test_remove_keeps_every_other_line_byte_for_byte(text: str) -> None:
+    variants = [K.openssh(), K.openssh("other comment"), f'from="10.0.0.1" {K.openssh()}',
+                f'command="a b \\" c" {K.openssh("x")}\r']
+    for variant in variants:
+        placements = [variant + "\n" + text]
+        if text.endswith("\n"):
+            placements.append(text + variant + "\n")
+        for mixed in placements:
+            assert ak.has_key(mixed, K)
+            assert ak.remove_key(mixed, K) == text
+
+
+def test_same_key_other_comment_is_not_added_twice() -> None:
+    text = K.openssh("a comment someone else wrote") + "\n"
+    assert ak.add_key(text, K, "k") == text
+
+
+def test_replace_key() -> None:
+    text = f"# x\n{OTHER.openssh()}\n"
+    new = _key("new")
+    replaced = ak.replace_key(text, OTHER, new, "new")
+    assert ak.has_key(replaced, new) and not ak.has_key(replaced, OTHER)
+    assert replaced.startswith("# x\n")
+    assert ak.replace_key(replaced, OTHER, new) == replaced
+
+
+def test_crlf_file_keeps_crlf() -> None:
+    text = f"{OTHER.openssh()}\r\n"
+    assert ak.add_key(text, K) == text + K.openssh() + "\r\n"
+
+
+DEBIAN = ("Include /etc/ssh/sshd_config.d/*.conf\n\n#PasswordAuthentication yes\n"
+          "KbdInteractiveAuthentication no\nUsePAM yes\nX11Forwarding yes\n"
+          "Match User backup\n    PasswordAuthentication yes\n")
+
+
+@pytest.mark.parametrize("text", [
+    "", "Port 22\n", "PasswordAuthentication yes\n", "passwordauthentication=yes\nPort 22",
+    DEBIAN, "# comment\n\nPasswordAuthentication no\nPasswordAuthentication yes\n",
+    "Port 22\r\nPasswordAuthentication  yes\r\n",
+])
+def test_password_login_switch(text: str) -> None:
+    off = set_password_login(text, False)
+    assert not password_login_enabled(off)
+    assert effective(off, "KbdInteractiveAuthentication") == "no"
+    assert set_password_login(off, False) == off  # idempotent
+    on = set_password_login(off, True)
+    assert password_login_enabled(on)
+    assert set_password_login(on, True) == on
+    # Lines we did not need are untouched (Match blocks included).
+    for line in text.splitlines():
+        if "assword" not in line.split("#")[0] and "bdInteractive" not in line:
+            assert line in off.splitlines()
+
+
+def test_password_switch_beats_include_and_keeps_match() -> None:
+    off = set_password_login(DEBIAN, False)
+    first = next(ln for ln in off.splitlines() if ln and not ln.startswith("#"))
+    assert first.startswith(("PasswordAuthentication no", "KbdInteractiveAuthentication no"))
+    assert "Match User backup\n    PasswordAuthentication yes\n" in off
+
+
+def test_suse_also_turns_pam_off() -> None:
+    off = set_password_login("UsePAM yes\n", False, suse=True)
+    assert effective(off, "UsePAM") == "no"
+    assert effective(set_password_login(off, True, suse=True), "UsePAM") == "yes"
+
+
+@pytest.mark.parametrize(("text", "supported", "reload"), [
+    ('ID=debian\nVERSION_ID="12"\n', True, "systemctl reload ssh"),
+    ('ID=ubuntu\nVERSION_ID="14.04"\n', True, "service ssh restart"),
+    ('ID="centos"\nVERSION_ID="7"\n', True, "systemctl reload sshd"),
+    ('ID="sles"\nVERSION_ID="15"\n', True, "systemctl reload sshd"),
+    ("ID=alpine\n", False, "systemctl reload sshd"),
+    ("", False, "systemctl reload sshd"),
+])
+def test_os_release(text: str, supported: bool, reload: str) -> None:
+    info = parse_os_release(text)
+    assert info.supported is supported
+    assert default_reload_command(info, True) == reload

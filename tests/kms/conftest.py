@@ -1,0 +1,102 @@
+"""Fixtures for KMS tests: the process's shared SoftHSM token, a registry per test,
+an injectable clock, and settings that let subprocesses (CLI, worker) use the
+same token.
+
+SoftHSM reads SOFTHSM2_CONF once per process, so everything in this process
+uses ``shared_softhsm_config()``. A ``dew`` subprocess finds its token through
+``STATE/hsm/softhsm2.conf``; ``kms_settings`` writes that file naming the shared
+token directory (and copies the PIN file), so the CLI, a worker and this
+process all see the same keys, and the same task store database.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from engine.crypto import CryptoCore, HsmConfig
+from engine.kms_store import SqliteKmsStore
+from engine.settings import Settings
+from handlers.kms import KmsService
+
+
+class FakeClock:
+    """A clock tests move by hand (no sleeping)."""
+
+    def __init__(self, start: datetime | None = None) -> None:
+        self.now = start or datetime.now(UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, **delta: float) -> datetime:
+        self.now += timedelta(**delta)
+        return self.now
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+async def core(hsm_config: HsmConfig) -> AsyncIterator[CryptoCore]:
+    async with CryptoCore(hsm_config) as c:
+        yield c
+
+
+async def _destroy_leftovers(store: SqliteKmsStore, core: CryptoCore) -> None:
+    # The token is shared by the whole session: remove what this test created.
+    rows = await store._fetchall(  # test cleanup reads the registry directly
+        "SELECT token_label FROM kms_key_versions WHERE destroyed_at IS NULL")
+    for row in rows:
+        await core.destroy_key(str(row[0]))
+
+
+@pytest.fixture
+async def kms_store(tmp_path: Path) -> AsyncIterator[SqliteKmsStore]:
+    store = await SqliteKmsStore.open(tmp_path / "kms" / "dew.sqlite3")
+    yield store
+    await store.close()
+
+
+@pytest.fixture
+async def kms(
+    kms_store: SqliteKmsStore, core: CryptoCore, clock: FakeClock
+) -> AsyncIterator[KmsService]:
+    """A service with a fake clock and unbuffered audit (each entry written at once)."""
+    service = KmsService(kms_store, core, clock=clock, actor="test", audit_flush_interval=0)
+    yield service
+    await service.close()
+    await _destroy_leftovers(kms_store, core)
+
+
+@pytest.fixture
+async def kms_settings(settings: Settings, hsm_config: HsmConfig) -> AsyncIterator[Settings]:
+    """The linked settings; keys that subprocesses made are destroyed afterwards."""
+    linked = settings
+    yield linked
+    if linked.db_path.exists():  # keys made by subprocesses (CLI, worker)
+        store = await SqliteKmsStore.open(linked.db_path)
+        try:
+            async with CryptoCore(hsm_config) as c:
+                await _destroy_leftovers(store, c)
+        finally:
+            await store.close()
+
+
+@pytest.fixture
+async def shared_kms(
+    kms_settings: Settings, core: CryptoCore, clock: FakeClock
+) -> AsyncIterator[KmsService]:
+    """A service on ``kms_settings``' database: what the CLI and workers see too."""
+    store = await SqliteKmsStore.open(kms_settings.db_path)
+    service = KmsService(store, core, clock=clock, actor="test", audit_flush_interval=0,
+                         cache_ttl=0)
+    yield service
+    await service.close()
+    await _destroy_leftovers(store, core)
+    await store.close()
