@@ -11,25 +11,22 @@ leave a stage on two versions or lose SYSCURRENT.
 
 Only ciphertext is stored: a version row holds the KMS-encrypted data key,
 the nonce and the AES-GCM ciphertext, never a value. sqlite3 errors become
-engine errors in :func:`_mapped` and nowhere else.
+engine errors in :func:`engine.sqlite_db.sqlite_errors` and nowhere else.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sqlite3
-from collections.abc import AsyncIterator, Iterable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import aiosqlite
-
-from engine.errors import BackendUnavailable, ConfigError, Conflict, DewError
+from engine.errors import Conflict
 from engine.models import iso, parse_iso
+from engine.sqlite_db import SqliteDb
 
 SECRET_COLUMNS = (
     "secret_id, account, name, secret_type, kms_key, description, state, created_at, "
@@ -84,11 +81,10 @@ class VersionRecord:
         return f"VersionRecord({self.secret_id!r}, {self.version_id!r})"
 
 
-class SqliteCsmsStore:
-    def __init__(self, conn: aiosqlite.Connection, path: Path) -> None:
-        self._conn = conn
-        self._path = path
-        self._tx_lock = asyncio.Lock()
+class SqliteCsmsStore(SqliteDb):
+    what = "the secrets store"
+    conflict_code = "csms_store_conflict"
+    conflict_fix = "Retry; another process changed the same secret at the same time."
 
     @classmethod
     async def open(cls, path: Path) -> SqliteCsmsStore:
@@ -97,21 +93,7 @@ class SqliteCsmsStore:
 
         tasks = await SqliteTaskStore.open(path)
         await tasks.close()
-        async with _mapped(path):
-            conn = await aiosqlite.connect(str(path), isolation_level=None)
-        try:
-            async with _mapped(path):
-                conn.row_factory = aiosqlite.Row
-                await conn.execute("PRAGMA busy_timeout = 15000")
-                await conn.execute("PRAGMA journal_mode = WAL")
-                await conn.execute("PRAGMA synchronous = NORMAL")
-            return cls(conn, path)
-        except BaseException:
-            await conn.close()  # its thread would keep the process alive
-            raise
-
-    async def close(self) -> None:
-        await self._conn.close()
+        return await cls.connect(path)
 
     # --- secrets ---------------------------------------------------------------------
 
@@ -133,14 +115,14 @@ class SqliteCsmsStore:
         return True
 
     async def get_secret(self, account: str, name: str) -> SecretRecord | None:
-        async with _mapped(self._path):
+        async with self._mapped():
             row = await self._fetchone(
                 f"SELECT {SECRET_COLUMNS} FROM csms_secrets WHERE account = ? AND name = ?",
                 (account, name))
         return None if row is None else _secret(row)
 
     async def list_secrets(self, account: str) -> list[SecretRecord]:
-        async with _mapped(self._path):
+        async with self._mapped():
             rows = await self._fetchall(
                 f"SELECT {SECRET_COLUMNS} FROM csms_secrets WHERE account = ? ORDER BY name",
                 (account,))
@@ -180,7 +162,7 @@ class SqliteCsmsStore:
 
     async def due_rotations(self, before: datetime, limit: int = 1000) -> list[SecretRecord]:
         """Enabled secrets whose next rotation is at or before ``before``, earliest first."""
-        async with _mapped(self._path):
+        async with self._mapped():
             rows = await self._fetchall(
                 f"SELECT {SECRET_COLUMNS} FROM csms_secrets WHERE next_rotation_at IS NOT NULL "
                 "AND next_rotation_at <= ? AND state = 'enabled' "
@@ -188,7 +170,7 @@ class SqliteCsmsStore:
         return [_secret(r) for r in rows]
 
     async def due_deletions(self, now: datetime) -> list[SecretRecord]:
-        async with _mapped(self._path):
+        async with self._mapped():
             rows = await self._fetchall(
                 f"SELECT {SECRET_COLUMNS} FROM csms_secrets WHERE state = 'pending_deletion' "
                 "AND deletion_date <= ? ORDER BY deletion_date", (iso(now),))
@@ -210,18 +192,18 @@ class SqliteCsmsStore:
     # --- versions and stages ---------------------------------------------------------
 
     async def stages(self, secret_id: str) -> dict[str, str]:
-        async with _mapped(self._path):
+        async with self._mapped():
             return await self._stages(secret_id)
 
     async def versions(self, secret_id: str) -> list[VersionRecord]:
-        async with _mapped(self._path):
+        async with self._mapped():
             rows = await self._fetchall(
                 f"SELECT {VERSION_COLUMNS} FROM csms_versions WHERE secret_id = ? "
                 "ORDER BY seq", (secret_id,))
         return [_version(r) for r in rows]
 
     async def get_version(self, secret_id: str, version_id: str) -> VersionRecord | None:
-        async with _mapped(self._path):
+        async with self._mapped():
             row = await self._fetchone(
                 f"SELECT {VERSION_COLUMNS} FROM csms_versions WHERE secret_id = ? "
                 "AND version_id = ?", (secret_id, version_id))
@@ -363,53 +345,7 @@ class SqliteCsmsStore:
             (v.secret_id, v.version_id, v.seq, iso(v.created_at), v.kms_key_id, v.wrapped_dek,
              v.nonce, v.ciphertext))
 
-    async def _fetchone(self, sql: str, params: Iterable[Any] = ()) -> sqlite3.Row | None:
-        async with self._conn.execute(sql, tuple(params)) as cursor:
-            return await cursor.fetchone()
 
-    async def _fetchall(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
-        async with self._conn.execute(sql, tuple(params)) as cursor:
-            return list(await cursor.fetchall())
-
-    @asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[None]:
-        async with self._tx_lock, _mapped(self._path):
-            await self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield
-            except BaseException:
-                await self._conn.execute("ROLLBACK")
-                raise
-            await self._conn.execute("COMMIT")
-
-
-@asynccontextmanager
-async def _mapped(path: Path) -> AsyncIterator[None]:
-    """The one place sqlite3 errors of the CSMS store become engine errors."""
-    try:
-        yield
-    except DewError:
-        raise
-    except sqlite3.IntegrityError as exc:
-        raise Conflict("the secrets store refused a conflicting write", cause=str(exc),
-                       code="csms_store_conflict",
-                       fix="Retry; another process changed the same secret at the same time.",
-                       ) from None
-    except sqlite3.OperationalError as exc:
-        text = str(exc)
-        busy = "locked" in text or "busy" in text
-        raise BackendUnavailable(
-            f"the secrets store {path} is busy" if busy
-            else f"the secrets store {path} cannot be used: {text}",
-            cause=text,
-            fix="Retry; another process holds a long write lock." if busy
-            else "Check that the state directory exists and is writable.",
-        ) from None
-    except sqlite3.DatabaseError as exc:
-        raise ConfigError(
-            f"{path} is not a usable task store: {exc}",
-            fix="Point DEW_STATE_DIR at a directory holding a dew-engine task store.",
-        ) from None
 
 
 def _marks(n: int) -> str:

@@ -20,26 +20,22 @@ the newest entries is caught too. The chain is unkeyed: it detects an edit
 or a deletion by someone who does not also recompute every later hash (a
 keyed chain, an HMAC in the HSM, would close that gap).
 
-sqlite3 errors become engine errors in :func:`_mapped` and nowhere else.
+sqlite3 errors become engine errors in :func:`engine.sqlite_db.sqlite_errors` and nowhere else.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import sqlite3
-from collections.abc import AsyncIterator, Iterable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-import aiosqlite
-
-from engine.errors import BackendUnavailable, ConfigError, Conflict, DewError
 from engine.models import iso, parse_iso
+from engine.sqlite_db import SqliteDb
 
 GENESIS_HASH = "0" * 64
 KEY_COLUMNS = (
@@ -190,11 +186,10 @@ class KmsStore(Protocol):
     async def verify_audit(self) -> AuditVerdict: ...
 
 
-class SqliteKmsStore:
-    def __init__(self, conn: aiosqlite.Connection, path: Path) -> None:
-        self._conn = conn
-        self._path = path
-        self._tx_lock = asyncio.Lock()
+class SqliteKmsStore(SqliteDb):
+    what = "the KMS registry"
+    conflict_code = "kms_registry_conflict"
+    conflict_fix = "Retry; another process changed the same key at the same time."
 
     @classmethod
     async def open(cls, path: Path) -> SqliteKmsStore:
@@ -204,21 +199,7 @@ class SqliteKmsStore:
 
         tasks = await SqliteTaskStore.open(path)
         await tasks.close()
-        async with _mapped(path):
-            conn = await aiosqlite.connect(str(path), isolation_level=None)
-        try:
-            async with _mapped(path):
-                conn.row_factory = aiosqlite.Row
-                await conn.execute("PRAGMA busy_timeout = 15000")
-                await conn.execute("PRAGMA journal_mode = WAL")
-                await conn.execute("PRAGMA synchronous = NORMAL")
-            return cls(conn, path)
-        except BaseException:
-            await conn.close()  # its thread would keep the process alive
-            raise
-
-    async def close(self) -> None:
-        await self._conn.close()
+        return await cls.connect(path)
 
     # --- keys ------------------------------------------------------------------------
 
@@ -256,13 +237,13 @@ class SqliteKmsStore:
         return "created"
 
     async def get_key(self, key_id: str) -> KeyRecord | None:
-        async with _mapped(self._path):
+        async with self._mapped():
             row = await self._fetchone(
                 f"SELECT {KEY_COLUMNS} FROM kms_keys WHERE key_id = ?", (key_id,))
         return None if row is None else _key(row)
 
     async def find_alias(self, account: str, alias: str) -> KeyRecord | None:
-        async with _mapped(self._path):
+        async with self._mapped():
             row = await self._fetchone(
                 f"SELECT {KEY_COLUMNS} FROM kms_keys WHERE account = ? AND alias = ? "
                 "AND state <> 'deleted'", (account, alias),
@@ -270,7 +251,7 @@ class SqliteKmsStore:
         return None if row is None else _key(row)
 
     async def find_deleted_alias(self, account: str, alias: str) -> KeyRecord | None:
-        async with _mapped(self._path):
+        async with self._mapped():
             row = await self._fetchone(
                 f"SELECT {KEY_COLUMNS} FROM kms_keys WHERE account = ? AND alias = ? "
                 "AND state = 'deleted' ORDER BY deleted_at DESC LIMIT 1", (account, alias),
@@ -283,12 +264,12 @@ class SqliteKmsStore:
         if state is not None:
             sql += " AND state = ?"
             params += (state,)
-        async with _mapped(self._path):
+        async with self._mapped():
             rows = await self._fetchall(sql + " ORDER BY created_at, key_id", params)
         return [_key(r) for r in rows]
 
     async def count_custom_keys(self, account: str) -> int:
-        async with _mapped(self._path):
+        async with self._mapped():
             row = await self._fetchone(
                 "SELECT COUNT(*) FROM kms_keys WHERE account = ? AND default_key = 0 "
                 "AND state <> 'deleted'", (account,),
@@ -320,7 +301,7 @@ class SqliteKmsStore:
         return record
 
     async def versions(self, key_id: str) -> list[KeyVersion]:
-        async with _mapped(self._path):
+        async with self._mapped():
             rows = await self._fetchall(
                 f"SELECT {VERSION_COLUMNS} FROM kms_key_versions WHERE key_id = ? "
                 "ORDER BY version", (key_id,),
@@ -328,7 +309,7 @@ class SqliteKmsStore:
         return [_version(r) for r in rows]
 
     async def mark_version_destroyed(self, key_id: str, version: int, now: datetime) -> bool:
-        async with self._tx_lock, _mapped(self._path):
+        async with self._tx_lock, self._mapped():
             cursor = await self._conn.execute(
                 "UPDATE kms_key_versions SET destroyed_at = ? WHERE key_id = ? AND version = ? "
                 "AND destroyed_at IS NULL", (iso(now), key_id, version),
@@ -336,7 +317,7 @@ class SqliteKmsStore:
             return int(cursor.rowcount) == 1
 
     async def due_for_deletion(self, now: datetime) -> list[KeyRecord]:
-        async with _mapped(self._path):
+        async with self._mapped():
             rows = await self._fetchall(
                 f"SELECT {KEY_COLUMNS} FROM kms_keys WHERE state = 'pending_deletion' "
                 "AND scheduled_deletion_date <= ? ORDER BY scheduled_deletion_date", (iso(now),),
@@ -344,7 +325,7 @@ class SqliteKmsStore:
         return [_key(r) for r in rows]
 
     async def deleted_with_material(self) -> list[KeyRecord]:
-        async with _mapped(self._path):
+        async with self._mapped():
             rows = await self._fetchall(
                 f"SELECT {KEY_COLUMNS} FROM kms_keys WHERE state = 'deleted' AND key_id IN "
                 "(SELECT key_id FROM kms_key_versions WHERE destroyed_at IS NULL)",
@@ -352,7 +333,7 @@ class SqliteKmsStore:
         return [_key(r) for r in rows]
 
     async def has_deletion_work(self, now: datetime) -> bool:
-        async with _mapped(self._path):
+        async with self._mapped():
             row = await self._fetchone(
                 "SELECT EXISTS (SELECT 1 FROM kms_keys WHERE state = 'pending_deletion' "
                 "AND scheduled_deletion_date <= ?) OR EXISTS (SELECT 1 FROM kms_keys k "
@@ -378,7 +359,7 @@ class SqliteKmsStore:
                 clauses.append(f"{column} = ?")
                 params.append(value)
         where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
-        async with _mapped(self._path):
+        async with self._mapped():
             rows = await self._fetchall(
                 f"SELECT {AUDIT_COLUMNS} FROM (SELECT {AUDIT_COLUMNS} FROM audit {where} "
                 "ORDER BY seq DESC LIMIT ?) ORDER BY seq", (*params, limit),
@@ -389,7 +370,7 @@ class SqliteKmsStore:
         """Walk the whole chain; the first entry that does not fit is reported."""
         expected_seq, prev, count = 1, GENESIS_HASH, 0
         # One read transaction: a concurrent append cannot show a half chain.
-        async with _mapped(self._path), self._tx_lock:
+        async with self._mapped(), self._tx_lock:
             await self._conn.execute("BEGIN")
             try:
                 async with self._conn.execute(
@@ -440,25 +421,6 @@ class SqliteKmsStore:
 
     # --- plumbing --------------------------------------------------------------------
 
-    async def _fetchone(self, sql: str, params: Iterable[Any] = ()) -> sqlite3.Row | None:
-        async with self._conn.execute(sql, tuple(params)) as cursor:
-            return await cursor.fetchone()
-
-    async def _fetchall(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
-        async with self._conn.execute(sql, tuple(params)) as cursor:
-            return list(await cursor.fetchall())
-
-    @asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[None]:
-        async with self._tx_lock, _mapped(self._path):
-            await self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield
-            except BaseException:
-                await self._conn.execute("ROLLBACK")
-                raise
-            await self._conn.execute("COMMIT")
-
 
 def _check_entry(entry: AuditEntry, seq: int, prev: str) -> tuple[int, str] | None:
     if entry.seq != seq:
@@ -472,35 +434,6 @@ def _check_entry(entry: AuditEntry, seq: int, prev: str) -> tuple[int, str] | No
     return None
 
 
-@asynccontextmanager
-async def _mapped(path: Path) -> AsyncIterator[None]:
-    """The one place sqlite3 errors of the KMS store become engine errors."""
-    try:
-        yield
-    except DewError:
-        raise
-    except sqlite3.IntegrityError as exc:
-        raise Conflict(
-            "the KMS registry refused a write that conflicts with another key",
-            cause=str(exc), code="kms_registry_conflict",
-            fix="Retry; another process changed the same key at the same time.",
-        ) from None
-    except sqlite3.OperationalError as exc:
-        text = str(exc)
-        if "locked" in text or "busy" in text:
-            raise BackendUnavailable(
-                f"the KMS registry {path} is busy", cause=text,
-                fix="Retry; another process holds a long write lock.",
-            ) from None
-        raise BackendUnavailable(
-            f"the KMS registry {path} cannot be used: {text}",
-            fix="Check that the state directory exists and is writable.",
-        ) from None
-    except sqlite3.DatabaseError as exc:
-        raise ConfigError(
-            f"{path} is not a usable task store: {exc}",
-            fix="Point DEW_STATE_DIR at a directory holding a dew-engine task store.",
-        ) from None
 
 
 def _ts(text: str) -> datetime:

@@ -6,24 +6,19 @@ aiosqlite connection of its own, WAL, one lock around every write, and
 ``BEGIN IMMEDIATE`` for check-then-write so that two processes (CLI, worker)
 queue on the busy timeout. A managed private key is stored only as the
 envelope the service hands in (never in clear). sqlite3 errors become engine
-errors in :func:`_mapped` and nowhere else.
+errors in :func:`engine.sqlite_db.sqlite_errors` and nowhere else.
 """
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
-from collections.abc import AsyncIterator, Iterable
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
-import aiosqlite
-
-from engine.errors import BackendUnavailable, ConfigError, Conflict, DewError
 from engine.models import iso, parse_iso
+from engine.sqlite_db import SqliteDb
 
 KEYPAIR_COLUMNS = (
     "keypair_id, account, owner, scope, name, algorithm, key_type, public_key, fingerprint, "
@@ -83,11 +78,10 @@ class ServerRecord:
         }
 
 
-class SqliteKpsStore:
-    def __init__(self, conn: aiosqlite.Connection, path: Path) -> None:
-        self._conn = conn
-        self._path = path
-        self._tx_lock = asyncio.Lock()
+class SqliteKpsStore(SqliteDb):
+    what = "the KPS registry"
+    conflict_code = "kps_registry_conflict"
+    conflict_fix = "Retry; another process changed the same record."
 
     @classmethod
     async def open(cls, path: Path) -> SqliteKpsStore:
@@ -95,21 +89,7 @@ class SqliteKpsStore:
 
         tasks = await SqliteTaskStore.open(path)  # creates or upgrades the schema
         await tasks.close()
-        async with _mapped(path):
-            conn = await aiosqlite.connect(str(path), isolation_level=None)
-        try:
-            async with _mapped(path):
-                conn.row_factory = aiosqlite.Row
-                await conn.execute("PRAGMA busy_timeout = 15000")
-                await conn.execute("PRAGMA journal_mode = WAL")
-                await conn.execute("PRAGMA synchronous = NORMAL")
-            return cls(conn, path)
-        except BaseException:
-            await conn.close()
-            raise
-
-    async def close(self) -> None:
-        await self._conn.close()
+        return await cls.connect(path)
 
     # --- key pairs -------------------------------------------------------------------
 
@@ -149,7 +129,7 @@ class SqliteKpsStore:
 
     async def find_keypair(self, account: str, user: str, name: str) -> KeyPairRecord | None:
         """The pair named ``name`` that ``user`` sees: their own, else the account's."""
-        async with _mapped(self._path):
+        async with self._mapped():
             row = await self._fetchone(
                 f"SELECT {KEYPAIR_COLUMNS} FROM kps_keypairs WHERE account = ? AND name = ? "
                 "AND (scope = 'account' OR owner = ?) ORDER BY scope = 'account' LIMIT 1",
@@ -158,13 +138,13 @@ class SqliteKpsStore:
         return None if row is None else _keypair(row)
 
     async def get_keypair(self, keypair_id: str) -> KeyPairRecord | None:
-        async with _mapped(self._path):
+        async with self._mapped():
             row = await self._fetchone(
                 f"SELECT {KEYPAIR_COLUMNS} FROM kps_keypairs WHERE keypair_id = ?", (keypair_id,))
         return None if row is None else _keypair(row)
 
     async def list_keypairs(self, account: str, user: str) -> list[KeyPairRecord]:
-        async with _mapped(self._path):
+        async with self._mapped():
             rows = await self._fetchall(
                 f"SELECT {KEYPAIR_COLUMNS} FROM kps_keypairs WHERE account = ? AND "
                 "(scope = 'account' OR owner = ?) ORDER BY name, scope", (account, user))
@@ -196,7 +176,7 @@ class SqliteKpsStore:
         return "created"
 
     async def count_account_keypairs(self, account: str) -> int:
-        async with _mapped(self._path):
+        async with self._mapped():
             return await self._account_count(account)
 
     # --- servers ---------------------------------------------------------------------
@@ -218,20 +198,20 @@ class SqliteKpsStore:
         return True
 
     async def find_server(self, account: str, name: str) -> ServerRecord | None:
-        async with _mapped(self._path):
+        async with self._mapped():
             row = await self._fetchone(
                 f"SELECT {SERVER_COLUMNS} FROM kps_servers WHERE account = ? AND name = ?",
                 (account, name))
         return None if row is None else _server(row)
 
     async def get_server(self, server_id: str) -> ServerRecord | None:
-        async with _mapped(self._path):
+        async with self._mapped():
             row = await self._fetchone(
                 f"SELECT {SERVER_COLUMNS} FROM kps_servers WHERE server_id = ?", (server_id,))
         return None if row is None else _server(row)
 
     async def list_servers(self, account: str) -> list[ServerRecord]:
-        async with _mapped(self._path):
+        async with self._mapped():
             rows = await self._fetchall(
                 f"SELECT {SERVER_COLUMNS} FROM kps_servers WHERE account = ? ORDER BY name",
                 (account,))
@@ -272,27 +252,27 @@ class SqliteKpsStore:
                 (keypair_id, server_id, iso(now), task_id))
 
     async def unbind(self, keypair_id: str, server_id: str) -> None:
-        async with self._tx_lock, _mapped(self._path):
+        async with self._tx_lock, self._mapped():
             await self._conn.execute(
                 "DELETE FROM kps_bindings WHERE keypair_id = ? AND server_id = ?",
                 (keypair_id, server_id))
 
     async def unbind_all_on(self, server_id: str, keep: str) -> None:
         """After a reset only ``keep`` is bound on the server (the old keys are gone)."""
-        async with self._tx_lock, _mapped(self._path):
+        async with self._tx_lock, self._mapped():
             await self._conn.execute(
                 "DELETE FROM kps_bindings WHERE server_id = ? AND keypair_id <> ?",
                 (server_id, keep))
 
     async def servers_of(self, keypair_id: str) -> list[str]:
-        async with _mapped(self._path):
+        async with self._mapped():
             rows = await self._fetchall(
                 "SELECT s.name FROM kps_bindings b JOIN kps_servers s USING (server_id) "
                 "WHERE b.keypair_id = ? ORDER BY s.name", (keypair_id,))
         return [r[0] for r in rows]
 
     async def keypairs_on(self, server_id: str) -> list[str]:
-        async with _mapped(self._path):
+        async with self._mapped():
             rows = await self._fetchall(
                 "SELECT k.name FROM kps_bindings b JOIN kps_keypairs k USING (keypair_id) "
                 "WHERE b.server_id = ? ORDER BY k.name", (server_id,))
@@ -302,7 +282,7 @@ class SqliteKpsStore:
 
     async def set_progress(self, task_id: str, server: str, status: str, detail: str,
                            now: datetime) -> None:
-        async with self._tx_lock, _mapped(self._path):
+        async with self._tx_lock, self._mapped():
             await self._conn.execute(
                 "INSERT INTO kps_task_servers (task_id, server, status, detail, updated_at) "
                 "VALUES (?, ?, ?, ?, ?) ON CONFLICT (task_id, server) DO UPDATE SET "
@@ -311,50 +291,14 @@ class SqliteKpsStore:
 
     async def progress(self, task_id: str) -> dict[str, str]:
         """Server name -> status (running, succeeded, failed) for one job."""
-        async with _mapped(self._path):
+        async with self._mapped():
             rows = await self._fetchall(
                 "SELECT server, status FROM kps_task_servers WHERE task_id = ?", (task_id,))
         return {r[0]: r[1] for r in rows}
 
     # --- plumbing --------------------------------------------------------------------
 
-    async def _fetchone(self, sql: str, params: Iterable[Any] = ()) -> sqlite3.Row | None:
-        async with self._conn.execute(sql, tuple(params)) as cursor:
-            return await cursor.fetchone()
 
-    async def _fetchall(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
-        async with self._conn.execute(sql, tuple(params)) as cursor:
-            return list(await cursor.fetchall())
-
-    @asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[None]:
-        async with self._tx_lock, _mapped(self._path):
-            await self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield
-            except BaseException:
-                await self._conn.execute("ROLLBACK")
-                raise
-            await self._conn.execute("COMMIT")
-
-
-@asynccontextmanager
-async def _mapped(path: Path) -> AsyncIterator[None]:
-    """The one place sqlite3 errors of the KPS store become engine errors."""
-    try:
-        yield
-    except DewError:
-        raise
-    except sqlite3.IntegrityError as exc:
-        raise Conflict("the KPS registry refused a conflicting write", cause=str(exc),
-                       code="kps_registry_conflict",
-                       fix="Retry; another process changed the same record.") from None
-    except sqlite3.OperationalError as exc:
-        raise BackendUnavailable(f"the KPS registry {path} cannot be used: {exc}",
-                                 fix="Check that the state directory exists and is writable."
-                                 ) from None
-    except sqlite3.DatabaseError as exc:
-        raise ConfigError(f"{path} is not a usable task store: {exc}") from None
 
 
 def _ts(text: str) -> datetime:

@@ -1,24 +1,19 @@
 """The SQLite task store (aiosqlite, WAL): the default backend of ``TaskStore``.
 
-One connection per process. Every write holds one lock, so a statement of one
-coroutine never lands inside another's transaction; transactions use ``BEGIN
-IMMEDIATE`` so that two processes (worker, CLI, sweeper) queue on SQLite's busy
-timeout instead of failing on a lock upgrade. The hot writes (enqueue, running,
-succeeded) are group-committed (``engine.batching``): a thread hand-off to
-aiosqlite costs more than the statement, so each batch is one multi-row
-statement (with RETURNING where the caller needs the rows) instead of one call
-per task.
-Migrations are numbered SQL scripts tracked in ``PRAGMA user_version``.
-sqlite3 errors are mapped to engine errors here and nowhere else.
+The connection, its lock discipline and the sqlite3 error mapping come from
+``engine.sqlite_db`` (shared with the domain stores in the same file). The hot
+writes (enqueue, running, succeeded) are group-committed (``engine.batching``):
+a thread hand-off to aiosqlite costs more than the statement, so each batch is
+one multi-row statement (with RETURNING where the caller needs the rows)
+instead of one call per task. Migrations of every store in the file are
+numbered SQL scripts here, tracked in ``PRAGMA user_version``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sqlite3
-from collections.abc import AsyncIterator, Iterable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -26,8 +21,9 @@ from typing import Any
 import aiosqlite
 
 from engine.batching import Batcher
-from engine.errors import BackendUnavailable, ConfigError, DewError
+from engine.errors import ConfigError
 from engine.models import FailureRecord, TaskRecord, TaskStatus, WorkerRecord, iso, parse_iso
+from engine.sqlite_db import SqliteDb
 
 MIGRATIONS: tuple[str, ...] = (
     # 1: tasks, failure records, workers
@@ -238,11 +234,9 @@ FAILURE_COLUMNS = (
 )
 
 
-class SqliteTaskStore:
+class SqliteTaskStore(SqliteDb):
     def __init__(self, conn: aiosqlite.Connection, path: Path) -> None:
-        self._conn = conn
-        self._path = path
-        self._tx_lock = asyncio.Lock()
+        super().__init__(conn, path)
         # The hot writes (one each per enqueue, run and success) are group-committed.
         self._creates = Batcher(self._create_batch)
         self._runs = Batcher(self._running_batch)
@@ -250,29 +244,14 @@ class SqliteTaskStore:
 
     @classmethod
     async def open(cls, path: Path) -> SqliteTaskStore:
+        """Connect, then create or migrate the schema (of every store in the file)."""
+        store = await cls.connect(path)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ConfigError(
-                f"cannot create the state directory {path.parent}: {exc.strerror}"
-            ) from None
-        async with _mapped(path):
-            conn = await aiosqlite.connect(str(path), isolation_level=None)
-        try:
-            async with _mapped(path):
-                conn.row_factory = aiosqlite.Row
-                await conn.execute("PRAGMA busy_timeout = 15000")
-                await conn.execute("PRAGMA journal_mode = WAL")
-                await conn.execute("PRAGMA synchronous = NORMAL")
-                store = cls(conn, path)
-                await store._migrate()
-                return store
+            await store._migrate()
         except BaseException:
-            await conn.close()  # its thread would keep the process alive
+            await store.close()
             raise
-
-    async def close(self) -> None:
-        await self._conn.close()
+        return store
 
     @property
     def schema_version(self) -> int:
@@ -302,7 +281,7 @@ class SqliteTaskStore:
 
     async def _create_batch(self, items: Sequence[Row]) -> list[tuple[TaskRecord, bool]]:
         ids = [str(item[0]) for item in items]
-        async with self._tx_lock, _mapped(self._path):
+        async with self._tx_lock, self._mapped():
             created = await self._fetch_by_id(
                 f"""INSERT INTO tasks (task_id, name, args, status, attempts, enqueued_at, due_at)
                 VALUES {_rows("(?, ?, ?, 'queued', 0, ?, ?)", len(items))}
@@ -318,7 +297,7 @@ class SqliteTaskStore:
         return results
 
     async def get_task(self, task_id: str) -> TaskRecord | None:
-        async with _mapped(self._path):
+        async with self._mapped():
             row = await self._fetchone(
                 f"SELECT {TASK_COLUMNS} FROM tasks WHERE task_id = ?", (task_id,)
             )
@@ -328,7 +307,7 @@ class SqliteTaskStore:
         self, status: TaskStatus | None = None, name: str | None = None, limit: int = 100
     ) -> list[TaskRecord]:
         where, params = _where(status=status, name=name)
-        async with _mapped(self._path):
+        async with self._mapped():
             rows = await self._fetchall(
                 f"SELECT {TASK_COLUMNS} FROM tasks {where} ORDER BY enqueued_at DESC LIMIT ?",
                 (*params, limit),
@@ -336,7 +315,7 @@ class SqliteTaskStore:
         return [_task(r) for r in rows]
 
     async def unfinished_tasks(self, limit: int = 10_000) -> list[TaskRecord]:
-        async with _mapped(self._path):
+        async with self._mapped():
             rows = await self._fetchall(
                 f"""SELECT {TASK_COLUMNS} FROM tasks WHERE status IN ('queued', 'running')
                 ORDER BY enqueued_at LIMIT ?""",
@@ -359,7 +338,7 @@ class SqliteTaskStore:
 
     async def _running_batch(self, items: Sequence[Row]) -> list[TaskRecord]:
         ids = [str(item[0]) for item in items]
-        async with self._tx_lock, _mapped(self._path):
+        async with self._tx_lock, self._mapped():
             rows = await self._fetch_by_id(
                 f"""INSERT INTO tasks (task_id, name, args, status, attempts, enqueued_at, due_at,
                                        started_at, worker_id)
@@ -414,14 +393,14 @@ class SqliteTaskStore:
     # --- failure records ---------------------------------------------------------
 
     async def add_failure(self, failure: FailureRecord) -> None:
-        async with self._tx_lock, _mapped(self._path):
+        async with self._tx_lock, self._mapped():
             await self._insert_failure(failure)
 
     async def list_failures(
         self, operation: str | None = None, task_id: str | None = None, limit: int = 100
     ) -> list[FailureRecord]:
         where, params = _where(operation=operation, task_id=task_id)
-        async with _mapped(self._path):
+        async with self._mapped():
             rows = await self._fetchall(
                 f"SELECT {FAILURE_COLUMNS} FROM failures {where} ORDER BY created_at DESC LIMIT ?",
                 (*params, limit),
@@ -429,7 +408,7 @@ class SqliteTaskStore:
         return [_failure(r) for r in rows]
 
     async def get_failure(self, failure_id: str) -> FailureRecord | None:
-        async with _mapped(self._path):
+        async with self._mapped():
             row = await self._fetchone(
                 f"SELECT {FAILURE_COLUMNS} FROM failures WHERE failure_id = ?", (failure_id,)
             )
@@ -456,7 +435,7 @@ class SqliteTaskStore:
         await self._execute("DELETE FROM workers WHERE worker_id = ?", (worker_id,))
 
     async def live_workers(self, since: datetime) -> set[str]:
-        async with _mapped(self._path):
+        async with self._mapped():
             rows = await self._fetchall(
                 "SELECT worker_id FROM workers WHERE heartbeat_at >= ?", (iso(since),)
             )
@@ -471,12 +450,6 @@ class SqliteTaskStore:
              f.cause, f.fix, iso(f.created_at)),
         )
 
-    # Every write holds _tx_lock: a statement of another coroutine must never
-    # land inside (and be rolled back with) a multi-statement transaction.
-    async def _execute(self, sql: str, params: Iterable[Any]) -> int:
-        async with self._tx_lock, _mapped(self._path):
-            cursor = await self._conn.execute(sql, tuple(params))
-            return int(cursor.rowcount)
 
     async def _rows_by_id(self, ids: Sequence[str]) -> dict[str, sqlite3.Row]:
         if not ids:
@@ -488,49 +461,7 @@ class SqliteTaskStore:
     async def _fetch_by_id(self, sql: str, params: Sequence[Any]) -> dict[str, sqlite3.Row]:
         return {row["task_id"]: row for row in await self._fetchall(sql, params)}
 
-    async def _fetchone(self, sql: str, params: Iterable[Any] = ()) -> sqlite3.Row | None:
-        async with self._conn.execute(sql, tuple(params)) as cursor:
-            return await cursor.fetchone()
 
-    async def _fetchall(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
-        async with self._conn.execute(sql, tuple(params)) as cursor:
-            return list(await cursor.fetchall())
-
-    @asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[None]:
-        async with self._tx_lock, _mapped(self._path):
-            await self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield
-            except BaseException:
-                await self._conn.execute("ROLLBACK")
-                raise
-            await self._conn.execute("COMMIT")
-
-
-@asynccontextmanager
-async def _mapped(path: Path) -> AsyncIterator[None]:
-    """The one place sqlite3 errors become engine errors."""
-    try:
-        yield
-    except DewError:
-        raise
-    except sqlite3.OperationalError as exc:
-        text = str(exc)
-        if "locked" in text or "busy" in text:
-            raise BackendUnavailable(
-                f"the task store {path} is busy", cause=text, fix="Retry; another process holds "
-                "a long write lock."
-            ) from None
-        raise BackendUnavailable(
-            f"the task store {path} cannot be used: {text}",
-            fix="Check that the state directory exists and is writable.",
-        ) from None
-    except sqlite3.DatabaseError as exc:
-        raise ConfigError(
-            f"{path} is not a usable task store: {exc}",
-            fix="Point DEW_STATE_DIR at a directory holding a dew-engine task store.",
-        ) from None
 
 
 def _rows(template: str, count: int) -> str:

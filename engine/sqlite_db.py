@@ -1,0 +1,120 @@
+"""One SQLite connection as every store of the engine uses it.
+
+The task store and the domain stores (KMS keys, secrets, key pairs) share one
+database file, each with its own aiosqlite connection set up the same way: WAL,
+``synchronous=NORMAL``, a busy timeout so that processes queue for the write
+lock instead of failing, and one lock per connection held by every write, so a
+statement of one coroutine never lands inside (and is rolled back with) another
+coroutine's transaction. Transactions use ``BEGIN IMMEDIATE`` so two processes
+never deadlock on a lock upgrade. ``sqlite_errors`` is the one place sqlite3
+exceptions become engine errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator, Iterable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from pathlib import Path
+from typing import Any, ClassVar, Self
+
+import aiosqlite
+
+from engine.errors import BackendUnavailable, ConfigError, Conflict, DewError
+
+
+@asynccontextmanager
+async def sqlite_errors(
+    path: Path, what: str, conflict_code: str, conflict_fix: str
+) -> AsyncIterator[None]:
+    """Map sqlite3 exceptions raised inside the block to engine errors."""
+    try:
+        yield
+    except DewError:
+        raise
+    except sqlite3.IntegrityError as exc:
+        raise Conflict(f"{what} refused a conflicting write", cause=str(exc),
+                       code=conflict_code, fix=conflict_fix) from None
+    except sqlite3.OperationalError as exc:
+        text = str(exc)
+        if "locked" in text or "busy" in text:
+            raise BackendUnavailable(
+                f"{what} {path} is busy", cause=text,
+                fix="Retry; another process holds a long write lock.",
+            ) from None
+        raise BackendUnavailable(
+            f"{what} {path} cannot be used: {text}",
+            fix="Check that the state directory exists and is writable.",
+        ) from None
+    except sqlite3.DatabaseError as exc:
+        raise ConfigError(
+            f"{path} is not a usable task store: {exc}",
+            fix="Point DEW_STATE_DIR at a directory holding a dew-engine task store.",
+        ) from None
+
+
+class SqliteDb:
+    """Base of the SQLite stores: the connection, its lock and the plumbing."""
+
+    what: ClassVar[str] = "the task store"
+    conflict_code: ClassVar[str] = "store_conflict"
+    conflict_fix: ClassVar[str] = "Retry; another process changed the same record."
+
+    def __init__(self, conn: aiosqlite.Connection, path: Path) -> None:
+        self._conn = conn
+        self._path = path
+        self._tx_lock = asyncio.Lock()
+
+    @classmethod
+    async def connect(cls, path: Path) -> Self:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot create the state directory {path.parent}: {exc.strerror}"
+            ) from None
+        errors = sqlite_errors(path, cls.what, cls.conflict_code, cls.conflict_fix)
+        async with errors:
+            conn = await aiosqlite.connect(str(path), isolation_level=None)
+        try:
+            async with sqlite_errors(path, cls.what, cls.conflict_code, cls.conflict_fix):
+                conn.row_factory = aiosqlite.Row
+                await conn.execute("PRAGMA busy_timeout = 15000")
+                await conn.execute("PRAGMA journal_mode = WAL")
+                await conn.execute("PRAGMA synchronous = NORMAL")
+            return cls(conn, path)
+        except BaseException:
+            await conn.close()  # its thread would keep the process alive
+            raise
+
+    async def close(self) -> None:
+        await self._conn.close()
+
+    def _mapped(self) -> AbstractAsyncContextManager[None]:
+        return sqlite_errors(self._path, self.what, self.conflict_code, self.conflict_fix)
+
+    async def _execute(self, sql: str, params: Iterable[Any]) -> int:
+        """One write statement; returns the number of rows it changed."""
+        async with self._tx_lock, self._mapped():
+            cursor = await self._conn.execute(sql, tuple(params))
+            return int(cursor.rowcount)
+
+    async def _fetchone(self, sql: str, params: Iterable[Any] = ()) -> sqlite3.Row | None:
+        async with self._conn.execute(sql, tuple(params)) as cursor:
+            return await cursor.fetchone()
+
+    async def _fetchall(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
+        async with self._conn.execute(sql, tuple(params)) as cursor:
+            return list(await cursor.fetchall())
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[None]:
+        async with self._tx_lock, self._mapped():
+            await self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                await self._conn.execute("ROLLBACK")
+                raise
+            await self._conn.execute("COMMIT")
