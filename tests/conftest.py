@@ -3,6 +3,7 @@ a client, and ``dew worker`` subprocesses."""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -48,8 +49,12 @@ def settings(tmp_path: Path, redis_server: RedisServer, hsm_config: HsmConfig) -
     if not redis_server.ping():  # a test killed it: bring it back for the next one
         redis_server.start()
     redis.Redis.from_url(redis_server.url).flushall()
+    # A queue of its own: a worker some earlier test left behind can never take
+    # this test's jobs from the shared Redis.
+    queue = f"arq:queue:{uuid.uuid4().hex[:12]}"
     settings = load_settings().replace(
-        engine={"state_dir": tmp_path / "var"}, redis={"url": redis_server.url}, **TEST_SETTINGS
+        engine={"state_dir": tmp_path / "var"}, redis={"url": redis_server.url, "queue": queue},
+        **TEST_SETTINGS,
     )
     return link_shared_token(settings, hsm_config)
 

@@ -23,11 +23,11 @@ async def test_redis_restart_loses_nothing_and_runs_nothing_twice(
     for task_id in ids:
         await client.enqueue("engine.echo", {"value": task_id}, task_id=task_id)
     queue = await client.queue()
-    assert await queue.pool.zcard("arq:queue") == 200
+    assert await queue.pool.zcard(queue.queue_name) == 200
 
     redis_server.kill()  # no persistence: every queued job is gone
     redis_server.start()
-    assert await queue.pool.zcard("arq:queue") == 0
+    assert await queue.pool.zcard(queue.queue_name) == 0
 
     make_worker()
 

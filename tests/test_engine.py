@@ -92,6 +92,7 @@ async def test_plain_arq_clients_are_recorded(client: Client, settings: Settings
     pool = await create_pool(
         RedisSettings.from_dsn(settings.redis_url),
         job_serializer=serialization.dumps, job_deserializer=serialization.loads,
+        default_queue_name=settings.redis.queue,
     )
     try:
         await pool.enqueue_job("engine.echo", {"value": "from arq"}, _job_id="plain-1")
@@ -124,7 +125,9 @@ async def test_pickled_payloads_are_rejected(
     client: Client, settings: Settings, tmp_path: Path, worker: WorkerProcess
 ) -> None:
     marker = tmp_path / "pwned"
-    pool = await create_pool(RedisSettings.from_dsn(settings.redis_url))  # arq's pickle default
+    pool = await create_pool(  # arq's pickle default
+        RedisSettings.from_dsn(settings.redis_url), default_queue_name=settings.redis.queue
+    )
     try:
         await pool.enqueue_job("engine.echo", {"value": Exploit(marker)}, _job_id="evil")
         await pool.enqueue_job("engine.echo", {"value": 1}, _job_id="pickled")
