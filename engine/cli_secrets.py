@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import argparse
 import base64
-import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from engine.errors import DewError, InvalidInput
+from engine.cli_output import lines as key_values
+from engine.cli_output import print_result, run_job
+from engine.errors import InvalidInput
 from engine.settings import Settings
 
 DEFAULT_ROTATE_TIMEOUT = 60.0
@@ -152,7 +153,7 @@ async def cmd_secrets(args: argparse.Namespace, settings: Settings) -> int:
         return await _rotate(args, settings)
     acct = {"account": args.account}
     action = args.action
-    human: Callable[[Any], str] = _lines
+    human: Callable[[Any], str] = key_values
     async with open_secrets(settings) as csms:
         data: Any
         if action == "create":
@@ -198,31 +199,19 @@ async def cmd_secrets(args: argparse.Namespace, settings: Settings) -> int:
         else:  # set-rotation
             data = (await csms.set_rotation(args.name, checked["period"], **acct)).to_json()
             human = _secret
-    _print(data, args.json, human)
+    print_result(data, args.json, human)
     return 0
 
 
 async def _rotate(args: argparse.Namespace, settings: Settings) -> int:
-    from engine.client import Client
     from handlers.secrets import ROTATE_JOB, open_secrets
 
     # A secret that is not there (or pending deletion) is bad input (exit 2), not a
     # task that fails later.
     async with open_secrets(settings) as csms:
         await csms.check_usable(args.name, account=args.account)
-    job_args = {"name": args.name, "account": args.account}
-    async with await Client.open(settings) as client:
-        task = await client.enqueue(ROTATE_JOB, job_args)
-        if args.no_wait:
-            _print({"task_id": task.task_id}, args.json, lambda d: str(d["task_id"]))
-            return 0
-        task = await client.wait(task.task_id, timeout=args.timeout)
-    if task.status != "succeeded":
-        raise DewError.from_dict(task.error or {"message": f"task {task.task_id} failed"})
-    result = dict(task.result or {})
-    result["task_id"] = task.task_id
-    _print(result, args.json, _lines)
-    return 0
+    return await run_job(settings, ROTATE_JOB, {"name": args.name, "account": args.account},
+                         wait=not args.no_wait, timeout=args.timeout, as_json=args.json)
 
 
 # --------------------------------------------------------------------------- output
@@ -233,23 +222,6 @@ def _encoded(value: bytes) -> dict[str, str]:
         return {"value": value.decode("utf-8")}
     except UnicodeDecodeError:
         return {"value_base64": base64.b64encode(value).decode()}
-
-
-def _print(data: Any, as_json: bool, human: Callable[[Any], str]) -> None:
-    sys.stdout.write((json.dumps(data, indent=2) if as_json else human(data)) + "\n")
-
-
-def _text(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    return value if isinstance(value, str) else json.dumps(value)
-
-
-def _lines(data: dict[str, Any]) -> str:
-    width = max((len(k) for k in data), default=0)
-    return "\n".join(f"{k:{width}}  {_text(v)}" for k, v in data.items())
 
 
 def _secret(s: dict[str, Any]) -> str:
@@ -275,7 +247,7 @@ def _secret(s: dict[str, Any]) -> str:
         lines["last failure"] = f"{failure['at']} at step {failure['step']}: {failure['error']}"
         lines["  cause"] = failure["cause"] or "-"
         lines["  fix"] = failure["fix"] or "-"
-    return _lines(lines)
+    return key_values(lines)
 
 
 def _version_table(versions: list[dict[str, Any]]) -> str:

@@ -11,6 +11,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,20 @@ def link_shared_token(settings: Settings, config: HsmConfig) -> Settings:
     shutil.copy(config.pin_file, hsm / "user.pin")
     (hsm / "user.pin").chmod(0o600)
     return settings.replace(hsm={"token_label": config.token_label})
+
+
+class FakeClock:
+    """A clock tests move by hand (no sleeping)."""
+
+    def __init__(self, start: datetime | None = None) -> None:
+        self.now = start or datetime.now(UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, **delta: float) -> datetime:
+        self.now += timedelta(**delta)
+        return self.now
 
 
 def settings_env(settings: Settings) -> dict[str, str]:

@@ -12,7 +12,6 @@ process all see the same keys, and the same task store database.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -21,20 +20,7 @@ from engine.crypto import CryptoCore, HsmConfig
 from engine.kms_store import SqliteKmsStore
 from engine.settings import Settings
 from handlers.kms import KmsService
-
-
-class FakeClock:
-    """A clock tests move by hand (no sleeping)."""
-
-    def __init__(self, start: datetime | None = None) -> None:
-        self.now = start or datetime.now(UTC)
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, **delta: float) -> datetime:
-        self.now += timedelta(**delta)
-        return self.now
+from tests.helpers import FakeClock
 
 
 @pytest.fixture

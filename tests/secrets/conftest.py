@@ -20,7 +20,6 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import asyncpg
@@ -33,24 +32,13 @@ from engine.redis_server import free_port
 from engine.settings import Settings
 from handlers.kms import KmsService
 from handlers.secrets import SecretsService
-from tests.helpers import ROOT, WorkerProcess, dew_env
+from tests.helpers import ROOT, FakeClock, WorkerProcess, dew_env
 
 PG_BIN = Path(sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))[-1]).parent \
     if list(Path("/usr/lib/postgresql").glob("*/bin/initdb")) else Path("/nonexistent")
 
 
-class FakeClock:
-    """A clock tests move by hand."""
 
-    def __init__(self, start: datetime | None = None) -> None:
-        self.now = start or datetime.now(UTC)
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, **delta: float) -> datetime:
-        self.now += timedelta(**delta)
-        return self.now
 
 
 @pytest.fixture
