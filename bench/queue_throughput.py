@@ -93,7 +93,7 @@ async def bench_bare(url: str, args: argparse.Namespace) -> tuple[float, float, 
     finally:
         await pool.aclose()
         proc.terminate()
-        proc.wait(10)
+        proc.wait(60)
     return elapsed, cpu, enqueued
 
 
@@ -127,7 +127,7 @@ async def bench_ours(url: str, state: Path, args: argparse.Namespace) -> tuple[f
             db.close()
     finally:
         proc.terminate()
-        proc.wait(10)
+        proc.wait(60)
     return elapsed, cpu, enqueued
 
 

@@ -114,10 +114,10 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     from redis.exceptions import RedisError
 
     from engine.queue import unavailable
-    from engine.worker import build_worker
+    from engine.worker import run_worker
 
     try:
-        build_worker(settings, burst=args.burst).run()
+        run_worker(settings, burst=args.burst)
     except (RedisError, OSError) as exc:
         # arq's poll loop ends on a Redis outage longer than the retries; the task
         # store keeps every task, so a restarted worker (or `make up`) carries on.

@@ -59,6 +59,14 @@ class Resources:
             self._closers.append(closer)
 
     async def close(self) -> None:
+        """Close everything, newest first; one failing closer does not keep the others
+        open (the first error is raised once all have run)."""
+        errors: list[Exception] = []
         while self._closers:
-            await self._closers.pop()()
+            try:
+                await self._closers.pop()()
+            except Exception as exc:  # noqa: BLE001 - re-raised below, after the rest
+                errors.append(exc)
         self._made.clear()
+        if errors:
+            raise errors[0]

@@ -49,6 +49,7 @@ class WorkerState:
     runner: TaskRunner
     started_at: datetime
     heartbeat_task: asyncio.Task[None] | None = None
+    closed: bool = False
 
     @property
     def resources(self) -> Resources:
@@ -115,14 +116,8 @@ def build_worker(
 
     async def on_shutdown(ctx: dict[str, Any]) -> None:
         state: WorkerState | None = ctx.get("dew")
-        if state is None:
-            return
-        if state.heartbeat_task is not None:
-            state.heartbeat_task.cancel()
-        await state.runner.resources.close()
-        await state.store.remove_worker(state.worker_id)
-        await state.store.close()
-        log.info("worker stopped", worker_id=worker_id)
+        if state is not None:
+            await shutdown_state(state)
 
     # arq logs each job's arguments in its own lines; ours carry redacted ones.
     logging.getLogger("arq.worker").setLevel(logging.WARNING)
@@ -144,6 +139,41 @@ def build_worker(
         handle_signals=handle_signals,
         health_check_interval=max(1, int(settings.worker.heartbeat_interval * 5)),
     )
+
+
+async def shutdown_state(state: WorkerState) -> None:
+    """Release what the worker holds (idempotent). Every step runs even when an
+    earlier one fails: an open aiosqlite connection keeps its non-daemon thread,
+    and with it the whole process, alive after the worker has stopped."""
+    if state.closed:
+        return
+    state.closed = True
+    if state.heartbeat_task is not None:
+        state.heartbeat_task.cancel()
+    try:
+        await state.resources.close()
+    except DewError as exc:
+        log.warning("a resource did not close cleanly", error=exc.message)
+    finally:
+        try:
+            await state.store.remove_worker(state.worker_id)
+        except DewError as exc:
+            log.warning("worker record not removed", error=exc.message)
+        finally:
+            await state.store.close()
+    log.info("worker stopped", worker_id=state.worker_id)
+
+
+def run_worker(settings: Settings, burst: bool = False) -> None:
+    """Run a worker until it is stopped (SIGINT/SIGTERM) or, with ``burst``, idle."""
+    worker = build_worker(settings, burst=burst)
+    try:
+        worker.run()
+    finally:
+        # arq skips on_shutdown when its own clean-up fails first (e.g. Redis is gone).
+        state: WorkerState | None = worker.ctx.get("dew")
+        if state is not None and not state.closed:
+            worker.loop.run_until_complete(shutdown_state(state))
 
 
 async def _beat(state: WorkerState) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 from collections.abc import Callable
 
@@ -89,3 +90,17 @@ async def test_stopped_worker_requeues_its_job(
     done = await client.wait(task.task_id, timeout=30)
     assert (done.status, done.attempts) == ("succeeded", 2)
     await asyncio.sleep(0)
+
+
+def test_worker_exits_cleanly_when_redis_is_gone(
+    settings: Settings, redis_server: RedisServer, make_worker: Callable[[], WorkerProcess]
+) -> None:
+    """arq's own clean-up fails without Redis and skips our shutdown hook; the worker
+    must still close its task store (whose thread would keep the process alive)."""
+    worker = make_worker()
+    proc = worker.proc
+    assert proc is not None
+    redis_server.kill()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) is not None  # exited, did not hang
+    redis_server.start()
