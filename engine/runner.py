@@ -90,7 +90,6 @@ class TaskRunner:
                 if has_sealed(args):
                     args = await unseal_args(args, await self.resources.get("kms"))
                 result = await spec.handler(ctx, args)
-                json.dumps(result)
             except DewError as exc:
                 error = exc
             except asyncio.CancelledError:
@@ -98,15 +97,14 @@ class TaskRunner:
                 # and the next run counts one more attempt.
                 job_log.warning("job cancelled", attempt=task.attempts)
                 raise
-            except (TypeError, ValueError) as exc:
-                job_log.exception("handler returned a result that is not JSON")
-                error = InternalError(f"{spec.name} returned a result that is not JSON: {exc}")
             except Exception as exc:  # noqa: BLE001 - any bug becomes a recorded failure
                 job_log.exception("handler raised an unexpected error")
                 error = InternalError(
                     f"{spec.name} failed unexpectedly: {type(exc).__name__}",
                     cause=str(exc)[:500],
                 )
+            else:
+                error = _not_json(spec.name, result)
             return await self._finish(
                 spec, task_id, task.attempts, result, error, time.perf_counter() - started
             )
@@ -167,3 +165,11 @@ class TaskRunner:
                       error=error.message,
                       retryable=error.retryable)
         return RunOutcome("failed")
+
+
+def _not_json(job: str, result: Any) -> DewError | None:
+    try:
+        json.dumps(result)
+    except (TypeError, ValueError) as exc:
+        return InternalError(f"{job} returned a result that is not JSON: {exc}")
+    return None

@@ -42,6 +42,16 @@ async def bug(ctx: JobContext, args: dict[str, Any]) -> None:
     raise KeyError("oops")
 
 
+@jobs.job("t.not_json")
+async def not_json(ctx: JobContext, args: dict[str, Any]) -> Any:
+    return {1, 2}
+
+
+@jobs.job("t.value_error")
+async def value_error(ctx: JobContext, args: dict[str, Any]) -> Any:
+    raise ValueError("bad value inside the handler")
+
+
 @jobs.job("t.partial")
 async def partial(ctx: JobContext, args: dict[str, Any]) -> dict[str, int]:
     for target in ("a", "b"):
@@ -120,6 +130,19 @@ async def test_unexpected_exception_is_an_internal_failure(
     task = await store.get_task("t5")
     assert task is not None and task.error is not None
     assert task.error["code"] == "internal_error" and "KeyError" in task.error["message"]
+
+
+@pytest.mark.parametrize(
+    ("job", "message"),
+    [("t.not_json", "returned a result that is not JSON"),
+     ("t.value_error", "failed unexpectedly: ValueError")],
+)
+async def test_handler_bugs_are_named(
+    runner: TaskRunner, store: SqliteTaskStore, job: str, message: str
+) -> None:
+    assert (await runner.run(jobs.get(job), job, {})).status == "failed"
+    task = await store.get_task(job)
+    assert task is not None and task.error is not None and message in task.error["message"]
 
 
 async def test_per_target_failures_while_the_task_succeeds(
