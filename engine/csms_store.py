@@ -4,7 +4,9 @@
 :mod:`engine.sqlite_store`), with its own aiosqlite connection, the same way
 :mod:`engine.kms_store` does: WAL, every write under ``_tx_lock``, and
 multi-statement writes in ``BEGIN IMMEDIATE`` transactions so that two
-processes (worker, CLI) queue on the busy timeout. Stage changes are
+processes (worker, CLI) queue on the busy timeout; reads take ``_tx_lock`` too
+(see ``_read``), so no statement of one coroutine is open on the connection
+while another begins a transaction. Stage changes are
 compare-and-swap: the caller passes the stage map it decided from, and the
 write happens only if the stored map is still that one, so two writers never
 leave a stage on two versions or lose SYSCURRENT.
@@ -115,14 +117,14 @@ class SqliteCsmsStore(SqliteDb):
         return True
 
     async def get_secret(self, account: str, name: str) -> SecretRecord | None:
-        async with self._mapped():
+        async with self._locked():
             row = await self._fetchone(
                 f"SELECT {SECRET_COLUMNS} FROM csms_secrets WHERE account = ? AND name = ?",
                 (account, name))
         return None if row is None else _secret(row)
 
     async def list_secrets(self, account: str) -> list[SecretRecord]:
-        async with self._mapped():
+        async with self._locked():
             rows = await self._fetchall(
                 f"SELECT {SECRET_COLUMNS} FROM csms_secrets WHERE account = ? ORDER BY name",
                 (account,))
@@ -162,7 +164,7 @@ class SqliteCsmsStore(SqliteDb):
 
     async def due_rotations(self, before: datetime, limit: int = 1000) -> list[SecretRecord]:
         """Enabled secrets whose next rotation is at or before ``before``, earliest first."""
-        async with self._mapped():
+        async with self._locked():
             rows = await self._fetchall(
                 f"SELECT {SECRET_COLUMNS} FROM csms_secrets WHERE next_rotation_at IS NOT NULL "
                 "AND next_rotation_at <= ? AND state = 'enabled' "
@@ -170,7 +172,7 @@ class SqliteCsmsStore(SqliteDb):
         return [_secret(r) for r in rows]
 
     async def due_deletions(self, now: datetime) -> list[SecretRecord]:
-        async with self._mapped():
+        async with self._locked():
             rows = await self._fetchall(
                 f"SELECT {SECRET_COLUMNS} FROM csms_secrets WHERE state = 'pending_deletion' "
                 "AND deletion_date <= ? ORDER BY deletion_date", (iso(now),))
@@ -192,18 +194,18 @@ class SqliteCsmsStore(SqliteDb):
     # --- versions and stages ---------------------------------------------------------
 
     async def stages(self, secret_id: str) -> dict[str, str]:
-        async with self._mapped():
+        async with self._locked():
             return await self._stages(secret_id)
 
     async def versions(self, secret_id: str) -> list[VersionRecord]:
-        async with self._mapped():
+        async with self._locked():
             rows = await self._fetchall(
                 f"SELECT {VERSION_COLUMNS} FROM csms_versions WHERE secret_id = ? "
                 "ORDER BY seq", (secret_id,))
         return [_version(r) for r in rows]
 
     async def get_version(self, secret_id: str, version_id: str) -> VersionRecord | None:
-        async with self._mapped():
+        async with self._locked():
             row = await self._fetchone(
                 f"SELECT {VERSION_COLUMNS} FROM csms_versions WHERE secret_id = ? "
                 "AND version_id = ?", (secret_id, version_id))
@@ -248,11 +250,22 @@ class SqliteCsmsStore(SqliteDb):
     # --- rotation --------------------------------------------------------------------
 
     async def start_pending(
-        self, version: VersionRecord, task_id: str, now: datetime
-    ) -> str:
+        self, version: VersionRecord, task_id: str, now: datetime,
+        due_at: datetime | None = None,
+    ) -> str | None:
         """Add ``version`` as SYSPENDING unless a pending version exists; record step
-        ``create``. Returns the pending version id (the existing one, if any)."""
+        ``create``. Returns the pending version id (the existing one, if any).
+
+        With ``due_at`` (a scheduled run) this happens only if the secret's next
+        rotation is still ``due_at``; None otherwise: another run (in any process)
+        rotated it, or the schedule changed, since the caller looked."""
         async with self._transaction():
+            if due_at is not None:
+                row = await self._fetchone(
+                    "SELECT next_rotation_at FROM csms_secrets WHERE secret_id = ?",
+                    (version.secret_id,))
+                if row is None or row[0] != iso(due_at):
+                    return None
             stages = await self._stages(version.secret_id)
             pending = stages.get(PENDING)
             if pending is None:
@@ -307,6 +320,7 @@ class SqliteCsmsStore(SqliteDb):
                  iso(now), secret_id))
 
     # --- plumbing --------------------------------------------------------------------
+
 
     async def _step(
         self, secret_id: str, step: str, pending: str | None, task_id: str, now: datetime

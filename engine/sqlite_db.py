@@ -3,11 +3,12 @@
 The task store and the domain stores (KMS keys, secrets, key pairs) share one
 database file, each with its own aiosqlite connection set up the same way: WAL,
 ``synchronous=NORMAL``, a busy timeout so that processes queue for the write
-lock instead of failing, and one lock per connection held by every write, so a
-statement of one coroutine never lands inside (and is rolled back with) another
-coroutine's transaction. Transactions use ``BEGIN IMMEDIATE`` so two processes
-never deadlock on a lock upgrade. ``sqlite_errors`` is the one place sqlite3
-exceptions become engine errors.
+lock instead of failing, and one lock per connection held by every statement
+(``_locked`` blocks: reads, writes and transactions), so a statement of one coroutine
+never lands inside (and is rolled back with) another coroutine's transaction.
+Transactions use ``BEGIN IMMEDIATE`` so two processes never deadlock on a lock
+upgrade. ``sqlite_errors`` is the one place sqlite3 exceptions become engine
+errors.
 """
 
 from __future__ import annotations
@@ -94,9 +95,22 @@ class SqliteDb:
     def _mapped(self) -> AbstractAsyncContextManager[None]:
         return sqlite_errors(self._path, self.what, self.conflict_code, self.conflict_fix)
 
+    @asynccontextmanager
+    async def _locked(self) -> AsyncIterator[None]:
+        """The connection's lock and the error mapping, around every statement.
+
+        Reads hold the lock too: a read left open between its ``execute`` and
+        ``fetch`` keeps a read snapshot, and another coroutine's
+        ``BEGIN IMMEDIATE`` on the same connection then fails at once with
+        "database is locked" (SQLite does not wait on the busy timeout to upgrade
+        a stale snapshot); a read run inside another coroutine's transaction would
+        also see writes that may yet be rolled back."""
+        async with self._tx_lock, self._mapped():
+            yield
+
     async def _execute(self, sql: str, params: Iterable[Any]) -> int:
         """One write statement; returns the number of rows it changed."""
-        async with self._tx_lock, self._mapped():
+        async with self._locked():
             cursor = await self._conn.execute(sql, tuple(params))
             return int(cursor.rowcount)
 
@@ -110,7 +124,7 @@ class SqliteDb:
 
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[None]:
-        async with self._tx_lock, self._mapped():
+        async with self._locked():
             await self._conn.execute("BEGIN IMMEDIATE")
             try:
                 yield

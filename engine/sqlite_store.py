@@ -221,6 +221,50 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (task_id, server)
     );
     """,
+    # 5: kms part two: key rotation (schedule, count, and a lease so one rotation runs
+    # at a time per key: a crashed rotation's orphan token object is then safe to replace);
+    # imported key material (keyed fingerprint, expiry) and import tokens; keys the token
+    # cannot hold (ML-DSA), kept wrapped under a token AES key
+    """
+    CREATE TABLE IF NOT EXISTS kms_rotation (
+        key_id           TEXT PRIMARY KEY REFERENCES kms_keys (key_id),
+        enabled          INTEGER NOT NULL CHECK (enabled IN (0, 1)),
+        interval_days    INTEGER NOT NULL,
+        next_rotation_at TEXT,
+        last_rotated_at  TEXT,
+        rotations        INTEGER NOT NULL DEFAULT 0,
+        last_request     TEXT,
+        lease_until      TEXT
+    );
+    CREATE INDEX IF NOT EXISTS kms_rotation_due ON kms_rotation (next_rotation_at)
+        WHERE enabled = 1;
+    CREATE TABLE IF NOT EXISTS kms_imports (
+        key_id              TEXT PRIMARY KEY REFERENCES kms_keys (key_id),
+        fingerprint         TEXT NOT NULL,
+        imported_at         TEXT NOT NULL,
+        material_expires_at TEXT
+    );
+    CREATE INDEX IF NOT EXISTS kms_imports_expiry ON kms_imports (material_expires_at)
+        WHERE material_expires_at IS NOT NULL;
+    CREATE TABLE IF NOT EXISTS kms_import_tokens (
+        token          TEXT PRIMARY KEY,
+        key_id         TEXT NOT NULL REFERENCES kms_keys (key_id),
+        account        TEXT NOT NULL,
+        algorithm      TEXT NOT NULL,
+        wrapping_label TEXT NOT NULL,
+        created_at     TEXT NOT NULL,
+        expires_at     TEXT NOT NULL
+    );
+    CREATE INDEX IF NOT EXISTS kms_import_tokens_wrapping
+        ON kms_import_tokens (account, wrapping_label, created_at);
+    CREATE TABLE IF NOT EXISTS kms_wrapped_keys (
+        key_id     TEXT NOT NULL REFERENCES kms_keys (key_id),
+        version    INTEGER NOT NULL,
+        wrapped    BLOB NOT NULL,
+        public_key BLOB NOT NULL,
+        PRIMARY KEY (key_id, version)
+    );
+    """,
 )
 
 Row = tuple[str | None, ...]  # statement parameters of one batched write
@@ -281,7 +325,7 @@ class SqliteTaskStore(SqliteDb):
 
     async def _create_batch(self, items: Sequence[Row]) -> list[tuple[TaskRecord, bool]]:
         ids = [str(item[0]) for item in items]
-        async with self._tx_lock, self._mapped():
+        async with self._locked():
             created = await self._fetch_by_id(
                 f"""INSERT INTO tasks (task_id, name, args, status, attempts, enqueued_at, due_at)
                 VALUES {_rows("(?, ?, ?, 'queued', 0, ?, ?)", len(items))}
@@ -297,7 +341,7 @@ class SqliteTaskStore(SqliteDb):
         return results
 
     async def get_task(self, task_id: str) -> TaskRecord | None:
-        async with self._mapped():
+        async with self._locked():
             row = await self._fetchone(
                 f"SELECT {TASK_COLUMNS} FROM tasks WHERE task_id = ?", (task_id,)
             )
@@ -307,7 +351,7 @@ class SqliteTaskStore(SqliteDb):
         self, status: TaskStatus | None = None, name: str | None = None, limit: int = 100
     ) -> list[TaskRecord]:
         where, params = _where(status=status, name=name)
-        async with self._mapped():
+        async with self._locked():
             rows = await self._fetchall(
                 f"SELECT {TASK_COLUMNS} FROM tasks {where} ORDER BY enqueued_at DESC LIMIT ?",
                 (*params, limit),
@@ -315,7 +359,7 @@ class SqliteTaskStore(SqliteDb):
         return [_task(r) for r in rows]
 
     async def unfinished_tasks(self, limit: int = 10_000) -> list[TaskRecord]:
-        async with self._mapped():
+        async with self._locked():
             rows = await self._fetchall(
                 f"""SELECT {TASK_COLUMNS} FROM tasks WHERE status IN ('queued', 'running')
                 ORDER BY enqueued_at LIMIT ?""",
@@ -338,7 +382,7 @@ class SqliteTaskStore(SqliteDb):
 
     async def _running_batch(self, items: Sequence[Row]) -> list[TaskRecord]:
         ids = [str(item[0]) for item in items]
-        async with self._tx_lock, self._mapped():
+        async with self._locked():
             rows = await self._fetch_by_id(
                 f"""INSERT INTO tasks (task_id, name, args, status, attempts, enqueued_at, due_at,
                                        started_at, worker_id)
@@ -393,14 +437,14 @@ class SqliteTaskStore(SqliteDb):
     # --- failure records ---------------------------------------------------------
 
     async def add_failure(self, failure: FailureRecord) -> None:
-        async with self._tx_lock, self._mapped():
+        async with self._locked():
             await self._insert_failure(failure)
 
     async def list_failures(
         self, operation: str | None = None, task_id: str | None = None, limit: int = 100
     ) -> list[FailureRecord]:
         where, params = _where(operation=operation, task_id=task_id)
-        async with self._mapped():
+        async with self._locked():
             rows = await self._fetchall(
                 f"SELECT {FAILURE_COLUMNS} FROM failures {where} ORDER BY created_at DESC LIMIT ?",
                 (*params, limit),
@@ -408,7 +452,7 @@ class SqliteTaskStore(SqliteDb):
         return [_failure(r) for r in rows]
 
     async def get_failure(self, failure_id: str) -> FailureRecord | None:
-        async with self._mapped():
+        async with self._locked():
             row = await self._fetchone(
                 f"SELECT {FAILURE_COLUMNS} FROM failures WHERE failure_id = ?", (failure_id,)
             )
@@ -435,7 +479,7 @@ class SqliteTaskStore(SqliteDb):
         await self._execute("DELETE FROM workers WHERE worker_id = ?", (worker_id,))
 
     async def live_workers(self, since: datetime) -> set[str]:
-        async with self._mapped():
+        async with self._locked():
             rows = await self._fetchall(
                 "SELECT worker_id FROM workers WHERE heartbeat_at >= ?", (iso(since),)
             )

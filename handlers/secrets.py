@@ -358,13 +358,16 @@ class SecretsService:
         """
         secret = await self._live(account, name, "rotate")
         if due is not None and not _still_due(secret, due):
-            return {"name": name, "account": account, "skipped": True,
-                    "reason": "not due at that time any more (rotated, or schedule changed)"}
+            return _skipped(name, account)
         kind = m.SecretType(secret.secret_type)
         lock = self._locks.setdefault(secret.secret_id, asyncio.Lock())
         async with self.limiter.slot() as concurrent, lock:
             started = self.clock()
             secret = await self._live(account, name, "rotate")  # fresh, under the lock
+            # Checked again: waiting for a slot or the lock can take a while, and a
+            # run that held them (or another process) may have rotated it meanwhile.
+            if due is not None and not _still_due(secret, due):
+                return _skipped(name, account)
             state = await self._resume_state(secret)
             resumed_from = state.done
             steps: list[str] = []
@@ -374,11 +377,13 @@ class SecretsService:
             try:
                 while step is not None:
                     state = advance(state, await self._run_step(step, secret, kind, state,
-                                                                task_id, docs))
+                                                                task_id, docs, due))
                     steps.append(step.value)
                     if step is Step.SET:
                         await _pause_hook()
                     step = state.next_step
+            except _NoLongerDue:
+                return _skipped(name, account)
             except DewError as err:
                 err.target = f"{account}/{name}"
                 if final_attempt or not err.retryable:
@@ -403,12 +408,12 @@ class SecretsService:
 
     async def _run_step(
         self, step: Step, secret: SecretRecord, kind: m.SecretType, state: RotationState,
-        task_id: str, docs: dict[str, m.DbDocument],
+        task_id: str, docs: dict[str, m.DbDocument], due: int | None = None,
     ) -> StepOutcome:
         now = self.clock()
         if step is Step.CREATE:
             return StepOutcome(step, True,
-                               await self._create_pending(secret, kind, task_id, docs))
+                               await self._create_pending(secret, kind, task_id, docs, due))
         pending = state.pending_version
         assert pending is not None
         if step is Step.FINISH:
@@ -432,8 +437,10 @@ class SecretsService:
 
     async def _create_pending(
         self, secret: SecretRecord, kind: m.SecretType, task_id: str,
-        docs: dict[str, m.DbDocument],
+        docs: dict[str, m.DbDocument], due: int | None = None,
     ) -> str:
+        """Step 1. A scheduled run (``due``) starts a rotation only if the secret is
+        still due then, checked in the store's transaction (raises _NoLongerDue)."""
         stages = await self.store.stages(secret.secret_id)
         existing = stages.get(m.PENDING)
         if existing is not None:
@@ -451,7 +458,11 @@ class SecretsService:
         seq = await self.store.allocate_version(secret.secret_id)
         version = await self._encrypt(secret.account, secret.secret_id, secret.kms_key,
                                       m.version_id(seq), seq, value)
-        pending = await self.store.start_pending(version, task_id, self.clock())
+        pending = await self.store.start_pending(
+            version, task_id, self.clock(),
+            due_at=None if due is None else secret.next_rotation_at)
+        if pending is None:
+            raise _NoLongerDue
         if kind is not m.SecretType.COMMON and pending == version.version_id:
             docs.update({m.CURRENT: current, m.PENDING: made, "_made": made})
         return pending
@@ -625,6 +636,15 @@ async def _pause_hook() -> None:
     if text:
         log.warning("test hook: pausing after step set", seconds=float(text))
         await asyncio.sleep(float(text))
+
+
+class _NoLongerDue(Exception):
+    """A scheduled run found its secret rotated (or rescheduled) by someone else."""
+
+
+def _skipped(name: str, account: str) -> dict[str, Any]:
+    return {"name": name, "account": account, "skipped": True,
+            "reason": "not due at that time any more (rotated, or schedule changed)"}
 
 
 def _still_due(secret: SecretRecord, due: int) -> bool:

@@ -4,12 +4,16 @@ the scheduler's enqueue-once."""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
+from collections.abc import Iterable
 from datetime import timedelta
+from typing import Any
 
 import pytest
 
 from engine.client import Client
+from engine.csms_store import SecretRecord, SqliteCsmsStore, VersionRecord
 from engine.errors import InvalidInput, NotFound, SecurityError
 from engine.settings import Settings
 from handlers import secrets_model as m
@@ -170,3 +174,101 @@ async def test_due_rotation_is_enqueued_once(
     # A stale scheduled run (the schedule moved) does nothing.
     result = await csms.rotate("sched", due=123)
     assert result["skipped"] is True
+
+
+class _LookingStore(SqliteCsmsStore):
+    """The store, telling when a secret was looked up (a run has checked it is due)."""
+
+    looked: asyncio.Event
+
+    async def get_secret(self, account: str, name: str) -> SecretRecord | None:
+        found = await super().get_secret(account, name)
+        self.looked.set()
+        return found
+
+
+async def test_a_scheduled_run_that_waited_for_a_slot_does_not_rotate_again(
+    csms: SecretsService, settings: Settings, clock: FakeClock
+) -> None:
+    csms.clock = clock
+    await csms.create("once", VALUE)
+    await csms.set_rotation("once", 6 * 3600)
+    clock.advance(hours=6)
+    secret = await csms.store.get_secret("default", "once")
+    assert secret is not None and secret.next_rotation_at is not None
+    due = int(secret.next_rotation_at.timestamp())
+    store = await _LookingStore.open(settings.db_path)
+    store.looked = asyncio.Event()
+    service = SecretsService(store, csms.kms, clock=clock, max_rotations=1)
+    try:
+        async with service.limiter.slot():  # another rotation holds the only slot
+            run = asyncio.create_task(service.rotate("once", due=due, task_id="scheduled"))
+            await store.looked.wait()  # it found the secret due, and waits for the slot
+            await csms.rotate("once")  # meanwhile another run (or process) rotates it
+        result = await run
+        assert result.get("skipped") is True, result  # not a second rotation
+    finally:
+        await store.close()
+    assert [v.version_id for v in await csms.list_versions("once")] == ["v1", "v2"]
+    assert await csms.store.stages(secret.secret_id) == {m.CURRENT: "v2", m.PREVIOUS: "v1"}
+
+
+async def test_a_scheduled_rotation_starts_only_if_still_due(csms: SecretsService) -> None:
+    """The last word is the store's, in the transaction that adds the pending version:
+    another process may have rotated the secret after this one looked."""
+    await csms.create("guard", VALUE)
+    info = await csms.set_rotation("guard", 6 * 3600)
+    due_at = info.record.next_rotation_at
+    assert due_at is not None
+    secret_id = info.record.secret_id
+    now = csms.clock()
+
+    def version(seq: int) -> VersionRecord:
+        return VersionRecord(secret_id, m.version_id(seq), seq, now, "k", b"d", b"n", b"c")
+
+    stale = due_at - timedelta(hours=6)
+    assert await csms.store.start_pending(version(7), "t1", now, due_at=stale) is None
+    assert await csms.store.stages(secret_id) == {m.CURRENT: "v1"}
+    assert [v.version_id for v in await csms.store.versions(secret_id)] == ["v1"]
+    assert await csms.store.start_pending(version(8), "t2", now, due_at=due_at) == "v8"
+    assert (await csms.store.stages(secret_id))[m.PENDING] == "v8"
+
+
+async def test_a_read_in_flight_does_not_fail_another_coroutines_transaction(
+    csms: SecretsService, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rotations of a worker share one connection. A read whose statement is open
+    holds a read snapshot; a transaction begun on the connection meanwhile fails at
+    once with "database is locked" if another connection wrote since (SQLite does not
+    wait on the busy timeout there): a retry, and a rotation run twice."""
+    await csms.create("busy", VALUE)
+    store = csms.store
+    secret = await store.get_secret("default", "busy")
+    assert secret is not None
+    opened, release = asyncio.Event(), asyncio.Event()
+    real_fetchall = store._fetchall
+
+    async def paused_fetchall(sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
+        async with store._conn.execute(sql, tuple(params)) as cursor:
+            opened.set()
+            await release.wait()  # the statement is stepped and still open
+            return list(await cursor.fetchall())
+
+    monkeypatch.setattr(store, "_fetchall", paused_fetchall)
+    reader = asyncio.create_task(store.stages(secret.secret_id))
+    await opened.wait()
+    monkeypatch.setattr(store, "_fetchall", real_fetchall)
+    other = sqlite3.connect(settings.db_path)  # another process writes meanwhile
+    other.execute("UPDATE csms_secrets SET description = 'other' WHERE secret_id = ?",
+                  (secret.secret_id,))
+    other.commit()
+    other.close()
+    writer = asyncio.create_task(
+        store.record_step(secret.secret_id, "create", "v1", "t", csms.clock()))
+    # Without the fix the writer fails at once; with it, it waits for the read to end.
+    await asyncio.wait({writer}, timeout=0.3)
+    release.set()
+    assert await reader == {m.CURRENT: "v1"}
+    await writer
+    updated = await store.get_secret("default", "busy")
+    assert updated is not None and updated.rotation_step == "create"
