@@ -129,7 +129,7 @@ class SqliteKpsStore(SqliteDb):
 
     async def find_keypair(self, account: str, user: str, name: str) -> KeyPairRecord | None:
         """The pair named ``name`` that ``user`` sees: their own, else the account's."""
-        async with self._mapped():
+        async with self._locked():
             row = await self._fetchone(
                 f"SELECT {KEYPAIR_COLUMNS} FROM kps_keypairs WHERE account = ? AND name = ? "
                 "AND (scope = 'account' OR owner = ?) ORDER BY scope = 'account' LIMIT 1",
@@ -138,13 +138,13 @@ class SqliteKpsStore(SqliteDb):
         return None if row is None else _keypair(row)
 
     async def get_keypair(self, keypair_id: str) -> KeyPairRecord | None:
-        async with self._mapped():
+        async with self._locked():
             row = await self._fetchone(
                 f"SELECT {KEYPAIR_COLUMNS} FROM kps_keypairs WHERE keypair_id = ?", (keypair_id,))
         return None if row is None else _keypair(row)
 
     async def list_keypairs(self, account: str, user: str) -> list[KeyPairRecord]:
-        async with self._mapped():
+        async with self._locked():
             rows = await self._fetchall(
                 f"SELECT {KEYPAIR_COLUMNS} FROM kps_keypairs WHERE account = ? AND "
                 "(scope = 'account' OR owner = ?) ORDER BY name, scope", (account, user))
@@ -176,7 +176,7 @@ class SqliteKpsStore(SqliteDb):
         return "created"
 
     async def count_account_keypairs(self, account: str) -> int:
-        async with self._mapped():
+        async with self._locked():
             return await self._account_count(account)
 
     # --- servers ---------------------------------------------------------------------
@@ -198,20 +198,20 @@ class SqliteKpsStore(SqliteDb):
         return True
 
     async def find_server(self, account: str, name: str) -> ServerRecord | None:
-        async with self._mapped():
+        async with self._locked():
             row = await self._fetchone(
                 f"SELECT {SERVER_COLUMNS} FROM kps_servers WHERE account = ? AND name = ?",
                 (account, name))
         return None if row is None else _server(row)
 
     async def get_server(self, server_id: str) -> ServerRecord | None:
-        async with self._mapped():
+        async with self._locked():
             row = await self._fetchone(
                 f"SELECT {SERVER_COLUMNS} FROM kps_servers WHERE server_id = ?", (server_id,))
         return None if row is None else _server(row)
 
     async def list_servers(self, account: str) -> list[ServerRecord]:
-        async with self._mapped():
+        async with self._locked():
             rows = await self._fetchall(
                 f"SELECT {SERVER_COLUMNS} FROM kps_servers WHERE account = ? ORDER BY name",
                 (account,))
@@ -252,27 +252,27 @@ class SqliteKpsStore(SqliteDb):
                 (keypair_id, server_id, iso(now), task_id))
 
     async def unbind(self, keypair_id: str, server_id: str) -> None:
-        async with self._tx_lock, self._mapped():
+        async with self._locked():
             await self._conn.execute(
                 "DELETE FROM kps_bindings WHERE keypair_id = ? AND server_id = ?",
                 (keypair_id, server_id))
 
     async def unbind_all_on(self, server_id: str, keep: str) -> None:
         """After a reset only ``keep`` is bound on the server (the old keys are gone)."""
-        async with self._tx_lock, self._mapped():
+        async with self._locked():
             await self._conn.execute(
                 "DELETE FROM kps_bindings WHERE server_id = ? AND keypair_id <> ?",
                 (server_id, keep))
 
     async def servers_of(self, keypair_id: str) -> list[str]:
-        async with self._mapped():
+        async with self._locked():
             rows = await self._fetchall(
                 "SELECT s.name FROM kps_bindings b JOIN kps_servers s USING (server_id) "
                 "WHERE b.keypair_id = ? ORDER BY s.name", (keypair_id,))
         return [r[0] for r in rows]
 
     async def keypairs_on(self, server_id: str) -> list[str]:
-        async with self._mapped():
+        async with self._locked():
             rows = await self._fetchall(
                 "SELECT k.name FROM kps_bindings b JOIN kps_keypairs k USING (keypair_id) "
                 "WHERE b.server_id = ? ORDER BY k.name", (server_id,))
@@ -282,7 +282,7 @@ class SqliteKpsStore(SqliteDb):
 
     async def set_progress(self, task_id: str, server: str, status: str, detail: str,
                            now: datetime) -> None:
-        async with self._tx_lock, self._mapped():
+        async with self._locked():
             await self._conn.execute(
                 "INSERT INTO kps_task_servers (task_id, server, status, detail, updated_at) "
                 "VALUES (?, ?, ?, ?, ?) ON CONFLICT (task_id, server) DO UPDATE SET "
@@ -291,7 +291,7 @@ class SqliteKpsStore(SqliteDb):
 
     async def progress(self, task_id: str) -> dict[str, str]:
         """Server name -> status (running, succeeded, failed) for one job."""
-        async with self._mapped():
+        async with self._locked():
             rows = await self._fetchall(
                 "SELECT server, status FROM kps_task_servers WHERE task_id = ?", (task_id,))
         return {r[0]: r[1] for r in rows}

@@ -504,21 +504,35 @@ async def run_operation(ctx: JobContext, args: dict[str, Any], op: str) -> dict[
                 Timeouts(config.connect_timeout, config.login_timeout, config.command_timeout))
     limit = asyncio.Semaphore(config.concurrency)
 
+    async def progress(server: ServerRecord, status: str, detail: str = "") -> None:
+        # Progress only feeds the CLI's progress bar: a store hiccup must not fail
+        # the server's operation (or leave its siblings running on a failed job).
+        try:
+            await kps.store.set_progress(ctx.task_id, server.name, status, detail, ctx.now())
+        except DewError as exc:
+            ctx.log.warning("progress not recorded", target=server.name, error=exc.message)
+
     async def one(server: ServerRecord) -> dict[str, Any]:
         async with limit:
-            await kps.store.set_progress(ctx.task_id, server.name, "running", "", ctx.now())
+            await progress(server, "running")
             try:
                 result = await _with_retries(ctx, config, lambda: _apply(ctx, kps, plan, server))
             except DewError as exc:
                 await ctx.record_failure(server.name, exc)
-                await kps.store.set_progress(ctx.task_id, server.name, "failed", exc.message,
-                                             ctx.now())
+                await progress(server, "failed", exc.message)
                 return {"server": server.name, "status": "failed", "code": exc.code,
                         "error": exc.message}
-            await kps.store.set_progress(ctx.task_id, server.name, "succeeded", "", ctx.now())
+            await progress(server, "succeeded")
             return {"server": server.name, "status": "succeeded", **result}
 
-    results = await asyncio.gather(*(one(s) for s in servers))
+    # A TaskGroup, so an unexpected error in one server's coroutine cancels the others
+    # instead of leaving them running after the job has ended.
+    try:
+        async with asyncio.TaskGroup() as group:
+            running = [group.create_task(one(s)) for s in servers]
+    except ExceptionGroup as errors:
+        raise errors.exceptions[0] from None  # e.g. a store error: the engine retries it
+    results = [t.result() for t in running]
     failed = sum(1 for r in results if r["status"] == "failed")
     return {"operation": op, "keypair": record.name, "fingerprint": record.fingerprint,
             "servers": list(results), "succeeded": len(results) - failed, "failed": failed}
