@@ -18,6 +18,10 @@ Each with 1 and 2 threads. Prints ops/s, the 2-thread/1-thread ratio, our
 overhead over the direct call (extra time per op: direct/ours - 1) and the
 HSM's cost against in-process crypto.
 
+A second table: signing and MACs through ``KmsService`` (``sign`` RSA-2048
+RSASSA_PSS_SHA_256 and P-256 ECDSA_SHA_256 over a 64-byte RAW message,
+``generate_mac`` HMAC_SHA_256), against in-process ``cryptography`` / ``hmac``.
+
     .venv/bin/python bench/kms_ops.py [--seconds 1.5] [--callers 32]
 """
 
@@ -25,6 +29,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
+import hmac
 import os
 import sys
 import tempfile
@@ -39,6 +45,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import pkcs11  # noqa: E402
+from cryptography.hazmat.primitives import hashes  # noqa: E402
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa  # noqa: E402
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # noqa: E402
 from pkcs11 import GCMParams, Mechanism, ObjectClass  # noqa: E402
 
@@ -47,6 +55,8 @@ from engine.kms_store import SqliteKmsStore  # noqa: E402
 from handlers.kms import KmsService, token_label  # noqa: E402
 
 THREADS = (1, 2)
+SIGN_OPS = ("sign RSA-2048 PSS", "sign P-256 ECDSA", "HMAC-SHA-256")
+MESSAGE = bytes(64)
 AAD = bytes(64) + b"{}"  # the size of our header's authenticated part
 
 
@@ -123,6 +133,59 @@ def direct_ops(config: HsmConfig, label: str, kind: str) -> Callable[[], Callabl
     return make
 
 
+def software_sign_ops(op: str) -> Callable[[], Callable[[], Any]]:
+    def make() -> Callable[[], Any]:
+        if op == SIGN_OPS[0]:
+            key = rsa.generate_private_key(65537, 2048)
+            pss = padding.PSS(padding.MGF1(hashes.SHA256()), 32)
+            return lambda: key.sign(MESSAGE, pss, hashes.SHA256())
+        if op == SIGN_OPS[1]:
+            eck = ec.generate_private_key(ec.SECP256R1())
+            return lambda: eck.sign(MESSAGE, ec.ECDSA(hashes.SHA256()))
+        secret = os.urandom(32)
+        return lambda: hmac.new(secret, MESSAGE, hashlib.sha256).digest()
+
+    return make
+
+
+async def run_signing(
+    store: SqliteKmsStore, cores: dict[int, CryptoCore], seconds: float, callers: int
+) -> dict[tuple[str, str, int], float]:
+    results: dict[tuple[str, str, int], float] = {}
+    setup = KmsService(store, cores[1])
+    keys = [(await setup.create_key(f"bench/{spec}", spec)).key_id
+            for spec in ("RSA_2048", "EC_P256", "HMAC_256")]
+    await setup.close()
+    for threads in THREADS:
+        kms = KmsService(store, cores[threads])
+        calls: list[Callable[[], Awaitable[Any]]] = [
+            lambda kms=kms: kms.sign(keys[0], MESSAGE, "RSASSA_PSS_SHA_256"),
+            lambda kms=kms: kms.sign(keys[1], MESSAGE, "ECDSA_SHA_256"),
+            lambda kms=kms: kms.generate_mac(keys[2], MESSAGE),
+        ]
+        for op, call in zip(SIGN_OPS, calls, strict=True):
+            results[(op, "dew", threads)] = await measure_async(seconds, callers, call)
+            results[(op, "software", threads)] = await asyncio.to_thread(
+                measure_threads, seconds, threads, software_sign_ops(op))
+        await kms.close()
+    return results
+
+
+def report_signing(results: dict[tuple[str, str, int], float]) -> str:
+    names = {"dew": "dew KmsService (token)", "software": "in-process cryptography / hmac"}
+    lines = [f"{'operation':19} {'implementation':32} {'1 thread':>10} {'2 threads':>10} "
+             f"{'2t/1t':>6}"]
+    for op in SIGN_OPS:
+        for impl in ("dew", "software"):
+            one, two = results[(op, impl, 1)], results[(op, impl, 2)]
+            lines.append(f"{op:19} {names[impl]:32} {one:>10,.0f} {two:>10,.0f} "
+                         f"{two / one:>6.2f}")
+        ratio = [results[(op, "dew", t)] / results[(op, "software", t)] for t in THREADS]
+        lines.append(f"{op:19} {'dew / in-process':32} "
+                     + "".join(f"{r:>10.3f}" for r in ratio))
+    return "\n".join(lines)
+
+
 def software_ops(kind: str) -> Callable[[], Callable[[], Any]]:
     def make() -> Callable[[], Any]:
         aead = AESGCM(AESGCM.generate_key(256))
@@ -187,6 +250,7 @@ async def run(seconds: float, callers: int) -> dict[tuple[str, str, int], float]
                         measure_threads, seconds, threads, direct_ops(base, label, kind))
                     results[(op, "cryptography", threads)] = await asyncio.to_thread(
                         measure_threads, seconds, threads, software_ops(kind))
+            results |= await run_signing(store, cores, seconds, callers)
         finally:
             for core in cores.values():
                 await core.close()
@@ -231,6 +295,8 @@ def main() -> None:
     args = parser.parse_args()
     results = asyncio.run(run(args.seconds, args.callers))
     print(report(results, args.callers))
+    print()
+    print(report_signing(results))
 
 
 if __name__ == "__main__":

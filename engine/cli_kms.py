@@ -18,6 +18,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -47,10 +48,13 @@ def register(subparsers: Any, commands: dict[str, Any]) -> None:
     p = command("create-key", "create a customer master key in the HSM")
     p.add_argument("--alias", required=True)
     p.add_argument("--spec", default="AES_256",
-                   help="AES_256 (default), HMAC_256/384/512, RSA_2048/3072/4096, EC_P256/P384")
+                   help="AES_256 (default), HMAC_256/384/512, RSA_2048/3072/4096, EC_P256/P384, "
+                   "ML_DSA_44/65/87")
     p.add_argument("--usage", help="ENCRYPT_DECRYPT, SIGN_VERIFY or GENERATE_VERIFY_MAC "
                    "(default: the spec's usual one)")
     p.add_argument("--description", default="")
+    p.add_argument("--origin", default="kms",
+                   help="kms (default: generated in the HSM) or external (import your own)")
     p = command("describe-key", "show one key (KEY is its id or alias)")
     p.add_argument("key")
     p = command("list-keys", "list the account's keys")
@@ -80,15 +84,100 @@ def register(subparsers: Any, commands: dict[str, Any]) -> None:
     source.add_argument("--plain-text-base64", metavar="B64")
     source.add_argument("--plain-text-file", metavar="FILE")
     _context_option(p)
-    p = command("decrypt-data", "decrypt encrypt-data output (the key is inside it)")
+    p = command("decrypt-data", "decrypt encrypt-data output (the key is inside it), or an "
+                "RSA-OAEP ciphertext with --key and --encryption-algorithm")
     p.add_argument("--cipher-text", required=True, metavar="B64")
+    p.add_argument("--key", help="the RSA ENCRYPT_DECRYPT key (RSA ciphertexts only)")
+    p.add_argument("--encryption-algorithm", metavar="ALG",
+                   help="SYMMETRIC_DEFAULT (default), RSAES_OAEP_SHA_256 or RSAES_OAEP_SHA_1")
     _context_option(p)
+    for name, text in (("sign", "sign a message (or its digest) in the HSM"),
+                       ("verify", "verify a signature in the HSM; exit 0 valid, 1 invalid")):
+        p = command(name, text)
+        p.add_argument("key")
+        p.add_argument("--message-file", required=True, metavar="FILE")
+        p.add_argument("--message-type", default="RAW",
+                       help="RAW (default: we hash it, at most 4096 bytes) or DIGEST")
+        p.add_argument("--algorithm", required=True, metavar="ALG",
+                       help="RSASSA_PSS_SHA_256/384/512, RSASSA_PKCS1_V1_5_SHA_256/384/512, "
+                       "ECDSA_SHA_256 (P-256), ECDSA_SHA_384 (P-384), ML_DSA_44/65/87 (RAW)")
+        if name == "sign":
+            p.add_argument("--out", metavar="SIGFILE", help="also write the binary signature")
+        else:
+            given = p.add_mutually_exclusive_group(required=True)
+            given.add_argument("--signature-file", metavar="FILE", help="binary signature")
+            given.add_argument("--signature", metavar="B64", help="Base64 signature")
+    p = command("encrypt-file", "envelope-encrypt a file of any size under KEY (streaming)",
+                "Encrypt IN to OUT ('-' for stdin / stdout) with a fresh data key made under "
+                "KEY; OUT is written through a temporary file and renamed on success.")
+    p.add_argument("key")
+    p.add_argument("input", metavar="IN")
+    p.add_argument("output", metavar="OUT")
+    p = command("decrypt-file", "verify and decrypt an encrypt-file output",
+                "Decrypt IN to OUT ('-' for stdin / stdout); any alteration, truncation, "
+                "reordering or appended data fails (exit 1) and leaves no OUT file.")
+    p.add_argument("input", metavar="IN")
+    p.add_argument("output", metavar="OUT")
+    p = command("get-parameters-for-import",
+                "a wrapping public key (PEM) and an import token, valid 24 h")
+    p.add_argument("key")
+    p.add_argument("--wrapping-algorithm", default="RSAES_OAEP_SHA_256", metavar="ALG",
+                   help="RSAES_OAEP_SHA_256 (default) or _SHA_1 for AES/HMAC material; "
+                   "RSA_AES_KEY_WRAP_SHA_256 or _SHA_1 for RSA/EC private keys")
+    p = command("import-key-material", "import wrapped key material into a pending key")
+    p.add_argument("key")
+    p.add_argument("--import-token", required=True)
+    p.add_argument("--encrypted-key-material-base64", required=True, metavar="B64")
+    p.add_argument("--expiration-time", metavar="ISO",
+                   help="delete the material then (e.g. 2027-01-31T00:00:00Z)")
+    p = command("delete-imported-key-material", "delete imported material (pending import)")
+    p.add_argument("key")
+    p = command("wrap-key-material", "client side: wrap material for import-key-material")
+    p.add_argument("--public-key", required=True, metavar="PEM",
+                   help="the wrapping public key from get-parameters-for-import")
+    p.add_argument("--material", required=True, metavar="FILE",
+                   help="raw AES/HMAC bytes, or a private key (PKCS#8 / PEM)")
+    p.add_argument("--algorithm", required=True, metavar="ALG")
+    p.add_argument("--out", required=True, metavar="FILE", help="the wrapped material")
+    p = command("ec-raw-to-pkcs8", "client side: a bare EC private scalar to PKCS#8")
+    p.add_argument("--curve", required=True,
+                   help="secp256r1 (P-256), secp384r1 (P-384), secp521r1, secp256k1")
+    p.add_argument("--private-hex", required=True, metavar="HEX")
+    form = p.add_mutually_exclusive_group()
+    form.add_argument("--der", action="store_true", help="binary DER to stdout")
+    form.add_argument("--pem", action="store_true", help="PEM to stdout (the default)")
+    p = command("get-public-key", "the public key of an RSA / EC key (SubjectPublicKeyInfo PEM)")
+    p.add_argument("key")
+    for name, text in (("generate-mac", "an HMAC of a message (at most 4096 bytes) in the HSM"),
+                       ("verify-mac", "verify an HMAC in the HSM; exit 0 valid, 1 invalid")):
+        p = command(name, text)
+        p.add_argument("key")
+        p.add_argument("--message-file", required=True, metavar="FILE")
+        p.add_argument("--algorithm", metavar="ALG",
+                       help="HMAC_SHA_256/384/512 (default: the key's own)")
+        if name == "generate-mac":
+            p.add_argument("--out", metavar="MACFILE", help="also write the binary MAC")
+        else:
+            given = p.add_mutually_exclusive_group(required=True)
+            given.add_argument("--mac-file", metavar="FILE", help="binary MAC")
+            given.add_argument("--mac", metavar="B64", help="Base64 MAC")
     p = command("gen-random", "random bytes from the HSM (hex)")
     p.add_argument("--bytes", type=int, required=True, metavar="N", help="1..1024")
     p = command("schedule-key-deletion", "schedule a key's deletion (a job; needs a worker)",
                 "Schedule the key's deletion in 7..1096 days. " + JOB_NOTE)
     p.add_argument("key")
     p.add_argument("--pending-days", type=int, required=True, metavar="N", help="7..1096")
+    _job_options(p)
+    p = command("enable-key-rotation", "rotate an AES_256 key on a period")
+    p.add_argument("key")
+    p.add_argument("--interval-days", type=int, default=365, metavar="N",
+                   help="30..365 (default 365)")
+    for name, text in (("disable-key-rotation", "stop rotating a key"),
+                       ("get-key-rotation-status", "rotation: enabled, interval, last, count")):
+        command(name, text).add_argument("key")
+    p = command("rotate-key", "rotate an AES_256 key now (a job; needs a worker)",
+                "Add a new key version now; old ciphertexts still decrypt. " + JOB_NOTE)
+    p.add_argument("key")
     _job_options(p)
     p = command("cancel-key-deletion", "cancel a scheduled deletion; the key comes back "
                 "disabled (a job; needs a worker)",
@@ -128,7 +217,9 @@ def _job_options(p: argparse.ArgumentParser) -> None:
 
 def _checked(args: argparse.Namespace) -> dict[str, Any]:
     """Every check that needs no store or HSM, done before either is opened."""
+    from handlers import kms_asym as a
     from handlers import kms_format as f
+    from handlers import kms_import as i
 
     f.check_account(args.account)
     out: dict[str, Any] = {}
@@ -142,6 +233,7 @@ def _checked(args: argparse.Namespace) -> dict[str, Any]:
         out["context"] = f.check_context(context)
     action = args.action
     if action == "create-key":
+        f.check_origin(args.origin)
         f.check_custom_alias(args.alias)
         f.check_usage(f.check_spec(args.spec), args.usage)
         f.check_description(args.description)
@@ -159,13 +251,93 @@ def _checked(args: argparse.Namespace) -> dict[str, Any]:
         out["plain"] = f.check_plaintext(_plaintext(args))
     elif action == "decrypt-data":
         out["cipher"] = f.decode_base64("--cipher-text", args.cipher_text)
+        if args.encryption_algorithm not in (None, "SYMMETRIC_DEFAULT"):
+            a.check_encryption_algorithm(args.encryption_algorithm)
+            if args.key is None:
+                raise InvalidInput(f"{args.encryption_algorithm} needs --key")
+        elif args.key is not None:
+            raise InvalidInput("--key is only for RSA ciphertexts (with --encryption-algorithm)")
+    elif action in ("sign", "verify"):
+        out["message"] = _read_file("--message-file", args.message_file,
+                                    a.MAX_MESSAGE_BYTES + 1)
+        a.sign_request(args.algorithm, out["message"], args.message_type)
+        if action == "verify":
+            out["signature"] = (f.decode_base64("--signature", args.signature)
+                                if args.signature is not None
+                                else _read_file("--signature-file", args.signature_file,
+                                                a.MAX_SIGNATURE_BYTES))
+    elif action in ("generate-mac", "verify-mac"):
+        out["message"] = a.check_mac_message(
+            _read_file("--message-file", args.message_file, a.MAX_MESSAGE_BYTES + 1))
+        if args.algorithm is not None and args.algorithm not in a.MAC:
+            raise InvalidInput(f"--algorithm must be one of {', '.join(a.MAC)}")
+        if action == "verify-mac":
+            out["mac"] = (f.decode_base64("--mac", args.mac) if args.mac is not None
+                          else _read_file("--mac-file", args.mac_file, 64))
     elif action == "gen-random":
         f.check_random_bytes(args.bytes)
-    elif action in ("schedule-key-deletion", "cancel-key-deletion") and not (
+    elif action in ("encrypt-file", "decrypt-file"):
+        _check_paths(args.input, args.output, action)
+    elif action == "enable-key-rotation":
+        f.check_rotation_days(args.interval_days)
+    elif action == "get-parameters-for-import":
+        i.check_wrapping_algorithm(args.wrapping_algorithm)
+    elif action == "import-key-material":
+        out["material"] = f.decode_base64("--encrypted-key-material-base64",
+                                          args.encrypted_key_material_base64)
+        out["expires"] = _iso_time("--expiration-time", args.expiration_time)
+    elif action == "wrap-key-material":
+        out["wrapped"] = i.wrap_key_material(
+            _read_file("--public-key", args.public_key, 1 << 16),
+            _read_file("--material", args.material, 1 << 16), args.algorithm)
+    elif action == "ec-raw-to-pkcs8":
+        out["pkcs8"] = i.ec_raw_to_pkcs8(args.curve, args.private_hex, pem=not args.der)
+    elif action in ("schedule-key-deletion", "cancel-key-deletion", "rotate-key") and not (
         0 < args.timeout <= 24 * 3600
     ):
         raise InvalidInput("--timeout must be between 0 and 86400 seconds")
     return out
+
+
+def _read_file(option: str, name: str, limit: int) -> bytes:
+    """At most ``limit`` bytes of a file (reading one more than allowed refuses a large one)."""
+    try:
+        with Path(name).open("rb") as fh:
+            return fh.read(limit)
+    except OSError as exc:
+        raise InvalidInput(f"cannot read {option} {name}: {exc.strerror}") from None
+
+
+def _check_paths(source: str, target: str, action: str) -> None:
+    from handlers.kms_stream import MAGIC
+
+    if source != "-":
+        head = _read_file("IN", source, len(MAGIC))
+        if action == "decrypt-file" and head != MAGIC:
+            raise InvalidInput(f"{source} is not a file made by dew kms encrypt-file")
+    if target != "-" and not Path(target).resolve().parent.is_dir():
+        raise InvalidInput(f"cannot write {target}: its directory does not exist")
+    if target != "-" and Path(target).is_dir():
+        raise InvalidInput(f"cannot write {target}: it is a directory")
+
+
+def _iso_time(option: str, text: str | None) -> datetime | None:
+    if text is None:
+        return None
+    try:
+        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise InvalidInput(f"{option} is not an ISO 8601 time") from None
+    if when.tzinfo is None:
+        raise InvalidInput(f"{option} needs a time zone (e.g. a trailing Z for UTC)")
+    return when
+
+
+def _write_file(name: str, data: bytes) -> None:
+    try:
+        Path(name).write_bytes(data)
+    except OSError as exc:
+        raise InvalidInput(f"cannot write {name}: {exc.strerror}") from None
 
 
 def _plaintext(args: argparse.Namespace) -> bytes:
@@ -186,17 +358,34 @@ async def cmd_kms(args: argparse.Namespace, settings: Settings) -> int:
     from handlers.kms import open_kms
 
     checked = _checked(args)
-    if args.action in ("schedule-key-deletion", "cancel-key-deletion"):
+    if args.action == "wrap-key-material":  # client side: no store, no HSM
+        _write_file(args.out, checked["wrapped"])
+        _print({"out": args.out, "bytes": len(checked["wrapped"])}, args.json, _lines)
+        return 0
+    if args.action == "ec-raw-to-pkcs8":
+        sys.stdout.buffer.write(checked["pkcs8"])
+        return 0
+    if args.action in ("schedule-key-deletion", "cancel-key-deletion", "rotate-key"):
         return await _run_job(args, settings)
     async with open_kms(settings) as kms:
         acct: str = args.account
         ctx: dict[str, str] | None = checked.get("context")
         action = args.action
         data: Any
+        status = 0
         human: Callable[[Any], str] = _lines
         if action == "create-key":
             data = (await kms.create_key(args.alias, args.spec, args.usage, args.description,
-                                         account=acct)).to_json()
+                                         account=acct, origin=args.origin)).to_json()
+        elif action == "get-parameters-for-import":
+            data = (await kms.get_parameters_for_import(
+                args.key, args.wrapping_algorithm, account=acct)).to_json()
+        elif action == "import-key-material":
+            data = (await kms.import_key_material(
+                args.key, args.import_token, checked["material"],
+                expiration_time=checked["expires"], account=acct)).to_json()
+        elif action == "delete-imported-key-material":
+            data = (await kms.delete_imported_key_material(args.key, account=acct)).to_json()
         elif action == "describe-key":
             data = (await kms.describe_key(args.key, account=acct)).to_json()
         elif action == "list-keys":
@@ -222,12 +411,60 @@ async def cmd_kms(args: argparse.Namespace, settings: Settings) -> int:
             data = (await kms.encrypt_data(args.key, checked["plain"], account=acct,
                                            encryption_context=ctx)).to_json()
         elif action == "decrypt-data":
-            data = (await kms.decrypt_data(checked["cipher"], account=acct,
-                                           encryption_context=ctx)).to_json()
+            data = (await kms.decrypt_data(
+                checked["cipher"], account=acct, encryption_context=ctx, key=args.key,
+                encryption_algorithm=args.encryption_algorithm)).to_json()
+        elif action in ("encrypt-file", "decrypt-file"):
+            from handlers import kms_stream
+
+            size = None if args.input == "-" else Path(args.input).stat().st_size
+            progress = kms_stream.terminal_progress(size)
+            if action == "encrypt-file":
+                result = await kms_stream.encrypt_file(kms, args.key, args.input, args.output,
+                                                       account=acct, progress=progress)
+            else:
+                result = await kms_stream.decrypt_file(kms, args.input, args.output,
+                                                       account=acct, progress=progress)
+            if progress is not None:
+                sys.stderr.write("\n")
+            if args.output == "-":
+                return 0  # stdout holds the data itself
+            data = {**result.to_json(), "output": args.output}
+        elif action == "enable-key-rotation":
+            data = (await kms.enable_key_rotation(args.key, args.interval_days,
+                                                  account=acct)).to_json()
+        elif action == "disable-key-rotation":
+            data = (await kms.disable_key_rotation(args.key, account=acct)).to_json()
+        elif action == "get-key-rotation-status":
+            data = (await kms.get_key_rotation_status(args.key, account=acct)).to_json()
+        elif action == "sign":
+            signed = await kms.sign(args.key, checked["message"], args.algorithm,
+                                    args.message_type, account=acct)
+            if args.out is not None:
+                _write_file(args.out, signed.signature)
+            data = signed.to_json()
+        elif action == "verify":
+            verdict = await kms.verify(args.key, checked["message"], checked["signature"],
+                                       args.algorithm, args.message_type, account=acct)
+            data, status = verdict.to_json(), 0 if verdict.valid else 1
+        elif action == "get-public-key":
+            public = await kms.get_public_key(args.key, account=acct)
+            data = public.to_json()
+            human = _public_key_text
+        elif action == "generate-mac":
+            mac = await kms.generate_mac(args.key, checked["message"], args.algorithm,
+                                         account=acct)
+            if args.out is not None:
+                _write_file(args.out, mac.mac)
+            data = mac.to_json()
+        elif action == "verify-mac":
+            verdict = await kms.verify_mac(args.key, checked["message"], checked["mac"],
+                                           args.algorithm, account=acct)
+            data, status = verdict.to_json(), 0 if verdict.valid else 1
         else:  # gen-random
             data = {"random_data": (await kms.gen_random(args.bytes, account=acct)).hex()}
     _print(data, args.json, human)
-    return 0
+    return status
 
 
 async def _run_job(args: argparse.Namespace, settings: Settings) -> int:
@@ -238,6 +475,8 @@ async def _run_job(args: argparse.Namespace, settings: Settings) -> int:
     if args.action == "schedule-key-deletion":
         name = "kms.schedule_key_deletion"
         job_args: dict[str, Any] = {"key": args.key, "pending_days": args.pending_days}
+    elif args.action == "rotate-key":
+        name, job_args = "kms.rotate_key", {"key": args.key}
     else:
         name = "kms.cancel_key_deletion"
         job_args = {"key": args.key}
@@ -290,6 +529,10 @@ async def cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
 
 def _print(data: Any, as_json: bool, human: Callable[[Any], str]) -> None:
     sys.stdout.write((json.dumps(data, indent=2) if as_json else human(data)) + "\n")
+
+
+def _public_key_text(data: dict[str, Any]) -> str:
+    return str(data["public_key"]).rstrip("\n")
 
 
 def _lines(data: dict[str, Any]) -> str:

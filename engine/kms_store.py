@@ -2,14 +2,15 @@
 
 ``KmsStore`` is the interface the KMS service uses; ``SqliteKmsStore`` is the
 default backend (a PostgreSQL one would implement the same Protocol). The
-schema is migration 2 of :mod:`engine.sqlite_store`; opening this store runs
+schema is migrations 2 and 5 of :mod:`engine.sqlite_store`; opening this store runs
 the migrations through that module, so both agree on one ``user_version``.
 
 Same discipline as the task store: one aiosqlite connection per process (its
-own, beside the task store's), WAL, and every write holds ``_tx_lock`` so a
-statement of one coroutine never lands inside another coroutine's
-transaction. Multi-statement writes use ``BEGIN IMMEDIATE``, so two processes
-(worker, CLI) queue on the busy timeout instead of failing on a lock upgrade;
+own, beside the task store's), WAL, and every statement, reads included, holds
+the connection's lock (``_locked``), so a statement of one coroutine never lands
+inside another coroutine's transaction. Multi-statement writes use ``BEGIN
+IMMEDIATE``, so two processes (worker, CLI) queue on the busy timeout instead of
+failing on a lock upgrade;
 that is also what makes "check the quota, then insert" and "read the chain's
 head, then append" atomic across processes.
 
@@ -30,7 +31,7 @@ import json
 import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -43,6 +44,10 @@ KEY_COLUMNS = (
     "updated_at, scheduled_deletion_date, deleted_at, current_version"
 )
 VERSION_COLUMNS = "key_id, version, token_label, created_at, destroyed_at"
+ROTATION_COLUMNS = (
+    "key_id, enabled, interval_days, next_rotation_at, last_rotated_at, rotations, "
+    "last_request, lease_until"
+)
 AUDIT_COLUMNS = (
     "seq, time, account, actor, operation, key_id, outcome, detail, prev_hash, hash"
 )
@@ -74,6 +79,47 @@ class KeyVersion:
     token_label: str
     created_at: datetime
     destroyed_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class RotationRecord:
+    """A key's rotation schedule and history (migration 5)."""
+
+    key_id: str
+    enabled: bool
+    interval_days: int
+    next_rotation_at: datetime | None
+    last_rotated_at: datetime | None
+    rotations: int
+    last_request: str | None  # the task that made the last rotation (re-runs are no-ops)
+    lease_until: datetime | None
+
+
+@dataclass(frozen=True)
+class WrappedKey:
+    """A private key the token cannot hold, wrapped under the key version's token AES key."""
+
+    wrapped: bytes
+    public_key: bytes  # DER SubjectPublicKeyInfo
+
+
+@dataclass(frozen=True)
+class ImportToken:
+    token: str
+    key_id: str
+    account: str
+    algorithm: str
+    wrapping_label: str
+    created_at: datetime
+    expires_at: datetime
+
+
+@dataclass(frozen=True)
+class ImportRecord:
+    key_id: str
+    fingerprint: str
+    imported_at: datetime
+    material_expires_at: datetime | None
 
 
 @dataclass(frozen=True)
@@ -140,10 +186,13 @@ class KmsStore(Protocol):
     async def close(self) -> None: ...
 
     async def create_key(
-        self, key: KeyRecord, version: KeyVersion, event: AuditEvent, quota: int | None
+        self, key: KeyRecord, version: KeyVersion, event: AuditEvent, quota: int | None,
+        wrapped: WrappedKey | None = None,
     ) -> CreateOutcome:
-        """Insert a key and its first version, and audit it, in one transaction.
-        The alias check and (for custom keys) the quota check happen inside it."""
+        """Insert a key and its first version (and its wrapped private key), and audit
+        it, in one transaction. The alias and quota checks happen inside it."""
+
+    async def get_wrapped(self, key_id: str, version: int) -> WrappedKey | None: ...
 
     async def get_key(self, key_id: str) -> KeyRecord | None: ...
 
@@ -171,6 +220,51 @@ class KmsStore(Protocol):
         """Record that a version's token objects are gone; False if already recorded."""
 
     async def due_for_deletion(self, now: datetime) -> list[KeyRecord]: ...
+
+    async def get_rotation(self, key_id: str) -> RotationRecord | None: ...
+
+    async def set_rotation(
+        self, key_id: str, enabled: bool, interval_days: int,
+        next_rotation_at: datetime | None, event: AuditEvent,
+    ) -> RotationRecord:
+        """Create or change the schedule, and audit it, in one transaction."""
+
+    async def claim_rotation(self, key_id: str, now: datetime, until: datetime) -> bool:
+        """Take the key's rotation lease (free, or expired before ``now``)."""
+
+    async def release_rotation(self, key_id: str) -> None: ...
+
+    async def add_version(
+        self, key_id: str, expected_version: int, version: KeyVersion, event: AuditEvent,
+        request: str | None,
+    ) -> KeyRecord | None:
+        """Make ``version`` current (if the key is still at ``expected_version`` and
+        enabled), count the rotation, move the schedule on, release the lease and
+        audit: one transaction. None (nothing written) when the guard misses."""
+
+    async def due_rotations(self, now: datetime) -> list[str]:
+        """Enabled keys whose scheduled rotation is due."""
+
+    async def add_import_token(self, token: ImportToken, event: AuditEvent) -> None: ...
+
+    async def get_import_token(self, token: str) -> ImportToken | None: ...
+
+    async def current_wrapping_label(self, account: str, since: datetime) -> str | None:
+        """The account's wrapping key first used at or after ``since`` (to reuse it)."""
+
+    async def expired_wrapping_labels(self, now: datetime) -> list[str]:
+        """Wrapping keys whose every import token has expired (their tokens are dropped)."""
+
+    async def get_import(self, key_id: str) -> ImportRecord | None: ...
+
+    async def finish_import(
+        self, key_id: str, fingerprint: str, expires_at: datetime | None, now: datetime,
+        event: AuditEvent,
+    ) -> KeyRecord | None:
+        """pending_import -> enabled, with the fingerprint and expiry: one transaction."""
+
+    async def expired_material(self, now: datetime) -> list[KeyRecord]:
+        """Keys whose imported material's expiration time has come."""
 
     async def deleted_with_material(self) -> list[KeyRecord]:
         """Deleted keys whose token objects are not all destroyed yet."""
@@ -204,7 +298,8 @@ class SqliteKmsStore(SqliteDb):
     # --- keys ------------------------------------------------------------------------
 
     async def create_key(
-        self, key: KeyRecord, version: KeyVersion, event: AuditEvent, quota: int | None
+        self, key: KeyRecord, version: KeyVersion, event: AuditEvent, quota: int | None,
+        wrapped: WrappedKey | None = None,
     ) -> CreateOutcome:
         async with self._transaction():
             taken = await self._fetchone(
@@ -233,17 +328,29 @@ class SqliteKmsStore(SqliteDb):
                 (version.key_id, version.version, version.token_label, iso(version.created_at),
                  iso(version.destroyed_at)),
             )
+            if wrapped is not None:
+                await self._conn.execute(
+                    "INSERT INTO kms_wrapped_keys (key_id, version, wrapped, public_key) "
+                    "VALUES (?, ?, ?, ?)",
+                    (key.key_id, version.version, wrapped.wrapped, wrapped.public_key))
             await self._append([event])
         return "created"
 
+    async def get_wrapped(self, key_id: str, version: int) -> WrappedKey | None:
+        async with self._locked():
+            row = await self._fetchone(
+                "SELECT wrapped, public_key FROM kms_wrapped_keys WHERE key_id = ? AND "
+                "version = ?", (key_id, version))
+        return None if row is None else WrappedKey(bytes(row[0]), bytes(row[1]))
+
     async def get_key(self, key_id: str) -> KeyRecord | None:
-        async with self._mapped():
+        async with self._locked():
             row = await self._fetchone(
                 f"SELECT {KEY_COLUMNS} FROM kms_keys WHERE key_id = ?", (key_id,))
         return None if row is None else _key(row)
 
     async def find_alias(self, account: str, alias: str) -> KeyRecord | None:
-        async with self._mapped():
+        async with self._locked():
             row = await self._fetchone(
                 f"SELECT {KEY_COLUMNS} FROM kms_keys WHERE account = ? AND alias = ? "
                 "AND state <> 'deleted'", (account, alias),
@@ -251,7 +358,7 @@ class SqliteKmsStore(SqliteDb):
         return None if row is None else _key(row)
 
     async def find_deleted_alias(self, account: str, alias: str) -> KeyRecord | None:
-        async with self._mapped():
+        async with self._locked():
             row = await self._fetchone(
                 f"SELECT {KEY_COLUMNS} FROM kms_keys WHERE account = ? AND alias = ? "
                 "AND state = 'deleted' ORDER BY deleted_at DESC LIMIT 1", (account, alias),
@@ -264,12 +371,12 @@ class SqliteKmsStore(SqliteDb):
         if state is not None:
             sql += " AND state = ?"
             params += (state,)
-        async with self._mapped():
+        async with self._locked():
             rows = await self._fetchall(sql + " ORDER BY created_at, key_id", params)
         return [_key(r) for r in rows]
 
     async def count_custom_keys(self, account: str) -> int:
-        async with self._mapped():
+        async with self._locked():
             row = await self._fetchone(
                 "SELECT COUNT(*) FROM kms_keys WHERE account = ? AND default_key = 0 "
                 "AND state <> 'deleted'", (account,),
@@ -301,7 +408,7 @@ class SqliteKmsStore(SqliteDb):
         return record
 
     async def versions(self, key_id: str) -> list[KeyVersion]:
-        async with self._mapped():
+        async with self._locked():
             rows = await self._fetchall(
                 f"SELECT {VERSION_COLUMNS} FROM kms_key_versions WHERE key_id = ? "
                 "ORDER BY version", (key_id,),
@@ -309,7 +416,7 @@ class SqliteKmsStore(SqliteDb):
         return [_version(r) for r in rows]
 
     async def mark_version_destroyed(self, key_id: str, version: int, now: datetime) -> bool:
-        async with self._tx_lock, self._mapped():
+        async with self._locked():
             cursor = await self._conn.execute(
                 "UPDATE kms_key_versions SET destroyed_at = ? WHERE key_id = ? AND version = ? "
                 "AND destroyed_at IS NULL", (iso(now), key_id, version),
@@ -317,7 +424,7 @@ class SqliteKmsStore(SqliteDb):
             return int(cursor.rowcount) == 1
 
     async def due_for_deletion(self, now: datetime) -> list[KeyRecord]:
-        async with self._mapped():
+        async with self._locked():
             rows = await self._fetchall(
                 f"SELECT {KEY_COLUMNS} FROM kms_keys WHERE state = 'pending_deletion' "
                 "AND scheduled_deletion_date <= ? ORDER BY scheduled_deletion_date", (iso(now),),
@@ -325,7 +432,7 @@ class SqliteKmsStore(SqliteDb):
         return [_key(r) for r in rows]
 
     async def deleted_with_material(self) -> list[KeyRecord]:
-        async with self._mapped():
+        async with self._locked():
             rows = await self._fetchall(
                 f"SELECT {KEY_COLUMNS} FROM kms_keys WHERE state = 'deleted' AND key_id IN "
                 "(SELECT key_id FROM kms_key_versions WHERE destroyed_at IS NULL)",
@@ -333,14 +440,186 @@ class SqliteKmsStore(SqliteDb):
         return [_key(r) for r in rows]
 
     async def has_deletion_work(self, now: datetime) -> bool:
-        async with self._mapped():
+        async with self._locked():
             row = await self._fetchone(
                 "SELECT EXISTS (SELECT 1 FROM kms_keys WHERE state = 'pending_deletion' "
                 "AND scheduled_deletion_date <= ?) OR EXISTS (SELECT 1 FROM kms_keys k "
                 "JOIN kms_key_versions v ON v.key_id = k.key_id "
-                "WHERE k.state = 'deleted' AND v.destroyed_at IS NULL)", (iso(now),),
+                "WHERE k.state = 'deleted' AND v.destroyed_at IS NULL) OR EXISTS (SELECT 1 "
+                "FROM kms_imports i JOIN kms_keys k ON k.key_id = i.key_id WHERE "
+                "i.material_expires_at <= ? AND k.state IN ('enabled', 'disabled')) OR EXISTS "
+                "(SELECT 1 FROM kms_import_tokens GROUP BY wrapping_label "
+                "HAVING MAX(expires_at) <= ?)",
+                (iso(now), iso(now), iso(now)),
             )
         return bool(row and row[0])
+
+    # --- rotation --------------------------------------------------------------------
+
+    async def get_rotation(self, key_id: str) -> RotationRecord | None:
+        async with self._locked():
+            row = await self._fetchone(
+                f"SELECT {ROTATION_COLUMNS} FROM kms_rotation WHERE key_id = ?", (key_id,))
+        return None if row is None else _rotation(row)
+
+    async def set_rotation(
+        self, key_id: str, enabled: bool, interval_days: int,
+        next_rotation_at: datetime | None, event: AuditEvent,
+    ) -> RotationRecord:
+        async with self._transaction():
+            row = await self._fetchone(
+                "INSERT INTO kms_rotation (key_id, enabled, interval_days, next_rotation_at) "
+                "VALUES (?, ?, ?, ?) ON CONFLICT (key_id) DO UPDATE SET enabled = "
+                "excluded.enabled, interval_days = excluded.interval_days, next_rotation_at = "
+                f"excluded.next_rotation_at RETURNING {ROTATION_COLUMNS}",
+                (key_id, int(enabled), interval_days, iso(next_rotation_at)),
+            )
+            assert row is not None
+            await self._append([event])
+        return _rotation(row)
+
+    async def claim_rotation(self, key_id: str, now: datetime, until: datetime) -> bool:
+        async with self._transaction():
+            await self._conn.execute(
+                "INSERT INTO kms_rotation (key_id, enabled, interval_days) VALUES (?, 0, 365) "
+                "ON CONFLICT (key_id) DO NOTHING", (key_id,))
+            row = await self._fetchone(
+                "UPDATE kms_rotation SET lease_until = ? WHERE key_id = ? AND "
+                "(lease_until IS NULL OR lease_until < ?) RETURNING key_id",
+                (iso(until), key_id, iso(now)),
+            )
+        return row is not None
+
+    async def release_rotation(self, key_id: str) -> None:
+        await self._execute("UPDATE kms_rotation SET lease_until = NULL WHERE key_id = ?",
+                            (key_id,))
+
+    async def add_version(
+        self, key_id: str, expected_version: int, version: KeyVersion, event: AuditEvent,
+        request: str | None,
+    ) -> KeyRecord | None:
+        now = iso(version.created_at)
+        async with self._transaction():
+            row = await self._fetchone(
+                "UPDATE kms_keys SET current_version = ?, updated_at = ? WHERE key_id = ? "
+                f"AND current_version = ? AND state = 'enabled' RETURNING {KEY_COLUMNS}",
+                (version.version, now, key_id, expected_version),
+            )
+            if row is None:
+                return None
+            await self._conn.execute(
+                f"INSERT INTO kms_key_versions ({VERSION_COLUMNS}) VALUES (?, ?, ?, ?, ?)",
+                (key_id, version.version, version.token_label, now, None),
+            )
+            schedule = await self._fetchone(
+                "SELECT enabled, interval_days FROM kms_rotation WHERE key_id = ?", (key_id,))
+            # The next scheduled rotation counts from this one, whoever asked for it.
+            following = (version.created_at + timedelta(days=int(schedule[1]))
+                         if schedule is not None and schedule[0] else None)
+            await self._conn.execute(
+                "INSERT INTO kms_rotation (key_id, enabled, interval_days, rotations, "
+                "last_rotated_at, last_request) VALUES (?, 0, 365, 1, ?, ?) "
+                "ON CONFLICT (key_id) DO UPDATE SET rotations = rotations + 1, "
+                "last_rotated_at = excluded.last_rotated_at, last_request = "
+                "excluded.last_request, lease_until = NULL, next_rotation_at = ?",
+                (key_id, now, request, iso(following)),
+            )
+            await self._append([event])
+        return _key(row)
+
+    async def due_rotations(self, now: datetime) -> list[str]:
+        async with self._locked():
+            rows = await self._fetchall(
+                "SELECT r.key_id FROM kms_rotation r JOIN kms_keys k ON k.key_id = r.key_id "
+                "WHERE r.enabled = 1 AND r.next_rotation_at <= ? AND k.state = 'enabled' "
+                "ORDER BY r.next_rotation_at", (iso(now),),
+            )
+        return [str(r[0]) for r in rows]
+
+    # --- imports ---------------------------------------------------------------------
+
+    async def add_import_token(self, token: ImportToken, event: AuditEvent) -> None:
+        async with self._transaction():
+            await self._conn.execute(
+                "INSERT INTO kms_import_tokens (token, key_id, account, algorithm, "
+                "wrapping_label, created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (token.token, token.key_id, token.account, token.algorithm,
+                 token.wrapping_label, iso(token.created_at), iso(token.expires_at)),
+            )
+            await self._append([event])
+
+    async def get_import_token(self, token: str) -> ImportToken | None:
+        async with self._locked():
+            row = await self._fetchone(
+                "SELECT token, key_id, account, algorithm, wrapping_label, created_at, "
+                "expires_at FROM kms_import_tokens WHERE token = ?", (token,))
+        if row is None:
+            return None
+        return ImportToken(row["token"], row["key_id"], row["account"], row["algorithm"],
+                           row["wrapping_label"], _ts(row["created_at"]),
+                           _ts(row["expires_at"]))
+
+    async def current_wrapping_label(self, account: str, since: datetime) -> str | None:
+        async with self._locked():
+            row = await self._fetchone(
+                "SELECT wrapping_label FROM kms_import_tokens WHERE account = ? "
+                "GROUP BY wrapping_label HAVING MIN(created_at) >= ? "
+                "ORDER BY MIN(created_at) DESC LIMIT 1", (account, iso(since)),
+            )
+        return None if row is None else str(row[0])
+
+    async def expired_wrapping_labels(self, now: datetime) -> list[str]:
+        async with self._transaction():
+            rows = await self._fetchall(
+                "SELECT wrapping_label FROM kms_import_tokens GROUP BY wrapping_label "
+                "HAVING MAX(expires_at) <= ?", (iso(now),),
+            )
+            labels = [str(r[0]) for r in rows]
+            await self._conn.executemany(
+                "DELETE FROM kms_import_tokens WHERE wrapping_label = ?",
+                [(label,) for label in labels])
+        return labels
+
+    async def get_import(self, key_id: str) -> ImportRecord | None:
+        async with self._locked():
+            row = await self._fetchone(
+                "SELECT key_id, fingerprint, imported_at, material_expires_at FROM kms_imports "
+                "WHERE key_id = ?", (key_id,))
+        if row is None:
+            return None
+        return ImportRecord(row["key_id"], row["fingerprint"], _ts(row["imported_at"]),
+                            parse_iso(row["material_expires_at"]))
+
+    async def finish_import(
+        self, key_id: str, fingerprint: str, expires_at: datetime | None, now: datetime,
+        event: AuditEvent,
+    ) -> KeyRecord | None:
+        async with self._transaction():
+            row = await self._fetchone(
+                "UPDATE kms_keys SET state = 'enabled', updated_at = ? WHERE key_id = ? "
+                f"AND state = 'pending_import' RETURNING {KEY_COLUMNS}", (iso(now), key_id))
+            if row is None:
+                return None
+            # The first import's fingerprint stays: a re-import must match it.
+            await self._conn.execute(
+                "INSERT INTO kms_imports (key_id, fingerprint, imported_at, "
+                "material_expires_at) VALUES (?, ?, ?, ?) ON CONFLICT (key_id) DO UPDATE SET "
+                "imported_at = excluded.imported_at, "
+                "material_expires_at = excluded.material_expires_at",
+                (key_id, fingerprint, iso(now), iso(expires_at)),
+            )
+            await self._append([event])
+        return _key(row)
+
+    async def expired_material(self, now: datetime) -> list[KeyRecord]:
+        async with self._locked():
+            rows = await self._fetchall(
+                f"SELECT {', '.join('k.' + c.strip() for c in KEY_COLUMNS.split(','))} "
+                "FROM kms_keys k JOIN kms_imports i ON i.key_id = k.key_id "
+                "WHERE i.material_expires_at <= ? AND k.state IN ('enabled', 'disabled')",
+                (iso(now),),
+            )
+        return [_key(r) for r in rows]
 
     # --- audit -----------------------------------------------------------------------
 
@@ -359,7 +638,7 @@ class SqliteKmsStore(SqliteDb):
                 clauses.append(f"{column} = ?")
                 params.append(value)
         where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
-        async with self._mapped():
+        async with self._locked():
             rows = await self._fetchall(
                 f"SELECT {AUDIT_COLUMNS} FROM (SELECT {AUDIT_COLUMNS} FROM audit {where} "
                 "ORDER BY seq DESC LIMIT ?) ORDER BY seq", (*params, limit),
@@ -370,7 +649,7 @@ class SqliteKmsStore(SqliteDb):
         """Walk the whole chain; the first entry that does not fit is reported."""
         expected_seq, prev, count = 1, GENESIS_HASH, 0
         # One read transaction: a concurrent append cannot show a half chain.
-        async with self._mapped(), self._tx_lock:
+        async with self._locked():
             await self._conn.execute("BEGIN")
             try:
                 async with self._conn.execute(
@@ -457,6 +736,16 @@ def _version(row: sqlite3.Row) -> KeyVersion:
     return KeyVersion(
         key_id=row["key_id"], version=int(row["version"]), token_label=row["token_label"],
         created_at=_ts(row["created_at"]), destroyed_at=parse_iso(row["destroyed_at"]),
+    )
+
+
+def _rotation(row: sqlite3.Row) -> RotationRecord:
+    return RotationRecord(
+        key_id=row["key_id"], enabled=bool(row["enabled"]),
+        interval_days=int(row["interval_days"]),
+        next_rotation_at=parse_iso(row["next_rotation_at"]),
+        last_rotated_at=parse_iso(row["last_rotated_at"]), rotations=int(row["rotations"]),
+        last_request=row["last_request"], lease_until=parse_iso(row["lease_until"]),
     )
 
 

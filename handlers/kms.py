@@ -35,8 +35,11 @@ decrypt) close to the speed of a bare PKCS#11 call:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import getpass
+import hmac
 import os
+import secrets
 import socket
 import time
 import uuid
@@ -45,6 +48,9 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.serialization import load_der_public_key
 
 from engine.context import JobContext
 from engine.crypto import (
@@ -56,24 +62,50 @@ from engine.crypto import (
     hsm_config_from_settings,
     unpack_sealed,
 )
-from engine.errors import ConfigError, Conflict, DewError, InvalidInput, NotFound
+from engine.crypto.errors import KeyExists
+from engine.crypto.model import KeyFamily
+from engine.errors import (
+    ConfigError,
+    Conflict,
+    DewError,
+    InvalidInput,
+    NotFound,
+    TransientError,
+)
 from engine.kms_store import (
     AuditEntry,
     AuditEvent,
     AuditVerdict,
+    ImportToken,
     KeyRecord,
     KeyVersion,
     KmsStore,
+    RotationRecord,
     SqliteKmsStore,
+    WrappedKey,
 )
 from engine.logs import get_logger
 from engine.models import iso, utcnow
 from engine.registry import JOBS
 from engine.resources import Closer, Resources, resource
 from engine.settings import Settings
+from handlers.kms_asym import (
+    ECDSA_CURVE,
+    ENCRYPTION,
+    MAC,
+    MAX_SIGNATURE_BYTES,
+    SIGNING,
+    SignRequest,
+    check_encryption_algorithm,
+    check_mac_algorithm,
+    check_mac_message,
+    check_sign_key,
+    sign_request,
+)
 from handlers.kms_format import (
     DEFAULT_ACCOUNT,
     MAX_DATA_BYTES,
+    ROTATION_DAYS_DEFAULT,
     CipherHeader,
     KeyState,
     KeyUsage,
@@ -85,9 +117,11 @@ from handlers.kms_format import (
     check_description,
     check_key_ref,
     check_length_bits,
+    check_origin,
     check_pending_days,
     check_plaintext,
     check_random_bytes,
+    check_rotation_days,
     check_spec,
     check_usage,
     ciphertext_size,
@@ -100,6 +134,16 @@ from handlers.kms_format import (
     unpack_ciphertext,
     unpad,
 )
+from handlers.kms_import import (
+    WRAPPING_ALGORITHMS,
+    WRAPPING_KEY_BITS,
+    check_algorithm_fits,
+    check_wrapping_algorithm,
+    public_fingerprint_input,
+    secret_length,
+    unwrap_private_key,
+)
+from handlers.kms_mldsa import CKM_ML_DSA, ml_dsa_generate, ml_dsa_sign, ml_dsa_verify
 
 log = get_logger("dew.kms")
 T = TypeVar("T")
@@ -109,6 +153,11 @@ DEFAULT_CACHE_TTL = 1.0
 DEFAULT_AUDIT_FLUSH_INTERVAL = 0.2
 AUDIT_BATCH = 500
 CACHE_MAX = 10_000
+# How long a rotation may hold its key's lease; a crashed one blocks rotation that long.
+ROTATION_LEASE = timedelta(minutes=5)
+IMPORT_TOKEN_TTL = timedelta(hours=24)
+# The HMAC key behind imported material's fingerprints (one per token, made on first use).
+FINGERPRINT_LABEL = "kms:import-fingerprint"
 DATA_KEY_BYTES = (16, 64)  # what encrypt-datakey accepts (128..512 bits)
 
 
@@ -137,6 +186,16 @@ class QuotaExceeded(Conflict):
 class AliasExists(Conflict):
     code = "alias_exists"
     default_fix = "Choose another alias, or use the existing key."
+
+
+class RotationUnsupported(Conflict):
+    code = "rotation_unsupported"
+    default_fix = "Only KMS-generated AES_256 keys rotate; create such a key for rotation."
+
+
+class RotationInProgress(TransientError):
+    code = "rotation_in_progress"
+    default_fix = "Another rotation of this key is running; retry in a moment."
 
 
 class DefaultKeyProtected(Conflict):
@@ -178,6 +237,7 @@ class KeyMetadata:
             "scheduled_deletion_date": iso(self.scheduled_deletion_date),
             "account": self.account, "created_at": iso(self.created_at),
             "description": self.description, "key_version": self.key_version,
+            "protection": protection(self.key_spec),
         }
 
 
@@ -234,12 +294,115 @@ class DecryptResult:
 
 
 @dataclass(frozen=True)
+class SignResult:
+    key_id: str
+    signature: bytes
+    signing_algorithm: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"key_id": self.key_id, "signature": b64(self.signature),
+                "signing_algorithm": self.signing_algorithm}
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    key_id: str
+    valid: bool
+    algorithm: str
+    what: str = "signature"  # or "mac"
+
+    def to_json(self) -> dict[str, Any]:
+        name = "signing_algorithm" if self.what == "signature" else "mac_algorithm"
+        return {"key_id": self.key_id, f"{self.what}_valid": self.valid, name: self.algorithm}
+
+
+@dataclass(frozen=True)
+class MacResult:
+    key_id: str
+    mac: bytes
+    mac_algorithm: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"key_id": self.key_id, "mac": b64(self.mac), "mac_algorithm": self.mac_algorithm}
+
+
+@dataclass(frozen=True)
+class PublicKeyResult:
+    key_id: str
+    key_spec: str
+    key_usage: str
+    public_key_pem: str
+    algorithms: list[str]
+
+    def to_json(self) -> dict[str, Any]:
+        name = ("encryption_algorithms" if self.key_usage == KeyUsage.ENCRYPT_DECRYPT
+                else "signing_algorithms")
+        return {"key_id": self.key_id, "key_spec": self.key_spec, "key_usage": self.key_usage,
+                "public_key": self.public_key_pem, name: self.algorithms}
+
+
+@dataclass(frozen=True)
+class RotationStatus:
+    """What get-key-rotation-status shows."""
+
+    key_id: str
+    enabled: bool
+    interval_days: int | None
+    last_rotation: datetime | None
+    next_rotation: datetime | None
+    rotations: int
+    key_version: int
+
+    @classmethod
+    def of(cls, key: KeyRecord, rotation: RotationRecord | None) -> RotationStatus:
+        if rotation is None:
+            return cls(key.key_id, False, None, None, None, 0, key.current_version)
+        return cls(key.key_id, rotation.enabled,
+                   rotation.interval_days if rotation.enabled else None,
+                   rotation.last_rotated_at, rotation.next_rotation_at if rotation.enabled
+                   else None, rotation.rotations, key.current_version)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"key_id": self.key_id, "rotation_enabled": self.enabled,
+                "rotation_interval_days": self.interval_days,
+                "last_rotation": iso(self.last_rotation),
+                "next_rotation": iso(self.next_rotation),
+                "number_of_rotations": self.rotations, "key_version": self.key_version}
+
+
+@dataclass(frozen=True)
+class RotationChange:
+    status: RotationStatus
+    changed: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.status.to_json(), "changed": self.changed}
+
+
+@dataclass(frozen=True)
 class DeletionReport:
     deleted: list[str]
     versions_destroyed: int
+    expired_material: list[str] = field(default_factory=list)  # imported, now pending import
 
     def to_json(self) -> dict[str, Any]:
-        return {"deleted": self.deleted, "versions_destroyed": self.versions_destroyed}
+        return {"deleted": self.deleted, "versions_destroyed": self.versions_destroyed,
+                "expired_material": self.expired_material}
+
+
+@dataclass(frozen=True)
+class ImportParameters:
+    key_id: str
+    public_key_pem: str
+    import_token: str
+    expiration_time: datetime
+    wrapping_algorithm: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"key_id": self.key_id, "public_key": self.public_key_pem,
+                "import_token": self.import_token,
+                "expiration_time": iso(self.expiration_time),
+                "wrapping_algorithm": self.wrapping_algorithm}
 
 
 @dataclass
@@ -325,15 +488,22 @@ class KmsService:
     async def create_key(
         self, alias: str, spec: KeySpec | str = KeySpec.AES_256, usage: str | None = None,
         description: str = "", *, account: str = DEFAULT_ACCOUNT, actor: str | None = None,
+        origin: str = "kms",
     ) -> KeyMetadata:
-        """A new custom key, generated in the token (never extractable)."""
+        """A new custom key, generated in the token (never extractable); with
+        ``origin="external"`` a key without material, pending import (BYOK)."""
         async with self._audit("create_key", account, actor, None) as op:
             account = check_account(account)
             alias = check_custom_alias(alias)
             key_spec = check_spec(spec)
             key_usage = check_usage(key_spec, usage)
             description = check_description(description)
-            op.detail = {"alias": alias, "spec": key_spec.value, "usage": key_usage.value}
+            origin = check_origin(origin)
+            if origin == "external" and key_spec.family is KeyFamily.MLDSA:
+                raise InvalidInput("ML-DSA key material cannot be imported",
+                                   code="invalid_origin")
+            op.detail = {"alias": alias, "spec": key_spec.value, "usage": key_usage.value,
+                         **({"origin": origin} if origin != "kms" else {})}
             # Checked before the (possibly slow) generation, and again atomically
             # with the insert, so that nothing is generated for a refused request.
             if await self.store.find_alias(account, alias) is not None:
@@ -341,7 +511,7 @@ class KmsService:
             if await self.store.count_custom_keys(account) >= self.quota:
                 raise self._quota_error(account)
             key = await self._generate(account, alias, key_spec, key_usage, description,
-                                       default=False, op=op, actor=actor)
+                                       default=False, op=op, actor=actor, origin=origin)
             return KeyMetadata.of(key)
 
     async def describe_key(
@@ -437,7 +607,12 @@ class KmsService:
         destroyed = 0
         for key in await self.store.deleted_with_material():
             destroyed += await self._destroy_material(key, now, who)
-        return DeletionReport(deleted, destroyed)
+        expired = [key.key_id for key in await self.store.expired_material(now)
+                   if await self._remove_imported(key, now, who, "material_expired")]
+        for label in await self.store.expired_wrapping_labels(now):
+            core = await self._core()
+            await core.destroy_key(label)  # every import token using it has expired
+        return DeletionReport(deleted, destroyed, expired)
 
     async def _destroy_material(self, key: KeyRecord, now: datetime, actor: str) -> int:
         count = 0
@@ -553,8 +728,17 @@ class KmsService:
     async def decrypt_data(
         self, cipher_text: bytes | str, *, account: str = DEFAULT_ACCOUNT,
         actor: str | None = None, encryption_context: dict[str, str] | None = None,
+        key: str | None = None, encryption_algorithm: str | None = None,
     ) -> DecryptResult:
-        """Decrypt encrypt-data output (bytes, or its Base64); the key comes from inside it."""
+        """Decrypt encrypt-data output (bytes, or its Base64); the key comes from inside it.
+
+        With an ``encryption_algorithm`` (``RSAES_OAEP_SHA_256`` / ``_SHA_1``) the
+        ciphertext is a raw RSA-OAEP ciphertext made offline with the public key of
+        ``key``, an RSA ENCRYPT_DECRYPT key; it is decrypted in the token.
+        """
+        if encryption_algorithm not in (None, "SYMMETRIC_DEFAULT"):
+            return await self._rsa_decrypt(cipher_text, key, encryption_algorithm, account,
+                                           actor, encryption_context)
         async with self._audit("decrypt_data", account, actor, None) as op:
             account = check_account(account)
             ctx = check_context(encryption_context)
@@ -580,6 +764,514 @@ class KmsService:
             op.detail = {"bytes": n}
             core = await self._core()
             return await core.random_bytes(n)
+
+    # ------------------------------------------------------------------ importing material
+
+    async def get_parameters_for_import(
+        self, key: str, wrapping_algorithm: str = "RSAES_OAEP_SHA_256", *,
+        account: str = DEFAULT_ACCOUNT, actor: str | None = None, now: datetime | None = None,
+    ) -> ImportParameters:
+        """A wrapping public key (RSA 4096, in the token) and an import token, both
+        valid 24 hours. The account's wrapping key is reused for a day (generating
+        one takes seconds); each call gets its own token."""
+        async with self._audit("get_parameters_for_import", account, actor, key) as op:
+            account = check_account(account)
+            algorithm = check_wrapping_algorithm(wrapping_algorithm)
+            record = await self._importable(key, account, op)
+            check_algorithm_fits(algorithm, KeySpec(record.spec))
+            when = now or self.clock()
+            core = await self._core()
+            label = await self.store.current_wrapping_label(account, when - IMPORT_TOKEN_TTL)
+            if label is None or not await core.key_exists(label):
+                label = f"kms-import:{account}:{uuid.uuid4()}"
+                await core.generate_wrapping_key(label, WRAPPING_KEY_BITS)
+            der = await core.public_key_spki_der(label)
+            pem = serialization.load_der_public_key(der).public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+            token = ImportToken(secrets.token_urlsafe(32), record.key_id, account, algorithm,
+                                label, when, when + IMPORT_TOKEN_TTL)
+            op.detail = {"wrapping_algorithm": algorithm, "expiration_time": iso(token.expires_at)}
+            await self.flush_audit()
+            await self.store.add_import_token(token, AuditEvent(
+                when, account, actor or self.actor, "get_parameters_for_import",
+                record.key_id, "success", op.detail))
+            op.recorded = True
+            return ImportParameters(record.key_id, pem.decode("ascii"), token.token,
+                                    token.expires_at, algorithm)
+
+    async def import_key_material(
+        self, key: str, import_token: str, encrypted_key_material: bytes | str, *,
+        expiration_time: datetime | None = None, account: str = DEFAULT_ACCOUNT,
+        actor: str | None = None, now: datetime | None = None,
+    ) -> KeyMetadata:
+        """Unwrap material made with :func:`handlers.kms_import.wrap_key_material` into
+        the token (sensitive, not extractable); the key becomes enabled."""
+        async with self._audit("import_key_material", account, actor, key) as op:
+            account = check_account(account)
+            blob = (decode_base64("encrypted_key_material", encrypted_key_material)
+                    if isinstance(encrypted_key_material, str) else bytes(encrypted_key_material))
+            record = await self._importable(key, account, op)
+            when = now or self.clock()
+            token = await self.store.get_import_token(str(import_token))
+            if token is None or token.key_id != record.key_id or token.account != account:
+                raise InvalidInput(f"the import token is not one issued for {_name(record)}",
+                                   code="invalid_import_token",
+                                   fix="Use the token from get-parameters-for-import of this key.")
+            if when >= token.expires_at:
+                raise InvalidInput(
+                    f"the import token expired on {iso(token.expires_at)}",
+                    code="import_token_expired",
+                    fix="Get new import parameters and wrap the material again.")
+            if expiration_time is not None and expiration_time.tzinfo is None:
+                raise InvalidInput("the expiration time needs a time zone",
+                                   code="invalid_expiration_time")
+            if expiration_time is not None and expiration_time <= when:
+                raise InvalidInput("the expiration time is in the past",
+                                   code="invalid_expiration_time")
+            spec = KeySpec(record.spec)
+            check_algorithm_fits(token.algorithm, spec)
+            op.detail = {"wrapping_algorithm": token.algorithm,
+                         "expiration_time": iso(expiration_time)}
+            core = await self._core()
+            hash_name = WRAPPING_ALGORITHMS[token.algorithm]
+            label = token_label(record.key_id, 1)
+            key_id_attr = f"{record.key_id}:v1".encode()
+            if spec.is_asymmetric:
+                k = WRAPPING_KEY_BITS // 8
+                aes_key = await core.rsa_oaep_decrypt(token.wrapping_label, blob[:k], hash_name)
+                private = unwrap_private_key(aes_key, blob[k:], spec)
+                fingerprint = await self._fingerprint(spec, public_fingerprint_input(private))
+                await self._check_same_material(record, fingerprint)
+                def create() -> Awaitable[Any]:
+                    return core.import_key_pair(spec, label, key_id_attr, private)
+            else:
+                material = await core.rsa_oaep_decrypt(token.wrapping_label, blob, hash_name)
+                if len(material) != secret_length(spec):
+                    raise InvalidInput(f"{spec.value} material is {secret_length(spec)} bytes, "
+                                       f"got {len(material)}", code="invalid_key_material")
+                fingerprint = await self._fingerprint(spec, material)
+                await self._check_same_material(record, fingerprint)
+                def create() -> Awaitable[Any]:
+                    return core.import_secret_key(spec, label, key_id_attr, material)
+            # No registered material (pending import): an object there is an orphan of an
+            # earlier attempt or of a deletion that did not finish. Replace it.
+            await core.destroy_key(label)
+            await create()
+            event = AuditEvent(when, account, actor or self.actor, "import_key_material",
+                               record.key_id, "success", op.detail)
+            await self.flush_audit()
+            done = await self.store.finish_import(record.key_id, fingerprint, expiration_time,
+                                                  when, event)
+            if done is None:
+                await self._discard(core, label)
+                raise KeyStateError(f"key {_name(record)} changed during the import; retry",
+                                    target=record.key_id)
+            op.recorded = True
+            self._cache.clear()
+            return KeyMetadata.of(done)
+
+    async def delete_imported_key_material(
+        self, key: str, *, account: str = DEFAULT_ACCOUNT, actor: str | None = None,
+        now: datetime | None = None,
+    ) -> KeyChange:
+        """Destroy imported material; the key waits for the same material again."""
+        async with self._audit("delete_imported_key_material", account, actor, key) as op:
+            record = await self._lookup(key, check_account(account), create_default=False)
+            op.key_id = record.key_id
+            if record.origin != "external":
+                raise KeyStateError(f"key {_name(record)} was generated by KMS: it has no "
+                                    "imported material", target=record.key_id,
+                                    fix="Schedule its deletion instead.")
+            if record.state == KeyState.PENDING_IMPORT:
+                op.outcome = "unchanged"
+                return KeyChange(KeyMetadata.of(record), False)
+            changed = await self._remove_imported(record, now or self.clock(),
+                                                  actor or self.actor,
+                                                  "delete_imported_key_material")
+            if not changed:
+                raise self._state_refusal(record, "delete_imported_key_material")
+            op.recorded = True
+            fresh = await self.store.get_key(record.key_id)
+            return KeyChange(KeyMetadata.of(fresh or record), True)
+
+    async def _remove_imported(
+        self, key: KeyRecord, now: datetime, actor: str, operation: str
+    ) -> bool:
+        """enabled/disabled -> pending_import (audited), then destroy the token objects."""
+        event = AuditEvent(now, key.account, actor, operation, key.key_id, "success",
+                           {"from": key.state, "to": KeyState.PENDING_IMPORT.value})
+        await self.flush_audit()
+        changed = await self.store.change_state(
+            key.key_id, [KeyState.ENABLED.value, KeyState.DISABLED.value],
+            KeyState.PENDING_IMPORT.value, now, event)
+        if changed is None:
+            return False
+        self._cache.clear()
+        core = await self._core()
+        # If this fails, the orphan object is replaced by the next import.
+        await core.destroy_key(token_label(key.key_id, 1))
+        log.info("imported key material removed", key_id=key.key_id, reason=operation)
+        return True
+
+    async def _importable(self, ref: str, account: str, op: _Op) -> KeyRecord:
+        record = await self._lookup(ref, account, create_default=False)
+        op.key_id = record.key_id
+        if record.origin != "external":
+            raise KeyStateError(
+                f"key {_name(record)} was generated by KMS; only keys created with "
+                "--origin external take imported material", target=record.key_id,
+                fix="Create a key with create-key --origin external.")
+        if record.state != KeyState.PENDING_IMPORT:
+            raise KeyStateError(
+                f"key {_name(record)} is {record.state.replace('_', ' ')}, not pending import",
+                target=record.key_id,
+                fix="Delete its imported material first (delete-imported-key-material).")
+        return record
+
+    async def _fingerprint(self, spec: KeySpec, material: bytes) -> str:
+        """A keyed fingerprint (HMAC in the token): identifies material without revealing
+        it to whoever reads the registry."""
+        core = await self._core()
+        if not await core.key_exists(FINGERPRINT_LABEL):
+            # KeyExists: another process made it first; use that one.
+            with contextlib.suppress(KeyExists):
+                await core.generate_key(KeySpec.HMAC_256, FINGERPRINT_LABEL, b"kms:fingerprint")
+        tag = await core.sign(FINGERPRINT_LABEL, spec.value.encode() + b"\0" + material,
+                              "HMAC_SHA256")
+        return tag.hex()
+
+    async def _check_same_material(self, key: KeyRecord, fingerprint: str) -> None:
+        previous = await self.store.get_import(key.key_id)
+        if previous is not None and not hmac.compare_digest(previous.fingerprint, fingerprint):
+            raise Conflict(
+                f"key {_name(key)} had other key material: only the identical material can "
+                "be imported again", code="import_material_mismatch", target=key.key_id,
+                fix="Import the material imported first, or create a new key for new material.")
+
+    # ------------------------------------------------------------------ rotation
+
+    async def enable_key_rotation(
+        self, key: str, interval_days: int = ROTATION_DAYS_DEFAULT, *,
+        account: str = DEFAULT_ACCOUNT, actor: str | None = None, now: datetime | None = None,
+    ) -> RotationChange:
+        """Rotate ``key`` every ``interval_days`` (30..365), the first one that far from now."""
+        return await self._set_rotation("enable_key_rotation", key, True,
+                                        check_rotation_days(interval_days), account, actor, now)
+
+    async def disable_key_rotation(
+        self, key: str, *, account: str = DEFAULT_ACCOUNT, actor: str | None = None,
+        now: datetime | None = None,
+    ) -> RotationChange:
+        return await self._set_rotation("disable_key_rotation", key, False, None, account,
+                                        actor, now)
+
+    async def get_key_rotation_status(
+        self, key: str, *, account: str = DEFAULT_ACCOUNT, actor: str | None = None
+    ) -> RotationStatus:
+        async with self._audit("get_key_rotation_status", account, actor, key) as op:
+            record = await self._lookup(key, check_account(account), create_default=True)
+            op.key_id = record.key_id
+            return RotationStatus.of(record, await self.store.get_rotation(record.key_id))
+
+    async def rotate_key(
+        self, key: str, *, account: str = DEFAULT_ACCOUNT, actor: str | None = None,
+        now: datetime | None = None, request: str | None = None,
+    ) -> RotationChange:
+        """Add a new key version in the token and make it current (encryption uses it;
+        older versions keep decrypting). ``request`` (a task id) makes re-runs no-ops."""
+        async with self._audit("rotate_key", account, actor, key) as op:
+            record = await self._lookup(key, check_account(account), create_default=True)
+            op.key_id = record.key_id
+            self._check_rotatable(record)
+            if record.state != KeyState.ENABLED:
+                raise self._state_refusal(record, "rotate_key")
+            rotation = await self.store.get_rotation(record.key_id)
+            if request is not None and rotation is not None and rotation.last_request == request:
+                op.outcome = "unchanged"
+                return RotationChange(RotationStatus.of(record, rotation), False)
+            when = now or self.clock()
+            if not await self.store.claim_rotation(record.key_id, when, when + ROTATION_LEASE):
+                raise RotationInProgress(f"a rotation of {_name(record)} is already running",
+                                         target=record.key_id)
+            try:
+                rotated = await self._add_version(record.key_id, when, actor, request, op)
+            except BaseException:
+                await self.store.release_rotation(record.key_id)
+                raise
+            return RotationChange(
+                RotationStatus.of(rotated, await self.store.get_rotation(record.key_id)), True)
+
+    async def rotate_due_keys(
+        self, now: datetime | None = None, *, actor: str | None = None
+    ) -> dict[str, Any]:
+        """Rotate every key whose scheduled rotation is due (what the cron entry runs)."""
+        when = now or self.clock()
+        rotated: list[str] = []
+        failed: dict[str, str] = {}
+        for key_id in await self.store.due_rotations(when):
+            record = await self.store.get_key(key_id)
+            rotation = await self.store.get_rotation(key_id)
+            if record is None or rotation is None:
+                continue
+            try:
+                # One request per due time: two workers' cron runs rotate once.
+                change = await self.rotate_key(
+                    key_id, account=record.account, actor=actor, now=when,
+                    request=f"schedule:{iso(rotation.next_rotation_at)}")
+            except DewError as exc:
+                failed[key_id] = exc.code
+                log.warning("scheduled rotation failed", key_id=key_id, error=exc.message)
+                continue
+            if change.changed:
+                rotated.append(key_id)
+        return {"rotated": rotated, "failed": failed}
+
+    async def _add_version(
+        self, key_id: str, when: datetime, actor: str | None, request: str | None, op: _Op
+    ) -> KeyRecord:
+        """With the rotation lease held: generate version n+1, then register it."""
+        record = await self.store.get_key(key_id)
+        if record is None or record.state != KeyState.ENABLED:
+            raise KeyStateError(f"key {key_id} is no longer enabled", target=key_id)
+        old, new = record.current_version, record.current_version + 1
+        label = token_label(key_id, new)
+        core = await self._core()
+        try:
+            await core.generate_key(KeySpec.AES_256, label, f"{key_id}:v{new}".encode())
+        except KeyExists:
+            # We hold the lease and the registry says v{old}: the object is an orphan
+            # of a rotation that crashed before registering it. Replace it.
+            await core.destroy_key(label)
+            await core.generate_key(KeySpec.AES_256, label, f"{key_id}:v{new}".encode())
+        op.detail = {"from_version": old, "to_version": new,
+                     **({"request": request} if request else {})}
+        event = AuditEvent(when, record.account, actor or self.actor, "rotate_key", key_id,
+                           "success", op.detail)
+        await self.flush_audit()
+        rotated = await self.store.add_version(key_id, old, KeyVersion(key_id, new, label, when),
+                                               event, request)
+        if rotated is None:
+            await self._discard(core, label)
+            raise KeyStateError(f"key {_name(record)} changed during its rotation; retry",
+                                target=key_id)
+        op.recorded = True
+        self._cache.clear()
+        log.info("key rotated", key_id=key_id, version=new)
+        return rotated
+
+    async def _set_rotation(
+        self, operation: str, key: str, enabled: bool, interval: int | None, account: str,
+        actor: str | None, now: datetime | None,
+    ) -> RotationChange:
+        async with self._audit(operation, account, actor, key) as op:
+            record = await self._lookup(key, check_account(account), create_default=True)
+            op.key_id = record.key_id
+            self._check_rotatable(record)
+            current = await self.store.get_rotation(record.key_id)
+            if (current is not None and current.enabled == enabled
+                    and (not enabled or current.interval_days == interval)) or (
+                    current is None and not enabled):
+                op.outcome = "unchanged"
+                return RotationChange(RotationStatus.of(record, current), False)
+            when = now or self.clock()
+            days = interval or (current.interval_days if current else ROTATION_DAYS_DEFAULT)
+            # The first rotation is one interval from now (or from the last rotation).
+            base = current.last_rotated_at if current and current.last_rotated_at else when
+            following = max(base + timedelta(days=days), when) if enabled else None
+            op.detail = {"enabled": enabled, "interval_days": days,
+                         "next_rotation": iso(following)}
+            event = AuditEvent(when, record.account, actor or self.actor, operation,
+                               record.key_id, "success", op.detail)
+            await self.flush_audit()
+            saved = await self.store.set_rotation(record.key_id, enabled, days, following, event)
+            op.recorded = True
+            return RotationChange(RotationStatus.of(record, saved), True)
+
+    @staticmethod
+    def _check_rotatable(key: KeyRecord) -> None:
+        if key.origin != "kms":
+            raise RotationUnsupported(
+                f"key {_name(key)} holds imported key material, which cannot rotate",
+                fix="Rotate imported keys yourself: create a new key, import new material.",
+                target=key.key_id)
+        if key.spec != KeySpec.AES_256:
+            raise RotationUnsupported(
+                f"key {_name(key)} is a {key.spec} key; only AES_256 keys rotate",
+                target=key.key_id)
+
+    # ------------------------------------------------------------------ asymmetric keys, MACs
+
+    async def sign(
+        self, key: str, message: bytes, algorithm: str, message_type: str = "RAW", *,
+        account: str = DEFAULT_ACCOUNT, actor: str | None = None,
+    ) -> SignResult:
+        """Sign ``message`` (RAW: at most 4096 bytes, hashed here; DIGEST: its digest)."""
+        async with self._audit("sign", account, actor, key) as op:
+            account = check_account(account)
+            request = sign_request(algorithm, message, message_type)
+            op.detail = {"algorithm": request.algorithm, "message_type": request.message_type}
+            record = await self._signing_key(key, account, request, op)
+            core = await self._core()
+            label = token_label(record.key_id, record.current_version)
+            if request.ml_dsa is not None:
+                signature = await self._ml_dsa_sign(record, request.digest)
+            else:
+                assert request.core_algorithm is not None
+                signature = await self._in_token(record, core.sign_digest(
+                    label, request.digest, request.core_algorithm))
+            return SignResult(record.key_id, signature, request.algorithm)
+
+    async def verify(
+        self, key: str, message: bytes, signature: bytes, algorithm: str,
+        message_type: str = "RAW", *, account: str = DEFAULT_ACCOUNT, actor: str | None = None,
+    ) -> VerifyResult:
+        """Whether ``signature`` is valid for ``message`` (checked in the token)."""
+        async with self._audit("verify", account, actor, key) as op:
+            account = check_account(account)
+            request = sign_request(algorithm, message, message_type)
+            if not isinstance(signature, bytes | bytearray) or not (
+                0 < len(signature) <= MAX_SIGNATURE_BYTES
+            ):
+                raise InvalidInput(f"the signature must be 1..{MAX_SIGNATURE_BYTES} bytes",
+                                   code="invalid_signature")
+            op.detail = {"algorithm": request.algorithm, "message_type": request.message_type}
+            record = await self._signing_key(key, account, request, op)
+            if request.ml_dsa is not None:
+                public = load_der_public_key((await self._wrapped(record)).public_key)
+                valid = ml_dsa_verify(public, bytes(signature), request.digest)
+            else:
+                assert request.core_algorithm is not None
+                core = await self._core()
+                valid = await self._in_token(record, core.verify_digest(
+                    token_label(record.key_id, record.current_version), request.digest,
+                    bytes(signature), request.core_algorithm))
+            op.detail["valid"] = valid
+            return VerifyResult(record.key_id, valid, request.algorithm)
+
+    async def get_public_key(
+        self, key: str, *, account: str = DEFAULT_ACCOUNT, actor: str | None = None
+    ) -> PublicKeyResult:
+        """The public half of an RSA / EC key as SubjectPublicKeyInfo PEM."""
+        async with self._audit("get_public_key", account, actor, key) as op:
+            record = await self._enabled(key, check_account(account))
+            op.key_id = record.key_id
+            if not KeySpec(record.spec).is_asymmetric:
+                raise KeyUsageError(f"key {_name(record)} is a {record.spec} key: it has no "
+                                    "public key", target=record.key_id)
+            if KeySpec(record.spec).family is KeyFamily.MLDSA:
+                der = (await self._wrapped(record)).public_key
+            else:
+                core = await self._core()
+                der = await self._in_token(record, core.public_key_spki_der(
+                    token_label(record.key_id, record.current_version)))
+            pem = serialization.load_der_public_key(der).public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+            return PublicKeyResult(record.key_id, record.spec, record.usage,
+                                   pem.decode("ascii"), _algorithms_of(record))
+
+    async def generate_mac(
+        self, key: str, message: bytes, algorithm: str | None = None, *,
+        account: str = DEFAULT_ACCOUNT, actor: str | None = None,
+    ) -> MacResult:
+        """HMAC of ``message`` (at most 4096 bytes) in the token with an HMAC key."""
+        async with self._audit("generate_mac", account, actor, key) as op:
+            account = check_account(account)
+            data = check_mac_message(message)
+            record, algo = await self._mac_key(key, account, algorithm, op)
+            core = await self._core()
+            mac = await self._in_token(record, core.sign(
+                token_label(record.key_id, record.current_version), data, algo))
+            return MacResult(record.key_id, mac, op.detail["algorithm"])
+
+    async def verify_mac(
+        self, key: str, message: bytes, mac: bytes, algorithm: str | None = None, *,
+        account: str = DEFAULT_ACCOUNT, actor: str | None = None,
+    ) -> VerifyResult:
+        """Whether ``mac`` is the HMAC of ``message`` (compared in the token)."""
+        async with self._audit("verify_mac", account, actor, key) as op:
+            account = check_account(account)
+            data = check_mac_message(message)
+            if not isinstance(mac, bytes | bytearray) or not 0 < len(mac) <= 64:
+                raise InvalidInput("the MAC must be 1..64 bytes", code="invalid_mac")
+            record, algo = await self._mac_key(key, account, algorithm, op)
+            core = await self._core()
+            valid = await self._in_token(record, core.verify(
+                token_label(record.key_id, record.current_version), data, bytes(mac), algo))
+            op.detail["valid"] = valid
+            return VerifyResult(record.key_id, valid, op.detail["algorithm"], "mac")
+
+    async def _rsa_decrypt(
+        self, cipher_text: bytes | str, key: str | None, algorithm: str, account: str,
+        actor: str | None, encryption_context: dict[str, str] | None,
+    ) -> DecryptResult:
+        async with self._audit("decrypt_data", account, actor, key) as op:
+            account = check_account(account)
+            hash_name = check_encryption_algorithm(algorithm)
+            op.detail = {"algorithm": algorithm}
+            if key is None:
+                raise InvalidInput(f"{algorithm} needs the key (--key): an RSA ciphertext "
+                                   "does not name it", code="key_required")
+            if encryption_context:
+                raise InvalidInput("RSA ciphertexts take no encryption context",
+                                   code="invalid_encryption_context")
+            blob = (decode_base64("cipher_text", cipher_text) if isinstance(cipher_text, str)
+                    else bytes(cipher_text))
+            record = await self._enabled(key, account)
+            op.key_id = record.key_id
+            if record.spec.split("_", 1)[0] != "RSA" or record.usage != KeyUsage.ENCRYPT_DECRYPT:
+                raise KeyUsageError(
+                    f"key {_name(record)} is a {record.spec} key for {record.usage}; {algorithm}"
+                    " needs an RSA ENCRYPT_DECRYPT key", target=record.key_id)
+            core = await self._core()
+            plain = await self._in_token(record, core.rsa_oaep_decrypt(
+                token_label(record.key_id, record.current_version), blob, hash_name))
+            op.detail["bytes"] = len(plain)
+            return DecryptResult(record.key_id, plain)
+
+    async def _wrapped(self, record: KeyRecord) -> WrappedKey:
+        wrapped = await self.store.get_wrapped(record.key_id, record.current_version)
+        if wrapped is None:
+            raise ConfigError(f"the registry has no wrapped private key for {_name(record)}",
+                              code="hsm_key_material_missing",
+                              cause="the key registry is incomplete")
+        return wrapped
+
+    async def _ml_dsa_sign(self, record: KeyRecord, message: bytes) -> bytes:
+        """Unwrap the private key in the token, sign in memory, forget it."""
+        wrapped = await self._wrapped(record)
+        core = await self._core()
+        seed = await self._in_token(record, core.unwrap_secret(
+            token_label(record.key_id, record.current_version), wrapped.wrapped))
+        return ml_dsa_sign(KeySpec(record.spec), seed, message)
+
+    async def _signing_key(
+        self, ref: str, account: str, request: SignRequest, op: _Op
+    ) -> KeyRecord:
+        record = await self._enabled(ref, account)
+        op.key_id = record.key_id
+        try:
+            check_sign_key(record.spec, record.usage, request.algorithm, _name(record))
+        except KeyUsageError as exc:
+            exc.target = record.key_id
+            raise
+        return record
+
+    async def _mac_key(
+        self, ref: str, account: str, algorithm: str | None, op: _Op
+    ) -> tuple[KeyRecord, Any]:
+        record = await self._enabled(ref, account)
+        op.key_id = record.key_id
+        if record.usage != KeyUsage.GENERATE_VERIFY_MAC:
+            raise KeyUsageError(f"key {_name(record)} is a {record.spec} key for "
+                                f"{record.usage}; MACs need a GENERATE_VERIFY_MAC key",
+                                target=record.key_id)
+        try:
+            algo = check_mac_algorithm(algorithm, record.spec, _name(record))
+        except KeyUsageError as exc:
+            exc.target = record.key_id
+            raise
+        op.detail = {"algorithm": next(n for n, (_, a) in MAC.items() if a is algo)}
+        return record, algo
 
     # ------------------------------------------------------------------ audit
 
@@ -716,16 +1408,32 @@ class KmsService:
 
     async def _generate(
         self, account: str, alias: str, spec: KeySpec, usage: KeyUsage, description: str,
-        *, default: bool, op: _Op, actor: str | None,
+        *, default: bool, op: _Op, actor: str | None, origin: str = "kms",
     ) -> KeyRecord:
         key_id = str(uuid.uuid4())
         label = token_label(key_id, 1)
         now = self.clock()
         core = await self._core()
-        await core.generate_key(spec, label, f"{key_id}:v1".encode())
+        external = origin == "external"
+        wrapped: WrappedKey | None = None
+        if spec.family is KeyFamily.MLDSA:
+            if CKM_ML_DSA in await core.mechanisms():
+                log.warning("the token offers ML-DSA, but keys are still kept wrapped "
+                            "(the token path is not implemented)", spec=spec.value)
+            # No ML-DSA in the token: its AES key for this version wraps the private key.
+            await core.generate_key(KeySpec.AES_256, label, f"{key_id}:v1".encode())
+            try:
+                seed, public_der = ml_dsa_generate(spec)
+                wrapped = WrappedKey(await core.wrap_secret(label, seed), public_der)
+            except BaseException:
+                await self._discard(core, label)
+                raise
+        elif not external:  # an external key gets its material (and token objects) on import
+            await core.generate_key(spec, label, f"{key_id}:v1".encode())
         key = KeyRecord(
             key_id=key_id, account=account, alias=alias, spec=spec.value, usage=usage.value,
-            state=KeyState.ENABLED.value, origin="kms", default_key=default,
+            state=(KeyState.PENDING_IMPORT if external else KeyState.ENABLED).value,
+            origin=origin, default_key=default,
             description=description,
             created_at=now, updated_at=now, scheduled_deletion_date=None, deleted_at=None,
             current_version=1,
@@ -737,7 +1445,8 @@ class KmsService:
         await self.flush_audit()
         try:
             outcome = await self.store.create_key(
-                key, KeyVersion(key_id, 1, label, now), event, None if default else self.quota)
+                key, KeyVersion(key_id, 1, label, now), event, None if default else self.quota,
+                wrapped)
         except BaseException:
             await self._discard(core, label)
             raise
@@ -832,6 +1541,17 @@ class KmsService:
 
     async def _usable(self, ref: str, account: str) -> KeyRecord:
         """An enabled AES key to use; metadata cached for ``cache_ttl`` seconds."""
+        key = await self._enabled(ref, account)
+        if key.spec != KeySpec.AES_256 or key.usage != KeyUsage.ENCRYPT_DECRYPT:
+            raise KeyUsageError(
+                f"key {_name(key)} is a {key.spec} key for {key.usage}; data keys and "
+                "encrypt-data need an AES_256 ENCRYPT_DECRYPT key",
+                target=key.key_id,
+            )
+        return key
+
+    async def _enabled(self, ref: str, account: str) -> KeyRecord:
+        """An enabled key of any spec; metadata cached for ``cache_ttl`` seconds."""
         cache_key = (account, ref)
         hit = self._cache.get(cache_key)
         now = time.monotonic()
@@ -857,12 +1577,6 @@ class KmsService:
                 f"key {_name(key)} is {state}: only an enabled key can be used",
                 fix="Enable it with dew kms enable-key." if key.state == KeyState.DISABLED
                 else "Finish the key's set-up first.",
-                target=key.key_id,
-            )
-        if key.spec != KeySpec.AES_256 or key.usage != KeyUsage.ENCRYPT_DECRYPT:
-            raise KeyUsageError(
-                f"key {_name(key)} is a {key.spec} key for {key.usage}; data keys and "
-                "encrypt-data need an AES_256 ENCRYPT_DECRYPT key",
                 target=key.key_id,
             )
         return key
@@ -897,6 +1611,10 @@ class KmsService:
     async def _decrypt(
         self, key: KeyRecord, header: CipherHeader, iv: bytes, body: bytes, ctx: dict[str, str]
     ) -> bytes:
+        if header.key_version > key.current_version:
+            # Rotated by another process since we cached the key: read it again.
+            self._cache.clear()
+            key = await self.store.get_key(key.key_id) or key
         if not 1 <= header.key_version <= key.current_version:
             raise InvalidInput(f"the ciphertext names version {header.key_version} of "
                                f"{_name(key)}, which does not exist", code="invalid_ciphertext")
@@ -910,6 +1628,24 @@ class KmsService:
         padded = await self._in_token(key, core.open(
             token_label(key.key_id, header.key_version), iv, body, header.aad(ctx)))
         return unpad(header, padded)
+
+
+def protection(spec: str) -> str:
+    """``hsm``: the key lives in the token; ``hsm-wrapped``: the token cannot hold it
+    (ML-DSA in SoftHSM), so it is stored wrapped under a token AES key (RFC 5649)
+    and unwrapped in memory only for an operation."""
+    return "hsm-wrapped" if spec.startswith("ML_DSA") else "hsm"
+
+
+def _algorithms_of(key: KeyRecord) -> list[str]:
+    """What get-public-key lists as usable with the key."""
+    if key.spec.startswith("ML_DSA"):
+        return [key.spec]
+    if key.usage == KeyUsage.ENCRYPT_DECRYPT:
+        return list(ENCRYPTION)
+    if key.spec.startswith("EC"):
+        return [name for name, spec in ECDSA_CURVE.items() if spec.value == key.spec]
+    return [name for name in SIGNING if name.startswith("RSASSA")]
 
 
 def _short(text: str | None, limit: int = 255) -> str | None:
@@ -1026,6 +1762,12 @@ def check_cancel_args(args: dict[str, Any]) -> None:
     _check_key_job(args, "kms.cancel_key_deletion")
 
 
+def check_rotate_args(args: dict[str, Any]) -> None:
+    _only(args, ("key", "account"), "kms.rotate_key")
+    check_key_ref(args.get("key"))
+    check_account(args.get("account", DEFAULT_ACCOUNT))
+
+
 def check_delete_due_args(args: dict[str, Any]) -> None:
     _only(args, (), "kms.delete_due_keys")
 
@@ -1072,3 +1814,25 @@ async def delete_due_keys(
     kms: KmsService = await resources.get("kms")
     report = await kms.delete_due_keys(now, actor=actor)
     return report.to_json()
+
+
+@JOBS.job("kms.rotate_key", validate=check_rotate_args)
+async def rotate_key_job(ctx: JobContext, args: dict[str, Any]) -> dict[str, Any]:
+    """Rotate a KMS-generated AES_256 key now (a new version; old data still decrypts)."""
+    kms: KmsService = await ctx.resources.get("kms")
+    change = await kms.rotate_key(
+        args["key"], account=args.get("account", DEFAULT_ACCOUNT), actor=_job_actor(ctx),
+        now=ctx.now(), request=ctx.task_id,
+    )
+    return change.to_json()
+
+
+async def rotate_due_keys(
+    resources: Resources, now: datetime | None = None, *, actor: str | None = None
+) -> dict[str, Any]:
+    """What the cron entry runs: cheap when nothing is due (no HSM)."""
+    store: KmsStore = await resources.get("kms_store")
+    if not await store.due_rotations(now or utcnow()):
+        return {"rotated": [], "failed": {}}
+    kms: KmsService = await resources.get("kms")
+    return await kms.rotate_due_keys(now or utcnow(), actor=actor)

@@ -53,6 +53,9 @@ DEFAULT_KEY_SERVICES = frozenset(
     {"obs", "evs", "kps", "csms", "cce", "rds", "sfs", "ims", "dws", "dds", "css"}
 )
 
+ROTATION_DAYS_MIN = 30
+ROTATION_DAYS_MAX = 365
+ROTATION_DAYS_DEFAULT = 365
 PENDING_DAYS_MIN = 7
 PENDING_DAYS_MAX = 1096
 MAX_DATA_BYTES = 4096
@@ -102,6 +105,7 @@ USAGES: dict[str, tuple[KeyUsage, ...]] = {
     "HMAC": (KeyUsage.GENERATE_VERIFY_MAC,),
     "RSA": (KeyUsage.SIGN_VERIFY, KeyUsage.ENCRYPT_DECRYPT),
     "EC": (KeyUsage.SIGN_VERIFY,),
+    "MLDSA": (KeyUsage.SIGN_VERIFY,),
 }
 
 
@@ -209,6 +213,25 @@ def check_pending_days(days: object) -> int:
             fix=f"Choose a pending period of {PENDING_DAYS_MIN} to {PENDING_DAYS_MAX} days.",
         )
     return days
+
+
+def check_rotation_days(days: object) -> int:
+    if isinstance(days, bool) or not isinstance(days, int) or not (
+        ROTATION_DAYS_MIN <= days <= ROTATION_DAYS_MAX
+    ):
+        raise InvalidInput(
+            f"the rotation interval must be {ROTATION_DAYS_MIN}..{ROTATION_DAYS_MAX} days, "
+            f"got {_shown(days)}", code="invalid_rotation_interval",
+        )
+    return days
+
+
+def check_origin(origin: object) -> str:
+    if origin not in ("kms", "external"):
+        raise InvalidInput(f"invalid origin {_shown(origin)}: kms (generated in the HSM) or "
+                           "external (import your own material)", code="invalid_origin")
+    assert isinstance(origin, str)
+    return origin
 
 
 def check_length_bits(bits: object) -> int:

@@ -41,6 +41,12 @@ async def _delete_due_keys(state: WorkerState) -> dict[str, Any]:
     return await delete_due_keys(state.resources, actor="cron:kms.delete_due_keys")
 
 
+async def _rotate_due_kms_keys(state: WorkerState) -> dict[str, Any]:
+    from handlers.kms import rotate_due_keys
+
+    return await rotate_due_keys(state.resources, actor="cron:kms.rotate_due_keys")
+
+
 async def _enqueue_due_rotations(state: WorkerState) -> dict[str, Any]:
     from engine.client import Client
     from engine.models import utcnow
@@ -77,6 +83,12 @@ def cron_table(settings: Settings) -> list[ScheduleEntry]:
             run=_delete_due_keys,
             second=frozenset({30}),
             description="destroy KMS keys whose pending deletion period is over (every minute)",
+        ),
+        ScheduleEntry(
+            name="kms.rotate_due_keys",
+            run=_rotate_due_kms_keys,
+            second=frozenset({50}),
+            description="rotate KMS keys whose rotation interval is over (every minute)",
         ),
         ScheduleEntry(
             name="csms.enqueue_due_rotations",

@@ -20,7 +20,13 @@ from engine.crypto.config import (
     read_pin_file,
 )
 from engine.crypto.core import CryptoCore
-from engine.crypto.errors import IntegrityCheckFailed, KeyExists, KeyNotFound, KeyUsageError
+from engine.crypto.errors import (
+    DecryptionFailed,
+    IntegrityCheckFailed,
+    KeyExists,
+    KeyNotFound,
+    KeyUsageError,
+)
 from engine.crypto.model import (
     DataKey,
     KeyInfo,
@@ -35,6 +41,7 @@ from engine.crypto.token import init_token, token_exists
 __all__ = [
     "CryptoCore",
     "DataKey",
+    "DecryptionFailed",
     "HsmConfig",
     "IntegrityCheckFailed",
     "KeyExists",

@@ -57,6 +57,7 @@ from engine.crypto import _cinit
 from engine.crypto.config import HsmConfig, ensure_softhsm_conf
 from engine.crypto.errors import IntegrityCheckFailed, KeyExists, KeyNotFound, KeyUsageError
 from engine.crypto.model import GCM_TAG_BYTES, KeyFamily, KeyInfo, KeySpec, Sealed, SignAlgorithm
+from engine.crypto.oaep import decryption_failed
 from engine.errors import (
     BackendUnavailable,
     ConfigError,
@@ -761,3 +762,231 @@ def _der_octet_string(data: bytes) -> bytes:
     if len(point) != length:
         raise InternalError("truncated CKA_EC_POINT")
     return point
+
+
+# --------------------------------------------------------------------------- digests
+
+# DER DigestInfo prefixes (RFC 8017, 9.2 note 1): CKM_RSA_PKCS signs DigestInfo || H.
+_DIGEST_INFO = {
+    "sha256": bytes.fromhex("3031300d060960864801650304020105000420"),
+    "sha384": bytes.fromhex("3041300d060960864801650304020205000430"),
+    "sha512": bytes.fromhex("3051300d060960864801650304020305000440"),
+}
+
+
+def _digest_mechanism(algorithm: SignAlgorithm, digest: bytes) -> tuple[Mechanism, Any, bytes]:
+    """(mechanism, parameter, input) that sign a precomputed digest."""
+    h = algorithm.hash_name
+    if algorithm.family is KeyFamily.EC:
+        return Mechanism.ECDSA, None, digest
+    if algorithm.name.startswith("RSA_PSS"):
+        return Mechanism.RSA_PKCS_PSS, (_HASH[h], _MGF[h], len(digest)), digest
+    if algorithm.family is KeyFamily.RSA:
+        return Mechanism.RSA_PKCS, None, _DIGEST_INFO[h] + digest
+    raise KeyUsageError(f"{algorithm.value} does not sign digests")
+
+
+def sign_digest(key: Any, label: str, algorithm: SignAlgorithm, digest: bytes) -> bytes:
+    """RSA (PSS / PKCS#1 v1.5) or DER ECDSA signature over a digest computed by the caller."""
+    require_type(key, label, _KEY_TYPE_OF[algorithm.family], f"sign with {algorithm.value}")
+    mechanism, param, data = _digest_mechanism(algorithm, digest)
+    with translate(f"sign with {algorithm.value}", label):
+        signature = bytes(key.sign(data, mechanism=mechanism, mechanism_param=param))
+    if algorithm.family is KeyFamily.EC:
+        half = len(signature) // 2
+        return encode_dss_signature(int.from_bytes(signature[:half], "big"),
+                                    int.from_bytes(signature[half:], "big"))
+    return signature
+
+
+def verify_digest(
+    key: Any, label: str, algorithm: SignAlgorithm, digest: bytes, signature: bytes
+) -> bool:
+    """True when ``signature`` is valid for ``digest``; False for any bad signature."""
+    require_type(key, label, _KEY_TYPE_OF[algorithm.family], f"verify {algorithm.value}")
+    mechanism, param, data = _digest_mechanism(algorithm, digest)
+    if algorithm.family is KeyFamily.EC:
+        raw = _raw_ecdsa(key, signature)
+        if raw is None:
+            return False
+        signature = raw
+    with translate(f"verify with {algorithm.value}", label):
+        try:
+            return bool(key.verify(data, signature, mechanism=mechanism, mechanism_param=param))
+        except (p11e.SignatureLenRange, p11e.SignatureInvalid):
+            return False  # a signature of the wrong length is just an invalid signature
+
+
+def _raw_ecdsa(key: Any, signature: bytes) -> bytes | None:
+    """DER ECDSA -> the token's r||s, or None when it is not a well-formed signature."""
+    try:
+        r, s = decode_dss_signature(signature)
+    except ValueError:
+        return None
+    size = (_spec_of_ec_key(key).bits + 7) // 8
+    if not (r > 0 and s > 0 and r.bit_length() <= size * 8 and s.bit_length() <= size * 8):
+        return None
+    # Only the canonical DER encoding is accepted (no trailing bytes, minimal lengths).
+    if encode_dss_signature(r, s) != signature:
+        return None
+    return r.to_bytes(size, "big") + s.to_bytes(size, "big")
+
+
+# --------------------------------------------------------------------------- RSA decryption
+
+_OAEP_HASH = {"sha1": (Mechanism.SHA_1, MGF.SHA1), "sha256": (Mechanism.SHA256, MGF.SHA256),
+              "sha384": (Mechanism.SHA384, MGF.SHA384), "sha512": (Mechanism.SHA512, MGF.SHA512)}
+
+
+def rsa_modulus_bytes(key: Any, label: str) -> int:
+    require_type(key, label, KeyType.RSA, "decrypt with RSA")
+    with translate("read key attributes", label):
+        return len(bytes(key[Attribute.MODULUS]))
+
+
+def oaep_decrypt(key: Any, label: str, ciphertext: bytes, hash_name: str) -> bytes | None:
+    """OAEP in the token; None when the token refuses this hash (then decode it ourselves).
+
+    Every other failure is the one :class:`DecryptionFailed`.
+    """
+    require_type(key, label, KeyType.RSA, "decrypt with RSA-OAEP")
+    mech_hash, mgf = _OAEP_HASH[hash_name]
+    try:
+        return bytes(key.decrypt(ciphertext, mechanism=Mechanism.RSA_PKCS_OAEP,
+                                 mechanism_param=(mech_hash, mgf, None)))
+    except (p11e.ArgumentsBad, p11e.MechanismParamInvalid, p11e.MechanismInvalid):
+        # Checked on the parameters before any decryption: tells nothing about the data.
+        return None
+    except (p11e.GeneralError, p11e.EncryptedDataInvalid, p11e.EncryptedDataLenRange,
+            p11e.DataLenRange, p11e.DataInvalid, p11e.FunctionFailed):
+        raise decryption_failed() from None
+    except p11e.PKCS11Error as exc:
+        raise _map(exc, "decrypt with RSA-OAEP", label, False) from exc
+
+
+def rsa_raw_decrypt(key: Any, label: str, ciphertext: bytes) -> bytes:
+    """c^d mod n in the token (``CKM_RSA_X_509``), left-padded to the modulus length."""
+    k = rsa_modulus_bytes(key, label)
+    if len(ciphertext) != k:
+        raise decryption_failed()
+    try:
+        em = bytes(key.decrypt(ciphertext, mechanism=Mechanism.RSA_X_509))
+    except (p11e.GeneralError, p11e.EncryptedDataInvalid, p11e.EncryptedDataLenRange,
+            p11e.DataLenRange, p11e.DataInvalid, p11e.FunctionFailed):
+        # e.g. a ciphertext >= n
+        raise decryption_failed() from None
+    except p11e.PKCS11Error as exc:
+        raise _map(exc, "decrypt with RSA", label, False) from exc
+    return em.rjust(k, b"\x00")
+
+
+# --------------------------------------------------------------------------- imported keys
+
+
+def import_secret(session: Session, spec: KeySpec, label: str, key_id: bytes,
+                  value: bytes) -> KeyInfo:
+    """An AES / HMAC key object with a given value: sensitive, never extractable."""
+    if objects_with_label(session, label):
+        raise KeyExists(f"a key labelled {label!r} already exists in the HSM", target=label)
+    template = secret_key_template(spec, label, key_id)
+    # CKA_VALUE_LEN is computed from CKA_VALUE on creation; giving it is an error.
+    del template[Attribute.VALUE_LEN]
+    template[Attribute.VALUE] = value
+    with translate(f"import a {spec.value} key", label):
+        session.create_object(template)
+    return KeyInfo(label, key_id, spec)
+
+
+def import_key_pair(session: Session, spec: KeySpec, label: str, key_id: bytes,
+                    private_key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) -> KeyInfo:
+    """Private and public key objects from a private key (the private one sensitive,
+    never extractable from now on)."""
+    if objects_with_label(session, label):
+        raise KeyExists(f"a key labelled {label!r} already exists in the HSM", target=label)
+    public, private = keypair_templates(spec, label, key_id)
+    public.pop(Attribute.MODULUS_BITS, None)  # computed from the modulus on creation
+
+    def big(n: int) -> bytes:
+        return n.to_bytes((n.bit_length() + 7) // 8 or 1, "big")
+
+    if isinstance(private_key, rsa.RSAPrivateKey):
+        nums = private_key.private_numbers()
+        pub = nums.public_numbers
+        public |= {Attribute.KEY_TYPE: KeyType.RSA, Attribute.MODULUS: big(pub.n),
+                   Attribute.PUBLIC_EXPONENT: big(pub.e)}
+        private |= {Attribute.KEY_TYPE: KeyType.RSA, Attribute.MODULUS: big(pub.n),
+                    Attribute.PUBLIC_EXPONENT: big(pub.e),
+                    Attribute.PRIVATE_EXPONENT: big(nums.d), Attribute.PRIME_1: big(nums.p),
+                    Attribute.PRIME_2: big(nums.q), Attribute.EXPONENT_1: big(nums.dmp1),
+                    Attribute.EXPONENT_2: big(nums.dmq1), Attribute.COEFFICIENT: big(nums.iqmp)}
+    else:
+        point = private_key.public_key().public_bytes(
+            serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
+        params = encode_named_curve_parameters(_EC_CURVES[spec])
+        size = (spec.bits + 7) // 8
+        public |= {Attribute.KEY_TYPE: KeyType.EC,
+                   Attribute.EC_POINT: bytes([0x04, len(point)]) + point}
+        private |= {Attribute.KEY_TYPE: KeyType.EC, Attribute.EC_PARAMS: params,
+                    Attribute.VALUE: private_key.private_numbers().private_value.to_bytes(
+                        size, "big")}
+    with translate(f"import a {spec.value} key", label):
+        created = [session.create_object(public)]
+        try:
+            created.append(session.create_object(private))
+        except p11e.PKCS11Error:
+            created[0].destroy()
+            raise
+    return KeyInfo(label, key_id, spec)
+
+
+def generate_wrapping_key(session: Session, label: str, bits: int) -> None:
+    """An RSA key pair for import: the public half encrypts, the private half decrypts."""
+    public = {Attribute.CLASS: ObjectClass.PUBLIC_KEY, Attribute.TOKEN: True,
+              Attribute.PRIVATE: False, Attribute.LABEL: label, Attribute.ID: label.encode(),
+              Attribute.MODULUS_BITS: bits, Attribute.PUBLIC_EXPONENT: b"\x01\x00\x01",
+              **_usages(_PUBLIC_USAGES, Attribute.ENCRYPT, Attribute.WRAP)}
+    private = {Attribute.CLASS: ObjectClass.PRIVATE_KEY, **_protected(label, label.encode()),
+               **_usages(_PRIVATE_USAGES, Attribute.DECRYPT, Attribute.UNWRAP)}
+    with translate("generate an import wrapping key", label):
+        session.generate_keypair(KeyType.RSA, bits, label=label, id=label.encode(), store=True,
+                                 public_template=public, private_template=private)
+
+
+# --------------------------------------------------------------------------- wrapped secrets
+
+
+def wrap_secret(session: Session, kek: Any, label: str, secret: bytes) -> bytes:
+    """AES-KWP (RFC 5649) of ``secret`` under ``kek`` in the token: C_WrapKey of a
+    session object holding it (SoftHSM has no C_Encrypt with CKM_AES_KEY_WRAP_PAD)."""
+    require_type(kek, label, KeyType.AES, "wrap with AES key wrap")
+    with translate("wrap a secret", label):
+        obj = session.create_object({
+            Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.KEY_TYPE: KeyType.GENERIC_SECRET,
+            Attribute.TOKEN: False, Attribute.SENSITIVE: False, Attribute.EXTRACTABLE: True,
+            Attribute.VALUE: secret,
+        })
+        try:
+            return bytes(kek.wrap_key(obj, mechanism=Mechanism.AES_KEY_WRAP_PAD))
+        finally:
+            obj.destroy()
+
+
+def unwrap_secret(session: Session, kek: Any, label: str, wrapped: bytes) -> bytes:
+    """Inverse of :func:`wrap_secret`; a wrong KEK or altered blob is an integrity error."""
+    require_type(kek, label, KeyType.AES, "unwrap with AES key wrap")
+    with translate("unwrap a secret", label, integrity=True):
+        obj = kek.unwrap_key(
+            ObjectClass.SECRET_KEY, KeyType.GENERIC_SECRET, wrapped,
+            mechanism=Mechanism.AES_KEY_WRAP_PAD, store=False,
+            template={Attribute.SENSITIVE: False, Attribute.EXTRACTABLE: True,
+                      Attribute.TOKEN: False},
+        )
+        try:
+            return bytes(obj[Attribute.VALUE])
+        finally:
+            obj.destroy()
+
+
+def mechanisms(session: Session) -> frozenset[int]:
+    with translate("list the token's mechanisms"):
+        return frozenset(int(m) for m in session.token.slot.get_mechanisms())

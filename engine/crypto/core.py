@@ -30,8 +30,11 @@ Lifecycle: ``await core.connect()`` / ``await core.close()``, or
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from types import TracebackType
 from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from engine.crypto import _pkcs11
 from engine.crypto._pool import SessionPool, Worker
@@ -58,6 +61,7 @@ from engine.crypto.model import (
     pack_sealed,
     unpack_sealed,
 )
+from engine.crypto.oaep import OAEP_HASHES, oaep_decode
 from engine.errors import BackendUnavailable, InvalidInput
 
 
@@ -88,6 +92,8 @@ class CryptoCore:
         self._module: _pkcs11.Module | None = None
         self._token: Any = None
         self._connect_lock = asyncio.Lock()
+        # OAEP hashes the token refused (CKR_ARGUMENTS_BAD): decoded in our code instead.
+        self._oaep_refused: set[str] = set()
 
     def __repr__(self) -> str:
         state = "connected" if self._pool is not None else "closed"
@@ -162,6 +168,10 @@ class CryptoCore:
     async def generate_key(self, spec: KeySpec | str, label: str, key_id: bytes) -> KeyInfo:
         """Generate a master key in the token. KeyExists if the label is taken."""
         key_spec = _spec(spec)
+        if key_spec.family is KeyFamily.MLDSA:
+            raise InvalidInput(f"this token cannot generate {key_spec.value} keys",
+                               code="hsm_mechanism_unsupported",
+                               fix="The KMS keeps ML-DSA keys wrapped under a token AES key.")
         check_label(label)
         key_id = check_bytes("key_id", key_id, MAX_KEY_ID_BYTES, min_len=1)
         pool = self._require()
@@ -294,3 +304,144 @@ class CryptoCore:
         return await self._require().run(
             lambda w: _pkcs11.verify(w.key(label, kind), label, algo, message, signature)
         )
+
+    # ------------------------------------------------------------------ digests, RSA
+
+    async def sign_digest(
+        self, label: str, digest: bytes, algorithm: SignAlgorithm | str
+    ) -> bytes:
+        """RSA-PSS (salt = hash length), PKCS#1 v1.5 or DER ECDSA over a computed digest."""
+        algo = _algorithm(algorithm)
+        check_label(label)
+        digest = _check_digest(algo, digest)
+        return await self._require().run(
+            lambda w: _pkcs11.sign_digest(w.key(label, "private"), label, algo, digest)
+        )
+
+    async def verify_digest(
+        self, label: str, digest: bytes, signature: bytes, algorithm: SignAlgorithm | str
+    ) -> bool:
+        """True when ``signature`` over ``digest`` is valid (checked in the token)."""
+        algo = _algorithm(algorithm)
+        check_label(label)
+        digest = _check_digest(algo, digest)
+        signature = check_bytes("signature", signature, 4096)
+        return await self._require().run(
+            lambda w: _pkcs11.verify_digest(w.key(label, "public"), label, algo, digest,
+                                            signature)
+        )
+
+    async def rsa_oaep_decrypt(self, label: str, ciphertext: bytes, hash_name: str) -> bytes:
+        """RSAES-OAEP (MGF1 with the same hash, empty label) with the token's private key.
+
+        The token's OAEP is used when it takes ``hash_name``; otherwise the token
+        does raw RSA and :func:`engine.crypto.oaep.oaep_decode` decodes. Either way
+        every failure is the one :class:`DecryptionFailed`.
+        """
+        if hash_name not in OAEP_HASHES:
+            raise InvalidInput(f"unsupported OAEP hash {hash_name!r}")
+        check_label(label)
+        ciphertext = check_bytes("ciphertext", ciphertext, 1024, min_len=1)
+        refused = self._oaep_refused
+
+        def work(w: Worker) -> bytes:
+            key = w.key(label, "private")
+            if hash_name not in refused:
+                plain = _pkcs11.oaep_decrypt(key, label, ciphertext, hash_name)
+                if plain is not None:
+                    return plain
+                refused.add(hash_name)
+            k = _pkcs11.rsa_modulus_bytes(key, label)
+            return oaep_decode(_pkcs11.rsa_raw_decrypt(key, label, ciphertext), k, hash_name)
+
+        return await self._require().run(work)
+
+    @property
+    def oaep_hashes_decoded_here(self) -> frozenset[str]:
+        """OAEP hashes the token refused, so decoded by :mod:`engine.crypto.oaep`."""
+        return frozenset(self._oaep_refused)
+
+    # ------------------------------------------------------------------ imported material
+
+    async def import_secret_key(
+        self, spec: KeySpec | str, label: str, key_id: bytes, value: bytes
+    ) -> KeyInfo:
+        """An AES / HMAC key from its value (BYOK): sensitive, not extractable."""
+        key_spec = _spec(spec)
+        if key_spec.is_asymmetric or len(value) != key_spec.bits // 8:
+            raise InvalidInput(f"a {key_spec.value} key is {key_spec.bits // 8} bytes of "
+                               "secret material", code="invalid_key_material")
+        check_label(label)
+        pool = self._require()
+
+        def work(w: Worker) -> KeyInfo:
+            with pool.admin_lock:
+                try:
+                    return _pkcs11.import_secret(w.session, key_spec, label, key_id, value)
+                finally:
+                    pool.invalidate()
+
+        return await pool.run(work)
+
+    async def import_key_pair(
+        self, spec: KeySpec | str, label: str, key_id: bytes,
+        private_key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey,
+    ) -> KeyInfo:
+        """RSA / EC key objects from a private key (BYOK); the private one not extractable."""
+        key_spec = _spec(spec)
+        check_label(label)
+        pool = self._require()
+
+        def work(w: Worker) -> KeyInfo:
+            with pool.admin_lock:
+                try:
+                    return _pkcs11.import_key_pair(w.session, key_spec, label, key_id,
+                                                   private_key)
+                finally:
+                    pool.invalidate()
+
+        return await pool.run(work)
+
+    async def generate_wrapping_key(self, label: str, bits: int = 4096) -> None:
+        """An RSA key pair whose public half wraps key material for import."""
+        check_label(label)
+        pool = self._require()
+
+        def work(w: Worker) -> None:
+            with pool.admin_lock:
+                try:
+                    _pkcs11.generate_wrapping_key(w.session, label, bits)
+                finally:
+                    pool.invalidate()
+
+        await pool.run(work)
+
+    # ------------------------------------------------------------------ wrapped secrets
+
+    async def wrap_secret(self, kek_label: str, secret: bytes) -> bytes:
+        """``secret`` wrapped under the AES key ``kek_label`` with AES key wrap with
+        padding (RFC 5649), in the token (through a short-lived session object)."""
+        check_label(kek_label)
+        secret = check_bytes("secret", secret, 1024, min_len=16)
+        return await self._require().run(
+            lambda w: _pkcs11.wrap_secret(w.session, w.key(kek_label, "secret"), kek_label,
+                                          secret))
+
+    async def unwrap_secret(self, kek_label: str, wrapped: bytes) -> bytes:
+        """Inverse of :meth:`wrap_secret`: the secret, in memory, for one operation."""
+        check_label(kek_label)
+        wrapped = check_bytes("wrapped", wrapped, 2048, min_len=24)
+        return await self._require().run(
+            lambda w: _pkcs11.unwrap_secret(w.session, w.key(kek_label, "secret"), kek_label,
+                                            wrapped))
+
+    async def mechanisms(self) -> frozenset[int]:
+        """The mechanism numbers the token offers (to ask before using one)."""
+        return await self._require().run(lambda w: _pkcs11.mechanisms(w.session))
+
+
+def _check_digest(algorithm: SignAlgorithm, digest: bytes) -> bytes:
+    if algorithm.family is KeyFamily.HMAC:
+        raise InvalidInput(f"{algorithm.value} is a MAC; it does not sign digests")
+    size = hashlib.new(algorithm.hash_name).digest_size
+    return check_bytes(f"a {algorithm.hash_name.upper()} digest", digest, size, min_len=size)

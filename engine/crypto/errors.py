@@ -6,7 +6,8 @@ and a default fix. python-pkcs11 exceptions become these (or their parents) in
 exactly one place: :func:`engine.crypto._pkcs11.translate`.
 
     SecurityError
-    └── IntegrityCheckFailed    GCM tag / AAD mismatch: wrong key, AAD or tampered data
+    ├── IntegrityCheckFailed    GCM tag / AAD mismatch: wrong key, AAD or tampered data
+    └── DecryptionFailed        RSA decryption or OAEP decoding failed (one error for all)
     NotFound
     └── KeyNotFound             no key object with that label in the token
     Conflict
@@ -41,3 +42,13 @@ class KeyExists(Conflict):
 class KeyUsageError(InvalidInput):
     code = "key_usage_mismatch"
     default_fix = "Use a key whose spec supports this operation."
+
+
+class DecryptionFailed(SecurityError):
+    """The one error of asymmetric decryption, whatever failed (no padding oracle)."""
+
+    code = "decryption_failed"
+    default_fix = (
+        "Check the key and the encryption algorithm used at encryption (e.g. "
+        "RSAES_OAEP_SHA_256 with MGF1-SHA-256); if they match, the ciphertext was altered."
+    )

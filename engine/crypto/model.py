@@ -35,6 +35,7 @@ class KeyFamily(StrEnum):
     HMAC = "hmac"
     RSA = "rsa"
     EC = "ec"
+    MLDSA = "mldsa"  # no PKCS#11 mechanism in SoftHSM: kept wrapped by a token AES key
 
 
 class KeySpec(StrEnum):
@@ -49,19 +50,25 @@ class KeySpec(StrEnum):
     RSA_4096 = "RSA_4096"
     EC_P256 = "EC_P256"
     EC_P384 = "EC_P384"
+    ML_DSA_44 = "ML_DSA_44"
+    ML_DSA_65 = "ML_DSA_65"
+    ML_DSA_87 = "ML_DSA_87"
 
     @property
     def family(self) -> KeyFamily:
+        if self.value.startswith("ML_DSA"):
+            return KeyFamily.MLDSA
         return KeyFamily[self.value.split("_", 1)[0]]
 
     @property
     def bits(self) -> int:
-        """Key length in bits (secret keys, RSA) or the curve's field size (EC)."""
-        return int(self.value.split("_", 1)[1].lstrip("P"))
+        """Key length in bits (secret keys, RSA), the curve's field size (EC), or the
+        ML-DSA parameter set's name (44 / 65 / 87)."""
+        return int(self.value.rsplit("_", 1)[1].lstrip("P"))
 
     @property
     def is_asymmetric(self) -> bool:
-        return self.family in (KeyFamily.RSA, KeyFamily.EC)
+        return self.family in (KeyFamily.RSA, KeyFamily.EC, KeyFamily.MLDSA)
 
 
 class SignAlgorithm(StrEnum):
