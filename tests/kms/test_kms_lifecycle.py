@@ -159,6 +159,8 @@ async def test_audit_verify_finds_a_deleted_newest_row(kms: KmsService) -> None:
 async def test_audit_verify_finds_a_rehashed_edit(kms: KmsService) -> None:
     # An edit that also fixes its own hash still breaks the next entry's link.
     path = await _some_entries(kms)
-    _sql(path, "UPDATE audit SET hash = 'f' || substr(hash, 2) WHERE seq = 2")
+    # Change the first hex digit to another one (never to the digit it already is).
+    _sql(path, "UPDATE audit SET hash = (CASE WHEN substr(hash, 1, 1) = 'f' THEN '0' "
+               "ELSE 'f' END) || substr(hash, 2) WHERE seq = 2")
     verdict = await kms.audit_verify()
     assert not verdict.intact and verdict.first_broken_seq == 2

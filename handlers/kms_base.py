@@ -1,0 +1,469 @@
+"""The KMS service's shared core: the audit buffer, key lookup and creation, state
+changes, the metadata cache and the token calls its parts (signing, rotation, import)
+all build on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
+
+from engine.crypto import CryptoCore, KeyNotFound, KeySpec, KeyUsageError
+from engine.crypto.model import KeyFamily
+from engine.errors import ConfigError, Conflict, DewError, InvalidInput
+from engine.kms_store import AuditEvent, KeyRecord, KeyVersion, KmsStore, WrappedKey
+from engine.logs import get_logger
+from engine.models import iso, utcnow
+from handlers.kms_errors import (
+    AliasExists,
+    DefaultKeyProtected,
+    KeyDeleted,
+    KeyStateError,
+    QuotaExceeded,
+    UnknownKey,
+)
+from handlers.kms_format import (
+    CipherHeader,
+    KeyState,
+    KeyUsage,
+    Purpose,
+    check_account,
+    check_key_ref,
+    check_pending_days,
+    context_digest,
+    default_service,
+    is_key_id,
+    pack_ciphertext,
+    pad,
+    unpad,
+)
+from handlers.kms_mldsa import CKM_ML_DSA, ml_dsa_generate
+from handlers.kms_results import KeyChange, KeyMetadata
+
+log = get_logger("dew.kms")
+T = TypeVar("T")
+CryptoProvider = Callable[[], Awaitable[CryptoCore]]
+
+DEFAULT_CACHE_TTL = 1.0
+DEFAULT_AUDIT_FLUSH_INTERVAL = 0.2
+AUDIT_BATCH = 500
+CACHE_MAX = 10_000
+
+
+@dataclass
+class _Op:
+    """The audit entry an operation is building (filled in as it learns more)."""
+
+    key_id: str | None
+    detail: dict[str, Any] = field(default_factory=dict)
+    outcome: str = "success"
+    recorded: bool = False  # written already, inside the operation's own transaction
+
+
+def token_label(key_id: str, version: int) -> str:
+    return f"kms:{key_id}:v{version}"
+
+
+def _name(key: KeyRecord) -> str:
+    return f"{key.alias!r} ({key.key_id})"
+
+
+def _not_found(ref: str, account: str) -> UnknownKey:
+    # The same words whether the key never existed or belongs to another
+    # account: an account must not learn that another account's key exists.
+    return UnknownKey(f"no key {ref!r} in account {account!r}")
+
+
+def _deleted(key: KeyRecord) -> KeyDeleted:
+    when = iso(key.deleted_at) or "an earlier date"
+    return KeyDeleted(
+        f"key deleted: {_name(key)} was deleted on {when}; data encrypted under it can no "
+        "longer be decrypted", target=key.key_id,
+    )
+
+
+def _short(text: str | None, limit: int = 255) -> str | None:
+    """Audit fields hold what the caller sent, bounded (it may be garbage)."""
+    if text is None:
+        return None
+    text = str(text)
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+class KmsServiceBase:
+    """What every part of :class:`handlers.kms_service.KmsService` shares."""
+
+    def __init__(
+        self,
+        store: KmsStore,
+        crypto: CryptoCore | CryptoProvider,
+        *,
+        quota: int = 100,
+        clock: Callable[[], datetime] = utcnow,
+        actor: str = "local",
+        cache_ttl: float = DEFAULT_CACHE_TTL,
+        audit_flush_interval: float = DEFAULT_AUDIT_FLUSH_INTERVAL,
+    ) -> None:
+        self.store = store
+        self.quota = quota
+        self.clock = clock
+        self.actor = actor
+        self.cache_ttl = cache_ttl
+        self.audit_flush_interval = audit_flush_interval
+        if isinstance(crypto, CryptoCore):
+            self._crypto: CryptoCore | None = crypto
+            self._provider: CryptoProvider | None = None
+        else:
+            self._crypto, self._provider = None, crypto
+        self._crypto_lock = asyncio.Lock()
+        self._cache: dict[tuple[str, str], tuple[float, KeyRecord]] = {}
+        self._pending: list[AuditEvent] = []
+        self._flush_lock = asyncio.Lock()
+        self._flusher: asyncio.TimerHandle | None = None
+        self._flush_tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    async def close(self) -> None:
+        """Write the buffered audit entries. Does not close the store or the core."""
+        self._closed = True
+        if self._flusher is not None:
+            self._flusher.cancel()
+            self._flusher = None
+        if self._flush_tasks:
+            await asyncio.gather(*self._flush_tasks, return_exceptions=True)
+        await self.flush_audit()
+
+    # ------------------------------------------------------------------ audit buffer
+
+    async def flush_audit(self) -> None:
+        """Append the buffered use entries now (one transaction)."""
+        async with self._flush_lock:
+            events, self._pending = self._pending, []
+            if not events:
+                return
+            try:
+                await self.store.append_audit(events)
+            except DewError:
+                # Keep them (in order) for the next flush rather than lose them.
+                self._pending[:0] = events
+                raise
+
+    # ------------------------------------------------------------------ internals
+
+    @asynccontextmanager
+    async def _audit(
+        self, operation: str, account: str, actor: str | None, key_ref: str | None
+    ) -> AsyncIterator[_Op]:
+        op = _Op(key_id=_short(key_ref))
+        try:
+            yield op
+        except DewError as exc:
+            op.detail = {**op.detail, "code": exc.code}
+            if exc.target is not None and is_key_id(exc.target):
+                op.key_id = exc.target  # refused after the key was found: name it by id
+            await self._record(self._event(operation, account, actor, op, "failure"))
+            raise
+        if not op.recorded:
+            await self._record(self._event(operation, account, actor, op, op.outcome))
+
+    def _event(
+        self, operation: str, account: str, actor: str | None, op: _Op, outcome: str
+    ) -> AuditEvent:
+        return AuditEvent(self.clock(), _short(account) or "", actor or self.actor, operation,
+                          op.key_id, outcome, op.detail)
+
+    async def _record(self, event: AuditEvent) -> None:
+        self._pending.append(event)
+        if self.audit_flush_interval <= 0 or self._closed or len(self._pending) >= AUDIT_BATCH:
+            await self.flush_audit()
+        elif self._flusher is None:
+            loop = asyncio.get_running_loop()
+            self._flusher = loop.call_later(self.audit_flush_interval, self._flush_later)
+
+    def _flush_later(self) -> None:
+        self._flusher = None
+        task = asyncio.get_running_loop().create_task(self._flush_quietly())
+        self._flush_tasks.add(task)
+        task.add_done_callback(self._flush_tasks.discard)
+
+    async def _flush_quietly(self) -> None:
+        try:
+            await self.flush_audit()
+        except DewError as exc:
+            # The entries stay buffered; the next flush (or close) retries them.
+            log.warning("audit entries not written yet", pending=len(self._pending),
+                        error=exc.message)
+
+    async def _core(self) -> CryptoCore:
+        if self._crypto is None:
+            async with self._crypto_lock:
+                if self._crypto is None:
+                    assert self._provider is not None
+                    self._crypto = await self._provider()
+        return self._crypto
+
+    async def _lookup(self, ref: str, account: str, *, create_default: bool) -> KeyRecord:
+        """The live key ``ref`` (id or alias) of ``account``; never another account's."""
+        ref = check_key_ref(ref)
+        if is_key_id(ref):
+            key = await self.store.get_key(ref)
+            if key is None or key.account != account:
+                raise _not_found(ref, account)
+        else:
+            key = await self.store.find_alias(account, ref)
+            if key is None:
+                gone = await self.store.find_deleted_alias(account, ref)
+                if gone is not None:
+                    raise _deleted(gone)
+                service = default_service(ref)
+                if service is None or not create_default:
+                    raise _not_found(ref, account)
+                return await self._create_default(service, account)
+        if key.state == KeyState.DELETED:
+            raise _deleted(key)
+        return key
+
+    async def _create_default(self, service: str, account: str) -> KeyRecord:
+        alias = f"{service}/default"
+        op = _Op(key_id=None, detail={"alias": alias, "spec": KeySpec.AES_256.value,
+                                      "default_key": True})
+        try:
+            return await self._generate(account, alias, KeySpec.AES_256,
+                                        KeyUsage.ENCRYPT_DECRYPT,
+                                        f"Default key of service {service}", default=True,
+                                        op=op, actor=None)
+        except AliasExists:
+            # Another request (maybe another process) created it first: use that one.
+            existing = await self.store.find_alias(account, alias)
+            if existing is None:
+                raise
+            return existing
+
+    async def _generate(
+        self, account: str, alias: str, spec: KeySpec, usage: KeyUsage, description: str,
+        *, default: bool, op: _Op, actor: str | None, origin: str = "kms",
+    ) -> KeyRecord:
+        key_id = str(uuid.uuid4())
+        label = token_label(key_id, 1)
+        now = self.clock()
+        core = await self._core()
+        external = origin == "external"
+        wrapped: WrappedKey | None = None
+        if spec.family is KeyFamily.MLDSA:
+            if CKM_ML_DSA in await core.mechanisms():
+                log.warning("the token offers ML-DSA, but keys are still kept wrapped "
+                            "(the token path is not implemented)", spec=spec.value)
+            # No ML-DSA in the token: its AES key for this version wraps the private key.
+            await core.generate_key(KeySpec.AES_256, label, f"{key_id}:v1".encode())
+            try:
+                seed, public_der = ml_dsa_generate(spec)
+                wrapped = WrappedKey(await core.wrap_secret(label, seed), public_der)
+            except BaseException:
+                await self._discard(core, label)
+                raise
+        elif not external:  # an external key gets its material (and token objects) on import
+            await core.generate_key(spec, label, f"{key_id}:v1".encode())
+        key = KeyRecord(
+            key_id=key_id, account=account, alias=alias, spec=spec.value, usage=usage.value,
+            state=(KeyState.PENDING_IMPORT if external else KeyState.ENABLED).value,
+            origin=origin, default_key=default,
+            description=description,
+            created_at=now, updated_at=now, scheduled_deletion_date=None, deleted_at=None,
+            current_version=1,
+        )
+        op.key_id = key_id
+        event = AuditEvent(now, account, actor or self.actor,
+                           "create_default_key" if default else "create_key", key_id,
+                           "success", op.detail)
+        await self.flush_audit()
+        try:
+            outcome = await self.store.create_key(
+                key, KeyVersion(key_id, 1, label, now), event, None if default else self.quota,
+                wrapped)
+        except BaseException:
+            await self._discard(core, label)
+            raise
+        if outcome != "created":
+            await self._discard(core, label)
+            if outcome == "alias_taken":
+                raise AliasExists(f"the alias {alias!r} is already used in account {account!r}")
+            raise self._quota_error(account)
+        op.recorded = True  # the creation's entry went in with the insert
+        log.info("key created", key_id=key_id, account=account, spec=spec.value,
+                 default_key=default)
+        return key
+
+    @staticmethod
+    async def _discard(core: CryptoCore, label: str) -> None:
+        try:
+            await core.destroy_key(label)
+        except DewError as exc:
+            # An orphan token object is unusable (no registry row points at it).
+            log.warning("could not destroy an unregistered token key", label=label,
+                        error=exc.message)
+
+    def _quota_error(self, account: str) -> QuotaExceeded:
+        return QuotaExceeded(
+            f"account {account!r} already has {self.quota} custom keys, its quota "
+            "(enabled, disabled and pending deletion count; default keys do not)",
+        )
+
+    async def _transition(
+        self, operation: str, ref: str, account: str, actor: str | None, *,
+        allowed: set[KeyState], done: set[KeyState], target: KeyState, protect_default: bool,
+        pending_days: int | None = None, now: datetime | None = None,
+    ) -> KeyChange:
+        async with self._audit(operation, account, actor, ref) as op:
+            account = check_account(account)
+            ref = check_key_ref(ref)
+            if operation == "schedule_key_deletion":
+                op.detail = {"pending_days": check_pending_days(pending_days)}
+            if protect_default and default_service(ref) is not None:
+                raise self._default_protected(ref, operation)
+            for _ in range(5):  # a concurrent change makes the guarded update miss: re-read
+                key = await self._lookup(ref, account, create_default=False)
+                op.key_id = key.key_id
+                if protect_default and key.default_key:
+                    raise self._default_protected(key.alias, operation)
+                if key.state in done:
+                    op.outcome = "unchanged"
+                    return KeyChange(KeyMetadata.of(key), False)
+                if key.state not in allowed:
+                    raise self._state_refusal(key, operation)
+                when = now or self.clock()
+                date = (when + timedelta(days=pending_days)
+                        if target == KeyState.PENDING_DELETION and pending_days else None)
+                event = AuditEvent(when, account, actor or self.actor, operation, key.key_id,
+                                   "success", {**op.detail, "from": key.state,
+                                               "to": target.value,
+                                               **({"scheduled_deletion_date": iso(date)}
+                                                  if date else {})})
+                await self.flush_audit()
+                changed = await self.store.change_state(
+                    key.key_id, [key.state], target.value, when, event,
+                    scheduled_deletion_date=date)
+                if changed is not None:
+                    op.recorded = True
+                    self._cache.clear()
+                    log.info("key state changed", key_id=key.key_id, operation=operation,
+                             state=target)
+                    return KeyChange(KeyMetadata.of(changed), True)
+            raise Conflict(f"the key {ref!r} keeps changing; try again",
+                           code="key_state_contended")
+
+    @staticmethod
+    def _default_protected(alias: str, operation: str) -> DefaultKeyProtected:
+        what = operation.replace("_key", "").replace("_", " ")
+        return DefaultKeyProtected(
+            f"{alias!r} is a default key: it cannot be disabled or scheduled for deletion "
+            f"({what} refused)",
+        )
+
+    @staticmethod
+    def _state_refusal(key: KeyRecord, operation: str) -> KeyStateError:
+        state = key.state.replace("_", " ")
+        if operation == "enable_key" and key.state == KeyState.PENDING_DELETION:
+            fix = "Cancel the deletion first (dew kms cancel-key-deletion), then enable it."
+        elif operation == "disable_key" and key.state == KeyState.PENDING_DELETION:
+            fix = "A key pending deletion cannot be used already; nothing to disable."
+        else:
+            fix = "Check the key's state with dew kms describe-key."
+        verb = operation.replace("_key", "").replace("_", " ")
+        return KeyStateError(f"cannot {verb} {_name(key)}: it is {state}", fix=fix,
+                             target=key.key_id)
+
+    async def _usable(self, ref: str, account: str) -> KeyRecord:
+        """An enabled AES key to use; metadata cached for ``cache_ttl`` seconds."""
+        key = await self._enabled(ref, account)
+        if key.spec != KeySpec.AES_256 or key.usage != KeyUsage.ENCRYPT_DECRYPT:
+            raise KeyUsageError(
+                f"key {_name(key)} is a {key.spec} key for {key.usage}; data keys and "
+                "encrypt-data need an AES_256 ENCRYPT_DECRYPT key",
+                target=key.key_id,
+            )
+        return key
+
+    async def _enabled(self, ref: str, account: str) -> KeyRecord:
+        """An enabled key of any spec; metadata cached for ``cache_ttl`` seconds."""
+        cache_key = (account, ref)
+        hit = self._cache.get(cache_key)
+        now = time.monotonic()
+        if hit is not None and hit[0] > now:
+            key = hit[1]
+        else:
+            key = await self._lookup(ref, account, create_default=True)
+            if self.cache_ttl > 0:
+                if len(self._cache) >= CACHE_MAX:
+                    self._cache.clear()
+                self._cache[cache_key] = (now + self.cache_ttl, key)
+        if key.state != KeyState.ENABLED:
+            state = key.state.replace("_", " ")
+            if key.state == KeyState.PENDING_DELETION:
+                when = iso(key.scheduled_deletion_date)
+                raise KeyStateError(
+                    f"key {_name(key)} is pending deletion (on {when}): only an enabled key "
+                    "can be used",
+                    fix="Cancel the deletion (dew kms cancel-key-deletion), then enable the key.",
+                    target=key.key_id,
+                )
+            raise KeyStateError(
+                f"key {_name(key)} is {state}: only an enabled key can be used",
+                fix="Enable it with dew kms enable-key." if key.state == KeyState.DISABLED
+                else "Finish the key's set-up first.",
+                target=key.key_id,
+            )
+        return key
+
+    async def _in_token(self, key: KeyRecord, call: Awaitable[T]) -> T:
+        """Await a token call on ``key``; a vanished key object is explained from the registry."""
+        try:
+            return await call
+        except KeyNotFound:
+            self._cache.clear()
+            fresh = await self.store.get_key(key.key_id)
+            if fresh is not None and fresh.state == KeyState.DELETED:
+                raise _deleted(fresh) from None
+            raise ConfigError(
+                f"the HSM has no material for key {_name(key)}",
+                cause="the key registry and the token disagree",
+                fix="Check that hsm.token_label / DEW_STATE_DIR name the token these keys "
+                "were created in.",
+                code="hsm_key_material_missing",
+            ) from None
+
+    async def _encrypt(
+        self, key: KeyRecord, data: bytes, purpose: Purpose, ctx: dict[str, str]
+    ) -> bytes:
+        header = CipherHeader(key.key_id, key.current_version, len(data), purpose,
+                              context_digest(ctx))
+        core = await self._core()
+        sealed = await self._in_token(key, core.seal(
+            token_label(key.key_id, key.current_version), pad(data), header.aad(ctx)))
+        return pack_ciphertext(header, sealed.iv, sealed.ciphertext)
+
+    async def _decrypt(
+        self, key: KeyRecord, header: CipherHeader, iv: bytes, body: bytes, ctx: dict[str, str]
+    ) -> bytes:
+        if header.key_version > key.current_version:
+            # Rotated by another process since we cached the key: read it again.
+            self._cache.clear()
+            key = await self.store.get_key(key.key_id) or key
+        if not 1 <= header.key_version <= key.current_version:
+            raise InvalidInput(f"the ciphertext names version {header.key_version} of "
+                               f"{_name(key)}, which does not exist", code="invalid_ciphertext")
+        if context_digest(ctx) != header.context:
+            raise InvalidInput(
+                "the encryption context differs from the one used at encryption",
+                code="encryption_context_mismatch",
+                fix="Pass exactly the encryption context given when the data was encrypted.",
+            )
+        core = await self._core()
+        padded = await self._in_token(key, core.open(
+            token_label(key.key_id, header.key_version), iv, body, header.aad(ctx)))
+        return unpad(header, padded)

@@ -1,0 +1,182 @@
+"""The KMS service's rotation part: scheduled and on-demand rotation of AES_256 keys."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+from engine.crypto import KeySpec
+from engine.crypto.errors import KeyExists
+from engine.errors import DewError
+from engine.kms_store import AuditEvent, KeyRecord, KeyVersion
+from engine.logs import get_logger
+from engine.models import iso
+from handlers.kms_base import KmsServiceBase, _name, _Op, token_label
+from handlers.kms_errors import KeyStateError, RotationInProgress, RotationUnsupported
+from handlers.kms_format import (
+    DEFAULT_ACCOUNT,
+    ROTATION_DAYS_DEFAULT,
+    KeyState,
+    check_account,
+    check_rotation_days,
+)
+from handlers.kms_results import RotationChange, RotationStatus
+
+log = get_logger("dew.kms")
+
+
+# How long a rotation may hold its key's lease; a crashed one blocks rotation that long.
+ROTATION_LEASE = timedelta(minutes=5)
+
+
+class KmsRotationMixin(KmsServiceBase):
+    """Key rotation: new key versions; old versions keep decrypting."""
+
+    async def enable_key_rotation(
+        self, key: str, interval_days: int = ROTATION_DAYS_DEFAULT, *,
+        account: str = DEFAULT_ACCOUNT, actor: str | None = None, now: datetime | None = None,
+    ) -> RotationChange:
+        """Rotate ``key`` every ``interval_days`` (30..365), the first one that far from now."""
+        return await self._set_rotation("enable_key_rotation", key, True,
+                                        check_rotation_days(interval_days), account, actor, now)
+
+    async def disable_key_rotation(
+        self, key: str, *, account: str = DEFAULT_ACCOUNT, actor: str | None = None,
+        now: datetime | None = None,
+    ) -> RotationChange:
+        return await self._set_rotation("disable_key_rotation", key, False, None, account,
+                                        actor, now)
+
+    async def get_key_rotation_status(
+        self, key: str, *, account: str = DEFAULT_ACCOUNT, actor: str | None = None
+    ) -> RotationStatus:
+        async with self._audit("get_key_rotation_status", account, actor, key) as op:
+            record = await self._lookup(key, check_account(account), create_default=True)
+            op.key_id = record.key_id
+            return RotationStatus.of(record, await self.store.get_rotation(record.key_id))
+
+    async def rotate_key(
+        self, key: str, *, account: str = DEFAULT_ACCOUNT, actor: str | None = None,
+        now: datetime | None = None, request: str | None = None,
+    ) -> RotationChange:
+        """Add a new key version in the token and make it current (encryption uses it;
+        older versions keep decrypting). ``request`` (a task id) makes re-runs no-ops."""
+        async with self._audit("rotate_key", account, actor, key) as op:
+            record = await self._lookup(key, check_account(account), create_default=True)
+            op.key_id = record.key_id
+            self._check_rotatable(record)
+            if record.state != KeyState.ENABLED:
+                raise self._state_refusal(record, "rotate_key")
+            rotation = await self.store.get_rotation(record.key_id)
+            if request is not None and rotation is not None and rotation.last_request == request:
+                op.outcome = "unchanged"
+                return RotationChange(RotationStatus.of(record, rotation), False)
+            when = now or self.clock()
+            if not await self.store.claim_rotation(record.key_id, when, when + ROTATION_LEASE):
+                raise RotationInProgress(f"a rotation of {_name(record)} is already running",
+                                         target=record.key_id)
+            try:
+                rotated = await self._add_version(record.key_id, when, actor, request, op)
+            except BaseException:
+                await self.store.release_rotation(record.key_id)
+                raise
+            return RotationChange(
+                RotationStatus.of(rotated, await self.store.get_rotation(record.key_id)), True)
+
+    async def rotate_due_keys(
+        self, now: datetime | None = None, *, actor: str | None = None
+    ) -> dict[str, Any]:
+        """Rotate every key whose scheduled rotation is due (what the cron entry runs)."""
+        when = now or self.clock()
+        rotated: list[str] = []
+        failed: dict[str, str] = {}
+        for key_id in await self.store.due_rotations(when):
+            record = await self.store.get_key(key_id)
+            rotation = await self.store.get_rotation(key_id)
+            if record is None or rotation is None:
+                continue
+            try:
+                # One request per due time: two workers' cron runs rotate once.
+                change = await self.rotate_key(
+                    key_id, account=record.account, actor=actor, now=when,
+                    request=f"schedule:{iso(rotation.next_rotation_at)}")
+            except DewError as exc:
+                failed[key_id] = exc.code
+                log.warning("scheduled rotation failed", key_id=key_id, error=exc.message)
+                continue
+            if change.changed:
+                rotated.append(key_id)
+        return {"rotated": rotated, "failed": failed}
+
+    async def _add_version(
+        self, key_id: str, when: datetime, actor: str | None, request: str | None, op: _Op
+    ) -> KeyRecord:
+        """With the rotation lease held: generate version n+1, then register it."""
+        record = await self.store.get_key(key_id)
+        if record is None or record.state != KeyState.ENABLED:
+            raise KeyStateError(f"key {key_id} is no longer enabled", target=key_id)
+        old, new = record.current_version, record.current_version + 1
+        label = token_label(key_id, new)
+        core = await self._core()
+        try:
+            await core.generate_key(KeySpec.AES_256, label, f"{key_id}:v{new}".encode())
+        except KeyExists:
+            # We hold the lease and the registry says v{old}: the object is an orphan
+            # of a rotation that crashed before registering it. Replace it.
+            await core.destroy_key(label)
+            await core.generate_key(KeySpec.AES_256, label, f"{key_id}:v{new}".encode())
+        op.detail = {"from_version": old, "to_version": new,
+                     **({"request": request} if request else {})}
+        event = AuditEvent(when, record.account, actor or self.actor, "rotate_key", key_id,
+                           "success", op.detail)
+        await self.flush_audit()
+        rotated = await self.store.add_version(key_id, old, KeyVersion(key_id, new, label, when),
+                                               event, request)
+        if rotated is None:
+            await self._discard(core, label)
+            raise KeyStateError(f"key {_name(record)} changed during its rotation; retry",
+                                target=key_id)
+        op.recorded = True
+        self._cache.clear()
+        log.info("key rotated", key_id=key_id, version=new)
+        return rotated
+
+    async def _set_rotation(
+        self, operation: str, key: str, enabled: bool, interval: int | None, account: str,
+        actor: str | None, now: datetime | None,
+    ) -> RotationChange:
+        async with self._audit(operation, account, actor, key) as op:
+            record = await self._lookup(key, check_account(account), create_default=True)
+            op.key_id = record.key_id
+            self._check_rotatable(record)
+            current = await self.store.get_rotation(record.key_id)
+            if (current is not None and current.enabled == enabled
+                    and (not enabled or current.interval_days == interval)) or (
+                    current is None and not enabled):
+                op.outcome = "unchanged"
+                return RotationChange(RotationStatus.of(record, current), False)
+            when = now or self.clock()
+            days = interval or (current.interval_days if current else ROTATION_DAYS_DEFAULT)
+            # The first rotation is one interval from now (or from the last rotation).
+            base = current.last_rotated_at if current and current.last_rotated_at else when
+            following = max(base + timedelta(days=days), when) if enabled else None
+            op.detail = {"enabled": enabled, "interval_days": days,
+                         "next_rotation": iso(following)}
+            event = AuditEvent(when, record.account, actor or self.actor, operation,
+                               record.key_id, "success", op.detail)
+            await self.flush_audit()
+            saved = await self.store.set_rotation(record.key_id, enabled, days, following, event)
+            op.recorded = True
+            return RotationChange(RotationStatus.of(record, saved), True)
+
+    @staticmethod
+    def _check_rotatable(key: KeyRecord) -> None:
+        if key.origin != "kms":
+            raise RotationUnsupported(
+                f"key {_name(key)} holds imported key material, which cannot rotate",
+                fix="Rotate imported keys yourself: create a new key, import new material.",
+                target=key.key_id)
+        if key.spec != KeySpec.AES_256:
+            raise RotationUnsupported(
+                f"key {_name(key)} is a {key.spec} key; only AES_256 keys rotate",
+                target=key.key_id)

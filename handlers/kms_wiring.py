@@ -1,0 +1,92 @@
+"""KMS wiring: the engine resources (crypto, kms_store, kms) and ``open_kms`` for scripts."""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import os
+import socket
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
+
+from engine.crypto import CryptoCore, ensure_token, hsm_config_from_settings
+from engine.kms_store import SqliteKmsStore
+from engine.resources import Closer, Resources, resource
+from engine.settings import Settings
+from handlers.kms_service import KmsService
+
+
+def default_actor(kind: str) -> str:
+    """Who did it, for the audit log: ``cli:alice@host`` or ``worker:host:pid``."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = str(os.getuid())
+    if kind == "worker":
+        return f"worker:{socket.gethostname()}:{os.getpid()}"
+    return f"{kind}:{user}@{socket.gethostname()}"
+
+
+async def connect_crypto(settings: Settings) -> CryptoCore:
+    """A connected crypto core for ``settings``, initialising the token if there is none."""
+    await asyncio.to_thread(ensure_token, settings)
+    core = CryptoCore(hsm_config_from_settings(settings))
+    await core.connect()
+    return core
+
+
+@resource("crypto")
+async def _crypto_resource(resources: Resources) -> tuple[CryptoCore, Closer]:
+    core = await connect_crypto(resources.settings)
+    return core, core.close
+
+
+@resource("kms_store")
+async def _kms_store_resource(resources: Resources) -> tuple[SqliteKmsStore, Closer]:
+    store = await SqliteKmsStore.open(resources.settings.db_path)
+    return store, store.close
+
+
+@resource("kms")
+async def _kms_resource(resources: Resources) -> tuple[KmsService, Closer]:
+    store = await resources.get("kms_store")
+
+    async def crypto() -> CryptoCore:
+        # The HSM is opened on the first key use, not when a cron tick finds nothing due.
+        core: CryptoCore = await resources.get("crypto")
+        return core
+
+    service = KmsService(store, crypto, quota=resources.settings.kms.quota,
+                         actor=default_actor("worker"))
+    return service, service.close
+
+
+@asynccontextmanager
+async def open_kms(
+    settings: Settings, *, actor: str | None = None, **options: Any
+) -> AsyncIterator[KmsService]:
+    """A KMS service for one command or script; everything is closed on exit.
+
+    The HSM is connected (and the token initialised if missing) only when an
+    operation needs it, so ``describe-key`` or ``audit list`` do not touch it.
+    """
+    async with AsyncExitStack() as stack:
+        store = await SqliteKmsStore.open(settings.db_path)
+        stack.push_async_callback(store.close)
+        cores: list[CryptoCore] = []
+
+        async def crypto() -> CryptoCore:
+            core = await connect_crypto(settings)
+            cores.append(core)
+            return core
+
+        async def close_cores() -> None:
+            for core in cores:
+                await core.close()
+
+        stack.push_async_callback(close_cores)
+        service = KmsService(store, crypto, quota=settings.kms.quota,
+                             actor=actor or default_actor("cli"), **options)
+        stack.push_async_callback(service.close)
+        yield service
