@@ -960,6 +960,8 @@ def wrap_secret(session: Session, kek: Any, label: str, secret: bytes) -> bytes:
     session object holding it (SoftHSM has no C_Encrypt with CKM_AES_KEY_WRAP_PAD)."""
     require_type(kek, label, KeyType.AES, "wrap with AES key wrap")
     with translate("wrap a secret", label):
+        # Extractable on purpose: a throw-away session object (never a CMK) carrying
+        # material that lives outside the token by design, only to wrap it.
         obj = session.create_object({
             Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.KEY_TYPE: KeyType.GENERIC_SECRET,
             Attribute.TOKEN: False, Attribute.SENSITIVE: False, Attribute.EXTRACTABLE: True,
@@ -975,6 +977,7 @@ def unwrap_secret(session: Session, kek: Any, label: str, wrapped: bytes) -> byt
     """Inverse of :func:`wrap_secret`; a wrong KEK or altered blob is an integrity error."""
     require_type(kek, label, KeyType.AES, "unwrap with AES key wrap")
     with translate("unwrap a secret", label, integrity=True):
+        # A session object (never a CMK) whose value is read back once, then destroyed.
         obj = kek.unwrap_key(
             ObjectClass.SECRET_KEY, KeyType.GENERIC_SECRET, wrapped,
             mechanism=Mechanism.AES_KEY_WRAP_PAD, store=False,
