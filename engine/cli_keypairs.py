@@ -15,13 +15,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import getpass
-import json
 import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from engine.cli_output import print_result
 from engine.errors import DewError, InvalidInput
 from engine.settings import Settings
 
@@ -157,10 +157,6 @@ def _who(args: argparse.Namespace) -> dict[str, str]:
     return {"account": args.account, "user": args.user or _default_user()}
 
 
-def _print(data: Any, as_json: bool, human: Callable[[Any], str]) -> None:
-    print(json.dumps(data, indent=2) if as_json else human(data))
-
-
 def _pair_text(d: dict[str, Any]) -> str:
     rows = [("name", d["name"]), ("algorithm", d["algorithm"]), ("type", d["type"]),
             ("fingerprint", d["fingerprint"]), ("scope", d["scope"]),
@@ -264,7 +260,7 @@ async def _keypairs(args: argparse.Namespace, settings: Settings) -> int:
                 pem = dump_private_key(load_private_key(pem).key, args.format, record.name)
             _write_private(args.out, pem)
             data, human = {"name": record.name, "private_key_file": args.out}, _lines
-    _print(data, args.json, human)
+    print_result(data, args.json, human)
     return 0
 
 
@@ -279,7 +275,7 @@ def _convert(args: argparse.Namespace, convert: Callable[..., bytes]) -> int:
     out = convert(data, args.to, passphrase=old, new_passphrase=new)
     if args.out:
         _write_private(args.out, out)
-        _print({"private_key_file": args.out, "format": args.to}, args.json, _lines)
+        print_result({"private_key_file": args.out, "format": args.to}, args.json, _lines)
     else:
         sys.stdout.write(out.decode())
     return 0
@@ -322,14 +318,14 @@ async def _run_job(args: argparse.Namespace, settings: Settings, who: dict[str, 
         async with await Client.open(settings) as client:
             task = await client.enqueue(name, sealed)
             if args.no_wait:
-                _print({"task_id": task.task_id}, args.json, lambda d: str(d["task_id"]))
+                print_result({"task_id": task.task_id}, args.json, lambda d: str(d["task_id"]))
                 return 0
             task = await _wait(client, kps, task.task_id, len(set(args.server)), args)
         failures = await client_failures(settings, task.task_id)
     if task.status != "succeeded":
         error = DewError.from_dict(task.error or {"message": f"task {task.task_id} failed"})
         if args.json:
-            _print({"task_id": task.task_id, "status": task.status, "error": task.error},
+            print_result({"task_id": task.task_id, "status": task.status, "error": task.error},
                    True, str)
             return 1
         raise error
@@ -337,7 +333,7 @@ async def _run_job(args: argparse.Namespace, settings: Settings, who: dict[str, 
     for row in result.get("servers", []):
         if row["status"] == "failed" and row["server"] in failures:
             row["failure_id"] = failures[row["server"]]
-    _print(result, args.json, _result_text)
+    print_result(result, args.json, _result_text)
     return 0 if result.get("failed", 0) == 0 else 1
 
 
@@ -439,5 +435,5 @@ async def _servers(args: argparse.Namespace, settings: Settings) -> int:
         else:
             await kps.remove_server(args.name, args.account)
             data, human = {"removed": args.name}, _lines
-    _print(data, args.json, human)
+    print_result(data, args.json, human)
     return 0

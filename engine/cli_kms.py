@@ -22,7 +22,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from engine.errors import DewError, InvalidInput
+from engine.cli_output import lines as key_values
+from engine.cli_output import print_result, run_job
+from engine.cli_output import text as _text
+from engine.errors import InvalidInput
 from engine.settings import Settings
 
 DEFAULT_JOB_TIMEOUT = 30.0
@@ -360,7 +363,7 @@ async def cmd_kms(args: argparse.Namespace, settings: Settings) -> int:
     checked = _checked(args)
     if args.action == "wrap-key-material":  # client side: no store, no HSM
         _write_file(args.out, checked["wrapped"])
-        _print({"out": args.out, "bytes": len(checked["wrapped"])}, args.json, _lines)
+        print_result({"out": args.out, "bytes": len(checked["wrapped"])}, args.json, key_values)
         return 0
     if args.action == "ec-raw-to-pkcs8":
         sys.stdout.buffer.write(checked["pkcs8"])
@@ -373,7 +376,7 @@ async def cmd_kms(args: argparse.Namespace, settings: Settings) -> int:
         action = args.action
         data: Any
         status = 0
-        human: Callable[[Any], str] = _lines
+        human: Callable[[Any], str] = key_values
         if action == "create-key":
             data = (await kms.create_key(args.alias, args.spec, args.usage, args.description,
                                          account=acct, origin=args.origin)).to_json()
@@ -463,12 +466,11 @@ async def cmd_kms(args: argparse.Namespace, settings: Settings) -> int:
             data, status = verdict.to_json(), 0 if verdict.valid else 1
         else:  # gen-random
             data = {"random_data": (await kms.gen_random(args.bytes, account=acct)).hex()}
-    _print(data, args.json, human)
+    print_result(data, args.json, human)
     return status
 
 
 async def _run_job(args: argparse.Namespace, settings: Settings) -> int:
-    from engine.client import Client
     from engine.registry import default_registry
     from handlers.kms import open_kms
 
@@ -486,18 +488,8 @@ async def _run_job(args: argparse.Namespace, settings: Settings) -> int:
     # A key that is not there is bad input (exit 2), not a task that fails later.
     async with open_kms(settings) as kms:
         await kms.describe_key(args.key, account=args.account)
-    async with await Client.open(settings) as client:
-        task = await client.enqueue(name, job_args)
-        if args.no_wait:
-            _print({"task_id": task.task_id}, args.json, lambda d: str(d["task_id"]))
-            return 0
-        task = await client.wait(task.task_id, timeout=args.timeout)
-    if task.status != "succeeded":
-        raise DewError.from_dict(task.error or {"message": f"task {task.task_id} failed"})
-    result = dict(task.result or {})
-    result["task_id"] = task.task_id
-    _print(result, args.json, _lines)
-    return 0
+    return await run_job(settings, name, job_args, wait=not args.no_wait,
+                         timeout=args.timeout, as_json=args.json)
 
 
 # --------------------------------------------------------------------------- audit
@@ -517,35 +509,18 @@ async def cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
     async with open_kms(settings) as kms:
         if args.action == "list":
             entries = await kms.audit_list(args.key, account=args.account, limit=args.limit)
-            _print([e.to_json() for e in entries], args.json, _audit_table)
+            print_result([e.to_json() for e in entries], args.json, _audit_table)
             return 0
         verdict = await kms.audit_verify()
-    _print(verdict.to_json(), args.json, _verdict)
+    print_result(verdict.to_json(), args.json, _verdict)
     return 0 if verdict.intact else 1
 
 
 # --------------------------------------------------------------------------- output
 
 
-def _print(data: Any, as_json: bool, human: Callable[[Any], str]) -> None:
-    sys.stdout.write((json.dumps(data, indent=2) if as_json else human(data)) + "\n")
-
-
 def _public_key_text(data: dict[str, Any]) -> str:
     return str(data["public_key"]).rstrip("\n")
-
-
-def _lines(data: dict[str, Any]) -> str:
-    width = max((len(k) for k in data), default=0)
-    return "\n".join(f"{k:{width}}  {_text(v)}" for k, v in data.items())
-
-
-def _text(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    return value if isinstance(value, str) else json.dumps(value)
 
 
 def _key_table(keys: list[dict[str, Any]]) -> str:

@@ -23,7 +23,6 @@ import sqlite3
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 from engine.errors import Conflict
@@ -87,15 +86,6 @@ class SqliteCsmsStore(SqliteDb):
     what = "the secrets store"
     conflict_code = "csms_store_conflict"
     conflict_fix = "Retry; another process changed the same secret at the same time."
-
-    @classmethod
-    async def open(cls, path: Path) -> SqliteCsmsStore:
-        # The task store owns the migrations (ours is number 3).
-        from engine.sqlite_store import SqliteTaskStore
-
-        tasks = await SqliteTaskStore.open(path)
-        await tasks.close()
-        return await cls.connect(path)
 
     # --- secrets ---------------------------------------------------------------------
 

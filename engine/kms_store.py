@@ -32,7 +32,6 @@ import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from engine.models import iso, parse_iso
@@ -284,16 +283,6 @@ class SqliteKmsStore(SqliteDb):
     what = "the KMS registry"
     conflict_code = "kms_registry_conflict"
     conflict_fix = "Retry; another process changed the same key at the same time."
-
-    @classmethod
-    async def open(cls, path: Path) -> SqliteKmsStore:
-        # The task store owns the migrations (ours is number 2): opening it once
-        # creates or upgrades the schema, then we keep a connection of our own.
-        from engine.sqlite_store import SqliteTaskStore
-
-        tasks = await SqliteTaskStore.open(path)
-        await tasks.close()
-        return await cls.connect(path)
 
     # --- keys ------------------------------------------------------------------------
 

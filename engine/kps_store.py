@@ -14,7 +14,6 @@ from __future__ import annotations
 import sqlite3
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 from typing import Any, Literal
 
 from engine.models import iso, parse_iso
@@ -82,14 +81,6 @@ class SqliteKpsStore(SqliteDb):
     what = "the KPS registry"
     conflict_code = "kps_registry_conflict"
     conflict_fix = "Retry; another process changed the same record."
-
-    @classmethod
-    async def open(cls, path: Path) -> SqliteKpsStore:
-        from engine.sqlite_store import SqliteTaskStore
-
-        tasks = await SqliteTaskStore.open(path)  # creates or upgrades the schema
-        await tasks.close()
-        return await cls.connect(path)
 
     # --- key pairs -------------------------------------------------------------------
 

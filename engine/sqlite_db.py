@@ -89,6 +89,17 @@ class SqliteDb:
             await conn.close()  # its thread would keep the process alive
             raise
 
+    @classmethod
+    async def open(cls, path: Path) -> Self:
+        """A domain store's own connection, once the schema is current. The task store
+        owns the migrations of every store in the file, so opening it first creates
+        or upgrades the schema (``SqliteTaskStore`` overrides this to do just that)."""
+        from engine.sqlite_store import SqliteTaskStore  # it subclasses this class
+
+        tasks = await SqliteTaskStore.open(path)
+        await tasks.close()
+        return await cls.connect(path)
+
     async def close(self) -> None:
         await self._conn.close()
 
