@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # noqa: E402
 
-from handlers import kms_stream  # noqa: E402
+from handlers.kms import stream as kms_stream  # noqa: E402
 
 CHUNK = 1 << 24
 

@@ -55,7 +55,7 @@ from engine.models import utcnow  # noqa: E402
 from engine.redis_server import RedisServer, free_port  # noqa: E402
 from engine.sealing import seal_args  # noqa: E402
 from engine.settings import Settings, load_settings  # noqa: E402
-from handlers.keypairs import open_kps  # noqa: E402
+from handlers.kps.service import open_kps  # noqa: E402
 from tests.helpers import WorkerProcess  # noqa: E402
 from tests.keypairs.sshd_servers import (  # noqa: E402
     SSHD,
@@ -134,7 +134,7 @@ async def engine(settings: Settings, pool: list[Sshd], user: TestUser, worker_pi
     async with open_kps(settings) as kps:
         sealed = {"keypair": KEYPAIR, "servers": names, "account": "default", "user": "local",
                   **await seal_args({"auth": {"password": user.password}}, ["auth"],
-                                    kps.kms, "default")}
+                                    kps.sealer, "default")}
     async with await Client.open(settings) as client:
         cpu0 = _cpu_seconds(worker_pid)
         start = utcnow()
@@ -242,7 +242,7 @@ async def measure(args: argparse.Namespace, base: Path, settings: Settings,
                                          "attempts": []}
 
         async def run_bare() -> float:
-            return await bare(pool, user, key_line, private, settings.kps.concurrency)
+            return await bare(pool, user, key_line, private, settings.section(KpsSettings).concurrency)
 
         async def run_engine() -> float:
             took, split = await engine(settings, pool, user, worker.pid)
@@ -277,7 +277,7 @@ async def measure(args: argparse.Namespace, base: Path, settings: Settings,
     n = len(pool)
     b, e = median(times["bare"]), median(times["engine"])
     print(f"\n{n} sshd on loopback, one user, password login + key login check, "
-          f"concurrency {settings.kps.concurrency}, {os.cpu_count()} cores, "
+          f"concurrency {settings.section(KpsSettings).concurrency}, {os.cpu_count()} cores, "
           f"median of {args.rounds} round(s)")
     print(f"{'':32} {'seconds':>8} {'per host':>9}")
     for label, took in (("bare asyncssh (floor)", b), ("dew-engine kps.bind", e),

@@ -42,7 +42,7 @@ from engine.logs import configure_logging  # noqa: E402
 from engine.models import parse_iso, utcnow  # noqa: E402
 from engine.redis_server import RedisServer, free_port  # noqa: E402
 from engine.settings import load_settings  # noqa: E402
-from handlers.secrets import open_secrets  # noqa: E402
+from handlers.csms.service import open_secrets  # noqa: E402
 
 PG_BIN = sorted(Path("/usr/lib/postgresql").glob("*/bin"))[-1]
 

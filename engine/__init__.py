@@ -7,10 +7,26 @@ The public surface for other Python systems is small:
         task = await client.enqueue("engine.echo", {"value": 1})
         task = await client.wait(task.task_id)
 
-and the errors in ``engine.errors``. Everything else is internal.
+and the errors in ``engine.errors``. Everything else is internal. ``Client`` is
+imported on first use, so the CLI's start does not pay for Redis and arq.
 """
 
-from engine.client import Client
-from engine.errors import DewError
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from engine.client import Client
+    from engine.errors import DewError
 
 __all__ = ["Client", "DewError"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "Client":
+        from engine.client import Client
+
+        return Client
+    if name == "DewError":
+        from engine.errors import DewError
+
+        return DewError
+    raise AttributeError(f"module 'engine' has no attribute {name!r}")

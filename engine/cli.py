@@ -9,23 +9,23 @@ traceback; ``--json`` prints machine-readable output on stdout.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import importlib
 import json
+import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from engine import render
 from engine.errors import DewError, InvalidInput, NotFound
-from engine.logs import configure_logging
-from engine.models import TASK_STATUSES
-from engine.settings import Settings, load_settings
+from engine.services import ServiceSpec, configured_packages, load_part, load_specs
 
-Command = Callable[[argparse.Namespace, Settings], Awaitable[int] | int]
-# Domain command groups (``dew kms ...``): each module has
-# ``register(subparsers, commands)`` adding its parsers and command functions.
-CLI_PLUGINS: tuple[str, ...] = ("engine.cli_kms", "engine.cli_secrets", "engine.cli_keypairs")
+if TYPE_CHECKING:
+    from engine.settings import Settings
+
+Command = Callable[[argparse.Namespace, "Settings"], Awaitable[int] | int]
+# Kept in step with engine.models.TASK_STATUSES (a test checks): importing the
+# models here would cost every `dew --help` the dataclasses machinery.
+TASK_STATUSES = ("queued", "running", "succeeded", "failed")
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -36,7 +36,12 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def build_parser() -> ArgumentParser:
+def build_parser(
+    specs: Sequence[ServiceSpec] = (), load: Sequence[ServiceSpec] | None = None
+) -> ArgumentParser:
+    """The parser with the generic verbs and every service's commands. Only the
+    services in ``load`` (all of them when None) get their full sub-commands; the
+    others are listed by name and help, so `dew --help` imports no service."""
     parser = ArgumentParser(prog="dew", description="dew-engine: self-hosted DEW job engine.")
     parser.add_argument("--config", metavar="FILE", help="a TOML file overriding the defaults")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
@@ -90,15 +95,47 @@ def build_parser() -> ArgumentParser:
     ssub.add_parser("down", help="stop what `up` started")
     ssub.add_parser("status", help="show what is running")
 
-    for plugin in CLI_PLUGINS:
-        importlib.import_module(plugin).register(sub, COMMANDS)
+    for spec in specs:
+        if spec.cli is None:
+            continue
+        if load is None or spec in load:
+            load_part(spec, spec.cli).register(sub, COMMANDS)
+        else:
+            for name, help_text in spec.commands.items():
+                sub.add_parser(name, help=help_text, add_help=False)
     return parser
+
+
+def chosen_command(argv: Sequence[str]) -> str | None:
+    """The sub-command ``argv`` names (the first word that is not an option)."""
+    skip = False
+    for word in argv:
+        if skip:
+            skip = False
+        elif word == "--config":
+            skip = True
+        elif not word.startswith("-"):
+            return word
+    return None
+
+
+def config_option(argv: Sequence[str]) -> str | None:
+    for i, word in enumerate(argv):
+        if word == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+        if word.startswith("--config="):
+            return word.partition("=")[2]
+        if not word.startswith("-"):
+            break
+    return None
 
 
 # --- commands ------------------------------------------------------------------------
 
 
 async def cmd_init(args: argparse.Namespace, settings: Settings) -> int:
+    import asyncio
+
     from engine.crypto import ensure_token
     from engine.store import open_store
 
@@ -128,8 +165,11 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_jobs(args: argparse.Namespace, settings: Settings) -> int:
     from engine.registry import default_registry
 
-    for spec in default_registry():
+    registry = default_registry(settings)
+    for spec in registry:
         print(f"{spec.name:32} {spec.description}")
+    for error in registry.unavailable.values():
+        sys.stderr.write(f"dew: warning: {error.message}\n")
     return 0
 
 
@@ -144,7 +184,7 @@ async def cmd_enqueue(args: argparse.Namespace, settings: Settings) -> int:
     if args.timeout is not None and not args.wait:
         raise InvalidInput("--timeout needs --wait")
     # Check everything before the task store is opened: bad input writes nothing.
-    default_registry().check_args(args.name, check_json_args(job_args))
+    default_registry(settings).check_args(args.name, check_json_args(job_args))
     if args.task_id is not None:
         check_task_id(args.task_id)
     check_defer(args.defer)
@@ -245,8 +285,15 @@ def _print(data: Any, as_json: bool, human: Callable[[Any], str]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        specs = load_specs(configured_packages(config_option(argv), os.environ))
+        command = chosen_command(argv)
+        load = [s for s in specs if command in s.commands]
+        args = build_parser(specs, load).parse_args(argv)
+        from engine.logs import configure_logging
+        from engine.settings import load_settings
+
         settings = load_settings(args.config)
         worker = args.command == "worker"
         configure_logging(
@@ -256,8 +303,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             console_level=None if worker else "warning",
         )
         outcome = COMMANDS[args.command](args, settings)
-        code = asyncio.run(outcome) if asyncio.iscoroutine(outcome) else outcome
-        return int(code)  # type: ignore[arg-type]
+        if isinstance(outcome, int):
+            return outcome
+        import asyncio
+
+        return int(asyncio.run(outcome))  # type: ignore[arg-type]
     except DewError as exc:
         sys.stderr.write(f"dew: error: {exc.message}\n")
         # Bad input (exit 2) is one line; an operational error also says what to do.

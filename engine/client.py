@@ -89,7 +89,7 @@ class Client:
         """Open the task store; Redis is connected on the first enqueue."""
         settings = settings or load_settings()
         store = await open_store(settings)
-        return cls(settings, store, None, registry or default_registry())
+        return cls(settings, store, None, registry or default_registry(settings))
 
     async def close(self) -> None:
         await self.resources.close()
@@ -129,7 +129,7 @@ class Client:
         if needs_sealing(args, spec.secret_fields):
             # Secrets leave this process only sealed under a KMS key (Redis and the
             # task store see ciphertext); the worker opens them.
-            args = await seal_args(args, spec.secret_fields, await self.resources.get("kms"))
+            args = await seal_args(args, spec.secret_fields, await self.resources.get("sealer"))
         stored_args = keep_sealed(args, spec.secret_fields)
 
         now = utcnow()

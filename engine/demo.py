@@ -22,7 +22,7 @@ from engine.logs import configure_logging
 from engine.settings import Settings, load_settings
 
 # Domain scenarios, each a module with ``async def run(settings, say)``; run when present.
-DOMAIN_DEMOS = ("engine.demo_kms", "engine.demo_secrets", "engine.demo_keypairs")
+DOMAIN_DEMOS = ("handlers.kms.demo", "handlers.csms.demo", "handlers.kps.demo")
 
 
 def say(text: str) -> None:

@@ -7,22 +7,22 @@ arguments before anything is written; the worker builds its arq functions from i
 
 from __future__ import annotations
 
-import importlib
 import re
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from engine.errors import InvalidInput, UnknownJob
+from engine.errors import DewError, InvalidInput, UnknownJob
+from engine.services import load_part, load_specs
 
 if TYPE_CHECKING:
     from engine.context import JobContext
+    from engine.settings import Settings
 
 Handler = Callable[["JobContext", dict[str, Any]], Awaitable[Any]]
 Validator = Callable[[dict[str, Any]], None]
 
 JOB_NAME = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+$")
-HANDLER_PACKAGES = ("handlers",)
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,8 @@ class JobSpec:
 class Registry:
     def __init__(self) -> None:
         self._jobs: dict[str, JobSpec] = {}
+        # Services whose jobs could not be loaded, and why (the others still run).
+        self.unavailable: dict[str, DewError] = {}
 
     def job(
         self,
@@ -66,7 +68,8 @@ class Registry:
         try:
             return self._jobs[name]
         except KeyError:
-            raise UnknownJob(f"unknown job name {name!r}") from None
+            missing = "".join(f"; {e.message}" for e in self.unavailable.values())
+            raise UnknownJob(f"unknown job name {name!r}{missing}") from None
 
     def check_args(self, name: str, args: Any) -> JobSpec:
         """The spec of job ``name`` after checking ``args`` (InvalidInput if bad)."""
@@ -87,8 +90,14 @@ class Registry:
 JOBS = Registry()
 
 
-def default_registry() -> Registry:
-    """The registry with every handler module loaded."""
-    for package in HANDLER_PACKAGES:
-        importlib.import_module(package)
+def default_registry(settings: Settings) -> Registry:
+    """The registry with the jobs of every configured service loaded. A service
+    whose jobs cannot be imported is noted in ``unavailable``; the others work."""
+    for spec in load_specs(settings.engine.services):
+        if spec.jobs is None or spec.name in JOBS.unavailable:
+            continue
+        try:
+            load_part(spec, spec.jobs)
+        except DewError as exc:
+            JOBS.unavailable[spec.name] = exc
     return JOBS

@@ -88,7 +88,7 @@ class TaskRunner:
             try:
                 self._check(spec, args, task.attempts)
                 if has_sealed(args):
-                    args = await unseal_args(args, await self.resources.get("kms"))
+                    args = await unseal_args(args, await self.resources.get("sealer"))
                 result = await spec.handler(ctx, args)
             except DewError as exc:
                 error = exc

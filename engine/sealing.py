@@ -1,9 +1,8 @@
-"""Secret job arguments, sealed under a KMS key before they are enqueued.
+"""Secret job arguments, sealed before they are enqueued.
 
 ``seal_args`` replaces each secret argument, at any depth (a name the job
 declares secret, or one that names a secret, e.g. ``password`` or
-``auth.private_key``) by
-``{"$sealed": "<Base64 encrypt-data ciphertext under kps/default>"}``; only
+``auth.private_key``) by ``{"$sealed": "<what the Sealer made>"}``; only
 that form reaches Redis and the task store (``engine.redaction`` keeps sealed
 values in task rows and hides them in listings). ``unseal_args`` turns them
 back into values inside the worker. The value is JSON-encoded first, so any
@@ -21,33 +20,15 @@ from typing import Any, Protocol
 from engine.errors import DewError, InvalidInput
 from engine.redaction import SEALED_MARKER, is_sealed, is_secret_key
 
-SEAL_KEY = "kps/default"
-SEALING_ACTOR = "engine.sealing"
 MAX_SEALED_BYTES = 4096
 
 
-class _Encrypted(Protocol):
-    @property
-    def cipher_text_base64(self) -> str: ...
+class Sealer(Protocol):
+    """Seals bytes under a key the engine does not hold, bound to ``context``."""
 
+    async def seal(self, data: bytes, context: dict[str, str], account: str) -> str: ...
 
-class _Decrypted(Protocol):
-    @property
-    def plain_text(self) -> bytes: ...
-
-
-class DataCipher(Protocol):
-    """The part of the KMS service sealing needs (``handlers.kms.KmsService``)."""
-
-    async def encrypt_data(
-        self, key: str, plain_text: bytes, *, account: str = ..., actor: str | None = ...,
-        encryption_context: dict[str, str] | None = ...,
-    ) -> _Encrypted: ...
-
-    async def decrypt_data(
-        self, cipher_text: bytes | str, *, account: str = ..., actor: str | None = ...,
-        encryption_context: dict[str, str] | None = ...,
-    ) -> _Decrypted: ...
+    async def open(self, sealed: str, context: dict[str, str], account: str) -> bytes: ...
 
 
 def _secret_paths(value: Any, names: frozenset[str], path: str = "") -> list[str]:
@@ -85,7 +66,7 @@ def has_sealed(value: Any) -> bool:
 
 
 async def seal_args(
-    args: dict[str, Any], secret_fields: Iterable[str], kms: DataCipher,
+    args: dict[str, Any], secret_fields: Iterable[str], sealer: Sealer,
     account: str = "default",
 ) -> dict[str, Any]:
     """A copy of ``args`` with every secret value sealed, at any depth (sealed ones kept)."""
@@ -99,9 +80,7 @@ async def seal_args(
                 f"{MAX_SEALED_BYTES} can be sealed",
                 code="secret_too_large", target=path,
             )
-        sealed = await kms.encrypt_data(SEAL_KEY, data, account=account, actor=SEALING_ACTOR,
-                                        encryption_context=_context(path))
-        return {SEALED_MARKER: sealed.cipher_text_base64}
+        return {SEALED_MARKER: await sealer.seal(data, _context(path), account)}
 
     paths = set(_secret_paths(args, frozenset(secret_fields)))
     result: dict[str, Any] = await _rewrite(args, "", lambda p, v: p in paths, seal)
@@ -109,20 +88,18 @@ async def seal_args(
 
 
 async def unseal_args(
-    args: dict[str, Any], kms: DataCipher, account: str = "default"
+    args: dict[str, Any], sealer: Sealer, account: str = "default"
 ) -> dict[str, Any]:
     """A copy of ``args`` with every sealed value opened, at any depth."""
 
     async def unseal(path: str, value: Any) -> Any:
         try:
-            opened = await kms.decrypt_data(value[SEALED_MARKER], account=account,
-                                            actor=SEALING_ACTOR,
-                                            encryption_context=_context(path))
+            opened = await sealer.open(value[SEALED_MARKER], _context(path), account)
         except DewError as exc:
             exc.target = path
             raise
         try:
-            return json.loads(opened.plain_text)
+            return json.loads(opened)
         except ValueError:
             raise InvalidInput(f"the sealed argument {path!r} does not hold JSON",
                                code="invalid_sealed_value", target=path) from None

@@ -12,14 +12,15 @@ from __future__ import annotations
 import dataclasses
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from engine.errors import ConfigError
+from engine.services import default_config_text
 
+S = TypeVar("S")
 SHORTCUTS = {"DEW_STATE_DIR": ("engine", "state_dir"), "DEW_REDIS_URL": ("redis", "url")}
 # Secrets are never settings (settings get printed); the crypto core reads these itself.
 SECRET_VARIABLES = frozenset({"DEW_HSM_PIN"})
@@ -28,6 +29,9 @@ SECRET_VARIABLES = frozenset({"DEW_HSM_PIN"})
 @dataclass(frozen=True)
 class EngineSection:
     state_dir: Path = Path("var")
+    # The service packages this engine runs (engine.services): their CLI verbs,
+    # jobs, cron entries, demo steps and settings sections.
+    services: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -76,45 +80,9 @@ class HsmSection:
 
 
 @dataclass(frozen=True)
-class KmsSection:
-    quota: int = 100
-
-
-@dataclass(frozen=True)
-class CsmsSection:
-    max_concurrent_rotations: int = 20
-    db_timeout: float = 5.0
-    scheduler_interval: int = 10
-
-
-@dataclass(frozen=True)
-class KpsSection:
-    """SSH key pairs: batch size, fan-out, SSH timeouts (seconds), retries, quota."""
-
-    batch_limit: int = 100
-    concurrency: int = 50
-    connect_timeout: float = 10.0
-    login_timeout: float = 15.0
-    command_timeout: float = 30.0
-    retries: int = 2
-    retry_delay: float = 1.0
-    quota: int = 500
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.batch_limit <= 10_000:
-            raise ConfigError("kps.batch_limit must be between 1 and 10000")
-        if not 1 <= self.concurrency <= 1000:
-            raise ConfigError("kps.concurrency must be between 1 and 1000")
-        if min(self.connect_timeout, self.login_timeout, self.command_timeout) <= 0:
-            raise ConfigError("kps timeouts must be above 0")
-        if not 0 <= self.retries <= 10 or self.retry_delay < 0:
-            raise ConfigError("kps.retries must be 0..10 and kps.retry_delay not negative")
-        if not 1 <= self.quota <= 100_000:
-            raise ConfigError("kps.quota must be between 1 and 100000")
-
-
-@dataclass(frozen=True)
 class Settings:
+    """The engine's own sections, and those of the configured services."""
+
     engine: EngineSection = field(default_factory=EngineSection)
     redis: RedisSection = field(default_factory=RedisSection)
     worker: WorkerSection = field(default_factory=WorkerSection)
@@ -122,9 +90,20 @@ class Settings:
     sweeper: SweeperSection = field(default_factory=SweeperSection)
     log: LogSection = field(default_factory=LogSection)
     hsm: HsmSection = field(default_factory=HsmSection)
-    kms: KmsSection = field(default_factory=KmsSection)
-    csms: CsmsSection = field(default_factory=CsmsSection)
-    kps: KpsSection = field(default_factory=KpsSection)
+    # The sections the services declare, by name (``section(KmsSettings)`` reads one).
+    services: Mapping[str, Any] = field(default_factory=dict)
+
+    def section(self, kind: type[S]) -> S:
+        """The settings section of class ``kind`` (a service's, declared in its package)."""
+        value = self.services.get(getattr(kind, "SECTION", ""))
+        if not isinstance(value, kind):
+            raise ConfigError(f"no settings section {kind.__name__} (is its service in "
+                              "engine.services?)")
+        return value
+
+    def sections(self) -> dict[str, Any]:
+        """Every section by name: the engine's, then the services'."""
+        return {**{name: getattr(self, name) for name in ENGINE_SECTIONS}, **self.services}
 
     @property
     def state_dir(self) -> Path:
@@ -157,16 +136,6 @@ class Settings:
         return _apply(self, {name: dict(values) for name, values in sections.items()}, "code")
 
 
-def default_config_text() -> str:
-    """The text of ``config/default.toml``, from the wheel or from the source tree."""
-    packaged = resources.files("engine") / "_config" / "default.toml"
-    if packaged.is_file():
-        return packaged.read_text(encoding="utf-8")
-    return (Path(__file__).resolve().parent.parent / "config" / "default.toml").read_text(
-        encoding="utf-8"
-    )
-
-
 def parse_toml(text: str, origin: str) -> dict[str, Any]:
     try:
         return tomllib.loads(text)
@@ -174,9 +143,11 @@ def parse_toml(text: str, origin: str) -> dict[str, Any]:
         raise ConfigError(f"{origin} is not valid TOML: {exc}") from None
 
 
-def env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, str]]:
-    """``DEW_<SECTION>_<KEY>`` variables as a nested mapping of strings."""
-    sections = {f.name for f in dataclasses.fields(Settings)}
+def env_overrides(
+    environ: Mapping[str, str], sections: Iterable[str]
+) -> dict[str, dict[str, str]]:
+    """``DEW_<SECTION>_<KEY>`` variables (of the known ``sections``) as a nested mapping."""
+    known = set(sections)
     out: dict[str, dict[str, str]] = {}
     for var, value in environ.items():
         if var in SECRET_VARIABLES:
@@ -186,7 +157,7 @@ def env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, str]]:
         elif var.startswith("DEW_"):
             rest = var[4:].lower()
             section, _, key = rest.partition("_")
-            if section not in sections or not key:
+            if section not in known or not key:
                 continue  # e.g. DEW_HSM_PIN belongs to the crypto core, not to settings
         else:
             continue
@@ -200,10 +171,42 @@ def build_settings(
     config_origin: str = "config file",
     environ: Mapping[str, str] | None = None,
 ) -> Settings:
-    settings = _apply(Settings(), parse_toml(default_text, "config/default.toml"), "defaults")
+    environ = environ or {}
+    layers = [("defaults", parse_toml(default_text, "config/default.toml"))]
     if config_text is not None:
-        settings = _apply(settings, parse_toml(config_text, config_origin), config_origin)
-    return _apply(settings, env_overrides(environ or {}), "environment")
+        layers.append((config_origin, parse_toml(config_text, config_origin)))
+    # First the engine section alone: it says which services (and so which
+    # further sections) there are.
+    engine_only = Settings()
+    for origin, data in [*layers, ("environment", env_overrides(environ, ENGINE_SECTIONS))]:
+        if "engine" in data:
+            engine_only = _apply(engine_only, {"engine": data["engine"]}, origin)
+    settings = Settings(engine=engine_only.engine,
+                        services=service_sections(engine_only.engine.services))
+    known = [*ENGINE_SECTIONS, *settings.services]
+    for origin, data in layers:
+        if origin == "defaults":
+            # The defaults file also holds the sections of services not configured here.
+            data = {k: v for k, v in data.items() if k in known}
+        settings = _apply(settings, data, origin)
+    return _apply(settings, env_overrides(environ, known), "environment")
+
+
+def service_sections(packages: Iterable[str]) -> dict[str, Any]:
+    """Default instances of the settings sections the services declare, by name."""
+    from engine.services import load_object, load_specs
+
+    out: dict[str, Any] = {}
+    for spec in load_specs(packages):
+        if spec.settings is None:
+            continue
+        kind: Any = load_object(spec, spec.settings)
+        name = getattr(kind, "SECTION", "")
+        if name in ENGINE_SECTIONS or name in out or not isinstance(kind, type) or (
+                not dataclasses.is_dataclass(kind)):
+            raise ConfigError(f"service {spec.name!r} declares a bad settings section {name!r}")
+        out[name] = kind()
+    return out
 
 
 def load_settings(config_file: str | os.PathLike[str] | None = None) -> Settings:
@@ -221,14 +224,17 @@ def load_settings(config_file: str | os.PathLike[str] | None = None) -> Settings
 
 
 def _apply(settings: Settings, data: Mapping[str, Any], origin: str) -> Settings:
-    sections = {f.name: f for f in dataclasses.fields(Settings)}
     changes: dict[str, Any] = {}
+    services = dict(settings.services)
     for name, values in data.items():
-        if name not in sections:
+        if name in ENGINE_SECTIONS:
+            current = getattr(settings, name)
+        elif name in services:
+            current = services[name]
+        else:
             raise ConfigError(f"{origin}: unknown section [{name}]")
         if not isinstance(values, Mapping):
             raise ConfigError(f"{origin}: [{name}] must be a table")
-        current = getattr(settings, name)
         keys = {f.name: f for f in dataclasses.fields(current)}
         updates = {}
         for key, raw in values.items():
@@ -236,8 +242,11 @@ def _apply(settings: Settings, data: Mapping[str, Any], origin: str) -> Settings
                 raise ConfigError(f"{origin}: unknown setting {name}.{key}")
             default = getattr(current, key)
             updates[key] = _coerce(raw, type(default), f"{origin}: {name}.{key}")
-        changes[name] = dataclasses.replace(current, **updates)
-    result = dataclasses.replace(settings, **changes)
+        if name in ENGINE_SECTIONS:
+            changes[name] = dataclasses.replace(current, **updates)
+        else:
+            services[name] = dataclasses.replace(current, **updates)
+    result = dataclasses.replace(settings, **changes, services=services)
     _validate(result, origin)
     return result
 
@@ -263,6 +272,12 @@ def _coerce(raw: Any, kind: type, where: str) -> Any:
             return float(raw)
         if issubclass(kind, Path):
             return Path(str(raw))
+        if kind is tuple:
+            # A list in TOML; a comma-separated string in an environment variable.
+            items = raw.split(",") if isinstance(raw, str) else raw
+            if not isinstance(items, list | tuple) or not all(isinstance(i, str) for i in items):
+                raise ValueError(raw)
+            return tuple(i.strip() for i in items if i.strip())
         if isinstance(raw, (dict, list)):
             raise ValueError(raw)
         return str(raw)
@@ -271,7 +286,8 @@ def _coerce(raw: Any, kind: type, where: str) -> Any:
 
 
 def _type_name(kind: type) -> str:
-    return {int: "whole number", float: "number", bool: "boolean"}.get(kind, "string")
+    names = {int: "whole number", float: "number", bool: "boolean", tuple: "list of strings"}
+    return names.get(kind, "string")
 
 
 def _validate(s: Settings, origin: str) -> None:
@@ -303,7 +319,6 @@ def _validate(s: Settings, origin: str) -> None:
         (bool(s.redis.queue), "redis.queue must not be empty"),
         (1 <= s.hsm.pool_size <= 64, "hsm.pool_size must be between 1 and 64"),
         (s.hsm.slot >= -1, "hsm.slot must be -1 (find the token by label) or a slot number"),
-        (1 <= s.kms.quota <= 100_000, "kms.quota must be between 1 and 100000"),
         (
             not s.redis.url or s.redis.url.startswith(("redis://", "rediss://", "unix://")),
             "redis.url must start with redis://, rediss:// or unix://",
@@ -312,3 +327,6 @@ def _validate(s: Settings, origin: str) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(f"{origin}: {message}")
+
+
+ENGINE_SECTIONS = tuple(f.name for f in dataclasses.fields(Settings) if f.name != "services")

@@ -23,6 +23,7 @@ from arq.cron import cron
 from arq.worker import Retry, Worker, func
 
 from engine import serialization
+from engine.cron import ScheduleEntry, cron_table
 from engine.errors import DewError
 from engine.logs import get_logger
 from engine.models import WorkerRecord, utcnow
@@ -32,7 +33,6 @@ from engine.resources import Resources
 from engine.runner import TaskRunner
 from engine.settings import Settings
 from engine.store import TaskStore, open_store
-from schedules import ScheduleEntry, cron_table
 
 log = get_logger("dew.worker")
 ARQ_MAX_TRIES = 1_000_000  # out of reach: TaskRunner decides retries from the task store
@@ -97,7 +97,7 @@ def build_worker(
     settings: Settings, registry: Registry | None = None, burst: bool = False,
     handle_signals: bool = True,
 ) -> Worker:
-    registry = registry or default_registry()
+    registry = registry or default_registry(settings)
     worker_id = new_worker_id()
 
     async def on_startup(ctx: dict[str, Any]) -> None:

@@ -1,7 +1,4 @@
-"""Domain handlers. Importing this package registers every job with ``engine.registry.JOBS``."""
-
-from handlers import engine_jobs, kms
-from handlers import keypairs as keypairs  # KPS jobs: kps.bind, kps.replace, kps.reset, kps.unbind
-from handlers import secrets as secrets  # CSMS jobs: csms.rotate_secret, csms.delete_due_secrets
-
-__all__ = ["engine_jobs", "kms"]
+"""The services, one package each: ``builtin`` (``engine.*`` jobs), ``kms``,
+``csms`` and ``kps``. The engine finds them through ``[engine] services``
+(``engine.services``); a service reaches another only through its ``interface``
+module (checked by the import contracts in ``pyproject.toml``)."""

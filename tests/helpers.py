@@ -51,10 +51,11 @@ class FakeClock:
 def settings_env(settings: Settings) -> dict[str, str]:
     """Every setting as a DEW_<SECTION>_<KEY> variable, for a subprocess."""
     env: dict[str, str] = {}
-    for section in dataclasses.fields(settings):
-        values = getattr(settings, section.name)
+    for name, values in settings.sections().items():
         for key in dataclasses.fields(values):
-            env[f"DEW_{section.name}_{key.name}".upper()] = str(getattr(values, key.name))
+            value = getattr(values, key.name)
+            text = ",".join(value) if isinstance(value, tuple) else str(value)
+            env[f"DEW_{name}_{key.name}".upper()] = text
     return env
 
 

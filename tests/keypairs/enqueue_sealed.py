@@ -14,13 +14,13 @@ from typing import Any
 from engine.client import Client
 from engine.sealing import seal_args
 from engine.settings import load_settings
-from handlers.keypairs import open_kps
+from handlers.kps.service import open_kps
 
 
 async def main(name: str, args: dict[str, Any]) -> str:
     settings = load_settings()
     async with open_kps(settings) as kps:
-        sealed = await seal_args(args, ["auth"], kps.kms, args.get("account", "default"))
+        sealed = await seal_args(args, ["auth"], kps.sealer, args.get("account", "default"))
     async with await Client.open(settings) as client:
         task = await client.enqueue(name, sealed)
     return task.task_id

@@ -6,10 +6,10 @@ import os
 
 import pytest
 
-from handlers import authorized_keys as ak
-from handlers import ssh_keys
-from handlers.os_release import default_reload_command, parse_os_release
-from handlers.sshd_config import effective, password_login_enabled, set_password_login
+from handlers.kps import authorized_keys as ak
+from handlers.kps import keys as ssh_keys
+from handlers.kps.os_release import default_reload_command, parse_os_release
+from handlers.kps.sshd_config import effective, password_login_enabled, set_password_login
 
 
 def _key(comment: str = "") -> ssh_keys.PublicKey:

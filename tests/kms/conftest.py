@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from engine.crypto import CryptoCore, HsmConfig
-from engine.kms_store import SqliteKmsStore
+from handlers.kms.store import SqliteKmsStore
 from engine.settings import Settings
-from handlers.kms import KmsService
+from handlers.kms.service import KmsService
 from tests.helpers import FakeClock
 
 

@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding
 
 from engine.cli import build_parser
-from engine.cli_kms import _checked
+from handlers.kms.cli import _checked
 from engine.errors import InvalidInput
 from engine.settings import Settings
 from tests.helpers import run_dew

@@ -10,7 +10,7 @@ import pytest
 
 from engine.crypto import IntegrityCheckFailed
 from engine.errors import InvalidInput
-from handlers import kms_format as f
+from handlers.kms import format as f
 
 KEY_ID = str(uuid.uuid4())
 

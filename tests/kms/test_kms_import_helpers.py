@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.keywrap import aes_key_unwrap_with_padding
 from engine.crypto import KeySpec
 from engine.errors import InvalidInput
 from engine.settings import Settings
-from handlers.kms_import import ec_raw_to_pkcs8, unwrap_private_key, wrap_key_material
+from handlers.kms.byok import ec_raw_to_pkcs8, unwrap_private_key, wrap_key_material
 from tests.helpers import ROOT, dew_env, run_dew
 
 WRAPPER = rsa.generate_private_key(65537, 2048)  # stands in for the token's RSA-4096 pair

@@ -9,8 +9,9 @@ import pytest
 from engine.client import Client
 from engine.errors import DewError
 from engine.settings import Settings
-from handlers.kms import KeyDeleted, KmsService
-from schedules import cron_table
+from handlers.kms.errors import KeyDeleted
+from handlers.kms.service import KmsService
+from engine.cron import cron_table
 from tests.helpers import WorkerProcess, run_dew
 from tests.kms.conftest import FakeClock
 

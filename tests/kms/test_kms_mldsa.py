@@ -9,8 +9,10 @@ from cryptography.hazmat.primitives.asymmetric import mldsa
 
 from engine.crypto import CryptoCore, KeyUsageError
 from engine.errors import InvalidInput
-from engine.kms_store import SqliteKmsStore
-from handlers.kms import KeyDeleted, KmsService, RotationUnsupported, token_label
+from handlers.kms.store import SqliteKmsStore
+from handlers.kms.core import token_label
+from handlers.kms.errors import KeyDeleted, RotationUnsupported
+from handlers.kms.service import KmsService
 from tests.kms.conftest import FakeClock
 
 

@@ -14,17 +14,18 @@ from engine.client import Client
 from engine.crypto import IntegrityCheckFailed
 from engine.errors import InvalidInput
 from engine.redaction import SEALED_MARKER, is_sealed, redact
-from engine.sealing import DataCipher, seal_args, unseal_args
+from engine.sealing import Sealer, seal_args, unseal_args
 from engine.settings import Settings
-from handlers.kms import KmsService
-from handlers.kms_format import Purpose, unpack_ciphertext
+from handlers.kms.interface import KmsSealer
+from handlers.kms.service import KmsService
+from handlers.kms.format import Purpose, unpack_ciphertext
 
 PASSWORD = "Tr0ub4dor&3-never-in-clear"
 TOKEN = "tok-5f1c7d0e-also-secret"
 
 
 async def test_round_trip_and_sealed_form(kms: KmsService) -> None:
-    cipher: DataCipher = kms  # the service satisfies the protocol sealing asks for
+    cipher: Sealer = KmsSealer(kms)  # the KMS as the engine's sealer
     args = {"server": "db1", "password": PASSWORD, "db_pin": 1234,
             "extra": {"nested": [1, 2]}, "api_token": TOKEN, "note": None}
     sealed = await seal_args(args, {"extra"}, cipher)
@@ -43,28 +44,29 @@ async def test_round_trip_and_sealed_form(kms: KmsService) -> None:
 
 
 async def test_a_sealed_value_opens_only_under_its_own_field(kms: KmsService) -> None:
-    sealed = await seal_args({"password": PASSWORD}, (), kms)
+    sealer = KmsSealer(kms)
+    sealed = await seal_args({"password": PASSWORD}, (), sealer)
     swapped = {"other_password": sealed["password"]}
     with pytest.raises(InvalidInput, match="encryption context") as info:
-        await unseal_args(swapped, kms)
+        await unseal_args(swapped, sealer)
     assert info.value.target == "other_password"
     broken = dict(sealed["password"])
     raw = bytearray(base64.b64decode(broken[SEALED_MARKER]))
     raw[-1] ^= 1
     with pytest.raises(IntegrityCheckFailed):
-        await unseal_args({"password": {SEALED_MARKER: base64.b64encode(raw).decode()}}, kms)
+        await unseal_args({"password": {SEALED_MARKER: base64.b64encode(raw).decode()}}, sealer)
 
 
 async def test_too_large_secret_is_refused_without_showing_it(kms: KmsService) -> None:
     with pytest.raises(InvalidInput, match="'password' is 5002 bytes") as info:
-        await seal_args({"password": "s" * 5000}, (), kms)
+        await seal_args({"password": "s" * 5000}, (), KmsSealer(kms))
     assert "sss" not in json.dumps(info.value.to_dict())
 
 
 async def test_no_plaintext_in_redis_or_the_task_store(
     shared_kms: KmsService, client: Client, kms_settings: Settings
 ) -> None:
-    args = await seal_args({"value": "visible", "password": PASSWORD}, (), shared_kms)
+    args = await seal_args({"value": "visible", "password": PASSWORD}, (), KmsSealer(shared_kms))
     task = await client.enqueue("engine.echo", args)  # no worker: it stays queued
     assert (await client.get(task.task_id)).args["password"] == args["password"]
 

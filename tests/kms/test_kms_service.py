@@ -14,16 +14,10 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from engine.crypto import CryptoCore, HsmConfig, IntegrityCheckFailed, KeyUsageError
 from engine.errors import InvalidInput
-from engine.kms_store import SqliteKmsStore
-from handlers.kms import (
-    AliasExists,
-    DefaultKeyProtected,
-    KeyStateError,
-    KmsService,
-    QuotaExceeded,
-    UnknownKey,
-    token_label,
-)
+from handlers.kms.store import SqliteKmsStore
+from handlers.kms.core import token_label
+from handlers.kms.errors import AliasExists, DefaultKeyProtected, KeyStateError, QuotaExceeded, UnknownKey
+from handlers.kms.service import KmsService
 
 JSON_FIELDS = {"key_id", "key_alias", "key_spec", "key_usage", "key_state", "origin",
                "default_key", "scheduled_deletion_date", "account", "created_at"}

@@ -19,7 +19,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from engine.crypto import CryptoCore, HsmConfig, KeyUsageError
 from engine.crypto.errors import DecryptionFailed
 from engine.errors import InvalidInput
-from handlers.kms import KmsService, token_label
+from handlers.kms.core import token_label
+from handlers.kms.service import KmsService
 
 MESSAGE = b"the quick brown fox jumps over the lazy dog\n"
 HASH = {"256": hashes.SHA256, "384": hashes.SHA384, "512": hashes.SHA512}

@@ -14,8 +14,8 @@ import pytest
 from engine.crypto import IntegrityCheckFailed
 from engine.errors import InvalidInput
 from engine.settings import Settings
-from handlers import kms_stream
-from handlers.kms import KmsService
+from handlers.kms import stream as kms_stream
+from handlers.kms.service import KmsService
 from tests.helpers import ROOT, dew_env, run_dew
 
 SEG = 1024  # small segments keep multi-segment cases small

@@ -10,10 +10,10 @@ import pytest
 
 from engine.client import check_task_id
 from engine.errors import InvalidInput
-from handlers import secrets_model as m
-from handlers.rotation import RotationState, Step, StepOutcome, advance, plan
-from handlers.rotators import scram_verifier
-from handlers.secrets import rotation_task_id
+from handlers.csms import model as m
+from handlers.csms.rotation import RotationState, Step, StepOutcome, advance, plan
+from handlers.csms.rotators import scram_verifier
+from handlers.csms.service import rotation_task_id
 
 
 @pytest.mark.parametrize("name", ["a", "db.prod-1_x", "A" * 64])

@@ -21,8 +21,8 @@ from engine.client import Client
 from engine.models import parse_iso
 from engine.redis_server import RedisServer, free_port
 from engine.settings import Settings
-from handlers import secrets_model as m
-from handlers.secrets import PAUSE_AFTER_SET_ENV, ROTATE_JOB, SecretsService
+from handlers.csms import model as m
+from handlers.csms.service import PAUSE_AFTER_SET_ENV, ROTATE_JOB, SecretsService
 from tests.helpers import run_dew, wait_for
 from tests.secrets.conftest import EnvWorker, PgCluster, pg_login
 

@@ -13,11 +13,11 @@ from typing import Any
 import pytest
 
 from engine.client import Client
-from engine.csms_store import SecretRecord, SqliteCsmsStore, VersionRecord
+from handlers.csms.store import SecretRecord, SqliteCsmsStore, VersionRecord
 from engine.errors import InvalidInput, NotFound, SecurityError
 from engine.settings import Settings
-from handlers import secrets_model as m
-from handlers.secrets import (
+from handlers.csms import model as m
+from handlers.csms.service import (
     ROTATE_JOB,
     SecretExists,
     SecretNotFound,

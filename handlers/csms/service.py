@@ -2,9 +2,9 @@
 
 ``SecretsService`` is the domain API; the CLI (``dew secrets``), the jobs below,
 the scheduler, the demo and the benchmark call it. Rules are pure functions in
-:mod:`handlers.secrets_model`, the rotation state machine in
-:mod:`handlers.rotation`, database access in :mod:`handlers.rotators`,
-persistence in :mod:`engine.csms_store`.
+:mod:`handlers.csms.model`, the rotation state machine in
+:mod:`handlers.csms.rotation`, database access in :mod:`handlers.csms.rotators`,
+persistence in :mod:`handlers.csms.store`.
 
 Every version is encrypted with a fresh data key from KMS ``create-datakey``
 under the secret's CMK (``csms/default`` unless chosen; KMS creates default
@@ -36,18 +36,26 @@ from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 from engine.context import JobContext
-from engine.csms_store import SecretRecord, SqliteCsmsStore, VersionRecord
-from engine.errors import ConfigError, Conflict, DewError, InvalidInput, NotFound
+from engine.errors import Conflict, DewError, InvalidInput, NotFound
 from engine.logs import get_logger
 from engine.models import iso, utcnow
 from engine.registry import JOBS
 from engine.resources import Closer, Resources, resource
 from engine.settings import Settings
-from handlers import secrets_model as m
-from handlers.kms_format import DEFAULT_ACCOUNT, check_account, check_key_ref
-from handlers.rotation import RotationState, Step, StepOutcome, advance
-from handlers.rotators import CredentialsRejected, Rotator, rotator_for
-from handlers.secrets_envelope import aad, kms_context, open_sealed, seal
+from handlers.csms import model as m
+from handlers.csms.config import CsmsSettings
+from handlers.csms.envelope import aad, kms_context, open_sealed, seal
+from handlers.csms.rotation import RotationState, Step, StepOutcome, advance
+from handlers.csms.rotators import CredentialsRejected, Rotator, rotator_for
+from handlers.csms.store import SecretRecord, SqliteCsmsStore, VersionRecord
+from handlers.kms.interface import (
+    DEFAULT_ACCOUNT,
+    KeyCipher,
+    check_account,
+    check_key_ref,
+    default_actor,
+    open_key_cipher,
+)
 
 log = get_logger("dew.csms")
 ROTATE_JOB = "csms.rotate_secret"
@@ -81,20 +89,6 @@ class VersionNotFound(NotFound):
 
 
 # --------------------------------------------------------------------------- results
-
-
-class DataKeys(Protocol):
-    """The part of the KMS service CSMS needs (``handlers.kms.KmsService``)."""
-
-    async def create_datakey(
-        self, key: str, length_bits: int = ..., *, account: str = ..., actor: str | None = ...,
-        encryption_context: dict[str, str] | None = ...,
-    ) -> Any: ...
-
-    async def decrypt_datakey(
-        self, key: str, cipher_text: bytes, *, account: str = ..., actor: str | None = ...,
-        encryption_context: dict[str, str] | None = ...,
-    ) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -177,7 +171,7 @@ class SecretsService:
     """Secrets of every account, on one store and one KMS."""
 
     def __init__(
-        self, store: SqliteCsmsStore, kms: DataKeys, *, clock: Callable[[], datetime] = utcnow,
+        self, store: SqliteCsmsStore, kms: KeyCipher, *, clock: Callable[[], datetime] = utcnow,
         actor: str = "local", max_rotations: int = 20, db_timeout: float = 5.0,
         rotators: Callable[[m.SecretType, float], Rotator] = rotator_for,
     ) -> None:
@@ -707,16 +701,6 @@ async def enqueue_due_rotations(
 # --------------------------------------------------------------------------- wiring
 
 
-def _check_settings(settings: Settings) -> None:
-    c = settings.csms
-    if not 1 <= c.max_concurrent_rotations <= 1000:
-        raise ConfigError("csms.max_concurrent_rotations must be between 1 and 1000")
-    if not 0 < c.db_timeout <= 300:
-        raise ConfigError("csms.db_timeout must be above 0 and at most 300 seconds")
-    if not 1 <= c.scheduler_interval <= 60 or 60 % c.scheduler_interval:
-        raise ConfigError("csms.scheduler_interval must divide 60")
-
-
 @resource("csms_store")
 async def _csms_store_resource(resources: Resources) -> tuple[SqliteCsmsStore, Closer]:
     store = await SqliteCsmsStore.open(resources.settings.db_path)
@@ -725,15 +709,12 @@ async def _csms_store_resource(resources: Resources) -> tuple[SqliteCsmsStore, C
 
 @resource("csms")
 async def _csms_resource(resources: Resources) -> tuple[SecretsService, None]:
-    from handlers.kms import default_actor
-
-    settings = resources.settings
-    _check_settings(settings)
+    config = resources.settings.section(CsmsSettings)
     service = SecretsService(
         await resources.get("csms_store"), await resources.get("kms"),
         actor="csms:" + default_actor("worker"),
-        max_rotations=settings.csms.max_concurrent_rotations,
-        db_timeout=settings.csms.db_timeout,
+        max_rotations=config.max_concurrent_rotations,
+        db_timeout=config.db_timeout,
     )
     return service, None
 
@@ -744,16 +725,14 @@ async def open_secrets(
 ) -> AsyncIterator[SecretsService]:
     """A secrets service for one command or script; everything is closed on exit.
     The HSM is opened only when a value is encrypted or decrypted."""
-    from handlers.kms import default_actor, open_kms
-
-    _check_settings(settings)
+    config = settings.section(CsmsSettings)
     async with AsyncExitStack() as stack:
-        kms = await stack.enter_async_context(open_kms(settings))
+        kms = await stack.enter_async_context(open_key_cipher(settings))
         store = await SqliteCsmsStore.open(settings.db_path)
         stack.push_async_callback(store.close)
         yield SecretsService(store, kms, actor="csms:" + (actor or default_actor("cli")),
-                             max_rotations=settings.csms.max_concurrent_rotations,
-                             db_timeout=settings.csms.db_timeout, **options)
+                             max_rotations=config.max_concurrent_rotations,
+                             db_timeout=config.db_timeout, **options)
 
 
 # --------------------------------------------------------------------------- jobs

@@ -19,8 +19,8 @@ Jobs (``servers`` up to ``kps.batch_limit``; ``auth`` sealed by the client):
 here: :mod:`engine.redaction` redacts every argument named like a password.)
 
 Each server is edited idempotently (pure transforms in
-:mod:`handlers.authorized_keys` and :mod:`handlers.sshd_config`, atomic writes
-through :mod:`engine.ssh`), then proven with a fresh login. A server that fails
+:mod:`handlers.kps.authorized_keys` and :mod:`handlers.kps.sshd_config`, atomic writes
+through :mod:`handlers.kps.ssh`), then proven with a fresh login. A server that fails
 gets its own failure record and leaves the others going; its state is left as
 it was. The task itself succeeds with a per-server result unless the batch is
 refused as a whole (bad input, batch over the limit, inconsistent batch).
@@ -45,14 +45,24 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from engine.context import JobContext
 from engine.errors import Conflict, DewError, InvalidInput, NotFound, PermanentError
-from engine.kps_store import KeyPairRecord, ServerRecord, SqliteKpsStore
 from engine.models import iso, utcnow
 from engine.redaction import is_sealed
 from engine.registry import JOBS
 from engine.resources import Closer, Resources, resource
 from engine.sealing import unseal_args
-from engine.settings import KpsSection, Settings
-from engine.ssh import (
+from engine.settings import Settings
+from handlers.kms.interface import (
+    DEFAULT_ACCOUNT,
+    SEAL_KEY,
+    KeyCipher,
+    KmsSealer,
+    open_key_cipher,
+)
+from handlers.kps import authorized_keys as ak
+from handlers.kps import keys as ssh_keys
+from handlers.kps.config import KpsSettings
+from handlers.kps.os_release import DEFAULT_SSHD_CONFIG, default_reload_command, parse_os_release
+from handlers.kps.ssh import (
     STATUS_ERROR,
     Credential,
     HostKeyChanged,
@@ -65,13 +75,9 @@ from engine.ssh import (
     connect,
     server_lock,
 )
-from handlers import authorized_keys as ak
-from handlers import ssh_keys
-from handlers.os_release import DEFAULT_SSHD_CONFIG, default_reload_command, parse_os_release
-from handlers.sshd_config import set_password_login
+from handlers.kps.sshd_config import set_password_login
+from handlers.kps.store import KeyPairRecord, ServerRecord, SqliteKpsStore
 
-SEAL_KEY = "kps/default"
-DEFAULT_ACCOUNT = "default"
 DEFAULT_AUTHORIZED_KEYS = "~/.ssh/authorized_keys"
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 HOST = re.compile(r"^[A-Za-z0-9._:-]{1,253}$")
@@ -143,10 +149,11 @@ class CreatedKeyPair:
 class KpsService:
     """Key pairs and servers of every account, over the KPS store and KMS."""
 
-    def __init__(self, store: SqliteKpsStore, kms: Any, config: KpsSection,
+    def __init__(self, store: SqliteKpsStore, kms: KeyCipher, config: KpsSettings,
                  clock: Callable[[], datetime] = utcnow) -> None:
         self.store = store
-        self.kms = kms  # handlers.kms.KmsService (typed loosely: no import cycle)
+        self.kms = kms
+        self.sealer = KmsSealer(kms)
         self.config = config
         self.clock = clock
 
@@ -372,7 +379,7 @@ async def _kps_store_resource(resources: Resources) -> tuple[SqliteKpsStore, Clo
 async def _kps_resource(resources: Resources) -> tuple[KpsService, None]:
     store = await resources.get("kps_store")
     kms = await resources.get("kms")
-    return KpsService(store, kms, resources.settings.kps), None
+    return KpsService(store, kms, resources.settings.section(KpsSettings)), None
 
 
 # --------------------------------------------------------------------------- jobs
@@ -474,12 +481,12 @@ def _credential(op: str, auth: Any) -> Credential:
 
 async def run_operation(ctx: JobContext, args: dict[str, Any], op: str) -> dict[str, Any]:
     """The body of the four jobs."""
-    config = ctx.settings.kps
+    config = ctx.settings.section(KpsSettings)
     names = _check_batch(op, args, config.batch_limit)
     kps: KpsService = await ctx.resources.get("kps")
     account = args.get("account", DEFAULT_ACCOUNT)
     user = args.get("user", "local")
-    opened = await unseal_args({"auth": args["auth"]}, kps.kms, account)
+    opened = await unseal_args({"auth": args["auth"]}, kps.sealer, account)
     credential = _credential(op, opened["auth"])
     record = await kps.get(args["keypair"], account=account, user=user)
     servers = [await kps.server(name, account) for name in names]
@@ -538,7 +545,7 @@ async def run_operation(ctx: JobContext, args: dict[str, Any], op: str) -> dict[
             "servers": list(results), "succeeded": len(results) - failed, "failed": failed}
 
 
-async def _with_retries(ctx: JobContext, config: KpsSection,
+async def _with_retries(ctx: JobContext, config: KpsSettings,
                         attempt: Callable[[], Any]) -> dict[str, Any]:
     for n in range(config.retries + 1):
         try:
@@ -743,18 +750,16 @@ for _op in OPERATIONS:
 
 
 def settings_timeouts(settings: Settings) -> Timeouts:
-    k = settings.kps
+    k = settings.section(KpsSettings)
     return Timeouts(k.connect_timeout, k.login_timeout, k.command_timeout)
 
 
 @asynccontextmanager
 async def open_kps(settings: Settings) -> AsyncIterator[KpsService]:
     """A KPS service for one command or script (KMS opened lazily); closed on exit."""
-    from handlers.kms import open_kms
-
-    async with open_kms(settings) as kms:
+    async with open_key_cipher(settings) as kms:
         store = await SqliteKpsStore.open(settings.db_path)
         try:
-            yield KpsService(store, kms, settings.kps)
+            yield KpsService(store, kms, settings.section(KpsSettings))
         finally:
             await store.close()

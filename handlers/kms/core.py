@@ -1,6 +1,6 @@
-"""The KMS service's shared core: the audit buffer, key lookup and creation, state
-changes, the metadata cache and the token calls its parts (signing, rotation, import)
-all build on.
+"""The KMS's shared core (``KmsCore``): the audit buffer, key lookup and creation,
+state changes, the metadata cache and the token calls its parts (key management,
+data plane, signing, rotation, import) all build on.
 """
 
 from __future__ import annotations
@@ -17,10 +17,9 @@ from typing import Any, TypeVar
 from engine.crypto import CryptoCore, KeyNotFound, KeySpec, KeyUsageError
 from engine.crypto.model import KeyFamily
 from engine.errors import ConfigError, Conflict, DewError, InvalidInput
-from engine.kms_store import AuditEvent, KeyRecord, KeyVersion, KmsStore, WrappedKey
 from engine.logs import get_logger
 from engine.models import iso, utcnow
-from handlers.kms_errors import (
+from handlers.kms.errors import (
     AliasExists,
     DefaultKeyProtected,
     KeyDeleted,
@@ -28,7 +27,7 @@ from handlers.kms_errors import (
     QuotaExceeded,
     UnknownKey,
 )
-from handlers.kms_format import (
+from handlers.kms.format import (
     CipherHeader,
     KeyState,
     KeyUsage,
@@ -43,8 +42,9 @@ from handlers.kms_format import (
     pad,
     unpad,
 )
-from handlers.kms_mldsa import CKM_ML_DSA, ml_dsa_generate
-from handlers.kms_results import KeyChange, KeyMetadata
+from handlers.kms.mldsa import CKM_ML_DSA, ml_dsa_generate
+from handlers.kms.results import KeyChange, KeyMetadata
+from handlers.kms.store import AuditEvent, KeyRecord, KeyVersion, KmsStore, WrappedKey
 
 log = get_logger("dew.kms")
 T = TypeVar("T")
@@ -57,7 +57,7 @@ CACHE_MAX = 10_000
 
 
 @dataclass
-class _Op:
+class AuditOp:
     """The audit entry an operation is building (filled in as it learns more)."""
 
     key_id: str | None
@@ -70,11 +70,11 @@ def token_label(key_id: str, version: int) -> str:
     return f"kms:{key_id}:v{version}"
 
 
-def _name(key: KeyRecord) -> str:
+def key_name(key: KeyRecord) -> str:
     return f"{key.alias!r} ({key.key_id})"
 
 
-def _not_found(ref: str, account: str) -> UnknownKey:
+def not_found(ref: str, account: str) -> UnknownKey:
     # The same words whether the key never existed or belongs to another
     # account: an account must not learn that another account's key exists.
     return UnknownKey(f"no key {ref!r} in account {account!r}")
@@ -83,7 +83,7 @@ def _not_found(ref: str, account: str) -> UnknownKey:
 def _deleted(key: KeyRecord) -> KeyDeleted:
     when = iso(key.deleted_at) or "an earlier date"
     return KeyDeleted(
-        f"key deleted: {_name(key)} was deleted on {when}; data encrypted under it can no "
+        f"key deleted: {key_name(key)} was deleted on {when}; data encrypted under it can no "
         "longer be decrypted", target=key.key_id,
     )
 
@@ -96,8 +96,9 @@ def _short(text: str | None, limit: int = 255) -> str | None:
     return text if len(text) <= limit else text[:limit] + "…"
 
 
-class KmsServiceBase:
-    """What every part of :class:`handlers.kms_service.KmsService` shares."""
+class KmsCore:
+    """What every part of the KMS shares: the registry, the token, the audit buffer,
+    the metadata cache, key lookup and creation, state changes and token calls."""
 
     def __init__(
         self,
@@ -122,7 +123,7 @@ class KmsServiceBase:
         else:
             self._crypto, self._provider = None, crypto
         self._crypto_lock = asyncio.Lock()
-        self._cache: dict[tuple[str, str], tuple[float, KeyRecord]] = {}
+        self.cache: dict[tuple[str, str], tuple[float, KeyRecord]] = {}
         self._pending: list[AuditEvent] = []
         self._flush_lock = asyncio.Lock()
         self._flusher: asyncio.TimerHandle | None = None
@@ -157,28 +158,28 @@ class KmsServiceBase:
     # ------------------------------------------------------------------ internals
 
     @asynccontextmanager
-    async def _audit(
+    async def audit(
         self, operation: str, account: str, actor: str | None, key_ref: str | None
-    ) -> AsyncIterator[_Op]:
-        op = _Op(key_id=_short(key_ref))
+    ) -> AsyncIterator[AuditOp]:
+        op = AuditOp(key_id=_short(key_ref))
         try:
             yield op
         except DewError as exc:
             op.detail = {**op.detail, "code": exc.code}
             if exc.target is not None and is_key_id(exc.target):
                 op.key_id = exc.target  # refused after the key was found: name it by id
-            await self._record(self._event(operation, account, actor, op, "failure"))
+            await self.record(self._event(operation, account, actor, op, "failure"))
             raise
         if not op.recorded:
-            await self._record(self._event(operation, account, actor, op, op.outcome))
+            await self.record(self._event(operation, account, actor, op, op.outcome))
 
     def _event(
-        self, operation: str, account: str, actor: str | None, op: _Op, outcome: str
+        self, operation: str, account: str, actor: str | None, op: AuditOp, outcome: str
     ) -> AuditEvent:
         return AuditEvent(self.clock(), _short(account) or "", actor or self.actor, operation,
                           op.key_id, outcome, op.detail)
 
-    async def _record(self, event: AuditEvent) -> None:
+    async def record(self, event: AuditEvent) -> None:
         self._pending.append(event)
         if self.audit_flush_interval <= 0 or self._closed or len(self._pending) >= AUDIT_BATCH:
             await self.flush_audit()
@@ -200,7 +201,7 @@ class KmsServiceBase:
             log.warning("audit entries not written yet", pending=len(self._pending),
                         error=exc.message)
 
-    async def _core(self) -> CryptoCore:
+    async def crypto(self) -> CryptoCore:
         if self._crypto is None:
             async with self._crypto_lock:
                 if self._crypto is None:
@@ -208,13 +209,13 @@ class KmsServiceBase:
                     self._crypto = await self._provider()
         return self._crypto
 
-    async def _lookup(self, ref: str, account: str, *, create_default: bool) -> KeyRecord:
+    async def lookup(self, ref: str, account: str, *, create_default: bool) -> KeyRecord:
         """The live key ``ref`` (id or alias) of ``account``; never another account's."""
         ref = check_key_ref(ref)
         if is_key_id(ref):
             key = await self.store.get_key(ref)
             if key is None or key.account != account:
-                raise _not_found(ref, account)
+                raise not_found(ref, account)
         else:
             key = await self.store.find_alias(account, ref)
             if key is None:
@@ -223,7 +224,7 @@ class KmsServiceBase:
                     raise _deleted(gone)
                 service = default_service(ref)
                 if service is None or not create_default:
-                    raise _not_found(ref, account)
+                    raise not_found(ref, account)
                 return await self._create_default(service, account)
         if key.state == KeyState.DELETED:
             raise _deleted(key)
@@ -231,10 +232,10 @@ class KmsServiceBase:
 
     async def _create_default(self, service: str, account: str) -> KeyRecord:
         alias = f"{service}/default"
-        op = _Op(key_id=None, detail={"alias": alias, "spec": KeySpec.AES_256.value,
+        op = AuditOp(key_id=None, detail={"alias": alias, "spec": KeySpec.AES_256.value,
                                       "default_key": True})
         try:
-            return await self._generate(account, alias, KeySpec.AES_256,
+            return await self.generate(account, alias, KeySpec.AES_256,
                                         KeyUsage.ENCRYPT_DECRYPT,
                                         f"Default key of service {service}", default=True,
                                         op=op, actor=None)
@@ -245,14 +246,14 @@ class KmsServiceBase:
                 raise
             return existing
 
-    async def _generate(
+    async def generate(
         self, account: str, alias: str, spec: KeySpec, usage: KeyUsage, description: str,
-        *, default: bool, op: _Op, actor: str | None, origin: str = "kms",
+        *, default: bool, op: AuditOp, actor: str | None, origin: str = "kms",
     ) -> KeyRecord:
         key_id = str(uuid.uuid4())
         label = token_label(key_id, 1)
         now = self.clock()
-        core = await self._core()
+        core = await self.crypto()
         external = origin == "external"
         wrapped: WrappedKey | None = None
         if spec.family is KeyFamily.MLDSA:
@@ -265,7 +266,7 @@ class KmsServiceBase:
                 seed, public_der = ml_dsa_generate(spec)
                 wrapped = WrappedKey(await core.wrap_secret(label, seed), public_der)
             except BaseException:
-                await self._discard(core, label)
+                await self.discard(core, label)
                 raise
         elif not external:  # an external key gets its material (and token objects) on import
             await core.generate_key(spec, label, f"{key_id}:v1".encode())
@@ -287,20 +288,20 @@ class KmsServiceBase:
                 key, KeyVersion(key_id, 1, label, now), event, None if default else self.quota,
                 wrapped)
         except BaseException:
-            await self._discard(core, label)
+            await self.discard(core, label)
             raise
         if outcome != "created":
-            await self._discard(core, label)
+            await self.discard(core, label)
             if outcome == "alias_taken":
                 raise AliasExists(f"the alias {alias!r} is already used in account {account!r}")
-            raise self._quota_error(account)
+            raise self.quota_error(account)
         op.recorded = True  # the creation's entry went in with the insert
         log.info("key created", key_id=key_id, account=account, spec=spec.value,
                  default_key=default)
         return key
 
     @staticmethod
-    async def _discard(core: CryptoCore, label: str) -> None:
+    async def discard(core: CryptoCore, label: str) -> None:
         try:
             await core.destroy_key(label)
         except DewError as exc:
@@ -308,18 +309,18 @@ class KmsServiceBase:
             log.warning("could not destroy an unregistered token key", label=label,
                         error=exc.message)
 
-    def _quota_error(self, account: str) -> QuotaExceeded:
+    def quota_error(self, account: str) -> QuotaExceeded:
         return QuotaExceeded(
             f"account {account!r} already has {self.quota} custom keys, its quota "
             "(enabled, disabled and pending deletion count; default keys do not)",
         )
 
-    async def _transition(
+    async def transition(
         self, operation: str, ref: str, account: str, actor: str | None, *,
         allowed: set[KeyState], done: set[KeyState], target: KeyState, protect_default: bool,
         pending_days: int | None = None, now: datetime | None = None,
     ) -> KeyChange:
-        async with self._audit(operation, account, actor, ref) as op:
+        async with self.audit(operation, account, actor, ref) as op:
             account = check_account(account)
             ref = check_key_ref(ref)
             if operation == "schedule_key_deletion":
@@ -327,7 +328,7 @@ class KmsServiceBase:
             if protect_default and default_service(ref) is not None:
                 raise self._default_protected(ref, operation)
             for _ in range(5):  # a concurrent change makes the guarded update miss: re-read
-                key = await self._lookup(ref, account, create_default=False)
+                key = await self.lookup(ref, account, create_default=False)
                 op.key_id = key.key_id
                 if protect_default and key.default_key:
                     raise self._default_protected(key.alias, operation)
@@ -335,7 +336,7 @@ class KmsServiceBase:
                     op.outcome = "unchanged"
                     return KeyChange(KeyMetadata.of(key), False)
                 if key.state not in allowed:
-                    raise self._state_refusal(key, operation)
+                    raise self.state_refusal(key, operation)
                 when = now or self.clock()
                 date = (when + timedelta(days=pending_days)
                         if target == KeyState.PENDING_DELETION and pending_days else None)
@@ -350,7 +351,7 @@ class KmsServiceBase:
                     scheduled_deletion_date=date)
                 if changed is not None:
                     op.recorded = True
-                    self._cache.clear()
+                    self.cache.clear()
                     log.info("key state changed", key_id=key.key_id, operation=operation,
                              state=target)
                     return KeyChange(KeyMetadata.of(changed), True)
@@ -366,7 +367,7 @@ class KmsServiceBase:
         )
 
     @staticmethod
-    def _state_refusal(key: KeyRecord, operation: str) -> KeyStateError:
+    def state_refusal(key: KeyRecord, operation: str) -> KeyStateError:
         state = key.state.replace("_", " ")
         if operation == "enable_key" and key.state == KeyState.PENDING_DELETION:
             fix = "Cancel the deletion first (dew kms cancel-key-deletion), then enable it."
@@ -375,95 +376,95 @@ class KmsServiceBase:
         else:
             fix = "Check the key's state with dew kms describe-key."
         verb = operation.replace("_key", "").replace("_", " ")
-        return KeyStateError(f"cannot {verb} {_name(key)}: it is {state}", fix=fix,
+        return KeyStateError(f"cannot {verb} {key_name(key)}: it is {state}", fix=fix,
                              target=key.key_id)
 
-    async def _usable(self, ref: str, account: str) -> KeyRecord:
+    async def usable(self, ref: str, account: str) -> KeyRecord:
         """An enabled AES key to use; metadata cached for ``cache_ttl`` seconds."""
-        key = await self._enabled(ref, account)
+        key = await self.enabled(ref, account)
         if key.spec != KeySpec.AES_256 or key.usage != KeyUsage.ENCRYPT_DECRYPT:
             raise KeyUsageError(
-                f"key {_name(key)} is a {key.spec} key for {key.usage}; data keys and "
+                f"key {key_name(key)} is a {key.spec} key for {key.usage}; data keys and "
                 "encrypt-data need an AES_256 ENCRYPT_DECRYPT key",
                 target=key.key_id,
             )
         return key
 
-    async def _enabled(self, ref: str, account: str) -> KeyRecord:
+    async def enabled(self, ref: str, account: str) -> KeyRecord:
         """An enabled key of any spec; metadata cached for ``cache_ttl`` seconds."""
         cache_key = (account, ref)
-        hit = self._cache.get(cache_key)
+        hit = self.cache.get(cache_key)
         now = time.monotonic()
         if hit is not None and hit[0] > now:
             key = hit[1]
         else:
-            key = await self._lookup(ref, account, create_default=True)
+            key = await self.lookup(ref, account, create_default=True)
             if self.cache_ttl > 0:
-                if len(self._cache) >= CACHE_MAX:
-                    self._cache.clear()
-                self._cache[cache_key] = (now + self.cache_ttl, key)
+                if len(self.cache) >= CACHE_MAX:
+                    self.cache.clear()
+                self.cache[cache_key] = (now + self.cache_ttl, key)
         if key.state != KeyState.ENABLED:
             state = key.state.replace("_", " ")
             if key.state == KeyState.PENDING_DELETION:
                 when = iso(key.scheduled_deletion_date)
                 raise KeyStateError(
-                    f"key {_name(key)} is pending deletion (on {when}): only an enabled key "
+                    f"key {key_name(key)} is pending deletion (on {when}): only an enabled key "
                     "can be used",
                     fix="Cancel the deletion (dew kms cancel-key-deletion), then enable the key.",
                     target=key.key_id,
                 )
             raise KeyStateError(
-                f"key {_name(key)} is {state}: only an enabled key can be used",
+                f"key {key_name(key)} is {state}: only an enabled key can be used",
                 fix="Enable it with dew kms enable-key." if key.state == KeyState.DISABLED
                 else "Finish the key's set-up first.",
                 target=key.key_id,
             )
         return key
 
-    async def _in_token(self, key: KeyRecord, call: Awaitable[T]) -> T:
+    async def in_token(self, key: KeyRecord, call: Awaitable[T]) -> T:
         """Await a token call on ``key``; a vanished key object is explained from the registry."""
         try:
             return await call
         except KeyNotFound:
-            self._cache.clear()
+            self.cache.clear()
             fresh = await self.store.get_key(key.key_id)
             if fresh is not None and fresh.state == KeyState.DELETED:
                 raise _deleted(fresh) from None
             raise ConfigError(
-                f"the HSM has no material for key {_name(key)}",
+                f"the HSM has no material for key {key_name(key)}",
                 cause="the key registry and the token disagree",
                 fix="Check that hsm.token_label / DEW_STATE_DIR name the token these keys "
                 "were created in.",
                 code="hsm_key_material_missing",
             ) from None
 
-    async def _encrypt(
+    async def encrypt(
         self, key: KeyRecord, data: bytes, purpose: Purpose, ctx: dict[str, str]
     ) -> bytes:
         header = CipherHeader(key.key_id, key.current_version, len(data), purpose,
                               context_digest(ctx))
-        core = await self._core()
-        sealed = await self._in_token(key, core.seal(
+        core = await self.crypto()
+        sealed = await self.in_token(key, core.seal(
             token_label(key.key_id, key.current_version), pad(data), header.aad(ctx)))
         return pack_ciphertext(header, sealed.iv, sealed.ciphertext)
 
-    async def _decrypt(
+    async def decrypt(
         self, key: KeyRecord, header: CipherHeader, iv: bytes, body: bytes, ctx: dict[str, str]
     ) -> bytes:
         if header.key_version > key.current_version:
             # Rotated by another process since we cached the key: read it again.
-            self._cache.clear()
+            self.cache.clear()
             key = await self.store.get_key(key.key_id) or key
         if not 1 <= header.key_version <= key.current_version:
             raise InvalidInput(f"the ciphertext names version {header.key_version} of "
-                               f"{_name(key)}, which does not exist", code="invalid_ciphertext")
+                               f"{key_name(key)}, which does not exist", code="invalid_ciphertext")
         if context_digest(ctx) != header.context:
             raise InvalidInput(
                 "the encryption context differs from the one used at encryption",
                 code="encryption_context_mismatch",
                 fix="Pass exactly the encryption context given when the data was encrypted.",
             )
-        core = await self._core()
-        padded = await self._in_token(key, core.open(
+        core = await self.crypto()
+        padded = await self.in_token(key, core.open(
             token_label(key.key_id, header.key_version), iv, body, header.aad(ctx)))
         return unpad(header, padded)

@@ -30,7 +30,7 @@ import asyncpg
 import pymysql.err
 
 from engine.errors import DewError, PermanentError, TransientError
-from handlers.secrets_model import DbDocument, SecretType
+from handlers.csms.model import DbDocument, SecretType
 
 SCRAM_ITERATIONS = 4096
 CATEGORY = "database"

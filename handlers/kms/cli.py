@@ -220,9 +220,9 @@ def _job_options(p: argparse.ArgumentParser) -> None:
 
 def _checked(args: argparse.Namespace) -> dict[str, Any]:
     """Every check that needs no store or HSM, done before either is opened."""
-    from handlers import kms_asym as a
-    from handlers import kms_format as f
-    from handlers import kms_import as i
+    from handlers.kms import asym as a
+    from handlers.kms import byok as i
+    from handlers.kms import format as f
 
     f.check_account(args.account)
     out: dict[str, Any] = {}
@@ -312,7 +312,7 @@ def _read_file(option: str, name: str, limit: int) -> bytes:
 
 
 def _check_paths(source: str, target: str, action: str) -> None:
-    from handlers.kms_stream import MAGIC
+    from handlers.kms.stream import MAGIC
 
     if source != "-":
         head = _read_file("IN", source, len(MAGIC))
@@ -344,7 +344,7 @@ def _write_file(name: str, data: bytes) -> None:
 
 
 def _plaintext(args: argparse.Namespace) -> bytes:
-    from handlers.kms_format import MAX_DATA_BYTES, decode_base64
+    from handlers.kms.format import MAX_DATA_BYTES, decode_base64
 
     if args.plain_text_base64 is not None:
         return decode_base64("--plain-text-base64", args.plain_text_base64)
@@ -358,7 +358,7 @@ def _plaintext(args: argparse.Namespace) -> bytes:
 
 
 async def cmd_kms(args: argparse.Namespace, settings: Settings) -> int:
-    from handlers.kms import open_kms
+    from handlers.kms.wiring import open_kms
 
     checked = _checked(args)
     if args.action == "wrap-key-material":  # client side: no store, no HSM
@@ -418,7 +418,7 @@ async def cmd_kms(args: argparse.Namespace, settings: Settings) -> int:
                 checked["cipher"], account=acct, encryption_context=ctx, key=args.key,
                 encryption_algorithm=args.encryption_algorithm)).to_json()
         elif action in ("encrypt-file", "decrypt-file"):
-            from handlers import kms_stream
+            from handlers.kms import stream as kms_stream
 
             size = None if args.input == "-" else Path(args.input).stat().st_size
             progress = kms_stream.terminal_progress(size)
@@ -472,7 +472,7 @@ async def cmd_kms(args: argparse.Namespace, settings: Settings) -> int:
 
 async def _run_job(args: argparse.Namespace, settings: Settings) -> int:
     from engine.registry import default_registry
-    from handlers.kms import open_kms
+    from handlers.kms.wiring import open_kms
 
     if args.action == "schedule-key-deletion":
         name = "kms.schedule_key_deletion"
@@ -484,7 +484,7 @@ async def _run_job(args: argparse.Namespace, settings: Settings) -> int:
         job_args = {"key": args.key}
     if args.account != "default":
         job_args["account"] = args.account
-    default_registry().check_args(name, job_args)
+    default_registry(settings).check_args(name, job_args)
     # A key that is not there is bad input (exit 2), not a task that fails later.
     async with open_kms(settings) as kms:
         await kms.describe_key(args.key, account=args.account)
@@ -496,8 +496,8 @@ async def _run_job(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
-    from handlers.kms import open_kms
-    from handlers.kms_format import check_account, check_key_ref
+    from handlers.kms.format import check_account, check_key_ref
+    from handlers.kms.wiring import open_kms
 
     if args.action == "list":
         if not 1 <= args.limit <= 100_000:

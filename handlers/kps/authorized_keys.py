@@ -12,7 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 
-from handlers.ssh_keys import PublicKey
+from handlers.kps.keys import PublicKey
 
 # Key types sshd knows in authorized_keys (certificates and security keys included).
 _TYPE_PREFIXES = ("ssh-", "ecdsa-sha2-", "sk-ssh-", "sk-ecdsa-sha2-")

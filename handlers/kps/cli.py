@@ -203,7 +203,7 @@ async def cmd_servers(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _keypairs(args: argparse.Namespace, settings: Settings) -> int:
-    from handlers.keypairs import check_name, convert_private_key, open_kps
+    from handlers.kps.service import check_name, convert_private_key, open_kps
 
     if args.action == "convert":
         return _convert(args, convert_private_key)
@@ -252,7 +252,7 @@ async def _keypairs(args: argparse.Namespace, settings: Settings) -> int:
         elif args.action == "upgrade":
             data = (await kps.upgrade(args.name, **who)).to_json()
         else:  # export-private
-            from handlers.ssh_keys import dump_private_key, load_private_key
+            from handlers.kps.keys import dump_private_key, load_private_key
 
             record = await kps.get(args.name, **who)
             pem = await kps.private_key(record)
@@ -285,7 +285,7 @@ async def _run_job(args: argparse.Namespace, settings: Settings, who: dict[str, 
     from engine.client import Client
     from engine.registry import default_registry
     from engine.sealing import seal_args
-    from handlers.keypairs import check_name, open_kps
+    from handlers.kps.service import check_name, open_kps
 
     for server in args.server:
         check_name(server, "server")
@@ -313,8 +313,8 @@ async def _run_job(args: argparse.Namespace, settings: Settings, who: dict[str, 
             await kps.server(server, who["account"])
         # Only the credential is sealed (seal_args would also seal any *password* flag).
         sealed = {**job_args,
-                  **await seal_args({"auth": auth}, ["auth"], kps.kms, who["account"])}
-        default_registry().check_args(name, sealed)
+                  **await seal_args({"auth": auth}, ["auth"], kps.sealer, who["account"])}
+        default_registry(settings).check_args(name, sealed)
         async with await Client.open(settings) as client:
             task = await client.enqueue(name, sealed)
             if args.no_wait:
@@ -409,7 +409,7 @@ def _server_table(rows: list[dict[str, Any]]) -> str:
 
 
 async def _servers(args: argparse.Namespace, settings: Settings) -> int:
-    from handlers.keypairs import check_name, open_kps
+    from handlers.kps.service import check_name, open_kps
 
     if args.action != "list":
         check_name(args.name, "server")

@@ -1,31 +1,19 @@
-"""KMS wiring: the engine resources (crypto, kms_store, kms) and ``open_kms`` for scripts."""
+"""KMS wiring: the engine resources (crypto, kms_store, kms, sealer) and ``open_kms``."""
 
 from __future__ import annotations
 
 import asyncio
-import getpass
-import os
-import socket
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 from engine.crypto import CryptoCore, ensure_token, hsm_config_from_settings
-from engine.kms_store import SqliteKmsStore
 from engine.resources import Closer, Resources, resource
 from engine.settings import Settings
-from handlers.kms_service import KmsService
-
-
-def default_actor(kind: str) -> str:
-    """Who did it, for the audit log: ``cli:alice@host`` or ``worker:host:pid``."""
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):
-        user = str(os.getuid())
-    if kind == "worker":
-        return f"worker:{socket.gethostname()}:{os.getpid()}"
-    return f"{kind}:{user}@{socket.gethostname()}"
+from handlers.kms.config import KmsSettings
+from handlers.kms.interface import KmsSealer, default_actor
+from handlers.kms.service import KmsService
+from handlers.kms.store import SqliteKmsStore
 
 
 async def connect_crypto(settings: Settings) -> CryptoCore:
@@ -57,9 +45,14 @@ async def _kms_resource(resources: Resources) -> tuple[KmsService, Closer]:
         core: CryptoCore = await resources.get("crypto")
         return core
 
-    service = KmsService(store, crypto, quota=resources.settings.kms.quota,
+    service = KmsService(store, crypto, quota=resources.settings.section(KmsSettings).quota,
                          actor=default_actor("worker"))
     return service, service.close
+
+
+@resource("sealer")
+async def _sealer_resource(resources: Resources) -> tuple[KmsSealer, None]:
+    return KmsSealer(await resources.get("kms")), None
 
 
 @asynccontextmanager
@@ -86,7 +79,7 @@ async def open_kms(
                 await core.close()
 
         stack.push_async_callback(close_cores)
-        service = KmsService(store, crypto, quota=settings.kms.quota,
+        service = KmsService(store, crypto, quota=settings.section(KmsSettings).quota,
                              actor=actor or default_actor("cli"), **options)
         stack.push_async_callback(service.close)
         yield service

@@ -22,7 +22,8 @@ JOB_TIMEOUT = 60.0
 
 
 async def run(settings: Settings, say: Callable[[str], None]) -> None:
-    from handlers.kms import UnknownKey, open_kms
+    from handlers.kms.errors import UnknownKey
+    from handlers.kms.wiring import open_kms
 
     async with open_kms(settings, actor="demo") as kms:
         try:

@@ -8,19 +8,19 @@ from typing import Any
 from engine.crypto import KeySpec
 from engine.crypto.errors import KeyExists
 from engine.errors import DewError
-from engine.kms_store import AuditEvent, KeyRecord, KeyVersion
 from engine.logs import get_logger
 from engine.models import iso
-from handlers.kms_base import KmsServiceBase, _name, _Op, token_label
-from handlers.kms_errors import KeyStateError, RotationInProgress, RotationUnsupported
-from handlers.kms_format import (
+from handlers.kms.core import AuditOp, KmsCore, key_name, token_label
+from handlers.kms.errors import KeyStateError, RotationInProgress, RotationUnsupported
+from handlers.kms.format import (
     DEFAULT_ACCOUNT,
     ROTATION_DAYS_DEFAULT,
     KeyState,
     check_account,
     check_rotation_days,
 )
-from handlers.kms_results import RotationChange, RotationStatus
+from handlers.kms.results import RotationChange, RotationStatus
+from handlers.kms.store import AuditEvent, KeyRecord, KeyVersion
 
 log = get_logger("dew.kms")
 
@@ -29,8 +29,11 @@ log = get_logger("dew.kms")
 ROTATION_LEASE = timedelta(minutes=5)
 
 
-class KmsRotationMixin(KmsServiceBase):
-    """Key rotation: new key versions; old versions keep decrypting."""
+class Rotation:
+    """Key rotation: on demand, on a schedule, and its status."""
+
+    def __init__(self, core: KmsCore) -> None:
+        self.core = core
 
     async def enable_key_rotation(
         self, key: str, interval_days: int = ROTATION_DAYS_DEFAULT, *,
@@ -50,10 +53,10 @@ class KmsRotationMixin(KmsServiceBase):
     async def get_key_rotation_status(
         self, key: str, *, account: str = DEFAULT_ACCOUNT, actor: str | None = None
     ) -> RotationStatus:
-        async with self._audit("get_key_rotation_status", account, actor, key) as op:
-            record = await self._lookup(key, check_account(account), create_default=True)
+        async with self.core.audit("get_key_rotation_status", account, actor, key) as op:
+            record = await self.core.lookup(key, check_account(account), create_default=True)
             op.key_id = record.key_id
-            return RotationStatus.of(record, await self.store.get_rotation(record.key_id))
+            return RotationStatus.of(record, await self.core.store.get_rotation(record.key_id))
 
     async def rotate_key(
         self, key: str, *, account: str = DEFAULT_ACCOUNT, actor: str | None = None,
@@ -61,38 +64,38 @@ class KmsRotationMixin(KmsServiceBase):
     ) -> RotationChange:
         """Add a new key version in the token and make it current (encryption uses it;
         older versions keep decrypting). ``request`` (a task id) makes re-runs no-ops."""
-        async with self._audit("rotate_key", account, actor, key) as op:
-            record = await self._lookup(key, check_account(account), create_default=True)
+        async with self.core.audit("rotate_key", account, actor, key) as op:
+            record = await self.core.lookup(key, check_account(account), create_default=True)
             op.key_id = record.key_id
             self._check_rotatable(record)
             if record.state != KeyState.ENABLED:
-                raise self._state_refusal(record, "rotate_key")
-            rotation = await self.store.get_rotation(record.key_id)
+                raise self.core.state_refusal(record, "rotate_key")
+            rotation = await self.core.store.get_rotation(record.key_id)
             if request is not None and rotation is not None and rotation.last_request == request:
                 op.outcome = "unchanged"
                 return RotationChange(RotationStatus.of(record, rotation), False)
-            when = now or self.clock()
-            if not await self.store.claim_rotation(record.key_id, when, when + ROTATION_LEASE):
-                raise RotationInProgress(f"a rotation of {_name(record)} is already running",
+            when = now or self.core.clock()
+            if not await self.core.store.claim_rotation(record.key_id, when, when + ROTATION_LEASE):
+                raise RotationInProgress(f"a rotation of {key_name(record)} is already running",
                                          target=record.key_id)
             try:
                 rotated = await self._add_version(record.key_id, when, actor, request, op)
             except BaseException:
-                await self.store.release_rotation(record.key_id)
+                await self.core.store.release_rotation(record.key_id)
                 raise
             return RotationChange(
-                RotationStatus.of(rotated, await self.store.get_rotation(record.key_id)), True)
+                RotationStatus.of(rotated, await self.core.store.get_rotation(record.key_id)), True)
 
     async def rotate_due_keys(
         self, now: datetime | None = None, *, actor: str | None = None
     ) -> dict[str, Any]:
         """Rotate every key whose scheduled rotation is due (what the cron entry runs)."""
-        when = now or self.clock()
+        when = now or self.core.clock()
         rotated: list[str] = []
         failed: dict[str, str] = {}
-        for key_id in await self.store.due_rotations(when):
-            record = await self.store.get_key(key_id)
-            rotation = await self.store.get_rotation(key_id)
+        for key_id in await self.core.store.due_rotations(when):
+            record = await self.core.store.get_key(key_id)
+            rotation = await self.core.store.get_rotation(key_id)
             if record is None or rotation is None:
                 continue
             try:
@@ -109,15 +112,15 @@ class KmsRotationMixin(KmsServiceBase):
         return {"rotated": rotated, "failed": failed}
 
     async def _add_version(
-        self, key_id: str, when: datetime, actor: str | None, request: str | None, op: _Op
+        self, key_id: str, when: datetime, actor: str | None, request: str | None, op: AuditOp
     ) -> KeyRecord:
         """With the rotation lease held: generate version n+1, then register it."""
-        record = await self.store.get_key(key_id)
+        record = await self.core.store.get_key(key_id)
         if record is None or record.state != KeyState.ENABLED:
             raise KeyStateError(f"key {key_id} is no longer enabled", target=key_id)
         old, new = record.current_version, record.current_version + 1
         label = token_label(key_id, new)
-        core = await self._core()
+        core = await self.core.crypto()
         try:
             await core.generate_key(KeySpec.AES_256, label, f"{key_id}:v{new}".encode())
         except KeyExists:
@@ -127,17 +130,17 @@ class KmsRotationMixin(KmsServiceBase):
             await core.generate_key(KeySpec.AES_256, label, f"{key_id}:v{new}".encode())
         op.detail = {"from_version": old, "to_version": new,
                      **({"request": request} if request else {})}
-        event = AuditEvent(when, record.account, actor or self.actor, "rotate_key", key_id,
+        event = AuditEvent(when, record.account, actor or self.core.actor, "rotate_key", key_id,
                            "success", op.detail)
-        await self.flush_audit()
-        rotated = await self.store.add_version(key_id, old, KeyVersion(key_id, new, label, when),
-                                               event, request)
+        await self.core.flush_audit()
+        rotated = await self.core.store.add_version(
+            key_id, old, KeyVersion(key_id, new, label, when), event, request)
         if rotated is None:
-            await self._discard(core, label)
-            raise KeyStateError(f"key {_name(record)} changed during its rotation; retry",
+            await self.core.discard(core, label)
+            raise KeyStateError(f"key {key_name(record)} changed during its rotation; retry",
                                 target=key_id)
         op.recorded = True
-        self._cache.clear()
+        self.core.cache.clear()
         log.info("key rotated", key_id=key_id, version=new)
         return rotated
 
@@ -145,27 +148,28 @@ class KmsRotationMixin(KmsServiceBase):
         self, operation: str, key: str, enabled: bool, interval: int | None, account: str,
         actor: str | None, now: datetime | None,
     ) -> RotationChange:
-        async with self._audit(operation, account, actor, key) as op:
-            record = await self._lookup(key, check_account(account), create_default=True)
+        async with self.core.audit(operation, account, actor, key) as op:
+            record = await self.core.lookup(key, check_account(account), create_default=True)
             op.key_id = record.key_id
             self._check_rotatable(record)
-            current = await self.store.get_rotation(record.key_id)
+            current = await self.core.store.get_rotation(record.key_id)
             if (current is not None and current.enabled == enabled
                     and (not enabled or current.interval_days == interval)) or (
                     current is None and not enabled):
                 op.outcome = "unchanged"
                 return RotationChange(RotationStatus.of(record, current), False)
-            when = now or self.clock()
+            when = now or self.core.clock()
             days = interval or (current.interval_days if current else ROTATION_DAYS_DEFAULT)
             # The first rotation is one interval from now (or from the last rotation).
             base = current.last_rotated_at if current and current.last_rotated_at else when
             following = max(base + timedelta(days=days), when) if enabled else None
             op.detail = {"enabled": enabled, "interval_days": days,
                          "next_rotation": iso(following)}
-            event = AuditEvent(when, record.account, actor or self.actor, operation,
+            event = AuditEvent(when, record.account, actor or self.core.actor, operation,
                                record.key_id, "success", op.detail)
-            await self.flush_audit()
-            saved = await self.store.set_rotation(record.key_id, enabled, days, following, event)
+            await self.core.flush_audit()
+            saved = await self.core.store.set_rotation(record.key_id, enabled, days, following,
+                                                       event)
             op.recorded = True
             return RotationChange(RotationStatus.of(record, saved), True)
 
@@ -173,10 +177,10 @@ class KmsRotationMixin(KmsServiceBase):
     def _check_rotatable(key: KeyRecord) -> None:
         if key.origin != "kms":
             raise RotationUnsupported(
-                f"key {_name(key)} holds imported key material, which cannot rotate",
+                f"key {key_name(key)} holds imported key material, which cannot rotate",
                 fix="Rotate imported keys yourself: create a new key, import new material.",
                 target=key.key_id)
         if key.spec != KeySpec.AES_256:
             raise RotationUnsupported(
-                f"key {_name(key)} is a {key.spec} key; only AES_256 keys rotate",
+                f"key {key_name(key)} is a {key.spec} key; only AES_256 keys rotate",
                 target=key.key_id)

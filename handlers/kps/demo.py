@@ -11,7 +11,7 @@ from engine import render
 from engine.client import Client
 from engine.sealing import seal_args
 from engine.settings import Settings
-from handlers.keypairs import open_kps
+from handlers.kps.service import open_kps
 
 
 def _closed_port() -> int:
@@ -35,7 +35,7 @@ async def run(settings: Settings, say: Callable[[str], None]) -> None:
             " closed)")
         args = {"keypair": view["name"], "servers": [f"unreachable-{tag}"], "user": "demo"}
         sealed = {**args, **await seal_args({"auth": {"password": "demo-only"}}, ["auth"],
-                                            kps.kms)}
+                                            kps.sealer)}
         async with await Client.open(settings) as client:
             task = await client.enqueue("kps.bind", sealed)
             done = await client.wait(task.task_id, timeout=60)

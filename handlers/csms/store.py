@@ -2,7 +2,7 @@
 
 ``SqliteCsmsStore`` keeps them in the task store's database (migration 3 of
 :mod:`engine.sqlite_store`), with its own aiosqlite connection, the same way
-:mod:`engine.kms_store` does: WAL, every write under ``_tx_lock``, and
+:mod:`handlers.kms.store` does: WAL, every write under ``_tx_lock``, and
 multi-statement writes in ``BEGIN IMMEDIATE`` transactions so that two
 processes (worker, CLI) queue on the busy timeout; reads take ``_tx_lock`` too
 (see ``_read``), so no statement of one coroutine is open on the connection

@@ -44,10 +44,10 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from engine.crypto import IntegrityCheckFailed
 from engine.errors import InvalidInput
-from handlers.kms_format import DEFAULT_ACCOUNT, Purpose, unpack_ciphertext
+from handlers.kms.format import DEFAULT_ACCOUNT, Purpose, unpack_ciphertext
 
 if TYPE_CHECKING:
-    from handlers.kms import KmsService
+    from handlers.kms.service import KmsService
 
 MAGIC = b"DEWF"
 FORMAT_VERSION = 1

@@ -6,9 +6,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from engine.kms_store import KeyRecord, RotationRecord
 from engine.models import iso
-from handlers.kms_format import KeyUsage, b64
+from handlers.kms.format import KeyUsage, b64
+from handlers.kms.store import KeyRecord, RotationRecord
 
 
 @dataclass(frozen=True)

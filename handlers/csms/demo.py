@@ -12,8 +12,8 @@ from engine.settings import Settings
 
 
 async def run(settings: Settings, say: Callable[[str], None]) -> None:
-    from handlers.secrets import ROTATE_JOB, open_secrets
-    from handlers.secrets_model import generate_value
+    from handlers.csms.model import generate_value
+    from handlers.csms.service import ROTATE_JOB, open_secrets
 
     name = f"demo-{uuid.uuid4().hex[:8]}"
     say(f"\n== CSMS: dew secrets create {name} --generate  (encrypted under csms/default)")

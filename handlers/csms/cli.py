@@ -90,8 +90,8 @@ def _value_options(p: argparse.ArgumentParser) -> None:
 
 def _checked(args: argparse.Namespace) -> dict[str, Any]:
     """Every check that needs no store or HSM, done before either is opened."""
-    from handlers import secrets_model as m
-    from handlers.kms_format import check_account, check_key_ref
+    from handlers.csms import model as m
+    from handlers.kms.interface import check_account, check_key_ref
 
     check_account(args.account)
     if getattr(args, "name", None) is not None:
@@ -122,7 +122,7 @@ def _checked(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _value(args: argparse.Namespace) -> bytes:
-    from handlers import secrets_model as m
+    from handlers.csms import model as m
 
     if not args.generate and (args.length is not None or args.charset is not None):
         raise InvalidInput("--length and --charset go with --generate")
@@ -146,7 +146,7 @@ def _value(args: argparse.Namespace) -> bytes:
 
 
 async def cmd_secrets(args: argparse.Namespace, settings: Settings) -> int:
-    from handlers.secrets import open_secrets
+    from handlers.csms.service import open_secrets
 
     checked = _checked(args)
     if args.action == "rotate":
@@ -204,7 +204,7 @@ async def cmd_secrets(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _rotate(args: argparse.Namespace, settings: Settings) -> int:
-    from handlers.secrets import ROTATE_JOB, open_secrets
+    from handlers.csms.service import ROTATE_JOB, open_secrets
 
     # A secret that is not there (or pending deletion) is bad input (exit 2), not a
     # task that fails later.

@@ -15,13 +15,9 @@ from cryptography.hazmat.primitives import serialization
 from engine.crypto import KeySpec
 from engine.crypto.errors import KeyExists
 from engine.errors import Conflict, InvalidInput
-from engine.kms_store import AuditEvent, ImportToken, KeyRecord
 from engine.logs import get_logger
 from engine.models import iso
-from handlers.kms_base import KmsServiceBase, _name, _Op, token_label
-from handlers.kms_errors import KeyStateError
-from handlers.kms_format import DEFAULT_ACCOUNT, KeyState, check_account, decode_base64
-from handlers.kms_import import (
+from handlers.kms.byok import (
     WRAPPING_ALGORITHMS,
     WRAPPING_KEY_BITS,
     check_algorithm_fits,
@@ -30,7 +26,11 @@ from handlers.kms_import import (
     secret_length,
     unwrap_private_key,
 )
-from handlers.kms_results import ImportParameters, KeyChange, KeyMetadata
+from handlers.kms.core import AuditOp, KmsCore, key_name, token_label
+from handlers.kms.errors import KeyStateError
+from handlers.kms.format import DEFAULT_ACCOUNT, KeyState, check_account, decode_base64
+from handlers.kms.results import ImportParameters, KeyChange, KeyMetadata
+from handlers.kms.store import AuditEvent, ImportToken, KeyRecord
 
 log = get_logger("dew.kms")
 
@@ -40,8 +40,11 @@ IMPORT_TOKEN_TTL = timedelta(hours=24)
 FINGERPRINT_LABEL = "kms:import-fingerprint"
 
 
-class KmsImportMixin(KmsServiceBase):
-    """Importing key material (keys created with ``origin="external"``)."""
+class KeyImport:
+    """Bring your own key: import parameters, import and removal of key material."""
+
+    def __init__(self, core: KmsCore) -> None:
+        self.core = core
 
     async def get_parameters_for_import(
         self, key: str, wrapping_algorithm: str = "RSAES_OAEP_SHA_256", *,
@@ -50,14 +53,14 @@ class KmsImportMixin(KmsServiceBase):
         """A wrapping public key (RSA 4096, in the token) and an import token, both
         valid 24 hours. The account's wrapping key is reused for a day (generating
         one takes seconds); each call gets its own token."""
-        async with self._audit("get_parameters_for_import", account, actor, key) as op:
+        async with self.core.audit("get_parameters_for_import", account, actor, key) as op:
             account = check_account(account)
             algorithm = check_wrapping_algorithm(wrapping_algorithm)
             record = await self._importable(key, account, op)
             check_algorithm_fits(algorithm, KeySpec(record.spec))
-            when = now or self.clock()
-            core = await self._core()
-            label = await self.store.current_wrapping_label(account, when - IMPORT_TOKEN_TTL)
+            when = now or self.core.clock()
+            core = await self.core.crypto()
+            label = await self.core.store.current_wrapping_label(account, when - IMPORT_TOKEN_TTL)
             if label is None or not await core.key_exists(label):
                 label = f"kms-import:{account}:{uuid.uuid4()}"
                 await core.generate_wrapping_key(label, WRAPPING_KEY_BITS)
@@ -67,9 +70,9 @@ class KmsImportMixin(KmsServiceBase):
             token = ImportToken(secrets.token_urlsafe(32), record.key_id, account, algorithm,
                                 label, when, when + IMPORT_TOKEN_TTL)
             op.detail = {"wrapping_algorithm": algorithm, "expiration_time": iso(token.expires_at)}
-            await self.flush_audit()
-            await self.store.add_import_token(token, AuditEvent(
-                when, account, actor or self.actor, "get_parameters_for_import",
+            await self.core.flush_audit()
+            await self.core.store.add_import_token(token, AuditEvent(
+                when, account, actor or self.core.actor, "get_parameters_for_import",
                 record.key_id, "success", op.detail))
             op.recorded = True
             return ImportParameters(record.key_id, pem.decode("ascii"), token.token,
@@ -80,17 +83,17 @@ class KmsImportMixin(KmsServiceBase):
         expiration_time: datetime | None = None, account: str = DEFAULT_ACCOUNT,
         actor: str | None = None, now: datetime | None = None,
     ) -> KeyMetadata:
-        """Unwrap material made with :func:`handlers.kms_import.wrap_key_material` into
+        """Unwrap material made with :func:`handlers.kms.byok.wrap_key_material` into
         the token (sensitive, not extractable); the key becomes enabled."""
-        async with self._audit("import_key_material", account, actor, key) as op:
+        async with self.core.audit("import_key_material", account, actor, key) as op:
             account = check_account(account)
             blob = (decode_base64("encrypted_key_material", encrypted_key_material)
                     if isinstance(encrypted_key_material, str) else bytes(encrypted_key_material))
             record = await self._importable(key, account, op)
-            when = now or self.clock()
-            token = await self.store.get_import_token(str(import_token))
+            when = now or self.core.clock()
+            token = await self.core.store.get_import_token(str(import_token))
             if token is None or token.key_id != record.key_id or token.account != account:
-                raise InvalidInput(f"the import token is not one issued for {_name(record)}",
+                raise InvalidInput(f"the import token is not one issued for {key_name(record)}",
                                    code="invalid_import_token",
                                    fix="Use the token from get-parameters-for-import of this key.")
             if when >= token.expires_at:
@@ -108,7 +111,7 @@ class KmsImportMixin(KmsServiceBase):
             check_algorithm_fits(token.algorithm, spec)
             op.detail = {"wrapping_algorithm": token.algorithm,
                          "expiration_time": iso(expiration_time)}
-            core = await self._core()
+            core = await self.core.crypto()
             hash_name = WRAPPING_ALGORITHMS[token.algorithm]
             label = token_label(record.key_id, 1)
             key_id_attr = f"{record.key_id}:v1".encode()
@@ -133,17 +136,17 @@ class KmsImportMixin(KmsServiceBase):
             # earlier attempt or of a deletion that did not finish. Replace it.
             await core.destroy_key(label)
             await create()
-            event = AuditEvent(when, account, actor or self.actor, "import_key_material",
+            event = AuditEvent(when, account, actor or self.core.actor, "import_key_material",
                                record.key_id, "success", op.detail)
-            await self.flush_audit()
-            done = await self.store.finish_import(record.key_id, fingerprint, expiration_time,
+            await self.core.flush_audit()
+            done = await self.core.store.finish_import(record.key_id, fingerprint, expiration_time,
                                                   when, event)
             if done is None:
-                await self._discard(core, label)
-                raise KeyStateError(f"key {_name(record)} changed during the import; retry",
+                await self.core.discard(core, label)
+                raise KeyStateError(f"key {key_name(record)} changed during the import; retry",
                                     target=record.key_id)
             op.recorded = True
-            self._cache.clear()
+            self.core.cache.clear()
             return KeyMetadata.of(done)
 
     async def delete_imported_key_material(
@@ -151,55 +154,55 @@ class KmsImportMixin(KmsServiceBase):
         now: datetime | None = None,
     ) -> KeyChange:
         """Destroy imported material; the key waits for the same material again."""
-        async with self._audit("delete_imported_key_material", account, actor, key) as op:
-            record = await self._lookup(key, check_account(account), create_default=False)
+        async with self.core.audit("delete_imported_key_material", account, actor, key) as op:
+            record = await self.core.lookup(key, check_account(account), create_default=False)
             op.key_id = record.key_id
             if record.origin != "external":
-                raise KeyStateError(f"key {_name(record)} was generated by KMS: it has no "
+                raise KeyStateError(f"key {key_name(record)} was generated by KMS: it has no "
                                     "imported material", target=record.key_id,
                                     fix="Schedule its deletion instead.")
             if record.state == KeyState.PENDING_IMPORT:
                 op.outcome = "unchanged"
                 return KeyChange(KeyMetadata.of(record), False)
-            changed = await self._remove_imported(record, now or self.clock(),
-                                                  actor or self.actor,
+            changed = await self.remove_imported(record, now or self.core.clock(),
+                                                  actor or self.core.actor,
                                                   "delete_imported_key_material")
             if not changed:
-                raise self._state_refusal(record, "delete_imported_key_material")
+                raise self.core.state_refusal(record, "delete_imported_key_material")
             op.recorded = True
-            fresh = await self.store.get_key(record.key_id)
+            fresh = await self.core.store.get_key(record.key_id)
             return KeyChange(KeyMetadata.of(fresh or record), True)
 
-    async def _remove_imported(
+    async def remove_imported(
         self, key: KeyRecord, now: datetime, actor: str, operation: str
     ) -> bool:
         """enabled/disabled -> pending_import (audited), then destroy the token objects."""
         event = AuditEvent(now, key.account, actor, operation, key.key_id, "success",
                            {"from": key.state, "to": KeyState.PENDING_IMPORT.value})
-        await self.flush_audit()
-        changed = await self.store.change_state(
+        await self.core.flush_audit()
+        changed = await self.core.store.change_state(
             key.key_id, [KeyState.ENABLED.value, KeyState.DISABLED.value],
             KeyState.PENDING_IMPORT.value, now, event)
         if changed is None:
             return False
-        self._cache.clear()
-        core = await self._core()
+        self.core.cache.clear()
+        core = await self.core.crypto()
         # If this fails, the orphan object is replaced by the next import.
         await core.destroy_key(token_label(key.key_id, 1))
         log.info("imported key material removed", key_id=key.key_id, reason=operation)
         return True
 
-    async def _importable(self, ref: str, account: str, op: _Op) -> KeyRecord:
-        record = await self._lookup(ref, account, create_default=False)
+    async def _importable(self, ref: str, account: str, op: AuditOp) -> KeyRecord:
+        record = await self.core.lookup(ref, account, create_default=False)
         op.key_id = record.key_id
         if record.origin != "external":
             raise KeyStateError(
-                f"key {_name(record)} was generated by KMS; only keys created with "
+                f"key {key_name(record)} was generated by KMS; only keys created with "
                 "--origin external take imported material", target=record.key_id,
                 fix="Create a key with create-key --origin external.")
         if record.state != KeyState.PENDING_IMPORT:
             raise KeyStateError(
-                f"key {_name(record)} is {record.state.replace('_', ' ')}, not pending import",
+                f"key {key_name(record)} is {record.state.replace('_', ' ')}, not pending import",
                 target=record.key_id,
                 fix="Delete its imported material first (delete-imported-key-material).")
         return record
@@ -207,7 +210,7 @@ class KmsImportMixin(KmsServiceBase):
     async def _fingerprint(self, spec: KeySpec, material: bytes) -> str:
         """A keyed fingerprint (HMAC in the token): identifies material without revealing
         it to whoever reads the registry."""
-        core = await self._core()
+        core = await self.core.crypto()
         if not await core.key_exists(FINGERPRINT_LABEL):
             # KeyExists: another process made it first; use that one.
             with contextlib.suppress(KeyExists):
@@ -217,9 +220,9 @@ class KmsImportMixin(KmsServiceBase):
         return tag.hex()
 
     async def _check_same_material(self, key: KeyRecord, fingerprint: str) -> None:
-        previous = await self.store.get_import(key.key_id)
+        previous = await self.core.store.get_import(key.key_id)
         if previous is not None and not hmac.compare_digest(previous.fingerprint, fingerprint):
             raise Conflict(
-                f"key {_name(key)} had other key material: only the identical material can "
+                f"key {key_name(key)} had other key material: only the identical material can "
                 "be imported again", code="import_material_mismatch", target=key.key_id,
                 fix="Import the material imported first, or create a new key for new material.")

@@ -8,20 +8,23 @@ from typing import Any
 
 from engine.context import JobContext
 from engine.errors import InvalidInput
-from engine.kms_store import KmsStore
 from engine.models import utcnow
 from engine.registry import JOBS
 from engine.resources import Resources
-from handlers.kms_errors import DefaultKeyProtected
-from handlers.kms_format import (
+from handlers.kms.errors import DefaultKeyProtected
+from handlers.kms.format import (
     DEFAULT_ACCOUNT,
     check_account,
     check_key_ref,
     check_pending_days,
     default_service,
 )
-from handlers.kms_results import DeletionReport
-from handlers.kms_service import KmsService
+from handlers.kms.results import DeletionReport
+from handlers.kms.service import KmsService
+from handlers.kms.store import KmsStore
+from handlers.kms.wiring import (
+    open_kms as open_kms,  # registers the crypto, kms_store, kms, sealer resources
+)
 
 
 def _only(args: dict[str, Any], allowed: Iterable[str], job: str) -> None:

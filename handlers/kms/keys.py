@@ -1,0 +1,220 @@
+"""Key management: create, describe, list, enable/disable, scheduled deletion, the audit log."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from engine.crypto import KeySpec
+from engine.crypto.model import KeyFamily
+from engine.errors import DewError, InvalidInput
+from engine.logs import get_logger
+from engine.models import iso
+from handlers.kms.byok_ops import KeyImport
+from handlers.kms.core import KmsCore, not_found
+from handlers.kms.errors import AliasExists
+from handlers.kms.format import (
+    DEFAULT_ACCOUNT,
+    KeyState,
+    check_account,
+    check_custom_alias,
+    check_description,
+    check_key_ref,
+    check_origin,
+    check_spec,
+    check_usage,
+    is_key_id,
+)
+from handlers.kms.results import (
+    DeletionReport,
+    KeyChange,
+    KeyMetadata,
+)
+from handlers.kms.store import AuditEntry, AuditEvent, AuditVerdict, KeyRecord
+
+log = get_logger("dew.kms")
+
+
+
+class KeyManagement:
+    """The life of customer master keys, and the audit log of every operation."""
+
+    def __init__(self, core: KmsCore, byok: KeyImport) -> None:
+        self.core = core
+        self.byok = byok
+
+    async def create_key(
+        self, alias: str, spec: KeySpec | str = KeySpec.AES_256, usage: str | None = None,
+        description: str = "", *, account: str = DEFAULT_ACCOUNT, actor: str | None = None,
+        origin: str = "kms",
+    ) -> KeyMetadata:
+        """A new custom key, generated in the token (never extractable); with
+        ``origin="external"`` a key without material, pending import (BYOK)."""
+        async with self.core.audit("create_key", account, actor, None) as op:
+            account = check_account(account)
+            alias = check_custom_alias(alias)
+            key_spec = check_spec(spec)
+            key_usage = check_usage(key_spec, usage)
+            description = check_description(description)
+            origin = check_origin(origin)
+            if origin == "external" and key_spec.family is KeyFamily.MLDSA:
+                raise InvalidInput("ML-DSA key material cannot be imported",
+                                   code="invalid_origin")
+            op.detail = {"alias": alias, "spec": key_spec.value, "usage": key_usage.value,
+                         **({"origin": origin} if origin != "kms" else {})}
+            # Checked before the (possibly slow) generation, and again atomically
+            # with the insert, so that nothing is generated for a refused request.
+            if await self.core.store.find_alias(account, alias) is not None:
+                raise AliasExists(f"the alias {alias!r} is already used in account {account!r}")
+            if await self.core.store.count_custom_keys(account) >= self.core.quota:
+                raise self.core.quota_error(account)
+            key = await self.core.generate(account, alias, key_spec, key_usage, description,
+                                       default=False, op=op, actor=actor, origin=origin)
+            return KeyMetadata.of(key)
+
+    async def describe_key(
+        self, key: str, *, account: str = DEFAULT_ACCOUNT, actor: str | None = None
+    ) -> KeyMetadata:
+        async with self.core.audit("describe_key", account, actor, key) as op:
+            record = await self.core.lookup(key, check_account(account), create_default=True)
+            op.key_id = record.key_id
+            return KeyMetadata.of(record)
+
+    async def list_keys(
+        self, *, state: str | None = None, account: str = DEFAULT_ACCOUNT,
+        actor: str | None = None,
+    ) -> list[KeyMetadata]:
+        async with self.core.audit("list_keys", account, actor, None) as op:
+            account = check_account(account)
+            if state is not None and (state not in KeyState.__members__.values()
+                                      or state == KeyState.DELETED):
+                choices = ", ".join(s.value for s in KeyState if s is not KeyState.DELETED)
+                raise InvalidInput(f"invalid key state {state!r}; choose one of {choices}",
+                                   code="invalid_key_state")
+            keys = await self.core.store.list_keys(account, state)
+            op.detail = {"count": len(keys)}
+            return [KeyMetadata.of(k) for k in keys]
+
+    async def enable_key(
+        self, key: str, *, account: str = DEFAULT_ACCOUNT, actor: str | None = None
+    ) -> KeyChange:
+        return await self.core.transition(
+            "enable_key", key, account, actor,
+            allowed={KeyState.DISABLED}, done={KeyState.ENABLED}, target=KeyState.ENABLED,
+            protect_default=False,
+        )
+
+    async def disable_key(
+        self, key: str, *, account: str = DEFAULT_ACCOUNT, actor: str | None = None
+    ) -> KeyChange:
+        return await self.core.transition(
+            "disable_key", key, account, actor,
+            allowed={KeyState.ENABLED}, done={KeyState.DISABLED}, target=KeyState.DISABLED,
+            protect_default=True,
+        )
+
+    async def schedule_key_deletion(
+        self, key: str, pending_days: int, *, account: str = DEFAULT_ACCOUNT,
+        actor: str | None = None, now: datetime | None = None,
+    ) -> KeyChange:
+        """Pending deletion for 7..1096 days; a key already pending is left as it is."""
+        return await self.core.transition(
+            "schedule_key_deletion", key, account, actor,
+            allowed={KeyState.ENABLED, KeyState.DISABLED, KeyState.PENDING_IMPORT},
+            done={KeyState.PENDING_DELETION}, target=KeyState.PENDING_DELETION,
+            protect_default=True, pending_days=pending_days, now=now,
+        )
+
+    async def cancel_key_deletion(
+        self, key: str, *, account: str = DEFAULT_ACCOUNT, actor: str | None = None,
+        now: datetime | None = None,
+    ) -> KeyChange:
+        """Back to *disabled* (the hosted service's rule); other states are left alone."""
+        return await self.core.transition(
+            "cancel_key_deletion", key, account, actor,
+            allowed={KeyState.PENDING_DELETION},
+            done={KeyState.ENABLED, KeyState.DISABLED, KeyState.PENDING_IMPORT},
+            target=KeyState.DISABLED, protect_default=True, now=now,
+        )
+
+    async def delete_due_keys(
+        self, now: datetime | None = None, *, actor: str | None = None
+    ) -> DeletionReport:
+        """Delete every key whose pending period is over; safe to run any number of times.
+
+        Marking the key deleted comes first (guarded: a cancellation that wins
+        the race keeps the key), destroying its token objects second; a run
+        that stopped in between is finished by the next one.
+        """
+        now = now or self.core.clock()
+        who = actor or self.core.actor
+        deleted: list[str] = []
+        await self.core.flush_audit()
+        for key in await self.core.store.due_for_deletion(now):
+            event = AuditEvent(now, key.account, who, "delete_key", key.key_id, "success",
+                               {"scheduled_deletion_date": iso(key.scheduled_deletion_date)})
+            marked = await self.core.store.change_state(
+                key.key_id, [KeyState.PENDING_DELETION.value], KeyState.DELETED.value, now, event,
+                scheduled_deletion_date=key.scheduled_deletion_date, deleted_at=now,
+                due_by=now,
+            )
+            if marked is not None:
+                deleted.append(key.key_id)
+                log.info("key deleted", key_id=key.key_id, account=key.account)
+        self.core.cache.clear()
+        destroyed = 0
+        for key in await self.core.store.deleted_with_material():
+            destroyed += await self._destroy_material(key, now, who)
+        expired = [key.key_id for key in await self.core.store.expired_material(now)
+                   if await self.byok.remove_imported(key, now, who, "material_expired")]
+        for label in await self.core.store.expired_wrapping_labels(now):
+            core = await self.core.crypto()
+            await core.destroy_key(label)  # every import token using it has expired
+        return DeletionReport(deleted, destroyed, expired)
+
+    async def _destroy_material(self, key: KeyRecord, now: datetime, actor: str) -> int:
+        count = 0
+        for version in await self.core.store.versions(key.key_id):
+            if version.destroyed_at is not None:
+                continue
+            try:
+                core = await self.core.crypto()
+                await core.destroy_key(version.token_label)
+            except DewError as exc:
+                await self.core.record(AuditEvent(
+                    now, key.account, actor, "destroy_key_material", key.key_id, "failure",
+                    {"version": version.version, "code": exc.code}))
+                raise
+            # Two runs at once (cron and a job) both get here; one records it.
+            if await self.core.store.mark_version_destroyed(key.key_id, version.version, now):
+                await self.core.record(AuditEvent(
+                    now, key.account, actor, "destroy_key_material", key.key_id, "success",
+                    {"version": version.version}))
+                count += 1
+        return count
+
+    async def audit_list(
+        self, key: str | None = None, *, account: str | None = None, limit: int = 100
+    ) -> list[AuditEntry]:
+        """Audit entries, oldest first (the newest ``limit``); ``key`` is an id or an alias."""
+        if not 1 <= limit <= 100_000:
+            raise InvalidInput(f"limit must be between 1 and 100000, got {limit}")
+        if account is not None:
+            check_account(account)
+        key_id = None
+        if key is not None:
+            ref = check_key_ref(key)
+            if is_key_id(ref):
+                key_id = ref
+            else:
+                found = await self.core.store.find_alias(account or DEFAULT_ACCOUNT, ref)
+                found = found or await self.core.store.find_deleted_alias(
+                    account or DEFAULT_ACCOUNT, ref)
+                if found is None:
+                    raise not_found(ref, account or DEFAULT_ACCOUNT)
+                key_id = found.key_id
+        await self.core.flush_audit()
+        return await self.core.store.list_audit(key_id=key_id, account=account, limit=limit)
+
+    async def audit_verify(self) -> AuditVerdict:
+        await self.core.flush_audit()
+        return await self.core.store.verify_audit()
