@@ -1,7 +1,7 @@
 """Fan-out: bind one key pair to N sshd on loopback, with the login check.
 
 One run, as root: a throw-away local user, N real OpenSSH ``sshd`` (one user,
-per-instance ``AuthorizedKeysFile``; tests/keypairs/sshd_servers.py), a private
+per-instance ``AuthorizedKeysFile``; tests/kps/sshd_servers.py), a private
 redis-server and SoftHSM token under a temp state directory, and:
 
 1. bare asyncssh (the floor): per host, at the engine's ``kps.concurrency``,
@@ -55,9 +55,10 @@ from engine.models import utcnow  # noqa: E402
 from engine.redis_server import RedisServer, free_port  # noqa: E402
 from engine.sealing import seal_args  # noqa: E402
 from engine.settings import Settings, load_settings  # noqa: E402
+from handlers.kps.config import KpsSettings  # noqa: E402
 from handlers.kps.service import open_kps  # noqa: E402
 from tests.helpers import WorkerProcess  # noqa: E402
-from tests.keypairs.sshd_servers import (  # noqa: E402
+from tests.kps.sshd_servers import (  # noqa: E402
     SSHD,
     Sshd,
     TestUser,
@@ -242,7 +243,8 @@ async def measure(args: argparse.Namespace, base: Path, settings: Settings,
                                          "attempts": []}
 
         async def run_bare() -> float:
-            return await bare(pool, user, key_line, private, settings.section(KpsSettings).concurrency)
+            concurrency = settings.section(KpsSettings).concurrency
+            return await bare(pool, user, key_line, private, concurrency)
 
         async def run_engine() -> float:
             took, split = await engine(settings, pool, user, worker.pid)

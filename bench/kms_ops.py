@@ -51,9 +51,9 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # noqa: E402
 from pkcs11 import GCMParams, Mechanism, ObjectClass  # noqa: E402
 
 from engine.crypto import CryptoCore, HsmConfig, init_token  # noqa: E402
-from handlers.kms.store import SqliteKmsStore  # noqa: E402
 from handlers.kms.core import token_label  # noqa: E402
 from handlers.kms.service import KmsService  # noqa: E402
+from handlers.kms.store import SqliteKmsStore  # noqa: E402
 
 THREADS = (1, 2)
 SIGN_OPS = ("sign RSA-2048 PSS", "sign P-256 ECDSA", "HMAC-SHA-256")

@@ -3,14 +3,13 @@
 Starts the local stack (private Redis with AOF + one worker, state under
 ``var/``) unless it is already up, enqueues one job of each kind (a success, a
 transient failure that is retried, a permanent failure), waits for them, prints
-the task list and the failed-task report, runs the domain parts that exist
-(KMS...), then stops what it started.
+the task list and the failed-task report, runs each configured service's demo
+step (found through ``engine.services``), then stops what it started.
 """
 
 from __future__ import annotations
 
 import asyncio
-import importlib
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -19,10 +18,8 @@ from engine import render, stack
 from engine.client import Client
 from engine.errors import DewError
 from engine.logs import configure_logging
+from engine.services import load_part, load_specs
 from engine.settings import Settings, load_settings
-
-# Domain scenarios, each a module with ``async def run(settings, say)``; run when present.
-DOMAIN_DEMOS = ("handlers.kms.demo", "handlers.csms.demo", "handlers.kps.demo")
 
 
 def say(text: str) -> None:
@@ -55,13 +52,11 @@ async def engine_part(settings: Settings) -> None:
             say(render.failure(records[0].to_json()))
 
 
-def run_domain_demos(settings: Settings, out: Callable[[str], None]) -> None:
-    for name in DOMAIN_DEMOS:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError:
-            continue
-        asyncio.run(module.run(settings, out))
+def run_service_demos(settings: Settings, out: Callable[[str], None]) -> None:
+    """Each configured service's demo step (``async def run(settings, say)``), in order."""
+    for spec in load_specs(settings.engine.services):
+        if spec.demo is not None:
+            asyncio.run(load_part(spec, spec.demo).run(settings, out))
 
 
 def main() -> int:
@@ -72,7 +67,7 @@ def main() -> int:
         say(f"== starting the local stack (state in {settings.state_dir}/)")
         say("\n".join("  " + line for line in stack.up(settings).lines()))
         asyncio.run(engine_part(settings))
-        run_domain_demos(settings, say)
+        run_service_demos(settings, say)
         say(f"\nThe full log is {settings.log_file}; tasks stay in {settings.db_path}.")
         return 0
     except DewError as exc:

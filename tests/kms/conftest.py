@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from engine.crypto import CryptoCore, HsmConfig
-from handlers.kms.store import SqliteKmsStore
 from engine.settings import Settings
 from handlers.kms.service import KmsService
+from handlers.kms.store import SqliteKmsStore
 from tests.helpers import FakeClock
 
 

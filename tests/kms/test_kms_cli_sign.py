@@ -14,9 +14,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding
 
 from engine.cli import build_parser
-from handlers.kms.cli import _checked
 from engine.errors import InvalidInput
 from engine.settings import Settings
+from handlers.kms.cli import _checked
 from tests.helpers import run_dew
 
 

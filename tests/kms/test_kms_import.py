@@ -21,10 +21,10 @@ from engine.crypto import CryptoCore, HsmConfig
 from engine.crypto.errors import DecryptionFailed
 from engine.errors import Conflict, InvalidInput
 from engine.settings import Settings
+from handlers.kms.byok import ec_raw_to_pkcs8, wrap_key_material
 from handlers.kms.core import token_label
 from handlers.kms.errors import KeyStateError, RotationUnsupported
 from handlers.kms.service import KmsService
-from handlers.kms.byok import ec_raw_to_pkcs8, wrap_key_material
 from tests.helpers import run_dew
 from tests.kms.conftest import FakeClock
 

@@ -7,11 +7,11 @@ import json
 import pytest
 
 from engine.client import Client
+from engine.cron import cron_table
 from engine.errors import DewError
 from engine.settings import Settings
 from handlers.kms.errors import KeyDeleted
 from handlers.kms.service import KmsService
-from engine.cron import cron_table
 from tests.helpers import WorkerProcess, run_dew
 from tests.kms.conftest import FakeClock
 

@@ -10,10 +10,10 @@ import pytest
 
 from engine.crypto import CryptoCore
 from engine.errors import InvalidInput
-from handlers.kms.store import AuditEvent, SqliteKmsStore
 from handlers.kms.core import token_label
 from handlers.kms.errors import KeyDeleted, KeyStateError
 from handlers.kms.service import KmsService
+from handlers.kms.store import AuditEvent, SqliteKmsStore
 from tests.kms.conftest import FakeClock
 
 

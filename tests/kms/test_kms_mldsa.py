@@ -9,10 +9,10 @@ from cryptography.hazmat.primitives.asymmetric import mldsa
 
 from engine.crypto import CryptoCore, KeyUsageError
 from engine.errors import InvalidInput
-from handlers.kms.store import SqliteKmsStore
 from handlers.kms.core import token_label
 from handlers.kms.errors import KeyDeleted, RotationUnsupported
 from handlers.kms.service import KmsService
+from handlers.kms.store import SqliteKmsStore
 from tests.kms.conftest import FakeClock
 
 

@@ -8,14 +8,14 @@ import json
 import pytest
 
 from engine.client import Client
+from engine.cron import cron_table
 from engine.crypto import CryptoCore
 from engine.errors import InvalidInput
 from engine.settings import Settings
 from handlers.kms.core import token_label
 from handlers.kms.errors import KeyStateError, RotationInProgress, RotationUnsupported
-from handlers.kms.service import KmsService
 from handlers.kms.format import Purpose, unpack_ciphertext
-from engine.cron import cron_table
+from handlers.kms.service import KmsService
 from tests.helpers import WorkerProcess, run_dew
 from tests.kms.conftest import FakeClock
 

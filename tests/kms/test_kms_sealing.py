@@ -16,9 +16,9 @@ from engine.errors import InvalidInput
 from engine.redaction import SEALED_MARKER, is_sealed, redact
 from engine.sealing import Sealer, seal_args, unseal_args
 from engine.settings import Settings
+from handlers.kms.format import Purpose, unpack_ciphertext
 from handlers.kms.interface import KmsSealer
 from handlers.kms.service import KmsService
-from handlers.kms.format import Purpose, unpack_ciphertext
 
 PASSWORD = "Tr0ub4dor&3-never-in-clear"
 TOKEN = "tok-5f1c7d0e-also-secret"

@@ -14,10 +14,16 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from engine.crypto import CryptoCore, HsmConfig, IntegrityCheckFailed, KeyUsageError
 from engine.errors import InvalidInput
-from handlers.kms.store import SqliteKmsStore
 from handlers.kms.core import token_label
-from handlers.kms.errors import AliasExists, DefaultKeyProtected, KeyStateError, QuotaExceeded, UnknownKey
+from handlers.kms.errors import (
+    AliasExists,
+    DefaultKeyProtected,
+    KeyStateError,
+    QuotaExceeded,
+    UnknownKey,
+)
 from handlers.kms.service import KmsService
+from handlers.kms.store import SqliteKmsStore
 
 JSON_FIELDS = {"key_id", "key_alias", "key_spec", "key_usage", "key_state", "origin",
                "default_key", "scheduled_deletion_date", "account", "created_at"}
@@ -63,7 +69,7 @@ async def test_other_specs_are_made_in_the_token(kms: KmsService, core: CryptoCo
 async def test_cmk_is_never_extractable_per_pkcs11_tool(
     kms: KmsService, hsm_config: HsmConfig
 ) -> None:
-    # tests/crypto proves the templates in depth (CKA_VALUE and wrap refused);
+    # tests/engine/crypto proves the templates in depth (CKA_VALUE and wrap refused);
     # this checks that a key created through KMS is such a key, with another tool.
     key = await kms.create_key("tool/checked")
     label = token_label(key.key_id, 1)

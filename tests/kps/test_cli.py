@@ -11,7 +11,7 @@ import pytest
 
 from engine.settings import Settings
 from tests.helpers import run_dew
-from tests.keypairs.conftest import dew_ok
+from tests.kps.conftest import dew_ok
 
 ALGORITHMS = ["SSH_ED25519", "ECDSA_NISTP256", "ECDSA_NISTP384", "ECDSA_NISTP521",
               "SSH_RSA_2048"]

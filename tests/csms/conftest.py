@@ -26,12 +26,12 @@ import asyncpg
 import pytest
 
 from engine.crypto import CryptoCore, HsmConfig
-from handlers.csms.store import SqliteCsmsStore
-from handlers.kms.store import SqliteKmsStore
 from engine.redis_server import free_port
 from engine.settings import Settings
-from handlers.kms.service import KmsService
 from handlers.csms.service import SecretsService
+from handlers.csms.store import SqliteCsmsStore
+from handlers.kms.service import KmsService
+from handlers.kms.store import SqliteKmsStore
 from tests.helpers import ROOT, FakeClock, WorkerProcess, dew_env
 
 PG_BIN = Path(sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))[-1]).parent \

@@ -23,8 +23,8 @@ from engine.redis_server import RedisServer, free_port
 from engine.settings import Settings
 from handlers.csms import model as m
 from handlers.csms.service import PAUSE_AFTER_SET_ENV, ROTATE_JOB, SecretsService
+from tests.csms.conftest import EnvWorker, PgCluster, pg_login
 from tests.helpers import run_dew, wait_for
-from tests.secrets.conftest import EnvWorker, PgCluster, pg_login
 
 pytestmark = pytest.mark.slow
 

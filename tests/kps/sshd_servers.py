@@ -1,6 +1,6 @@
 """Real OpenSSH ``sshd`` processes on loopback, sharing one local test user.
 
-Used by the KPS test fixtures (tests/keypairs/conftest.py) and by
+Used by the KPS test fixtures (tests/kps/conftest.py) and by
 bench/fanout.py. Each sshd runs *as the test user* on its own loopback port,
 with its own host key, config (``StrictModes yes``, PAM password login) and
 ``AuthorizedKeysFile .ssh/authorized_keys_<port>``, so many instances share one

@@ -13,7 +13,6 @@ from typing import Any
 import pytest
 
 from engine.client import Client
-from handlers.csms.store import SecretRecord, SqliteCsmsStore, VersionRecord
 from engine.errors import InvalidInput, NotFound, SecurityError
 from engine.settings import Settings
 from handlers.csms import model as m
@@ -25,7 +24,8 @@ from handlers.csms.service import (
     SecretStateError,
     enqueue_due_rotations,
 )
-from tests.secrets.conftest import FakeClock
+from handlers.csms.store import SecretRecord, SqliteCsmsStore, VersionRecord
+from tests.csms.conftest import FakeClock
 
 VALUE = b"correct horse battery staple 7f3a"
 

@@ -1,5 +1,5 @@
 """Fixtures for KPS: a real local user with a password, and real OpenSSH sshd processes
-(tests/keypairs/sshd_servers.py: one user, many sshd, each proven to own its port).
+(tests/kps/sshd_servers.py: one user, many sshd, each proven to own its port).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pytest
 
 from engine.settings import Settings
 from tests.helpers import ROOT, dew_env, run_dew
-from tests.keypairs.sshd_servers import (
+from tests.kps.sshd_servers import (
     SSHD,
     Sshd,
     TestUser,
@@ -111,7 +111,7 @@ def ssh_password_probe(sshd: Sshd, tmp: Path) -> subprocess.CompletedProcess[str
 def enqueue_sealed(settings: Settings, name: str, args: dict[str, object]) -> str:
     """Seal ``auth`` and enqueue a job from another process (as another system would)."""
     done = subprocess.run(
-        [sys.executable, "-m", "tests.keypairs.enqueue_sealed", name],
+        [sys.executable, "-m", "tests.kps.enqueue_sealed", name],
         input=json.dumps(args), env=dew_env(settings), cwd=ROOT, capture_output=True,
         text=True, timeout=60)
     assert done.returncode == 0, done.stderr

@@ -18,8 +18,8 @@ import pytest
 
 from engine.settings import Settings
 from tests.helpers import WorkerProcess, run_dew
-from tests.keypairs.conftest import Sshd, TestUser, add_server, dew_ok, enqueue_sealed
-from tests.keypairs.sshd_servers import PortLost
+from tests.kps.conftest import Sshd, TestUser, add_server, dew_ok, enqueue_sealed
+from tests.kps.sshd_servers import PortLost
 
 pytestmark = pytest.mark.slow
 

@@ -14,7 +14,7 @@ import redis
 
 from engine.settings import Settings
 from tests.helpers import WorkerProcess, run_dew
-from tests.keypairs.conftest import (
+from tests.kps.conftest import (
     Sshd,
     add_server,
     dew_ok,
