@@ -28,7 +28,7 @@ def when(second: frozenset[int] | None, minute: frozenset[int] | None) -> str:
         ordered = sorted(values)
         steps = {b - a for a, b in itertools.pairwise(ordered)}
         if len(steps) == 1 and ordered[0] == 0 and 60 % ordered[1] == 0:
-            return f"every {ordered[1]} {unit}s"
+            return f"every {unit}" if ordered[1] == 1 else f"every {ordered[1]} {unit}s"
         return f"at {unit} " + ",".join(map(str, ordered))
 
     if minute is None:
@@ -54,6 +54,9 @@ def cmd_schedules(args: argparse.Namespace, settings: Settings) -> int:
 def _table(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "no cron entries"
-    width = max(len(r["name"]) for r in rows)
-    return "\n".join(f"{r['name']:{width}}  next {r['next_run']}  {r['description']}"
-                     for r in rows)
+    name = max(len(r["name"]) for r in rows)
+    every = max(len(r["when"]) for r in rows)
+    lines = [f"{'NAME':{name}}  {'RUNS':{every}}  NEXT (UTC)  WHAT"]
+    lines += [f"{r['name']:{name}}  {r['when']:{every}}  {r['next_run'][11:19]:10}  "
+              f"{r['description']}" for r in rows]
+    return "\n".join(lines)
