@@ -61,6 +61,9 @@ class SqliteDb:
     what: ClassVar[str] = "the task store"
     conflict_code: ClassVar[str] = "store_conflict"
     conflict_fix: ClassVar[str] = "Retry; another process changed the same record."
+    # The store's schema: its component name and numbered scripts, applied on open.
+    schema: ClassVar[str] = ""
+    migrations: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, conn: aiosqlite.Connection, path: Path) -> None:
         self._conn = conn
@@ -91,14 +94,43 @@ class SqliteDb:
 
     @classmethod
     async def open(cls, path: Path) -> Self:
-        """A domain store's own connection, once the schema is current. The task store
-        owns the migrations of every store in the file, so opening it first creates
-        or upgrades the schema (``SqliteTaskStore`` overrides this to do just that)."""
-        from engine.sqlite_store import SqliteTaskStore  # it subclasses this class
+        """The store's own connection, once its schema is current (created or upgraded)."""
+        store = await cls.connect(path)
+        try:
+            await store.migrate()
+        except BaseException:
+            await store.close()
+            raise
+        return store
 
-        tasks = await SqliteTaskStore.open(path)
-        await tasks.close()
-        return await cls.connect(path)
+    async def migrate(self) -> None:
+        """Run this store's scripts the file has not had yet. Each store (the task
+        store, each service's) numbers its own, as a row of ``schema_migrations``;
+        one transaction, so two processes opening the file at once migrate once."""
+        if not self.schema:
+            return
+        async with self._transaction():
+            await self._conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                " component TEXT PRIMARY KEY, version INTEGER NOT NULL)")
+            row = await self._fetchone(
+                "SELECT version FROM schema_migrations WHERE component = ?", (self.schema,))
+            current = int(row[0]) if row else 0
+            latest = len(self.migrations)
+            if current > latest:
+                raise ConfigError(
+                    f"{self._path} has {self.what} schema version {current}, newer than this "
+                    f"engine ({latest})",
+                    fix="Upgrade dew-engine, or point DEW_STATE_DIR at another directory.",
+                )
+            for script in self.migrations[current:]:
+                for statement in _statements(script):
+                    await self._conn.execute(statement)
+            if latest > current:
+                await self._conn.execute(
+                    "INSERT INTO schema_migrations (component, version) VALUES (?, ?) "
+                    "ON CONFLICT (component) DO UPDATE SET version = excluded.version",
+                    (self.schema, latest))
 
     async def close(self) -> None:
         await self._conn.close()
@@ -143,3 +175,7 @@ class SqliteDb:
                 await self._conn.execute("ROLLBACK")
                 raise
             await self._conn.execute("COMMIT")
+
+
+def _statements(script: str) -> list[str]:
+    return [s.strip() for s in script.split(";") if s.strip()]

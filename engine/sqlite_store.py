@@ -5,8 +5,8 @@ The connection, its lock discipline and the sqlite3 error mapping come from
 writes (enqueue, running, succeeded) are group-committed (``engine.batching``):
 a thread hand-off to aiosqlite costs more than the statement, so each batch is
 one multi-row statement (with RETURNING where the caller needs the rows)
-instead of one call per task. Migrations of every store in the file are
-numbered SQL scripts here, tracked in ``PRAGMA user_version``.
+instead of one call per task. Its schema is ``MIGRATIONS`` below, applied on
+open (``SqliteDb.migrate``); each service's store in the same file has its own.
 """
 
 from __future__ import annotations
@@ -21,14 +21,16 @@ from typing import Any
 import aiosqlite
 
 from engine.batching import Batcher
-from engine.errors import ConfigError
 from engine.models import FailureRecord, TaskRecord, TaskStatus, WorkerRecord, iso, parse_iso
 from engine.sqlite_db import SqliteDb
 
+# Each script is idempotent (IF NOT EXISTS): a database made before the
+# per-component versions (one PRAGMA user_version for every store) is brought
+# under them by running them all once.
 MIGRATIONS: tuple[str, ...] = (
     # 1: tasks, failure records, workers
     """
-    CREATE TABLE tasks (
+    CREATE TABLE IF NOT EXISTS tasks (
         task_id     TEXT PRIMARY KEY,
         name        TEXT NOT NULL,
         args        TEXT NOT NULL,
@@ -42,10 +44,10 @@ MIGRATIONS: tuple[str, ...] = (
         error       TEXT,
         worker_id   TEXT
     );
-    CREATE INDEX tasks_status_enqueued ON tasks (status, enqueued_at);
-    CREATE INDEX tasks_name_enqueued ON tasks (name, enqueued_at);
-    CREATE INDEX tasks_enqueued ON tasks (enqueued_at);
-    CREATE TABLE failures (
+    CREATE INDEX IF NOT EXISTS tasks_status_enqueued ON tasks (status, enqueued_at);
+    CREATE INDEX IF NOT EXISTS tasks_name_enqueued ON tasks (name, enqueued_at);
+    CREATE INDEX IF NOT EXISTS tasks_enqueued ON tasks (enqueued_at);
+    CREATE TABLE IF NOT EXISTS failures (
         failure_id  TEXT PRIMARY KEY,
         task_id     TEXT NOT NULL,
         operation   TEXT NOT NULL,
@@ -57,212 +59,15 @@ MIGRATIONS: tuple[str, ...] = (
         fix         TEXT NOT NULL,
         created_at  TEXT NOT NULL
     );
-    CREATE INDEX failures_operation_created ON failures (operation, created_at);
-    CREATE INDEX failures_created ON failures (created_at);
-    CREATE INDEX failures_task ON failures (task_id);
-    CREATE TABLE workers (
+    CREATE INDEX IF NOT EXISTS failures_operation_created ON failures (operation, created_at);
+    CREATE INDEX IF NOT EXISTS failures_created ON failures (created_at);
+    CREATE INDEX IF NOT EXISTS failures_task ON failures (task_id);
+    CREATE TABLE IF NOT EXISTS workers (
         worker_id    TEXT PRIMARY KEY,
         host         TEXT NOT NULL,
         pid          INTEGER NOT NULL,
         started_at   TEXT NOT NULL,
         heartbeat_at TEXT NOT NULL
-    );
-    """,
-    # 2: KMS key registry (keys, their versions in the HSM) and the hash-chained audit log
-    """
-    CREATE TABLE kms_keys (
-        key_id       TEXT PRIMARY KEY,
-        account      TEXT NOT NULL,
-        alias        TEXT NOT NULL,
-        spec         TEXT NOT NULL,
-        usage        TEXT NOT NULL,
-        state        TEXT NOT NULL CHECK (state IN
-                        ('enabled','disabled','pending_deletion','pending_import','deleted')),
-        origin       TEXT NOT NULL CHECK (origin IN ('kms','external')),
-        default_key  INTEGER NOT NULL CHECK (default_key IN (0, 1)),
-        description  TEXT NOT NULL DEFAULT '',
-        created_at   TEXT NOT NULL,
-        updated_at   TEXT NOT NULL,
-        scheduled_deletion_date TEXT,
-        deleted_at   TEXT,
-        current_version INTEGER NOT NULL
-    );
-    CREATE UNIQUE INDEX kms_keys_account_alias ON kms_keys (account, alias)
-        WHERE state <> 'deleted';
-    CREATE INDEX kms_keys_account_created ON kms_keys (account, created_at);
-    CREATE INDEX kms_keys_state_due ON kms_keys (state, scheduled_deletion_date);
-    CREATE TABLE kms_key_versions (
-        key_id       TEXT NOT NULL REFERENCES kms_keys (key_id),
-        version      INTEGER NOT NULL,
-        token_label  TEXT NOT NULL UNIQUE,
-        created_at   TEXT NOT NULL,
-        destroyed_at TEXT,
-        PRIMARY KEY (key_id, version)
-    );
-    CREATE TABLE audit (
-        seq       INTEGER PRIMARY KEY,
-        time      TEXT NOT NULL,
-        account   TEXT NOT NULL,
-        actor     TEXT NOT NULL,
-        operation TEXT NOT NULL,
-        key_id    TEXT,
-        outcome   TEXT NOT NULL,
-        detail    TEXT NOT NULL,
-        prev_hash TEXT NOT NULL,
-        hash      TEXT NOT NULL
-    );
-    CREATE INDEX audit_key_seq ON audit (key_id, seq);
-    CREATE TABLE audit_head (
-        id   INTEGER PRIMARY KEY CHECK (id = 1),
-        seq  INTEGER NOT NULL,
-        hash TEXT NOT NULL
-    );
-    """,
-    # 3: csms: secrets (rotation schedule and state, failure count), versions, stages
-    """
-    CREATE TABLE csms_secrets (
-        secret_id        TEXT PRIMARY KEY,
-        account          TEXT NOT NULL,
-        name             TEXT NOT NULL,
-        secret_type      TEXT NOT NULL,
-        kms_key          TEXT NOT NULL,
-        description      TEXT NOT NULL DEFAULT '',
-        state            TEXT NOT NULL CHECK (state IN ('enabled','pending_deletion')),
-        created_at       TEXT NOT NULL,
-        updated_at       TEXT NOT NULL,
-        deletion_date    TEXT,
-        next_version     INTEGER NOT NULL,
-        rotation_period  INTEGER,
-        next_rotation_at TEXT,
-        last_rotated_at  TEXT,
-        failed_rotations INTEGER NOT NULL DEFAULT 0,
-        last_failure     TEXT,
-        rotation_step    TEXT,
-        rotation_version TEXT,
-        rotation_task    TEXT,
-        rotation_started TEXT
-    );
-    CREATE UNIQUE INDEX csms_secrets_account_name ON csms_secrets (account, name);
-    CREATE INDEX csms_secrets_rotation_due ON csms_secrets (next_rotation_at)
-        WHERE next_rotation_at IS NOT NULL;
-    CREATE INDEX csms_secrets_deletion_due ON csms_secrets (deletion_date)
-        WHERE deletion_date IS NOT NULL;
-    CREATE TABLE csms_versions (
-        secret_id   TEXT NOT NULL REFERENCES csms_secrets (secret_id),
-        version_id  TEXT NOT NULL,
-        seq         INTEGER NOT NULL,
-        created_at  TEXT NOT NULL,
-        kms_key_id  TEXT NOT NULL,
-        wrapped_dek BLOB NOT NULL,
-        nonce       BLOB NOT NULL,
-        ciphertext  BLOB NOT NULL,
-        PRIMARY KEY (secret_id, version_id)
-    );
-    CREATE TABLE csms_stages (
-        secret_id  TEXT NOT NULL REFERENCES csms_secrets (secret_id),
-        stage      TEXT NOT NULL,
-        version_id TEXT NOT NULL,
-        updated_at TEXT NOT NULL,
-        PRIMARY KEY (secret_id, stage)
-    );
-    CREATE INDEX csms_stages_version ON csms_stages (secret_id, version_id);
-    """,
-    # 4: kps: SSH key pairs, servers and which key pair is bound to which server
-    # (IF NOT EXISTS: safe whatever position the CSMS migration takes beside it)
-    """
-    CREATE TABLE IF NOT EXISTS kps_keypairs (
-        keypair_id   TEXT PRIMARY KEY,
-        account      TEXT NOT NULL,
-        owner        TEXT NOT NULL,
-        scope        TEXT NOT NULL CHECK (scope IN ('user','account')),
-        name         TEXT NOT NULL,
-        algorithm    TEXT NOT NULL,
-        key_type     TEXT NOT NULL CHECK (key_type IN ('ssh','x509')),
-        public_key   TEXT NOT NULL,
-        fingerprint  TEXT NOT NULL,
-        managed      INTEGER NOT NULL CHECK (managed IN (0, 1)),
-        private_key  TEXT,
-        created_at   TEXT NOT NULL,
-        updated_at   TEXT NOT NULL
-    );
-    CREATE UNIQUE INDEX IF NOT EXISTS kps_keypairs_user_name
-        ON kps_keypairs (account, owner, name) WHERE scope = 'user';
-    CREATE UNIQUE INDEX IF NOT EXISTS kps_keypairs_account_name
-        ON kps_keypairs (account, name) WHERE scope = 'account';
-    CREATE TABLE IF NOT EXISTS kps_servers (
-        server_id       TEXT PRIMARY KEY,
-        account         TEXT NOT NULL,
-        name            TEXT NOT NULL,
-        host            TEXT NOT NULL,
-        port            INTEGER NOT NULL,
-        login_user      TEXT NOT NULL,
-        host_key        TEXT,
-        trust_first_use INTEGER NOT NULL CHECK (trust_first_use IN (0, 1)),
-        sshd_config     TEXT,
-        reload_command  TEXT,
-        authorized_keys TEXT,
-        created_at      TEXT NOT NULL,
-        UNIQUE (account, name)
-    );
-    CREATE TABLE IF NOT EXISTS kps_bindings (
-        keypair_id  TEXT NOT NULL REFERENCES kps_keypairs (keypair_id),
-        server_id   TEXT NOT NULL REFERENCES kps_servers (server_id),
-        bound_at    TEXT NOT NULL,
-        task_id     TEXT,
-        PRIMARY KEY (keypair_id, server_id)
-    );
-    CREATE INDEX IF NOT EXISTS kps_bindings_server ON kps_bindings (server_id);
-    CREATE TABLE IF NOT EXISTS kps_task_servers (
-        task_id     TEXT NOT NULL,
-        server      TEXT NOT NULL,
-        status      TEXT NOT NULL,
-        detail      TEXT NOT NULL,
-        updated_at  TEXT NOT NULL,
-        PRIMARY KEY (task_id, server)
-    );
-    """,
-    # 5: kms part two: key rotation (schedule, count, and a lease so one rotation runs
-    # at a time per key: a crashed rotation's orphan token object is then safe to replace);
-    # imported key material (keyed fingerprint, expiry) and import tokens; keys the token
-    # cannot hold (ML-DSA), kept wrapped under a token AES key
-    """
-    CREATE TABLE IF NOT EXISTS kms_rotation (
-        key_id           TEXT PRIMARY KEY REFERENCES kms_keys (key_id),
-        enabled          INTEGER NOT NULL CHECK (enabled IN (0, 1)),
-        interval_days    INTEGER NOT NULL,
-        next_rotation_at TEXT,
-        last_rotated_at  TEXT,
-        rotations        INTEGER NOT NULL DEFAULT 0,
-        last_request     TEXT,
-        lease_until      TEXT
-    );
-    CREATE INDEX IF NOT EXISTS kms_rotation_due ON kms_rotation (next_rotation_at)
-        WHERE enabled = 1;
-    CREATE TABLE IF NOT EXISTS kms_imports (
-        key_id              TEXT PRIMARY KEY REFERENCES kms_keys (key_id),
-        fingerprint         TEXT NOT NULL,
-        imported_at         TEXT NOT NULL,
-        material_expires_at TEXT
-    );
-    CREATE INDEX IF NOT EXISTS kms_imports_expiry ON kms_imports (material_expires_at)
-        WHERE material_expires_at IS NOT NULL;
-    CREATE TABLE IF NOT EXISTS kms_import_tokens (
-        token          TEXT PRIMARY KEY,
-        key_id         TEXT NOT NULL REFERENCES kms_keys (key_id),
-        account        TEXT NOT NULL,
-        algorithm      TEXT NOT NULL,
-        wrapping_label TEXT NOT NULL,
-        created_at     TEXT NOT NULL,
-        expires_at     TEXT NOT NULL
-    );
-    CREATE INDEX IF NOT EXISTS kms_import_tokens_wrapping
-        ON kms_import_tokens (account, wrapping_label, created_at);
-    CREATE TABLE IF NOT EXISTS kms_wrapped_keys (
-        key_id     TEXT NOT NULL REFERENCES kms_keys (key_id),
-        version    INTEGER NOT NULL,
-        wrapped    BLOB NOT NULL,
-        public_key BLOB NOT NULL,
-        PRIMARY KEY (key_id, version)
     );
     """,
 )
@@ -279,42 +84,15 @@ FAILURE_COLUMNS = (
 
 
 class SqliteTaskStore(SqliteDb):
+    schema = "engine"
+    migrations = MIGRATIONS
+
     def __init__(self, conn: aiosqlite.Connection, path: Path) -> None:
         super().__init__(conn, path)
         # The hot writes (one each per enqueue, run and success) are group-committed.
         self._creates = Batcher(self._create_batch)
         self._runs = Batcher(self._running_batch)
         self._successes = Batcher(self._succeeded_batch)
-
-    @classmethod
-    async def open(cls, path: Path) -> SqliteTaskStore:
-        """Connect, then create or migrate the schema (of every store in the file)."""
-        store = await cls.connect(path)
-        try:
-            await store._migrate()
-        except BaseException:
-            await store.close()
-            raise
-        return store
-
-    @property
-    def schema_version(self) -> int:
-        return len(MIGRATIONS)
-
-    async def _migrate(self) -> None:
-        async with self._transaction():
-            row = await self._fetchone("PRAGMA user_version")
-            current = int(row[0]) if row else 0
-            if current > len(MIGRATIONS):
-                raise ConfigError(
-                    f"{self._path} has schema version {current}, newer than this engine "
-                    f"({len(MIGRATIONS)})",
-                    fix="Upgrade dew-engine, or point DEW_STATE_DIR at another directory.",
-                )
-            for number, script in enumerate(MIGRATIONS[current:], start=current + 1):
-                for statement in _statements(script):
-                    await self._conn.execute(statement)
-                await self._conn.execute(f"PRAGMA user_version = {number}")
 
     # --- tasks -----------------------------------------------------------------
 
@@ -511,10 +289,6 @@ class SqliteTaskStore(SqliteDb):
 def _rows(template: str, count: int) -> str:
     """``(?, ?), (?, ?), ...``: one statement writes a whole batch."""
     return ", ".join([template] * count)
-
-
-def _statements(script: str) -> list[str]:
-    return [s.strip() for s in script.split(";") if s.strip()]
 
 
 def _where(**filters: str | None) -> tuple[str, list[str]]:

@@ -2,7 +2,7 @@
 
 It compares every unfinished task in the store with what Redis knows of its
 job and carries out ``engine.lifecycle.sweep_action``. It runs from the cron
-table (``schedules``) in every worker, so a lost job is re-enqueued within a
+table (``engine.cron``) in every worker, so a lost job is re-enqueued within a
 sweep interval of a worker being up, and a dead worker's job is taken over
 within ``worker.heartbeat_timeout`` + one sweep interval.
 """

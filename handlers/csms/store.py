@@ -82,10 +82,67 @@ class VersionRecord:
         return f"VersionRecord({self.secret_id!r}, {self.version_id!r})"
 
 
+# This store's schema, numbered from 1 and tracked as component "csms" in the
+# file's schema_migrations table (engine.sqlite_db). Scripts are idempotent.
+MIGRATIONS: tuple[str, ...] = (
+    # 1: csms: secrets (rotation schedule and state, failure count), versions, stages
+    """
+    CREATE TABLE IF NOT EXISTS csms_secrets (
+        secret_id        TEXT PRIMARY KEY,
+        account          TEXT NOT NULL,
+        name             TEXT NOT NULL,
+        secret_type      TEXT NOT NULL,
+        kms_key          TEXT NOT NULL,
+        description      TEXT NOT NULL DEFAULT '',
+        state            TEXT NOT NULL CHECK (state IN ('enabled','pending_deletion')),
+        created_at       TEXT NOT NULL,
+        updated_at       TEXT NOT NULL,
+        deletion_date    TEXT,
+        next_version     INTEGER NOT NULL,
+        rotation_period  INTEGER,
+        next_rotation_at TEXT,
+        last_rotated_at  TEXT,
+        failed_rotations INTEGER NOT NULL DEFAULT 0,
+        last_failure     TEXT,
+        rotation_step    TEXT,
+        rotation_version TEXT,
+        rotation_task    TEXT,
+        rotation_started TEXT
+    );
+    CREATE UNIQUE INDEX IF NOT EXISTS csms_secrets_account_name ON csms_secrets (account, name);
+    CREATE INDEX IF NOT EXISTS csms_secrets_rotation_due ON csms_secrets (next_rotation_at)
+        WHERE next_rotation_at IS NOT NULL;
+    CREATE INDEX IF NOT EXISTS csms_secrets_deletion_due ON csms_secrets (deletion_date)
+        WHERE deletion_date IS NOT NULL;
+    CREATE TABLE IF NOT EXISTS csms_versions (
+        secret_id   TEXT NOT NULL REFERENCES csms_secrets (secret_id),
+        version_id  TEXT NOT NULL,
+        seq         INTEGER NOT NULL,
+        created_at  TEXT NOT NULL,
+        kms_key_id  TEXT NOT NULL,
+        wrapped_dek BLOB NOT NULL,
+        nonce       BLOB NOT NULL,
+        ciphertext  BLOB NOT NULL,
+        PRIMARY KEY (secret_id, version_id)
+    );
+    CREATE TABLE IF NOT EXISTS csms_stages (
+        secret_id  TEXT NOT NULL REFERENCES csms_secrets (secret_id),
+        stage      TEXT NOT NULL,
+        version_id TEXT NOT NULL,
+        updated_at TEXT NOT NULL,
+        PRIMARY KEY (secret_id, stage)
+    );
+    CREATE INDEX IF NOT EXISTS csms_stages_version ON csms_stages (secret_id, version_id);
+    """,
+)
+
+
 class SqliteCsmsStore(SqliteDb):
     what = "the secrets store"
     conflict_code = "csms_store_conflict"
     conflict_fix = "Retry; another process changed the same secret at the same time."
+    schema = "csms"
+    migrations = MIGRATIONS
 
     # --- secrets ---------------------------------------------------------------------
 

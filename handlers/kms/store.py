@@ -1,9 +1,8 @@
 """The KMS key registry and the hash-chained audit log, in the task store's database.
 
 ``KmsStore`` is the interface the KMS service uses; ``SqliteKmsStore`` is the
-default backend (a PostgreSQL one would implement the same Protocol). The
-schema is migrations 2 and 5 of :mod:`engine.sqlite_store`; opening this store runs
-the migrations through that module, so both agree on one ``user_version``.
+default backend (a PostgreSQL one would implement the same Protocol). Its
+schema is ``MIGRATIONS`` below, applied when the store is opened.
 
 Same discipline as the task store: one aiosqlite connection per process (its
 own, beside the task store's), WAL, and every statement, reads included, holds
@@ -279,10 +278,112 @@ class KmsStore(Protocol):
     async def verify_audit(self) -> AuditVerdict: ...
 
 
+# This store's schema, numbered from 1 and tracked as component "kms" in the
+# file's schema_migrations table (engine.sqlite_db). Scripts are idempotent.
+MIGRATIONS: tuple[str, ...] = (
+    # 1: KMS key registry (keys, their versions in the HSM) and the hash-chained audit log
+    """
+    CREATE TABLE IF NOT EXISTS kms_keys (
+        key_id       TEXT PRIMARY KEY,
+        account      TEXT NOT NULL,
+        alias        TEXT NOT NULL,
+        spec         TEXT NOT NULL,
+        usage        TEXT NOT NULL,
+        state        TEXT NOT NULL CHECK (state IN
+                        ('enabled','disabled','pending_deletion','pending_import','deleted')),
+        origin       TEXT NOT NULL CHECK (origin IN ('kms','external')),
+        default_key  INTEGER NOT NULL CHECK (default_key IN (0, 1)),
+        description  TEXT NOT NULL DEFAULT '',
+        created_at   TEXT NOT NULL,
+        updated_at   TEXT NOT NULL,
+        scheduled_deletion_date TEXT,
+        deleted_at   TEXT,
+        current_version INTEGER NOT NULL
+    );
+    CREATE UNIQUE INDEX IF NOT EXISTS kms_keys_account_alias ON kms_keys (account, alias)
+        WHERE state <> 'deleted';
+    CREATE INDEX IF NOT EXISTS kms_keys_account_created ON kms_keys (account, created_at);
+    CREATE INDEX IF NOT EXISTS kms_keys_state_due ON kms_keys (state, scheduled_deletion_date);
+    CREATE TABLE IF NOT EXISTS kms_key_versions (
+        key_id       TEXT NOT NULL REFERENCES kms_keys (key_id),
+        version      INTEGER NOT NULL,
+        token_label  TEXT NOT NULL UNIQUE,
+        created_at   TEXT NOT NULL,
+        destroyed_at TEXT,
+        PRIMARY KEY (key_id, version)
+    );
+    CREATE TABLE IF NOT EXISTS audit (
+        seq       INTEGER PRIMARY KEY,
+        time      TEXT NOT NULL,
+        account   TEXT NOT NULL,
+        actor     TEXT NOT NULL,
+        operation TEXT NOT NULL,
+        key_id    TEXT,
+        outcome   TEXT NOT NULL,
+        detail    TEXT NOT NULL,
+        prev_hash TEXT NOT NULL,
+        hash      TEXT NOT NULL
+    );
+    CREATE INDEX IF NOT EXISTS audit_key_seq ON audit (key_id, seq);
+    CREATE TABLE IF NOT EXISTS audit_head (
+        id   INTEGER PRIMARY KEY CHECK (id = 1),
+        seq  INTEGER NOT NULL,
+        hash TEXT NOT NULL
+    );
+    """,
+    # 2: kms part two: key rotation (schedule, count, and a lease so one rotation runs
+    # at a time per key: a crashed rotation's orphan token object is then safe to replace);
+    # imported key material (keyed fingerprint, expiry) and import tokens; keys the token
+    # cannot hold (ML-DSA), kept wrapped under a token AES key
+    """
+    CREATE TABLE IF NOT EXISTS kms_rotation (
+        key_id           TEXT PRIMARY KEY REFERENCES kms_keys (key_id),
+        enabled          INTEGER NOT NULL CHECK (enabled IN (0, 1)),
+        interval_days    INTEGER NOT NULL,
+        next_rotation_at TEXT,
+        last_rotated_at  TEXT,
+        rotations        INTEGER NOT NULL DEFAULT 0,
+        last_request     TEXT,
+        lease_until      TEXT
+    );
+    CREATE INDEX IF NOT EXISTS kms_rotation_due ON kms_rotation (next_rotation_at)
+        WHERE enabled = 1;
+    CREATE TABLE IF NOT EXISTS kms_imports (
+        key_id              TEXT PRIMARY KEY REFERENCES kms_keys (key_id),
+        fingerprint         TEXT NOT NULL,
+        imported_at         TEXT NOT NULL,
+        material_expires_at TEXT
+    );
+    CREATE INDEX IF NOT EXISTS kms_imports_expiry ON kms_imports (material_expires_at)
+        WHERE material_expires_at IS NOT NULL;
+    CREATE TABLE IF NOT EXISTS kms_import_tokens (
+        token          TEXT PRIMARY KEY,
+        key_id         TEXT NOT NULL REFERENCES kms_keys (key_id),
+        account        TEXT NOT NULL,
+        algorithm      TEXT NOT NULL,
+        wrapping_label TEXT NOT NULL,
+        created_at     TEXT NOT NULL,
+        expires_at     TEXT NOT NULL
+    );
+    CREATE INDEX IF NOT EXISTS kms_import_tokens_wrapping
+        ON kms_import_tokens (account, wrapping_label, created_at);
+    CREATE TABLE IF NOT EXISTS kms_wrapped_keys (
+        key_id     TEXT NOT NULL REFERENCES kms_keys (key_id),
+        version    INTEGER NOT NULL,
+        wrapped    BLOB NOT NULL,
+        public_key BLOB NOT NULL,
+        PRIMARY KEY (key_id, version)
+    );
+    """,
+)
+
+
 class SqliteKmsStore(SqliteDb):
     what = "the KMS registry"
     conflict_code = "kms_registry_conflict"
     conflict_fix = "Retry; another process changed the same key at the same time."
+    schema = "kms"
+    migrations = MIGRATIONS
 
     # --- keys ------------------------------------------------------------------------
 

@@ -77,10 +77,72 @@ class ServerRecord:
         }
 
 
+# This store's schema, numbered from 1 and tracked as component "kps" in the
+# file's schema_migrations table (engine.sqlite_db). Scripts are idempotent.
+MIGRATIONS: tuple[str, ...] = (
+    # 1: kps: SSH key pairs, servers and which key pair is bound to which server
+    # (IF NOT EXISTS: safe whatever position the CSMS migration takes beside it)
+    """
+    CREATE TABLE IF NOT EXISTS kps_keypairs (
+        keypair_id   TEXT PRIMARY KEY,
+        account      TEXT NOT NULL,
+        owner        TEXT NOT NULL,
+        scope        TEXT NOT NULL CHECK (scope IN ('user','account')),
+        name         TEXT NOT NULL,
+        algorithm    TEXT NOT NULL,
+        key_type     TEXT NOT NULL CHECK (key_type IN ('ssh','x509')),
+        public_key   TEXT NOT NULL,
+        fingerprint  TEXT NOT NULL,
+        managed      INTEGER NOT NULL CHECK (managed IN (0, 1)),
+        private_key  TEXT,
+        created_at   TEXT NOT NULL,
+        updated_at   TEXT NOT NULL
+    );
+    CREATE UNIQUE INDEX IF NOT EXISTS kps_keypairs_user_name
+        ON kps_keypairs (account, owner, name) WHERE scope = 'user';
+    CREATE UNIQUE INDEX IF NOT EXISTS kps_keypairs_account_name
+        ON kps_keypairs (account, name) WHERE scope = 'account';
+    CREATE TABLE IF NOT EXISTS kps_servers (
+        server_id       TEXT PRIMARY KEY,
+        account         TEXT NOT NULL,
+        name            TEXT NOT NULL,
+        host            TEXT NOT NULL,
+        port            INTEGER NOT NULL,
+        login_user      TEXT NOT NULL,
+        host_key        TEXT,
+        trust_first_use INTEGER NOT NULL CHECK (trust_first_use IN (0, 1)),
+        sshd_config     TEXT,
+        reload_command  TEXT,
+        authorized_keys TEXT,
+        created_at      TEXT NOT NULL,
+        UNIQUE (account, name)
+    );
+    CREATE TABLE IF NOT EXISTS kps_bindings (
+        keypair_id  TEXT NOT NULL REFERENCES kps_keypairs (keypair_id),
+        server_id   TEXT NOT NULL REFERENCES kps_servers (server_id),
+        bound_at    TEXT NOT NULL,
+        task_id     TEXT,
+        PRIMARY KEY (keypair_id, server_id)
+    );
+    CREATE INDEX IF NOT EXISTS kps_bindings_server ON kps_bindings (server_id);
+    CREATE TABLE IF NOT EXISTS kps_task_servers (
+        task_id     TEXT NOT NULL,
+        server      TEXT NOT NULL,
+        status      TEXT NOT NULL,
+        detail      TEXT NOT NULL,
+        updated_at  TEXT NOT NULL,
+        PRIMARY KEY (task_id, server)
+    );
+    """,
+)
+
+
 class SqliteKpsStore(SqliteDb):
     what = "the KPS registry"
     conflict_code = "kps_registry_conflict"
     conflict_fix = "Retry; another process changed the same record."
+    schema = "kps"
+    migrations = MIGRATIONS
 
     # --- key pairs -------------------------------------------------------------------
 

@@ -29,7 +29,8 @@ async def test_schema_is_versioned_and_in_wal_mode(tmp_path: Path) -> None:
     await (await SqliteTaskStore.open(path)).close()
     await (await SqliteTaskStore.open(path)).close()  # re-opening migrates nothing twice
     with sqlite3.connect(path) as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+        assert db.execute("SELECT component, version FROM schema_migrations").fetchall() == [
+            ("engine", len(MIGRATIONS))]
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         indexes = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='index'")}
     assert {"tasks_status_enqueued", "tasks_name_enqueued", "failures_operation_created"} <= indexes
@@ -37,14 +38,48 @@ async def test_schema_is_versioned_and_in_wal_mode(tmp_path: Path) -> None:
 
 async def test_newer_schema_and_garbage_files_are_refused(tmp_path: Path) -> None:
     path = tmp_path / "dew.sqlite3"
+    await (await SqliteTaskStore.open(path)).close()
     with sqlite3.connect(path) as db:
-        db.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
-    with pytest.raises(ConfigError, match="newer than this engine"):
+        db.execute("UPDATE schema_migrations SET version = ? WHERE component = 'engine'",
+                   (len(MIGRATIONS) + 1,))
+    with pytest.raises(ConfigError, match="task store schema version 2, newer than this"):
         await SqliteTaskStore.open(path)
     junk = tmp_path / "junk.sqlite3"
     junk.write_bytes(b"this is not a database" * 100)
     with pytest.raises(ConfigError, match="not a usable task store"):
         await SqliteTaskStore.open(junk)
+
+
+async def test_every_store_migrates_its_own_schema_and_old_files_upgrade(
+    tmp_path: Path,
+) -> None:
+    from handlers.csms.store import SqliteCsmsStore
+    from handlers.kms.store import SqliteKmsStore
+    from handlers.kps.store import SqliteKpsStore
+
+    stores = (SqliteTaskStore, SqliteKmsStore, SqliteCsmsStore, SqliteKpsStore)
+    versions = {"engine": 1, "kms": 2, "csms": 1, "kps": 1}
+    fresh = tmp_path / "fresh.sqlite3"
+    await (await SqliteKpsStore.open(fresh)).close()  # a service's store alone: its tables
+    with sqlite3.connect(fresh) as db:
+        assert db.execute("SELECT component FROM schema_migrations").fetchall() == [("kps",)]
+        assert "tasks" not in {r[0] for r in db.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table'")}
+    # A file of the one-user_version era: every table, user_version 5, no
+    # schema_migrations; a task in it. Opening each store adopts it, keeping the rows.
+    legacy = tmp_path / "legacy.sqlite3"
+    for kind in stores:
+        await (await kind.open(legacy)).close()
+    with sqlite3.connect(legacy) as db:
+        db.execute("DROP TABLE schema_migrations")
+        db.execute("PRAGMA user_version = 5")
+        db.execute("INSERT INTO tasks (task_id, name, args, status, enqueued_at, due_at) "
+                   "VALUES ('t1', 'engine.echo', '{}', 'queued', '2026-01-01', '2026-01-01')")
+    for kind in stores:
+        await (await kind.open(legacy)).close()
+    with sqlite3.connect(legacy) as db:
+        assert dict(db.execute("SELECT component, version FROM schema_migrations")) == versions
+        assert db.execute("SELECT task_id FROM tasks").fetchall() == [("t1",)]
 
 
 async def test_create_task_is_idempotent(store: SqliteTaskStore) -> None:
