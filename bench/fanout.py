@@ -53,7 +53,6 @@ from engine.client import Client  # noqa: E402
 from engine.logs import configure_logging  # noqa: E402
 from engine.models import utcnow  # noqa: E402
 from engine.redis_server import RedisServer, free_port  # noqa: E402
-from engine.sealing import seal_args  # noqa: E402
 from engine.settings import Settings, load_settings  # noqa: E402
 from handlers.kps.config import KpsSettings  # noqa: E402
 from handlers.kps.service import open_kps  # noqa: E402
@@ -132,10 +131,8 @@ async def engine(settings: Settings, pool: list[Sshd], user: TestUser, worker_pi
                  ) -> tuple[float, dict[str, float]]:
     """``kps.bind`` as the CLI enqueues it; enqueue -> finished_at of the task."""
     names = [f"h{i}" for i in range(len(pool))]
-    async with open_kps(settings) as kps:
-        sealed = {"keypair": KEYPAIR, "servers": names, "account": "default", "user": "local",
-                  **await seal_args({"auth": {"password": user.password}}, ["auth"],
-                                    kps.sealer, "default")}
+    sealed = {"keypair": KEYPAIR, "servers": names, "account": "default", "user": "local",
+              "auth": {"password": user.password}}  # the client seals it
     async with await Client.open(settings) as client:
         cpu0 = _cpu_seconds(worker_pid)
         start = utcnow()

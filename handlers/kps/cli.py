@@ -284,7 +284,6 @@ def _convert(args: argparse.Namespace, convert: Callable[..., bytes]) -> int:
 async def _run_job(args: argparse.Namespace, settings: Settings, who: dict[str, str]) -> int:
     from engine.client import Client
     from engine.registry import default_registry
-    from engine.sealing import seal_args
     from handlers.kps.service import check_name, open_kps
 
     for server in args.server:
@@ -311,12 +310,10 @@ async def _run_job(args: argparse.Namespace, settings: Settings, who: dict[str, 
         await kps.get(args.name, **who)
         for server in dict.fromkeys(args.server):
             await kps.server(server, who["account"])
-        # Only the credential is sealed (seal_args would also seal any *password* flag).
-        sealed = {**job_args,
-                  **await seal_args({"auth": auth}, ["auth"], kps.sealer, who["account"])}
-        default_registry(settings).check_args(name, sealed)
+        job_args["auth"] = auth  # the client seals it (the job declares it secret)
+        default_registry(settings).check_args(name, job_args)
         async with await Client.open(settings) as client:
-            task = await client.enqueue(name, sealed)
+            task = await client.enqueue(name, job_args)
             if args.no_wait:
                 print_result({"task_id": task.task_id}, args.json, lambda d: str(d["task_id"]))
                 return 0

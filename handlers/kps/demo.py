@@ -9,7 +9,6 @@ from collections.abc import Callable
 
 from engine import render
 from engine.client import Client
-from engine.sealing import seal_args
 from engine.settings import Settings
 from handlers.kps.service import open_kps
 
@@ -33,11 +32,10 @@ async def run(settings: Settings, say: Callable[[str], None]) -> None:
                              trust_first_use=True)
         say(f"== dew keypairs bind {view['name']} --server unreachable-{tag} (127.0.0.1:{port},"
             " closed)")
-        args = {"keypair": view["name"], "servers": [f"unreachable-{tag}"], "user": "demo"}
-        sealed = {**args, **await seal_args({"auth": {"password": "demo-only"}}, ["auth"],
-                                            kps.sealer)}
+        args = {"keypair": view["name"], "servers": [f"unreachable-{tag}"], "user": "demo",
+                "auth": {"password": "demo-only"}}  # the client seals auth
         async with await Client.open(settings) as client:
-            task = await client.enqueue("kps.bind", sealed)
+            task = await client.enqueue("kps.bind", args)
             done = await client.wait(task.task_id, timeout=60)
             result = done.result or {}
             say(f"  task {done.task_id}: {result.get('succeeded')} succeeded, "

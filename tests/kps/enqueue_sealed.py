@@ -1,4 +1,4 @@
-"""Seal ``auth`` under kps/default and enqueue a KPS job: ``python -m ... JOB < args.json``.
+"""Enqueue a KPS job (the client seals ``auth``): ``python -m ... JOB < args.json``.
 
 What another system does to call the engine; tests use it for batches the CLI
 cannot express (a batch naming two key pairs).
@@ -12,17 +12,12 @@ import sys
 from typing import Any
 
 from engine.client import Client
-from engine.sealing import seal_args
 from engine.settings import load_settings
-from handlers.kps.service import open_kps
 
 
 async def main(name: str, args: dict[str, Any]) -> str:
-    settings = load_settings()
-    async with open_kps(settings) as kps:
-        sealed = await seal_args(args, ["auth"], kps.sealer, args.get("account", "default"))
-    async with await Client.open(settings) as client:
-        task = await client.enqueue(name, sealed)
+    async with await Client.open(load_settings()) as client:
+        task = await client.enqueue(name, args)
     return task.task_id
 
 
