@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from engine import render
 from engine.errors import DewError, InvalidInput, NotFound
+from engine.private import private_umask
 from engine.services import ServiceSpec, configured_packages, load_part, load_specs
 
 # typing costs every `dew` start ~8 ms; annotations are strings here, so only mypy needs it.
@@ -292,6 +293,7 @@ def _print(data: Any, as_json: bool, human: Callable[[Any], str]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    private_umask()
     try:
         specs = load_specs(configured_packages(config_option(argv), os.environ))
         command = chosen_command(argv)

@@ -29,7 +29,7 @@ from engine.queue import Queue
 from engine.redaction import keep_sealed
 from engine.registry import Registry, default_registry
 from engine.resources import Resources
-from engine.sealing import needs_sealing, seal_args
+from engine.sealing import SealBinding, job_account, needs_sealing, seal_args
 from engine.settings import Settings, load_settings
 from engine.store import TaskStore, open_store
 
@@ -129,7 +129,9 @@ class Client:
         if needs_sealing(args, spec.secret_fields):
             # Secrets leave this process only sealed under a KMS key (Redis and the
             # task store see ciphertext); the worker opens them.
-            args = await seal_args(args, spec.secret_fields, await self.resources.get("sealer"))
+            binding = SealBinding(task_id, name, job_account(args))
+            args = await seal_args(args, spec.secret_fields, await self.resources.get("sealer"),
+                                   binding)
         stored_args = keep_sealed(args, spec.secret_fields)
 
         now = utcnow()

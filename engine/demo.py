@@ -18,6 +18,7 @@ from engine import render, stack
 from engine.client import Client
 from engine.errors import DewError
 from engine.logs import configure_logging
+from engine.private import private_umask
 from engine.services import load_part, load_specs
 from engine.settings import Settings, load_settings
 
@@ -60,6 +61,7 @@ def run_service_demos(settings: Settings, out: Callable[[str], None]) -> None:
 
 
 def main() -> int:
+    private_umask()
     settings = load_settings()
     configure_logging(settings.log_file, settings.log.level, console="off")
     before = stack.status(settings)

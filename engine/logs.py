@@ -17,6 +17,7 @@ from typing import Any
 
 import structlog
 
+from engine.private import private_dir, private_files
 from engine.redaction import redact
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
@@ -96,8 +97,10 @@ class LazyFileHandler(logging.FileHandler):
     a command refused for bad input leaves no trace on disk."""
 
     def _open(self) -> Any:
-        Path(self.baseFilename).parent.mkdir(parents=True, exist_ok=True)
-        return super()._open()
+        private_dir(Path(self.baseFilename).parent)
+        stream = super()._open()
+        private_files(Path(self.baseFilename))
+        return stream
 
 
 def _formatter(renderer: Any) -> structlog.stdlib.ProcessorFormatter:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.errors import BackendUnavailable, ConfigError
+from engine.private import private_dir
 
 
 def free_port() -> int:
@@ -72,7 +73,7 @@ class RedisServer:
                 f"the Redis socket path {self.unix_socket} is too long for a unix socket",
                 fix="Use a shorter DEW_STATE_DIR, or set DEW_REDIS_URL to a redis:// address.",
             )
-        self.directory.mkdir(parents=True, exist_ok=True)
+        private_dir(self.directory)
         if daemonize:
             subprocess.run(self.command(daemonize=True), check=True, capture_output=True)
         else:

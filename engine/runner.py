@@ -27,7 +27,7 @@ from engine.models import utcnow
 from engine.redaction import contains_redacted, keep_sealed, redact
 from engine.registry import JobSpec
 from engine.resources import Resources
-from engine.sealing import has_sealed, unseal_args
+from engine.sealing import SealBinding, has_sealed, job_account, unseal_args
 from engine.settings import Settings
 from engine.store import TaskStore
 
@@ -88,7 +88,8 @@ class TaskRunner:
             try:
                 self._check(spec, args, task.attempts)
                 if has_sealed(args):
-                    args = await unseal_args(args, await self.resources.get("sealer"))
+                    binding = SealBinding(task_id, spec.name, job_account(args))
+                    args = await unseal_args(args, await self.resources.get("sealer"), binding)
                 result = await spec.handler(ctx, args)
             except DewError as exc:
                 error = exc
@@ -105,8 +106,11 @@ class TaskRunner:
                 )
             else:
                 error = _not_json(spec.name, result)
+            # A final row keeps no sealed value: nothing can re-deliver it any more.
+            final_args = redact(stored_args) if has_sealed(stored_args) else None
             return await self._finish(
-                spec, task_id, task.attempts, result, error, time.perf_counter() - started
+                spec, task_id, task.attempts, result, error, time.perf_counter() - started,
+                final_args,
             )
 
     def _check(self, spec: JobSpec, args: Any, attempts: int) -> None:
@@ -138,6 +142,7 @@ class TaskRunner:
         result: Any,
         error: DewError | None,
         took: float,
+        final_args: dict[str, Any] | None = None,
     ) -> RunOutcome:
         retry = self.settings.retry
         outcome = decide_outcome(
@@ -146,7 +151,8 @@ class TaskRunner:
         now = self.clock()
         if outcome.action == "succeed":
             # A result is shown to anyone who may list tasks: no secret in it either.
-            await self.store.mark_succeeded(task_id, redact(result, spec.secret_fields), now)
+            await self.store.mark_succeeded(task_id, redact(result, spec.secret_fields), now,
+                                            final_args)
             job_log.info("job succeeded", attempt=attempts, ms=round(took * 1000, 1))
             return RunOutcome("succeeded")
         assert error is not None
@@ -159,7 +165,8 @@ class TaskRunner:
                             error=error.message, retry_in=round(outcome.delay, 3))
             return RunOutcome("retry", outcome.delay)
         await self.store.mark_failed(
-            task_id, error.to_dict(), failure_record(task_id, spec.name, None, error, now), now
+            task_id, error.to_dict(), failure_record(task_id, spec.name, None, error, now), now,
+            final_args,
         )
         job_log.error("job failed", attempt=attempts, ms=round(took * 1000, 1), code=error.code,
                       error=error.message,

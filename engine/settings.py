@@ -47,7 +47,6 @@ class WorkerSection:
     job_timeout: int = 300
     heartbeat_interval: float = 2.0
     heartbeat_timeout: float = 10.0
-    keep_result: int = 3600
 
 
 @dataclass(frozen=True)

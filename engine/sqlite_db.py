@@ -23,6 +23,7 @@ from typing import Any, ClassVar, Self
 import aiosqlite
 
 from engine.errors import BackendUnavailable, ConfigError, Conflict, DewError
+from engine.private import private_dir, private_files
 
 
 @asynccontextmanager
@@ -72,12 +73,7 @@ class SqliteDb:
 
     @classmethod
     async def connect(cls, path: Path) -> Self:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ConfigError(
-                f"cannot create the state directory {path.parent}: {exc.strerror}"
-            ) from None
+        private_dir(path.parent)
         errors = sqlite_errors(path, cls.what, cls.conflict_code, cls.conflict_fix)
         async with errors:
             conn = await aiosqlite.connect(str(path), isolation_level=None)
@@ -87,6 +83,7 @@ class SqliteDb:
                 await conn.execute("PRAGMA busy_timeout = 15000")
                 await conn.execute("PRAGMA journal_mode = WAL")
                 await conn.execute("PRAGMA synchronous = NORMAL")
+            private_files(path, Path(f"{path}-wal"), Path(f"{path}-shm"))
             return cls(conn, path)
         except BaseException:
             await conn.close()  # its thread would keep the process alive

@@ -176,15 +176,18 @@ class SqliteTaskStore(SqliteDb):
             rows |= await self._rows_by_id([i for i in ids if i not in rows])
         return [_task(rows[i]) for i in ids]
 
-    async def mark_succeeded(self, task_id: str, result: Any, now: datetime) -> None:
-        await self._successes.submit((iso(now), _dump(result), task_id))
+    async def mark_succeeded(
+        self, task_id: str, result: Any, now: datetime, args: dict[str, Any] | None = None
+    ) -> None:
+        await self._successes.submit(
+            (iso(now), _dump(result), None if args is None else _dump(args), task_id))
 
     async def _succeeded_batch(self, items: Sequence[Row]) -> list[None]:
         await self._execute(
             f"""UPDATE tasks SET status = 'succeeded', finished_at = done.column1,
-                result = done.column2, error = NULL
-            FROM (VALUES {_rows("(?, ?, ?)", len(items))}) AS done
-            WHERE tasks.task_id = done.column3 AND tasks.status NOT IN ('succeeded', 'failed')""",
+                result = done.column2, error = NULL, args = COALESCE(done.column3, tasks.args)
+            FROM (VALUES {_rows("(?, ?, ?, ?)", len(items))}) AS done
+            WHERE tasks.task_id = done.column4 AND tasks.status NOT IN ('succeeded', 'failed')""",
             [p for item in items for p in item],
         )
         return [None] * len(items)
@@ -199,13 +202,15 @@ class SqliteTaskStore(SqliteDb):
         )
 
     async def mark_failed(
-        self, task_id: str, error: dict[str, Any], failure: FailureRecord | None, now: datetime
+        self, task_id: str, error: dict[str, Any], failure: FailureRecord | None, now: datetime,
+        args: dict[str, Any] | None = None,
     ) -> None:
         async with self._transaction():
             cursor = await self._conn.execute(
-                """UPDATE tasks SET status = 'failed', finished_at = ?, error = ?
+                """UPDATE tasks SET status = 'failed', finished_at = ?, error = ?,
+                    args = COALESCE(?, args)
                 WHERE task_id = ? AND status NOT IN ('succeeded', 'failed')""",
-                (iso(now), _dump(error), task_id),
+                (iso(now), _dump(error), None if args is None else _dump(args), task_id),
             )
             # A re-run of a task that another run already finished must not add a
             # second failure record.

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from engine.errors import BackendUnavailable
 from engine.models import utcnow
+from engine.private import private_dir, private_files, private_umask
 from engine.redis_server import RedisServer, pid_alive, stop_pid
 from engine.settings import Settings
 from engine.store import open_store
@@ -60,13 +61,16 @@ def status(settings: Settings) -> StackStatus:
 
 
 def up(settings: Settings, config_file: str | None = None, timeout: float = 20.0) -> StackStatus:
-    settings.run_dir.mkdir(parents=True, exist_ok=True)
-    settings.log_file.parent.mkdir(parents=True, exist_ok=True)
+    private_umask()  # the Redis and worker children inherit it
+    private_dir(settings.state_dir)
+    private_dir(settings.run_dir)
+    private_dir(settings.log_file.parent)
     if not settings.redis.url and status(settings).redis_pid is None:
         private_redis(settings).start(daemonize=True)
     if status(settings).worker_pid is None:
         env = dict(os.environ, DEW_STATE_DIR=str(settings.state_dir.resolve()))
         out = (settings.log_file.parent / "worker.out").open("ab")
+        private_files(settings.log_file.parent / "worker.out")
         config = ["--config", str(Path(config_file).resolve())] if config_file else []
         proc = subprocess.Popen(
             [sys.executable, "-m", "engine.cli", *config, "worker"], env=env, stdout=out,

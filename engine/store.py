@@ -44,14 +44,18 @@ class TaskStore(Protocol):
         """Count one more attempt and mark it running; create the row if a plain
         arq client enqueued the job. A final task is returned unchanged."""
 
-    async def mark_succeeded(self, task_id: str, result: Any, now: datetime) -> None: ...
+    async def mark_succeeded(
+        self, task_id: str, result: Any, now: datetime, args: dict[str, Any] | None = None
+    ) -> None:
+        """``args``: what the row keeps from now on (sealed values dropped), if given."""
 
     async def mark_retrying(
         self, task_id: str, error: dict[str, Any], due_at: datetime, now: datetime
     ) -> None: ...
 
     async def mark_failed(
-        self, task_id: str, error: dict[str, Any], failure: FailureRecord | None, now: datetime
+        self, task_id: str, error: dict[str, Any], failure: FailureRecord | None, now: datetime,
+        args: dict[str, Any] | None = None,
     ) -> None:
         """Mark the task failed and write its failure record, in one transaction."""
 

@@ -27,6 +27,7 @@ from engine.cron import ScheduleEntry, cron_table
 from engine.errors import DewError
 from engine.logs import get_logger
 from engine.models import WorkerRecord, utcnow
+from engine.private import private_umask
 from engine.queue import Queue, redis_settings
 from engine.registry import JobSpec, Registry, default_registry
 from engine.resources import Resources
@@ -130,7 +131,9 @@ def build_worker(
         max_jobs=settings.worker.max_jobs,
         poll_delay=settings.worker.poll_delay,
         job_timeout=settings.worker.job_timeout,
-        keep_result=settings.worker.keep_result,
+        # No result in Redis: arq would keep the job's arguments there; the task
+        # store is the record.
+        keep_result=0,
         max_tries=ARQ_MAX_TRIES,
         job_serializer=serialization.dumps,
         job_deserializer=serialization.loads,
@@ -166,6 +169,7 @@ async def shutdown_state(state: WorkerState) -> None:
 
 def run_worker(settings: Settings, burst: bool = False) -> None:
     """Run a worker until it is stopped (SIGINT/SIGTERM) or, with ``burst``, idle."""
+    private_umask()
     worker = build_worker(settings, burst=burst)
     try:
         worker.run()

@@ -262,7 +262,8 @@ def _ensure_softhsm_token(config: HsmConfig, init: Callable[[HsmConfig], bool]) 
     hsm = config.softhsm_conf.parent
     hsm.mkdir(mode=0o700, parents=True, exist_ok=True)
     marker = hsm / f".token-{config.token_label.encode().hex()}.ready"
-    with (hsm / ".init.lock").open("a") as lock:
+    lock_fd = os.open(hsm / ".init.lock", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    with os.fdopen(lock_fd, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         tokens = config.token_dir
         if marker.exists() and tokens is not None and any(tokens.iterdir()):
