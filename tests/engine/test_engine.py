@@ -13,7 +13,6 @@ from arq.connections import RedisSettings, create_pool
 from engine import serialization
 from engine.client import Client
 from engine.errors import InvalidInput, NotFound, UnknownJob
-from engine.redaction import REDACTED
 from engine.settings import Settings
 from tests.helpers import WorkerProcess, wait_for
 
