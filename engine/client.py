@@ -23,6 +23,7 @@ from types import TracebackType
 from typing import Any
 
 from engine.errors import BackendUnavailable, InvalidInput, NotFound, TransientError
+from engine.job_signing import JobSigner
 from engine.logs import get_logger
 from engine.models import TaskRecord, TaskStatus, utcnow
 from engine.queue import Queue
@@ -133,10 +134,14 @@ class Client:
             args = await seal_args(args, spec.secret_fields, await self.resources.get("sealer"),
                                    binding)
         stored_args = keep_sealed(args, spec.secret_fields)
+        # Proof for the worker that an enqueuer holding the HSM PIN made this job.
+        signer: JobSigner = await self.resources.get("job_signer")
+        signature = await signer.sign(name, task_id, stored_args)
 
         now = utcnow()
         due_at = now + timedelta(seconds=defer or 0)
-        task, created = await self.store.create_task(task_id, name, stored_args, now, due_at)
+        task, created = await self.store.create_task(task_id, name, stored_args, now, due_at,
+                                                     signature)
         if not created:
             if task.name != name or task.args != stored_args:
                 raise InvalidInput(
@@ -147,7 +152,7 @@ class Client:
                 return task
         try:
             queue = await self.queue()
-            await queue.push(task_id, name, args, due_at if defer else None)
+            await queue.push(task_id, name, args, due_at if defer else None, signature)
         except BackendUnavailable as exc:
             # The outbox row is the promise: the sweeper delivers it when Redis is back.
             log.warning("job not pushed to Redis; the sweeper will deliver it",

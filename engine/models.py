@@ -46,6 +46,7 @@ class TaskRecord:
     result: Any
     error: dict[str, Any] | None
     worker_id: str | None
+    signature: str | None = None  # engine.job_signing: proof of the enqueuer (not shown)
 
     @property
     def final(self) -> bool:

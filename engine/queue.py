@@ -22,6 +22,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from engine import serialization
 from engine.errors import BackendUnavailable, ConfigError
+from engine.job_signing import SIGNATURE_ARG
 from engine.lifecycle import RedisView
 from engine.settings import Settings
 
@@ -80,12 +81,15 @@ class Queue:
         await self.pool.aclose()
 
     async def push(
-        self, task_id: str, name: str, args: dict[str, Any], due_at: datetime | None = None
+        self, task_id: str, name: str, args: dict[str, Any], due_at: datetime | None = None,
+        signature: str | None = None,
     ) -> bool:
-        """Put the job on the queue; False if Redis already has it (or its result)."""
+        """Put the job, with its signature, on the queue; False if Redis already has it."""
+        signed: dict[str, Any] = {SIGNATURE_ARG: signature} if signature is not None else {}
         async with mapped_redis_errors(self.url):
             job = await self.pool.enqueue_job(
-                name, args, _job_id=task_id, _queue_name=self.queue_name, _defer_until=due_at
+                name, args, _job_id=task_id, _queue_name=self.queue_name, _defer_until=due_at,
+                **signed,
             )
         return job is not None
 

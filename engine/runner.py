@@ -20,7 +20,8 @@ from typing import Any
 import structlog
 
 from engine.context import JobContext, failure_record
-from engine.errors import DewError, InternalError, InvalidInput, PermanentError
+from engine.errors import DewError, InternalError, InvalidInput, PermanentError, SecurityError
+from engine.job_signing import JobSigner
 from engine.lifecycle import decide_outcome
 from engine.logs import get_logger
 from engine.models import utcnow
@@ -37,7 +38,7 @@ job_log = get_logger("dew.job")
 
 @dataclass(frozen=True)
 class RunOutcome:
-    status: str  # succeeded | failed | retry | skipped
+    status: str  # succeeded | failed | retry | skipped | refused
     retry_in: float = 0.0
 
     def summary(self, task_id: str) -> dict[str, Any]:
@@ -62,14 +63,18 @@ class TaskRunner:
         self.rand = rand
 
     async def run(
-        self, spec: JobSpec, task_id: str, args: Any, enqueued_at: datetime | None = None
+        self, spec: JobSpec, task_id: str, args: Any, enqueued_at: datetime | None = None,
+        signature: Any = None,
     ) -> RunOutcome:
         stored_args = keep_sealed(args, spec.secret_fields) if isinstance(args, dict) else {
             "_invalid": repr(args)[:200]
         }
+        signer: JobSigner = await self.resources.get("job_signer")
+        if not await signer.verify(spec.name, task_id, stored_args, signature):
+            return await self._refuse(spec, task_id, signature)
         task = await self.store.mark_running(
             task_id, spec.name, stored_args, self.worker_id, self.clock(),
-            enqueued_at or self.clock(),
+            enqueued_at or self.clock(), signature,
         )
         if task.final:
             log.info("task already finished; not run again", task_id=task_id, job=spec.name,
@@ -112,6 +117,23 @@ class TaskRunner:
                 spec, task_id, task.attempts, result, error, time.perf_counter() - started,
                 final_args,
             )
+
+    async def _refuse(self, spec: JobSpec, task_id: str, signature: Any) -> RunOutcome:
+        """An unsigned or altered job: recorded as a failure record, never run. Its task
+        row, if one exists, is left alone (a forged copy must not end a real task)."""
+        error = SecurityError(
+            f"refused job {spec.name} (task {task_id}): "
+            + ("it is not signed" if not signature else "its signature does not match it"),
+            cause="only the engine's client (which holds the HSM PIN) signs jobs; this one "
+            "was pushed into Redis by something else, or changed on the way",
+            fix="Enqueue through the dew client, `dew enqueue`, or sign plain arq jobs with "
+            "engine.job_signing.arq_signature.",
+            code="job_not_signed",
+        )
+        await self.store.add_failure(failure_record(task_id, spec.name, None, error, self.clock()))
+        job_log.error("job refused", task_id=task_id, job=spec.name, code=error.code,
+                      error=error.message)
+        return RunOutcome("refused")
 
     def _check(self, spec: JobSpec, args: Any, attempts: int) -> None:
         if not isinstance(args, dict):

@@ -70,13 +70,17 @@ MIGRATIONS: tuple[str, ...] = (
         heartbeat_at TEXT NOT NULL
     );
     """,
+    # 2: the signature of each job (engine.job_signing), delivered again by the sweeper
+    """
+    ALTER TABLE tasks ADD COLUMN signature TEXT;
+    """,
 )
 
 Row = tuple[str | None, ...]  # statement parameters of one batched write
 
 TASK_COLUMNS = (
     "task_id, name, args, status, attempts, enqueued_at, due_at, started_at, finished_at, "
-    "result, error, worker_id"
+    "result, error, worker_id, signature"
 )
 FAILURE_COLUMNS = (
     "failure_id, task_id, operation, target, category, code, error, cause, fix, created_at"
@@ -97,16 +101,19 @@ class SqliteTaskStore(SqliteDb):
     # --- tasks -----------------------------------------------------------------
 
     async def create_task(
-        self, task_id: str, name: str, args: dict[str, Any], now: datetime, due_at: datetime
+        self, task_id: str, name: str, args: dict[str, Any], now: datetime, due_at: datetime,
+        signature: str | None = None,
     ) -> tuple[TaskRecord, bool]:
-        return await self._creates.submit((task_id, name, _dump(args), iso(now), iso(due_at)))
+        return await self._creates.submit(
+            (task_id, name, _dump(args), iso(now), iso(due_at), signature))
 
     async def _create_batch(self, items: Sequence[Row]) -> list[tuple[TaskRecord, bool]]:
         ids = [str(item[0]) for item in items]
         async with self._locked():
             created = await self._fetch_by_id(
-                f"""INSERT INTO tasks (task_id, name, args, status, attempts, enqueued_at, due_at)
-                VALUES {_rows("(?, ?, ?, 'queued', 0, ?, ?)", len(items))}
+                f"""INSERT INTO tasks (task_id, name, args, status, attempts, enqueued_at, due_at,
+                    signature)
+                VALUES {_rows("(?, ?, ?, 'queued', 0, ?, ?, ?)", len(items))}
                 ON CONFLICT (task_id) DO NOTHING RETURNING {TASK_COLUMNS}""",
                 [p for item in items for p in item],
             )
@@ -153,9 +160,11 @@ class SqliteTaskStore(SqliteDb):
         worker_id: str,
         now: datetime,
         enqueued_at: datetime,
+        signature: str | None = None,
     ) -> TaskRecord:
         return await self._runs.submit(
-            (task_id, name, _dump(args), iso(enqueued_at), iso(enqueued_at), iso(now), worker_id)
+            (task_id, name, _dump(args), iso(enqueued_at), iso(enqueued_at), iso(now), worker_id,
+             signature)
         )
 
     async def _running_batch(self, items: Sequence[Row]) -> list[TaskRecord]:
@@ -163,11 +172,12 @@ class SqliteTaskStore(SqliteDb):
         async with self._locked():
             rows = await self._fetch_by_id(
                 f"""INSERT INTO tasks (task_id, name, args, status, attempts, enqueued_at, due_at,
-                                       started_at, worker_id)
-                VALUES {_rows("(?, ?, ?, 'running', 1, ?, ?, ?, ?)", len(items))}
+                                       started_at, worker_id, signature)
+                VALUES {_rows("(?, ?, ?, 'running', 1, ?, ?, ?, ?, ?)", len(items))}
                 ON CONFLICT (task_id) DO UPDATE SET
                     status = 'running', attempts = attempts + 1,
-                    started_at = excluded.started_at, worker_id = excluded.worker_id
+                    started_at = excluded.started_at, worker_id = excluded.worker_id,
+                    signature = COALESCE(tasks.signature, excluded.signature)
                 WHERE status NOT IN ('succeeded', 'failed')
                 RETURNING {TASK_COLUMNS}""",
                 [p for item in items for p in item],
@@ -324,6 +334,7 @@ def _task(row: sqlite3.Row) -> TaskRecord:
         result=_load(row["result"]),
         error=_load(row["error"]),
         worker_id=row["worker_id"],
+        signature=row["signature"],
     )
 
 

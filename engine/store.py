@@ -20,7 +20,8 @@ class TaskStore(Protocol):
 
     # tasks
     async def create_task(
-        self, task_id: str, name: str, args: dict[str, Any], now: datetime, due_at: datetime
+        self, task_id: str, name: str, args: dict[str, Any], now: datetime, due_at: datetime,
+        signature: str | None = None,
     ) -> tuple[TaskRecord, bool]:
         """Insert a queued task; return it and whether it is new (else the existing row)."""
 
@@ -40,6 +41,7 @@ class TaskStore(Protocol):
         worker_id: str,
         now: datetime,
         enqueued_at: datetime,
+        signature: str | None = None,
     ) -> TaskRecord:
         """Count one more attempt and mark it running; create the row if a plain
         arq client enqueued the job. A final task is returned unchanged."""

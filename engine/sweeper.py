@@ -46,7 +46,7 @@ async def sweep(
             )
             if action == "enqueue":
                 due = task.due_at if task.due_at > now else None
-                await queue.push(task.task_id, task.name, task.args, due)
+                await queue.push(task.task_id, task.name, task.args, due, task.signature)
             elif action == "release":
                 await queue.release(task.task_id)
             elif action == "fail_orphan":

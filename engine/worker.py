@@ -25,6 +25,7 @@ from arq.worker import Retry, Worker, func
 from engine import serialization
 from engine.cron import ScheduleEntry, cron_table
 from engine.errors import DewError
+from engine.job_signing import SIGNATURE_ARG, JobSigner
 from engine.logs import get_logger
 from engine.models import WorkerRecord, utcnow
 from engine.private import private_umask
@@ -64,9 +65,11 @@ def new_worker_id() -> str:
 def arq_function(spec: JobSpec) -> Any:
     async def run(ctx: dict[str, Any], args: Any = None, **kwargs: Any) -> dict[str, Any]:
         state: WorkerState = ctx["dew"]
+        signature = kwargs.pop(SIGNATURE_ARG, None)
         # Plain arq callers may pass the arguments as keywords instead of one dict.
         job_args = kwargs if args is None else args
-        outcome = await state.runner.run(spec, ctx["job_id"], job_args, ctx.get("enqueue_time"))
+        outcome = await state.runner.run(spec, ctx["job_id"], job_args, ctx.get("enqueue_time"),
+                                         signature)
         if outcome.status == "retry":
             raise Retry(defer=outcome.retry_in)
         return outcome.summary(ctx["job_id"])
@@ -109,6 +112,8 @@ def build_worker(
             runner=TaskRunner(settings, store, worker_id, Resources(settings)),
             started_at=utcnow(),
         )
+        signer: JobSigner = await state.resources.get("job_signer")
+        await signer.ready()
         await _beat(state)
         state.heartbeat_task = asyncio.create_task(_heartbeat_loop(state))
         ctx["dew"] = state

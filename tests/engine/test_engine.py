@@ -13,6 +13,7 @@ from arq.connections import RedisSettings, create_pool
 from engine import serialization
 from engine.client import Client
 from engine.errors import InvalidInput, NotFound, UnknownJob
+from engine.job_signing import arq_signature
 from engine.settings import Settings
 from tests.helpers import WorkerProcess, wait_for
 
@@ -87,15 +88,18 @@ async def test_defer(client: Client) -> None:
     assert (done.started_at - done.enqueued_at).total_seconds() >= 0.95
 
 
-async def test_plain_arq_clients_are_recorded(client: Client, settings: Settings) -> None:
+async def test_plain_arq_clients_sign_with_the_helper(
+    client: Client, settings: Settings, worker: WorkerProcess
+) -> None:
     pool = await create_pool(
         RedisSettings.from_dsn(settings.redis_url),
         job_serializer=serialization.dumps, job_deserializer=serialization.loads,
         default_queue_name=settings.redis.queue,
     )
+    args = {"value": "from arq"}
     try:
-        await pool.enqueue_job("engine.echo", {"value": "from arq"}, _job_id="plain-1")
-        await pool.enqueue_job("engine.echo", value="as keywords")  # arq's own job id
+        await pool.enqueue_job("engine.echo", args, _job_id="plain-1",
+                               **await arq_signature(settings, "engine.echo", "plain-1", args))
     finally:
         await pool.aclose()
     # No row was written first: it appears when the worker takes the job.
@@ -103,11 +107,42 @@ async def test_plain_arq_clients_are_recorded(client: Client, settings: Settings
     done = await client.wait("plain-1", timeout=20)
     assert (done.status, done.result, done.name) == ("succeeded", "from arq", "engine.echo")
 
-    async def keyword_task() -> Any:
-        tasks = await client.list_tasks(status="succeeded")
-        return [t for t in tasks if t.result == "as keywords"]
 
-    assert await wait_for(keyword_task, timeout=20)
+async def test_unsigned_or_altered_jobs_are_refused_and_recorded(
+    client: Client, settings: Settings, worker: WorkerProcess, tmp_path: Path
+) -> None:
+    """Whoever can write to Redis cannot run a job: one without the engine's HMAC (key
+    in the HSM), or with another job's, is refused, recorded, and never runs."""
+    pool = await create_pool(
+        RedisSettings.from_dsn(settings.redis_url),
+        job_serializer=serialization.dumps, job_deserializer=serialization.loads,
+        default_queue_name=settings.redis.queue,
+    )
+    real = await client.enqueue("engine.sleep", {"seconds": 0.01})
+    await client.wait(real.task_id, timeout=20)
+    signature = (await client.store.get_task(real.task_id)).signature
+    assert signature
+    try:
+        await pool.enqueue_job("engine.fail", {"message": "x"}, _job_id="forged-1")
+        await pool.enqueue_job("engine.sleep", {"seconds": 0.01}, _job_id="forged-2",
+                               dew_sig="bm90IGEgc2lnbmF0dXJl")
+        # A real signature copied onto other arguments, and onto another task id.
+        await pool.enqueue_job("engine.sleep", {"seconds": 0.02}, _job_id=real.task_id + "x",
+                               dew_sig=signature)
+    finally:
+        await pool.aclose()
+
+    async def refused() -> list[Any]:
+        records = await client.store.list_failures(operation="engine.sleep")
+        records += await client.store.list_failures(operation="engine.fail")
+        return records if len(records) == 3 else []
+
+    records = await wait_for(refused, timeout=20)
+    assert {r.code for r in records} == {"job_not_signed"}
+    assert {r.category for r in records} == {"security"}
+    for task_id in ("forged-1", "forged-2", real.task_id + "x"):
+        assert await client.store.get_task(task_id) is None  # never ran, no row
+    assert (await client.store.get_task(real.task_id)).status == "succeeded"  # left alone
 
 
 class Exploit:

@@ -1,0 +1,111 @@
+"""Proof of who enqueued a job: an HMAC, with a key in the HSM, over the job.
+
+The client signs every job it enqueues: HMAC-SHA256 (key ``engine:job-signing``,
+generated in the token on first use, never extractable) over the job name, the
+task id, the account and the arguments as the task store keeps them. The
+signature travels with the job (arq keyword ``dew_sig``) and in the task row
+(so the sweeper can deliver it again). The worker checks it before anything
+else: an unsigned or altered job is refused and recorded, never run. Only
+holders of the HSM PIN (the engine's own processes) can sign; a plain arq
+client signs with :func:`arq_signature` (``docs/engine.md``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+from typing import Any
+
+from engine.crypto import CryptoCore, KeyExists, KeySpec, SignAlgorithm
+from engine.resources import Resources, resource
+from engine.settings import Settings
+
+SIGNING_KEY = "engine:job-signing"
+SIGNATURE_ARG = "dew_sig"
+_DOMAIN = b"dew-job-v1\0"
+
+
+def job_digest(name: str, task_id: str, args: Any) -> bytes:
+    """What is signed: SHA-256 of the job's canonical JSON (name, task, account, args)."""
+    account = args.get("account", "default") if isinstance(args, dict) else None
+    data = json.dumps([name, task_id, account, args], sort_keys=True,
+                      separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(_DOMAIN + data.encode("utf-8", "surrogatepass")).digest()
+
+
+class JobSigner:
+    def __init__(self, core: CryptoCore, lock_dir: str) -> None:
+        self.core = core
+        self.lock_dir = lock_dir
+        self._ready = False
+        self._lock = asyncio.Lock()
+
+    async def ready(self) -> None:
+        """Open the token and make the key if needed (a worker does it at start-up, so
+        that checking a job costs one HMAC call)."""
+        if self._ready:
+            return
+        async with self._lock:
+            if self._ready:
+                return
+            # Processes sharing the token make the key once: check and create under a lock.
+            fd = await asyncio.to_thread(self._locked_file)
+            try:
+                if not await self.core.key_exists(SIGNING_KEY):
+                    with contextlib.suppress(KeyExists):
+                        await self.core.generate_key(KeySpec.HMAC_256, SIGNING_KEY,
+                                                     SIGNING_KEY.encode())
+            finally:
+                os.close(fd)  # releases the lock
+            self._ready = True
+
+    def _locked_file(self) -> int:
+        os.makedirs(self.lock_dir, mode=0o700, exist_ok=True)
+        fd = os.open(os.path.join(self.lock_dir, ".job-signing.lock"),
+                     os.O_WRONLY | os.O_CREAT, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return fd
+
+    async def sign(self, name: str, task_id: str, args: Any) -> str:
+        await self.ready()
+        tag = await self.core.sign(SIGNING_KEY, job_digest(name, task_id, args),
+                                   SignAlgorithm.HMAC_SHA256)
+        return base64.b64encode(tag).decode()
+
+    async def verify(self, name: str, task_id: str, args: Any, signature: Any) -> bool:
+        if not isinstance(signature, str) or not signature:
+            return False
+        try:
+            tag = base64.b64decode(signature, validate=True)
+        except (binascii.Error, ValueError):
+            return False
+        await self.ready()
+        return await self.core.verify(SIGNING_KEY, job_digest(name, task_id, args), tag,
+                                      SignAlgorithm.HMAC_SHA256)
+
+
+@resource("job_signer")
+async def _job_signer(resources: Resources) -> tuple[JobSigner, None]:
+    import engine.hsm  # noqa: F401  registers the crypto resource
+
+    core: CryptoCore = await resources.get("crypto")
+    return JobSigner(core, str(resources.settings.state_dir / "hsm")), None
+
+
+async def arq_signature(settings: Settings, name: str, task_id: str,
+                        args: dict[str, Any]) -> dict[str, str]:
+    """The keyword a plain arq client adds to ``enqueue_job`` (with ``_job_id=task_id``)
+    so that a worker runs its job: ``await pool.enqueue_job(name, args,
+    _job_id=task_id, **await arq_signature(settings, name, task_id, args))``."""
+    resources = Resources(settings)
+    try:
+        signer: JobSigner = await resources.get("job_signer")
+        return {SIGNATURE_ARG: await signer.sign(name, task_id, args)}
+    finally:
+        await resources.close()
