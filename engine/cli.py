@@ -188,6 +188,8 @@ async def cmd_enqueue(args: argparse.Namespace, settings: Settings) -> int:
         job_args = json.loads(args.args)
     except json.JSONDecodeError as exc:
         raise InvalidInput(f"--args is not valid JSON: {exc.msg} at column {exc.colno}") from None
+    except RecursionError:
+        raise InvalidInput("--args nests too deeply") from None
     if args.timeout is not None and not args.wait:
         raise InvalidInput("--timeout needs --wait")
     # Check everything before the task store is opened: bad input writes nothing.
@@ -295,6 +297,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     private_umask()
     try:
+        for position, word in enumerate(argv, 1):
+            try:
+                word.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InvalidInput(f"argument {position} is not valid UTF-8") from None
         specs = load_specs(configured_packages(config_option(argv), os.environ))
         command = chosen_command(argv)
         load = [s for s in specs if command in s.commands]

@@ -61,9 +61,28 @@ def check_defer(defer: float | None) -> float | None:
     return defer
 
 
+MAX_ARGS_DEPTH = 32
+
+
+def _depth(value: Any, limit: int) -> int:
+    """How deep ``value`` nests, counting no further than ``limit`` + 1 (no recursion)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        deepest = max(deepest, level)
+        if level > limit:
+            break
+        children = item.values() if isinstance(item, dict) else (
+            item if isinstance(item, list) else ())
+        stack.extend((child, level + 1) for child in children)
+    return deepest
+
+
 def check_json_args(args: Any) -> dict[str, Any]:
     if not isinstance(args, dict):
         raise InvalidInput("job arguments must be a JSON object")
+    if _depth(args, MAX_ARGS_DEPTH) > MAX_ARGS_DEPTH:
+        raise InvalidInput(f"job arguments nest deeper than {MAX_ARGS_DEPTH} levels")
     try:
         size = len(json.dumps(args))
     except (TypeError, ValueError) as exc:

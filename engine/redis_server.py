@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.errors import BackendUnavailable, ConfigError
-from engine.private import private_dir
+from engine.private import PRIVATE_UMASK, private_dir
 
 
 def free_port() -> int:
@@ -75,11 +75,12 @@ class RedisServer:
             )
         private_dir(self.directory)
         if daemonize:
-            subprocess.run(self.command(daemonize=True), check=True, capture_output=True)
+            subprocess.run(self.command(daemonize=True), check=True, capture_output=True,
+                           umask=PRIVATE_UMASK)
         else:
             self.process = subprocess.Popen(
                 self.command(daemonize=False), stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL, umask=PRIVATE_UMASK,
             )
         self.wait_ready(timeout)
 

@@ -66,9 +66,7 @@ class TaskRunner:
         self, spec: JobSpec, task_id: str, args: Any, enqueued_at: datetime | None = None,
         signature: Any = None,
     ) -> RunOutcome:
-        stored_args = keep_sealed(args, spec.secret_fields) if isinstance(args, dict) else {
-            "_invalid": repr(args)[:200]
-        }
+        stored_args = stored_form(spec, args)
         signer: JobSigner = await self.resources.get("job_signer")
         if not await signer.verify(spec.name, task_id, stored_args, signature):
             return await self._refuse(spec, task_id, signature)
@@ -194,6 +192,14 @@ class TaskRunner:
                       error=error.message,
                       retryable=error.retryable)
         return RunOutcome("failed")
+
+
+def stored_form(spec: JobSpec, args: Any) -> dict[str, Any]:
+    """The arguments as the task row keeps them (and as the job's signature covers them)."""
+    if isinstance(args, dict):
+        kept: dict[str, Any] = keep_sealed(args, spec.secret_fields)
+        return kept
+    return {"_invalid": repr(args)[:200]}
 
 
 def _not_json(job: str, result: Any) -> DewError | None:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from engine.errors import BackendUnavailable
 from engine.models import utcnow
-from engine.private import private_dir, private_files, private_umask
+from engine.private import PRIVATE_UMASK, private_dir, private_files
 from engine.redis_server import RedisServer, pid_alive, stop_pid
 from engine.settings import Settings
 from engine.store import open_store
@@ -61,7 +61,6 @@ def status(settings: Settings) -> StackStatus:
 
 
 def up(settings: Settings, config_file: str | None = None, timeout: float = 20.0) -> StackStatus:
-    private_umask()  # the Redis and worker children inherit it
     private_dir(settings.state_dir)
     private_dir(settings.run_dir)
     private_dir(settings.log_file.parent)
@@ -75,8 +74,10 @@ def up(settings: Settings, config_file: str | None = None, timeout: float = 20.0
         proc = subprocess.Popen(
             [sys.executable, "-m", "engine.cli", *config, "worker"], env=env, stdout=out,
             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            umask=PRIVATE_UMASK,
         )
         (settings.run_dir / "worker.pid").write_text(f"{proc.pid}\n")
+        private_files(settings.run_dir / "worker.pid")
         _wait_for_worker(settings, proc, timeout)
     return status(settings)
 

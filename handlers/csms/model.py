@@ -17,7 +17,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
+from functools import cached_property
 from typing import Any
+
+from cryptography import x509
 
 from engine.errors import InvalidInput
 
@@ -151,9 +154,122 @@ def check_value(value: object, kind: SecretType) -> bytes:
     return bytes(value)
 
 
+# --------------------------------------------------------------------------- TLS
+
+class TlsMode(StrEnum):
+    """How a rotation protects its database connection (the value field ``tls``)."""
+
+    VERIFY_FULL = "verify-full"  # TLS, the certificate chains to a trusted CA, host name checked
+    VERIFY_CA = "verify-ca"  # TLS, the certificate chains to a trusted CA, any host name
+    DISABLE = "disable"  # plaintext: the explicit, per-secret opt-out
+
+
+DEFAULT_TLS = TlsMode.VERIFY_FULL
+# Fields of the value document that say how to reach the database safely.
+TLS_FIELD, CA_FIELD, CA_FILE_FIELD, LEGACY_SSL_FIELD = "tls", "tls_ca", "tls_ca_file", "ssl"
+# The field ``ssl`` (passed to the driver as it was before ``tls`` existed): what each
+# value means now. The modes that allowed a silent plaintext fallback or an unchecked
+# certificate (allow, prefer, require) now verify; only ``false``/``"disable"``, which
+# asked for plaintext on purpose, keep it.
+LEGACY_SSL: dict[str, TlsMode] = {
+    "disable": TlsMode.DISABLE, "allow": TlsMode.VERIFY_FULL, "prefer": TlsMode.VERIFY_FULL,
+    "require": TlsMode.VERIFY_FULL, "verify-ca": TlsMode.VERIFY_CA,
+    "verify-full": TlsMode.VERIFY_FULL,
+}
+
+
+@dataclass(frozen=True)
+class TlsPolicy:
+    """The TLS a rotation demands. Trust: ``ca_pem`` (PEM text in the secret) or
+    ``ca_file`` (a path on the worker's machine), else the system's CA store."""
+
+    mode: TlsMode = DEFAULT_TLS
+    ca_pem: str | None = None
+    ca_file: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode is not TlsMode.DISABLE
+
+    @property
+    def check_hostname(self) -> bool:
+        return self.mode is TlsMode.VERIFY_FULL
+
+    @property
+    def trust(self) -> str:
+        if self.ca_pem is not None:
+            return "the CA in the secret (tls_ca)"
+        if self.ca_file is not None:
+            return f"the CA file {self.ca_file}"
+        return "the system CA store"
+
+
+def parse_tls(doc: Mapping[str, Any]) -> TlsPolicy:
+    """The TLS policy of a value document (``tls``, ``tls_ca``, ``tls_ca_file``, or the
+    older ``ssl``). Errors name the field; a CA is checked to be PEM certificates."""
+    mode = _tls_mode(doc)
+    ca_pem, ca_file = doc.get(CA_FIELD), doc.get(CA_FILE_FIELD)
+    if ca_pem is not None and ca_file is not None:
+        raise InvalidInput(f"give {CA_FIELD} or {CA_FILE_FIELD}, not both",
+                           code="invalid_db_document")
+    if ca_pem is not None:
+        if not isinstance(ca_pem, str) or not ca_pem.strip():
+            raise InvalidInput(f"{CA_FIELD} must be PEM text of one or more CA certificates",
+                               code="invalid_db_document")
+        try:
+            x509.load_pem_x509_certificates(ca_pem.encode("utf-8"))
+        except (ValueError, UnicodeEncodeError):
+            raise InvalidInput(f"{CA_FIELD} is not PEM text of CA certificates (expected "
+                               "-----BEGIN CERTIFICATE----- blocks)",
+                               code="invalid_db_document") from None
+    if ca_file is not None and (not isinstance(ca_file, str) or not ca_file.startswith("/")
+                                or "\0" in ca_file):
+        raise InvalidInput(f"{CA_FILE_FIELD} must be an absolute path on the worker's machine",
+                           code="invalid_db_document")
+    if mode is TlsMode.DISABLE and (ca_pem is not None or ca_file is not None):
+        raise InvalidInput(f"{CA_FIELD}/{CA_FILE_FIELD} need TLS, but {TLS_FIELD} is "
+                           f"{TlsMode.DISABLE.value!r}", code="invalid_db_document")
+    return TlsPolicy(mode, ca_pem, ca_file)
+
+
+def _tls_mode(doc: Mapping[str, Any]) -> TlsMode:
+    choices = ", ".join(repr(t.value) for t in TlsMode)
+    mode: TlsMode | None = None
+    if TLS_FIELD in doc:
+        text = doc[TLS_FIELD]
+        try:
+            mode = TlsMode(text) if isinstance(text, str) else None
+        except ValueError:
+            mode = None
+        if mode is None:
+            raise InvalidInput(f"{TLS_FIELD} must be one of {choices} (default "
+                               f"{DEFAULT_TLS.value!r}), got {_show(text)}",
+                               code="invalid_db_document")
+    if LEGACY_SSL_FIELD in doc:
+        old = doc[LEGACY_SSL_FIELD]
+        legacy = ((TlsMode.VERIFY_FULL if old else TlsMode.DISABLE) if isinstance(old, bool)
+                  else LEGACY_SSL.get(old) if isinstance(old, str) else None)
+        if legacy is None:
+            raise InvalidInput(f"{LEGACY_SSL_FIELD} must be true, false or a PostgreSQL "
+                               f"sslmode; better, use {TLS_FIELD}: {choices}",
+                               code="invalid_db_document")
+        if mode is not None and mode is not legacy:
+            raise InvalidInput(f"{TLS_FIELD} ({mode.value!r}) and {LEGACY_SSL_FIELD} "
+                               f"({_show(old)}) disagree: keep only {TLS_FIELD}",
+                               code="invalid_db_document")
+        mode = legacy
+    return mode or DEFAULT_TLS
+
+
+# --------------------------------------------------------------------------- documents
+
+
 @dataclass(frozen=True, repr=False)
 class DbDocument:
-    """The value of an RDS secret: where to log in, and as whom."""
+    """The value of an RDS secret: where to log in, as whom, and over what TLS.
+
+    ``tls`` is derived from ``extra`` (the fields stay there, as the user wrote them,
+    so a rotated version keeps them)."""
 
     engine: str
     host: str
@@ -165,7 +281,12 @@ class DbDocument:
 
     def __repr__(self) -> str:  # the password must never reach a log line
         return (f"DbDocument(engine={self.engine!r}, host={self.host!r}, port={self.port}, "
-                f"username={self.username!r}, dbname={self.dbname!r})")
+                f"username={self.username!r}, dbname={self.dbname!r}, "
+                f"tls={self.tls.mode.value!r})")
+
+    @cached_property
+    def tls(self) -> TlsPolicy:
+        return parse_tls(self.extra)
 
     @property
     def endpoint(self) -> str:
@@ -210,6 +331,12 @@ def parse_db_document(value: bytes, kind: SecretType) -> DbDocument:
         raise InvalidInput("dbname must be text", code="invalid_db_document")
     extra = {k: v for k, v in doc.items()
              if k not in {"engine", "host", "port", "username", "password", "dbname"}}
+    tls = parse_tls(extra)
+    if doc["host"].startswith("/") and tls.enabled:
+        # asyncpg reaches a unix socket directory without TLS, whatever it is told.
+        raise InvalidInput(f"host {doc['host']!r} is a unix socket, which has no TLS: set "
+                           f'"{TLS_FIELD}": "{TlsMode.DISABLE.value}" to use it',
+                           code="invalid_db_document")
     return DbDocument(doc["engine"].lower(), doc["host"], port, doc["username"],
                       doc["password"], dbname, extra)
 

@@ -9,6 +9,16 @@ or ``pg_stat_activity`` in clear. MySQL and TaurusDB take ``ALTER USER
 CURRENT_USER() IDENTIFIED BY %s``, MariaDB ``SET PASSWORD = PASSWORD(%s)``
 (see :func:`mysql_password_statement`; the server hashes it).
 
+Every connection is verified TLS unless the secret opts out (``"tls": "disable"``):
+:func:`tls_context` builds the ``ssl.SSLContext`` from the secret's policy
+(:class:`handlers.csms.model.TlsPolicy`): certificate required, chained to the
+secret's CA (``tls_ca`` / ``tls_ca_file``) or the system store, host name checked
+for ``verify-full``. There is no plaintext fallback: asyncpg given a context
+refuses a server that declines TLS, and for MySQL :class:`_TlsOnlyConnection`
+stops before the login packet when the server does not offer TLS (PyMySQL and
+aiomysql would otherwise go on in clear). Such failures are :class:`TlsNotVerified`,
+permanent: retrying cannot make a certificate valid.
+
 :func:`map_db_error` is the one place where driver exceptions (asyncpg,
 PyMySQL under aiomysql, OSError, timeouts) become engine errors, with every
 password the rotation knows scrubbed from the text.
@@ -22,12 +32,14 @@ import contextlib
 import hashlib
 import hmac
 import os
-from collections.abc import Iterable
+import ssl
+from collections.abc import Iterable, Iterator
 from typing import Any, Protocol
 
 import aiomysql
 import asyncpg
 import pymysql.err
+from pymysql.constants import CLIENT
 
 from engine.errors import DewError, PermanentError, TransientError
 from handlers.csms.model import DbDocument, SecretType
@@ -55,6 +67,15 @@ class PermissionDenied(PermanentError):
     default_fix = "Grant the user the right to change its own password, then rotate again."
 
 
+class TlsNotVerified(PermanentError):
+    code = "db_tls"
+    category = CATEGORY
+    default_fix = ("Enable TLS on the database server with a certificate for this host name, "
+                   "or give the secret the CA that signed it (tls_ca: PEM text, or "
+                   "tls_ca_file); \"tls\": \"verify-ca\" skips the host name check, "
+                   "\"tls\": \"disable\" sends everything in clear (an explicit opt-out).")
+
+
 class DatabaseFailure(PermanentError):
     code = "db_error"
     category = CATEGORY
@@ -67,6 +88,49 @@ class Rotator(Protocol):
 
     async def change_password(self, doc: DbDocument, new_password: str) -> None:
         """Log in with ``doc`` and set the user's own password to ``new_password``."""
+
+
+# --------------------------------------------------------------------------- TLS
+
+
+def tls_context(doc: DbDocument) -> ssl.SSLContext | None:
+    """The client context for ``doc``'s TLS policy (None: the secret opted out)."""
+    policy = doc.tls
+    if not policy.enabled:
+        return None
+    try:
+        if policy.ca_pem is not None:
+            context = ssl.create_default_context(cadata=policy.ca_pem)
+        elif policy.ca_file is not None:
+            context = ssl.create_default_context(cafile=policy.ca_file)
+        else:
+            context = ssl.create_default_context()
+    except (OSError, ssl.SSLError, ValueError) as exc:
+        raise TlsNotVerified(
+            f"no verified TLS to {_where(doc)}: cannot load {policy.trust}",
+            cause=f"{type(exc).__name__}: {exc}"[:500]) from None
+    context.check_hostname = policy.check_hostname
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+class _NoTlsOffered(Exception):
+    """The server did not offer TLS although the secret demands it (nothing was sent)."""
+
+
+class _TlsOnlyConnection(aiomysql.Connection):  # type: ignore[misc]
+    """aiomysql's connection, refusing to log in without TLS when a context is given.
+
+    aiomysql (like PyMySQL) starts TLS only ``if ssl and server_capabilities &
+    CLIENT.SSL`` and otherwise sends the login packet in clear; a server without
+    TLS, or a man in the middle clearing that bit, would get the password (in
+    clear with ``mysql_clear_password``). Checked here, before anything is sent."""
+
+    async def _request_authentication(self) -> None:
+        if self._ssl_context is not None and not self.server_capabilities & CLIENT.SSL:
+            raise _NoTlsOffered("the server does not offer TLS")
+        await super()._request_authentication()
 
 
 def rotator_for(kind: SecretType, timeout: float) -> Rotator:
@@ -102,14 +166,18 @@ class PostgresRotator:
         self.timeout = timeout
 
     async def _connect(self, doc: DbDocument, secrets: Iterable[str]) -> Any:
+        # A context means sslmode=require in asyncpg: TLS or no connection (no
+        # fallback); the context itself verifies the chain and, for verify-full,
+        # the host name.
+        context = tls_context(doc)
         try:
             return await asyncpg.connect(
                 host=doc.host, port=doc.port, user=doc.username, password=doc.password,
                 database=doc.dbname or None, timeout=self.timeout,
-                command_timeout=self.timeout, ssl=doc.extra.get("ssl", "prefer"),
+                command_timeout=self.timeout, ssl=context if context is not None else False,
             )
         except BaseException as exc:  # noqa: BLE001 - mapped, or re-raised if not ours
-            raise map_db_error(exc, doc, secrets) from None
+            raise map_db_error(exc, doc, secrets, connecting=True) from None
 
     async def login(self, doc: DbDocument) -> None:
         conn = await self._connect(doc, [doc.password])
@@ -141,13 +209,20 @@ class MysqlRotator:
         self.timeout = timeout
 
     async def _connect(self, doc: DbDocument, secrets: Iterable[str]) -> Any:
+        context = tls_context(doc)
+        conn = _TlsOnlyConnection(
+            host=doc.host, port=doc.port, user=doc.username, password=doc.password,
+            db=doc.dbname or None, connect_timeout=self.timeout, autocommit=True,
+            ssl=context)
         try:
-            return await asyncio.wait_for(aiomysql.connect(
-                host=doc.host, port=doc.port, user=doc.username, password=doc.password,
-                db=doc.dbname or None, connect_timeout=self.timeout, autocommit=True,
-            ), self.timeout + 1)
+            await asyncio.wait_for(conn._connect(), self.timeout + 1)
         except BaseException as exc:  # noqa: BLE001
-            raise map_db_error(exc, doc, secrets) from None
+            conn.close()
+            raise map_db_error(exc, doc, secrets, connecting=True) from None
+        if context is not None and conn._writer.get_extra_info("ssl_object") is None:
+            conn.close()  # cannot happen after the check above; never send a password then
+            raise _tls_refused(doc, "the connection is not encrypted")
+        return conn
 
     async def login(self, doc: DbDocument) -> None:
         conn = await self._connect(doc, [doc.password])
@@ -199,13 +274,21 @@ MY_UNREACHABLE = {2002, 2003, 2005, 2006, 2013, 2055, 1040, 1053}
 
 
 def map_db_error(
-    exc: BaseException, doc: DbDocument, secrets: Iterable[str], action: str = "log in"
+    exc: BaseException, doc: DbDocument, secrets: Iterable[str], action: str = "log in",
+    *, connecting: bool = False,
 ) -> BaseException:
-    """The engine error for a driver exception (anything else is returned as it is)."""
+    """The engine error for a driver exception (anything else is returned as it is).
+    While ``connecting``, TLS failures (refused, unverifiable) are :class:`TlsNotVerified`;
+    later a TLS error is a broken connection like any other."""
     if isinstance(exc, DewError | asyncio.CancelledError | KeyboardInterrupt | SystemExit):
         return exc
-    where = f"{doc.engine} {doc.endpoint} as {doc.username!r}"
+    where = _where(doc)
     cause = _scrub(f"{type(exc).__name__}: {exc}", secrets)
+    tls = _tls_failure(exc) if connecting and doc.tls.enabled else None
+    if tls is not None:
+        reason, link = tls
+        return _tls_refused(doc, _scrub(reason, secrets),
+                            _scrub(f"{type(link).__name__}: {link}", secrets))
     if isinstance(exc, pymysql.err.MySQLError) and exc.args and isinstance(exc.args[0], int):
         number = exc.args[0]
         if number in MY_UNREACHABLE:
@@ -234,6 +317,46 @@ def map_db_error(
     if isinstance(exc, OSError | asyncio.TimeoutError | EOFError):
         return _unreachable(where, cause)
     return exc
+
+
+def _where(doc: DbDocument) -> str:
+    return f"{doc.engine} {doc.endpoint} as {doc.username!r}"
+
+
+def _tls_refused(doc: DbDocument, reason: str, cause: str = "") -> DewError:
+    # Raised while connecting, before any login or statement: nothing was sent.
+    return TlsNotVerified(
+        f"no verified TLS to {doc.host}:{doc.port} ({doc.engine}, tls "
+        f"{doc.tls.mode.value}, trusting {doc.tls.trust}): {reason}; nothing was sent, "
+        "there is no plaintext fallback", cause=cause or reason)
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+# asyncpg's words when the server answers "N" to the SSLRequest (no TLS there).
+_PG_NO_TLS = "rejected SSL upgrade"
+
+
+def _tls_failure(exc: BaseException) -> tuple[str, BaseException] | None:
+    """Why TLS could not be established, if that is what ``exc`` (or a cause of it)
+    says, with the exception that says it."""
+    for link in _chain(exc):
+        if isinstance(link, _NoTlsOffered):
+            return "the server does not offer TLS", link
+        if isinstance(link, ssl.SSLCertVerificationError):
+            return f"the server certificate was not accepted: {link.verify_message}", link
+        if isinstance(link, ssl.SSLError):
+            return f"the TLS handshake failed: {link.reason or link}", link
+        if isinstance(link, ConnectionError) and _PG_NO_TLS in str(link):
+            return "the server does not offer TLS", link
+    return None
 
 
 def _unreachable(where: str, cause: str) -> DewError:

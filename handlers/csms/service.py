@@ -46,7 +46,13 @@ from handlers.csms import model as m
 from handlers.csms.config import CsmsSettings
 from handlers.csms.envelope import aad, kms_context, open_sealed, seal
 from handlers.csms.rotation import RotationState, Step, StepOutcome, advance
-from handlers.csms.rotators import CredentialsRejected, Rotator, rotator_for
+from handlers.csms.rotators import (
+    CredentialsRejected,
+    PermissionDenied,
+    Rotator,
+    TlsNotVerified,
+    rotator_for,
+)
 from handlers.csms.store import SecretRecord, SqliteCsmsStore, VersionRecord
 from handlers.kms.interface import (
     DEFAULT_ACCOUNT,
@@ -64,6 +70,8 @@ DELETE_JOB = "csms.delete_due_secrets"
 # kill the worker between steps 2 and 4. Not a setting: DEW_TEST_* is ignored there.
 PAUSE_AFTER_SET_ENV = "DEW_TEST_CSMS_PAUSE_AFTER_SET"
 CAS_TRIES = 8
+# Errors of step set that mean the database did not take the new password.
+NOT_APPLIED = (CredentialsRejected, PermissionDenied, TlsNotVerified)
 TASK_ID_OK = re.compile(r"^[A-Za-z0-9._-]+$")
 
 
@@ -489,10 +497,23 @@ class SecretsService:
         step: Step | None, err: DewError, task_id: str, scheduled: bool,
     ) -> None:
         rolled_back = False
-        if state.target_changed and kind is not m.SecretType.COMMON and state.pending_version:
+        database = kind is not m.SecretType.COMMON and state.pending_version is not None
+        # A failure *in* step set may come after the database applied the password
+        # (the connection broke after ALTER ROLE / SET PASSWORD): ask the database.
+        # Refusals (TLS, login, privilege) come before anything is applied: no need to ask.
+        applied = (step is Step.SET and database and state.pending_version is not None
+                   and not isinstance(err, NOT_APPLIED)
+                   and await self._pending_works(secret, kind, state.pending_version))
+        if applied:
+            state = advance(state, StepOutcome(Step.SET, True))
+            await self.store.record_step(secret.secret_id, Step.SET.value,
+                                         state.pending_version, task_id, self.clock())
+        if state.target_changed and database and state.pending_version:
             rolled_back = await self._roll_back(secret, kind, state.pending_version)
         if step is not None:
-            state = advance(state, StepOutcome(step, False, rolled_back=rolled_back))
+            failed = state.next_step if applied else step
+            if failed is not None:
+                state = advance(state, StepOutcome(failed, False, rolled_back=rolled_back))
         now = self.clock()
         failure = {
             "task_id": task_id, "step": None if step is None else step.value,
@@ -506,6 +527,21 @@ class SecretsService:
             state.pending_version, now, next_at)
         log.warning("rotation failed", account=secret.account, name=secret.name,
                     step=failure["step"], code=err.code, error=err.message)
+
+    async def _pending_works(self, secret: SecretRecord, kind: m.SecretType,
+                             pending: str) -> bool:
+        """Whether the database already takes the pending password (False: it does not,
+        or it cannot be asked now; a later run asks again before it sets anything)."""
+        try:
+            docs = await self._documents(secret, kind, pending, {})
+            await self.rotators(kind, self.db_timeout).login(docs[m.PENDING])
+            return True
+        except CredentialsRejected:
+            return False
+        except DewError as exc:
+            log.warning("cannot tell whether the pending password took", name=secret.name,
+                        code=exc.code, error=exc.message)
+            return False
 
     async def _roll_back(self, secret: SecretRecord, kind: m.SecretType, pending: str) -> bool:
         """Give the database the current password back (log in with the pending one)."""

@@ -96,3 +96,10 @@ def replace_key(text: str, old: PublicKey, new: PublicKey, comment: str | None =
     if old.blob == new.blob:
         return add_key(text, new, comment)
     return remove_key(add_key(text, new, comment), old)
+
+
+def removed_keys(old: str, new: str) -> int:
+    """How many distinct keys of ``old`` are no longer in ``new``."""
+    def keys(text: str) -> set[tuple[str, bytes]]:
+        return {k for line in _lines(text) if (k := key_of_line(line)) is not None}
+    return len(keys(old) - keys(new))

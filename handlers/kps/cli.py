@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import getpass
 import os
 import sys
@@ -26,6 +27,8 @@ from engine.errors import DewError, InvalidInput
 from engine.settings import Settings
 
 DEFAULT_JOB_TIMEOUT = 600.0
+MAX_JOB_TIMEOUT = 86400.0
+MAX_INPUT_BYTES = 64 * 1024  # keys, certificates, passwords: far below this
 ALGORITHMS = ("SSH_ED25519", "ECDSA_NISTP256", "ECDSA_NISTP384", "ECDSA_NISTP521",
               "SSH_RSA_2048", "SSH_RSA_3072", "SSH_RSA_4096")
 JOB_ACTIONS = ("bind", "replace", "reset", "unbind")
@@ -117,6 +120,9 @@ def register(subparsers: Any, commands: dict[str, Any]) -> None:
     p.add_argument("--reload-command", metavar="CMD", help="default by OS")
     p.add_argument("--authorized-keys", metavar="PATH",
                    help="default ~/.ssh/authorized_keys of the login user")
+    p.add_argument("--sudo", action="store_true",
+                   help="the login user is not root: run the privileged steps (sshd_config, "
+                   "the reload, sshd -T) through passwordless `sudo -n`")
     command(ssub, "list", "list servers", identity=False)
     command(ssub, "show", "show one server", identity=False).add_argument("name")
     command(ssub, "remove", "remove a server (refused while key pairs are bound)",
@@ -128,12 +134,23 @@ def register(subparsers: Any, commands: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- helpers
 
 
-def _read(path: str, what: str) -> bytes:
+def _read(path: str, what: str, limit: int = MAX_INPUT_BYTES) -> bytes:
+    """A user-named file, at most ``limit`` bytes (``/dev/zero`` is refused, not read)."""
     try:
-        return Path(path).read_bytes()
+        with open(path, "rb") as fh:
+            data = fh.read(limit + 1)
     except OSError as exc:
         raise InvalidInput("Invalid parameter.", cause=f"cannot read {what} {path}: "
                            f"{exc.strerror}") from None
+    if len(data) > limit:
+        raise InvalidInput("Invalid parameter.", cause=f"{what} {path} is over {limit} bytes")
+    return data
+
+
+def _check_timeout(timeout: float) -> None:
+    if not 0 < timeout <= MAX_JOB_TIMEOUT:  # also false for nan
+        raise InvalidInput("Invalid parameter.", cause=f"--timeout must be above 0 and at "
+                           f"most {MAX_JOB_TIMEOUT:.0f} seconds, got {timeout}")
 
 
 def _secret_line(path: str, what: str) -> str:
@@ -148,9 +165,51 @@ def _refuse_existing(path: str) -> None:
 
 def _write_private(path: str, data: bytes) -> None:
     """Create ``path`` with mode 0600 from the first byte (never overwrite)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    fd = _open_new(path)
     with os.fdopen(fd, "wb") as fh:
         fh.write(data)
+
+
+def _open_new(path: str) -> int:
+    """``path`` created 0600 (O_EXCL); bad paths are bad input (exit 2)."""
+    try:
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise InvalidInput("Invalid parameter.",
+                           cause=f"cannot create {path}: {exc.strerror}") from None
+
+
+class _NewFiles:
+    """Output files opened (O_EXCL, 0600) before anything is generated or stored, so a
+    bad path costs nothing; removed again unless :meth:`keep` is called."""
+
+    def __init__(self, *paths: str) -> None:
+        self.paths = list(paths)
+        self.fds: list[int] = []
+        try:
+            for path in self.paths:
+                self.fds.append(_open_new(path))
+        except BaseException:
+            self.discard()
+            raise
+
+    def write(self, index: int, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fds[index], view):]
+
+    def keep(self) -> None:
+        for fd in self.fds:
+            os.fsync(fd)
+            os.close(fd)
+        self.fds = []
+
+    def discard(self) -> None:
+        for fd, path in zip(self.fds, self.paths, strict=False):
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        self.fds = []
 
 
 def _who(args: argparse.Namespace) -> dict[str, str]:
@@ -203,7 +262,7 @@ async def cmd_servers(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _keypairs(args: argparse.Namespace, settings: Settings) -> int:
-    from handlers.kps.service import check_name, convert_private_key, open_kps
+    from handlers.kps.service import check_name, convert_private_key
 
     if args.action == "convert":
         return _convert(args, convert_private_key)
@@ -213,12 +272,38 @@ async def _keypairs(args: argparse.Namespace, settings: Settings) -> int:
     if args.action in JOB_ACTIONS:
         return await _run_job(args, settings, who)
     if args.action == "create":
-        if args.algorithm not in ALGORITHMS:
-            raise InvalidInput("Invalid parameter.", cause=f"unknown algorithm "
-                               f"{args.algorithm[:40]!r}; use one of {', '.join(ALGORITHMS)}")
-        out = args.out or args.name
-        _refuse_existing(out)
-        _refuse_existing(out + ".pub")
+        return await _create(args, settings, who)
+    return await _other(args, settings, who)
+
+
+async def _create(args: argparse.Namespace, settings: Settings, who: dict[str, str]) -> int:
+    from handlers.kps.service import open_kps
+
+    if args.algorithm not in ALGORITHMS:
+        raise InvalidInput("Invalid parameter.", cause=f"unknown algorithm "
+                           f"{args.algorithm[:40]!r}; use one of {', '.join(ALGORITHMS)}")
+    out = args.out or args.name
+    # Opened before the key pair is generated and stored (audit L1): a missing folder
+    # or an unwritable path leaves nothing behind.
+    outputs = _NewFiles(out, out + ".pub")
+    try:
+        async with open_kps(settings) as kps:
+            created = await kps.create(args.name, args.algorithm, managed=args.managed,
+                                       scope=args.scope, **who)
+    except BaseException:
+        outputs.discard()
+        raise
+    outputs.write(0, created.private_key)
+    outputs.write(1, (created.view.record.public_key + "\n").encode())
+    outputs.keep()
+    data = {**created.view.to_json(), "private_key_file": out, "public_key_file": out + ".pub"}
+    print_result(data, args.json, _pair_text)
+    return 0
+
+
+async def _other(args: argparse.Namespace, settings: Settings, who: dict[str, str]) -> int:
+    from handlers.kps.service import open_kps
+
     public_text = private = passphrase = None
     if args.action == "import":
         public_text = _read(args.public_key, "the public key").decode("utf-8", "replace")
@@ -230,14 +315,7 @@ async def _keypairs(args: argparse.Namespace, settings: Settings) -> int:
     async with open_kps(settings) as kps:
         data: Any
         human: Callable[[Any], str] = _pair_text
-        if args.action == "create":
-            created = await kps.create(args.name, args.algorithm, managed=args.managed,
-                                       scope=args.scope, **who)
-            _write_private(out, created.private_key)
-            _write_private(out + ".pub", (created.view.record.public_key + "\n").encode())
-            data = {**created.view.to_json(), "private_key_file": out,
-                    "public_key_file": out + ".pub"}
-        elif args.action == "import":
+        if args.action == "import":
             assert public_text is not None
             data = (await kps.import_(args.name, public_text, args.type, private_key=private,
                                       passphrase=passphrase, scope=args.scope, **who)).to_json()
@@ -288,6 +366,7 @@ async def _run_job(args: argparse.Namespace, settings: Settings, who: dict[str, 
 
     for server in args.server:
         check_name(server, "server")
+    _check_timeout(args.timeout)
     password = getattr(args, "password_file", None)
     key = getattr(args, "private_key", None)
     if (password is None) == (key is None):
@@ -379,8 +458,8 @@ def _result_text(d: dict[str, Any]) -> str:
             notes = ["changed" if row.get("changed") else "already in place"]
             if row.get("verified"):
                 notes.append("login checked")
-            if row.get("password_login"):
-                notes.append(f"password login {row['password_login']}")
+            if row.get("pw_login_state"):
+                notes.append(f"password login {row['pw_login_state']}")
             lines.append(f"  {row['server']:24} ok      {', '.join(notes)}")
         else:
             lines.append(f"  {row['server']:24} FAILED  {row['error']} "
@@ -421,7 +500,7 @@ async def _servers(args: argparse.Namespace, settings: Settings) -> int:
                 args.name, args.host, port=args.port, user=args.login, host_key=host_key,
                 trust_first_use=args.trust_first_use, sshd_config=args.sshd_config,
                 reload_command=args.reload_command, authorized_keys=args.authorized_keys,
-                account=args.account)).to_json()
+                sudo=args.sudo, account=args.account)).to_json()
         elif args.action == "list":
             data = [s.to_json() for s in await kps.store.list_servers(args.account)]
             human = _server_table

@@ -20,10 +20,16 @@ here: :mod:`engine.redaction` redacts every argument named like a password.)
 
 Each server is edited idempotently (pure transforms in
 :mod:`handlers.kps.authorized_keys` and :mod:`handlers.kps.sshd_config`, atomic writes
-through :mod:`handlers.kps.ssh`), then proven with a fresh login. A server that fails
-gets its own failure record and leaves the others going; its state is left as
-it was. The task itself succeeds with a per-server result unless the batch is
-refused as a whole (bad input, batch over the limit, inconsistent batch).
+through :mod:`handlers.kps.ssh`) in the order that keeps a way in (ARCHITECTURE
+principle 11): a new key is proven by a fresh login before password login goes off
+(and only a key the engine holds can be proven); unbind turns password login on and
+proves it before the key goes, and counts the key gone only once it read the file
+again; password login on/off is proven from what sshd offers and from ``sshd -T``.
+Every file written is journaled (:class:`Journal`) and put back if any later step
+fails. A server that fails gets its own failure record and leaves the others going.
+The task itself succeeds with a per-server result (``pw_login_state``: not named like
+a password, which the engine's redaction would hide) unless the batch is refused as
+a whole (bad input, batch over the limit, inconsistent batch).
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ import re
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -49,7 +55,6 @@ from engine.models import iso, utcnow
 from engine.redaction import is_sealed
 from engine.registry import JOBS
 from engine.resources import Closer, Resources, resource
-from engine.sealing import unseal_args
 from engine.settings import Settings
 from handlers.kms.interface import (
     DEFAULT_ACCOUNT,
@@ -67,15 +72,26 @@ from handlers.kps.ssh import (
     Credential,
     HostKeyChanged,
     InvalidCredential,
+    PermissionProblem,
+    RemoteFile,
     ServerStatusError,
     Session,
+    Snapshot,
     Target,
     Timeouts,
+    absolute,
     check_login,
     connect,
+    offered_methods,
     server_lock,
 )
-from handlers.kps.sshd_config import set_password_login
+from handlers.kps.sshd_config import (
+    connection_spec,
+    effective_password_login,
+    parse_effective,
+    password_methods,
+    set_password_login,
+)
 from handlers.kps.store import KeyPairRecord, ServerRecord, SqliteKpsStore
 
 DEFAULT_AUTHORIZED_KEYS = "~/.ssh/authorized_keys"
@@ -87,6 +103,7 @@ ACTOR = "kps"
 TOO_MANY = "Too many key pairs to be bound in batches."
 INCONSISTENT = "Key pairs to be bound in batches are inconsistent."
 OS_NOT_SUPPORTED = "ECS OS not supported."
+RELOAD_SETTLE_ATTEMPTS = 4
 
 
 def invalid(cause: str, fix: str = "Check the call.") -> InvalidInput:
@@ -304,7 +321,7 @@ class KpsService:
     async def add_server(self, name: str, host: str, *, port: int = 22, user: str = "root",
                          host_key: str | None = None, trust_first_use: bool = False,
                          sshd_config: str | None = None, reload_command: str | None = None,
-                         authorized_keys: str | None = None,
+                         authorized_keys: str | None = None, sudo: bool = False,
                          account: str = DEFAULT_ACCOUNT) -> ServerRecord:
         check_name(name, "server")
         if not isinstance(host, str) or not HOST.match(host):
@@ -329,7 +346,7 @@ class KpsService:
             server_id=uuid.uuid4().hex, account=account, name=name, host=host, port=port,
             login_user=user, host_key=pinned, trust_first_use=trust_first_use,
             sshd_config=sshd_config, reload_command=reload_command,
-            authorized_keys=authorized_keys, created_at=self.clock())
+            authorized_keys=authorized_keys, created_at=self.clock(), sudo=bool(sudo))
         if not await self.store.add_server(record):
             raise Conflict(f"a server named {name!r} exists", code="server_exists",
                            fix="Choose another name, or remove the old one first.")
@@ -490,8 +507,7 @@ async def run_operation(ctx: JobContext, args: dict[str, Any], op: str) -> dict[
     kps: KpsService = await ctx.resources.get("kps")
     account = args.get("account", DEFAULT_ACCOUNT)
     user = args.get("user", "local")
-    opened = await unseal_args({"auth": args["auth"]}, kps.sealer, account)
-    credential = _credential(op, opened["auth"])
+    credential = _credential(op, args["auth"])  # the runner opened its seal
     record = await kps.get(args["keypair"], account=account, user=user)
     servers = [await kps.server(name, account) for name in names]
     new_private = (await kps.private_key(record)).decode() if record.managed else None
@@ -577,17 +593,25 @@ async def _apply(ctx: JobContext, kps: KpsService, plan: Plan, server: ServerRec
         target = _target(server)
         try:
             session = await connect(target, plan.credential, plan.timeouts)
-        except InvalidCredential:
+        except InvalidCredential as exc:
+            if plan.op == "unbind":
+                # Refused for any reason (already removed? StrictModes? AllowUsers?): we
+                # cannot read authorized_keys, so nothing is recorded (audit M3).
+                raise InvalidCredential(
+                    exc.message, target=server.name,
+                    cause=f"the private key of {plan.keypair.name!r} was refused, so "
+                    "authorized_keys could not be read: the key may be gone already, or sshd "
+                    "refuses it for another reason (StrictModes: modes of the home directory "
+                    "or ~/.ssh; AllowUsers; AuthorizedKeysCommand)",
+                    fix="Check the server; the binding is kept until the key is seen gone."
+                ) from None
             # A re-run (retry, or a worker killed mid-job) may find its own work done.
-            if plan.op == "unbind" and plan.password_change is None:
-                # The pair's own key is refused: it is not authorized, which is the goal.
-                await _record_binding(ctx, kps, plan, server)
-                return {"changed": False, "verified": True, "password_login": None}
             if plan.op == "replace" and plan.new_private is not None:
                 session = await connect(target, Credential(private_key=plan.new_private),
                                         plan.timeouts)
             else:
                 raise
+        session.sudo = server.sudo
         try:
             if server.host_key is None:
                 pinned = await kps.store.pin_host_key(server.server_id, session.host_key)
@@ -602,44 +626,277 @@ async def _apply(ctx: JobContext, kps: KpsService, plan: Plan, server: ServerRec
             await session.close()
 
 
+# --------------------------------------------------------------------------- decisions
+
+
+def password_off_refusal(plan_op: str, password_change: bool | None, key_held: bool,
+                         name: str) -> str | None:
+    """Why password login must not be turned off (None: it may, once the new key logged
+    in). Only a fresh login with the new key proves it; the engine can log in with a key
+    only when it holds the private key."""
+    if password_change is not False or plan_op == "unbind":
+        return None
+    if not key_held:
+        return (f"password login stays on: the engine does not hold the private key of "
+                f"{name!r}, so it cannot prove that the key logs in before the password "
+                "stops working")
+    return None
+
+
+def unproven_removal(op: str, key_held: bool, removes_a_key: bool) -> bool:
+    """replace/reset remove keys; with a new key the engine cannot log in with, another
+    way in (password login offered) must be proven before the old key goes."""
+    return op in ("replace", "reset") and removes_a_key and not key_held
+
+
+@dataclass
+class Edit:
+    """One file written on the server: what to put back if a later step fails."""
+
+    file: RemoteFile
+    new: bytes | None
+    privileged: bool
+    config: bool  # an sshd_config: sshd reloads after it is put back
+
+
+def restore_order(edits: list[Edit]) -> list[Edit]:
+    """The edits to undo, last first (each file back to what was read)."""
+    return [e for e in reversed(edits) if e.new != e.file.content]
+
+
+@dataclass
+class Journal:
+    """The edits of one server operation, so that a failure puts every file back."""
+
+    session: Session
+    server: ServerRecord
+    reload_command: str
+    edits: list[Edit] = field(default_factory=list)
+
+    async def write(self, file: RemoteFile, new: bytes, *, privileged: bool,
+                    config: bool = False, private_under: str | None = None) -> None:
+        await self.session.write_file(file.real, new, file.content, privileged=privileged,
+                                      mode=None if config else "600",
+                                      private_under=private_under)
+        self.edits.append(Edit(file, new, privileged, config))
+
+    async def reload(self) -> None:
+        status, _, err = await self.session.run(self.reload_command, privileged=True)
+        if status != 0:
+            raise ServerStatusError(
+                STATUS_ERROR, code="sshd_reload_failed", target=self.server.name,
+                cause=f"`{self.reload_command}` exited with {status}: "
+                f"{err.decode(errors='replace').strip()[:200]}; every file was put back",
+                fix="Check the reload command (--reload-command) and sshd.")
+
+    async def restore(self, log: Any) -> None:
+        """Put every edited file back (best effort: the first error is what is reported)."""
+        reload = False
+        for edit in restore_order(self.edits):
+            try:
+                await self.session.write_file(edit.file.real, edit.file.content, edit.new,
+                                              privileged=edit.privileged)
+                reload = reload or edit.config
+            except DewError as exc:
+                log.error("could not put a file back", target=self.server.name,
+                          path=edit.file.real, error=exc.message, cause=exc.cause)
+        if reload:
+            status, _, _ = await self.session.run(self.reload_command, privileged=True)
+            if status != 0:
+                log.warning("reload after putting sshd_config back failed",
+                            target=self.server.name, status=status)
+
+
+def _permission(server: ServerRecord, login: str, file: RemoteFile) -> None:
+    """Refuse, before anything is written, a file the session cannot read or replace."""
+    what = "read" if not file.readable else "write" if not file.writable else None
+    if what is None:
+        return
+    hint = ("sudo is on for this server: check the sudo rules" if server.sudo
+            else "add the server with --sudo")
+    raise PermissionProblem(
+        f"cannot {what} {file.real} as user {login}: permission denied; {hint}",
+        target=server.name,
+        cause=f"{login} lacks {what} permission on {file.real}"
+        + ("" if file.real == file.path else f" (the target of {file.path})"),
+        fix="Add the server with --sudo (passwordless sudo for the login user), or log in "
+        "as root." if not server.sudo else "Allow the login user passwordless sudo.")
+
+
+async def _read(session: Session, server: ServerRecord, login: str, path: str,
+                privileged: bool) -> tuple[RemoteFile, bool]:
+    """A file to edit and whether it needs sudo: the login user's own file is edited as
+    the user; through sudo when the server allows it and the user cannot."""
+    use_sudo = server.sudo and privileged
+    file = (await session.read_files([path], privileged=use_sudo))[0]
+    if not use_sudo and server.sudo and not (file.readable and file.writable):
+        use_sudo = True
+        file = (await session.read_files([path], privileged=True))[0]
+    _permission(server, "root" if use_sudo else login, file)
+    return file, use_sudo
+
+
+# --------------------------------------------------------------------------- the steps
+
+
 async def _change(ctx: JobContext, kps: KpsService, plan: Plan, server: ServerRecord,
                   target: Target, session: Session) -> dict[str, Any]:
-    keys_path = server.authorized_keys or DEFAULT_AUTHORIZED_KEYS
-    config_path = server.sshd_config or DEFAULT_SSHD_CONFIG
-    paths = [keys_path] + ([config_path] if plan.password_change is not None else [])
-    snap = await session.snapshot(paths)
+    snap = await session.snapshot()
     system = parse_os_release(snap.os_release)
     if not system.supported:
         raise ServerStatusError(OS_NOT_SUPPORTED, code="os_not_supported",
                                 cause=f"Server OS not supported: {system.name}",
                                 fix="Use a supported OS (see `dew keypairs --help`).",
                                 target=server.name)
-    old_raw = snap.files[keys_path]
-    old_text = (old_raw or b"").decode("utf-8", errors="surrogateescape")
-    new_text = _new_keys(plan, old_text, await _reset_victims(kps, plan, server))
-    changed = new_text != old_text
-    if changed:
-        await session.write_file(keys_path, new_text.encode("utf-8", errors="surrogateescape"),
-                                 old_raw, mode="600", private_dir=True)
-    verified = False
-    new_cred = Credential(private_key=plan.new_private) if plan.new_private else None
-    if plan.op != "unbind" and new_cred is not None:
-        await _prove(check_login(target, new_cred, plan.timeouts), server, "the new key pair")
-        verified = True
-    if plan.op == "unbind" or (plan.op == "replace" and plan.old_public is not None
-                               and plan.old_public.blob != plan.public.blob):
-        await _prove_refused(target, plan.credential, plan.timeouts, server)
-        verified = True
-    password = None
+    refusal = password_off_refusal(plan.op, plan.password_change, plan.new_private is not None,
+                                   plan.keypair.name)
+    if refusal is not None:
+        raise ServerStatusError(STATUS_ERROR, code="password_off_unproven", target=server.name,
+                                cause=refusal,
+                                fix="Bind with a managed key pair (--managed, or import its "
+                                "private key) to turn password login off, or bind without "
+                                "--disable-password.")
+    keys, keys_sudo = await _read(session, server, snap.login, absolute(
+        server.authorized_keys or DEFAULT_AUTHORIZED_KEYS, snap.home), privileged=False)
+    config = None
     if plan.password_change is not None:
-        password = await _switch_password(session, server, config_path,
-                                          snap.files[config_path], plan.password_change,
-                                          system.suse, snap.systemd, system)
-        if password == "changed" and not plan.password_change and plan.credential.password:
-            await _prove_refused(target, plan.credential, plan.timeouts, server,
-                                 password_only=True)
-    await _record_binding(ctx, kps, plan, server)
-    return {"changed": changed, "verified": verified, "password_login": password}
+        config, _ = await _read(session, server, snap.login,
+                                absolute(server.sshd_config or DEFAULT_SSHD_CONFIG, snap.home),
+                                privileged=True)
+        if config.content is None:
+            raise ServerStatusError(STATUS_ERROR, code="sshd_config_missing",
+                                    target=server.name,
+                                    cause=f"{config.path} does not exist on the server",
+                                    fix="Set the server's sshd config path (--sshd-config).")
+    victims = await _reset_victims(kps, plan, server)
+    journal = Journal(session, server,
+                      server.reload_command or default_reload_command(system, snap.systemd))
+    steps = Steps(ctx, plan, server, target, session, journal, snap, system.suse)
+    try:
+        result = await steps.run(keys, keys_sudo, config, victims)
+        await _record_binding(ctx, kps, plan, server)
+    except Exception:
+        await journal.restore(ctx.log)
+        raise
+    return result
+
+
+@dataclass
+class Steps:
+    """One server's operation, in the order that keeps a way in at every step."""
+
+    ctx: JobContext
+    plan: Plan
+    server: ServerRecord
+    target: Target
+    session: Session
+    journal: Journal
+    snap: Snapshot
+    suse: bool
+
+    async def run(self, keys: RemoteFile, keys_sudo: bool, config: RemoteFile | None,
+                  victims: list[ssh_keys.PublicKey]) -> dict[str, Any]:
+        plan = self.plan
+        password = None
+        if config is not None and plan.password_change:
+            # unbind --enable-password: the password works before the key goes (H1).
+            password = await self.switch_password(config, True)
+        old_text = (keys.content or b"").decode("utf-8", errors="surrogateescape")
+        new_text = _new_keys(plan, old_text, victims)
+        changed = new_text != old_text
+        if changed:
+            await self.journal.write(keys, new_text.encode("utf-8", errors="surrogateescape"),
+                                     privileged=keys_sudo, private_under=self.snap.home)
+        verified = False
+        if plan.op != "unbind" and plan.new_private is not None:
+            await _prove(check_login(self.target, Credential(private_key=plan.new_private),
+                                     plan.timeouts), self.server, "the new key pair")
+            verified = True
+        elif unproven_removal(plan.op, plan.new_private is not None,
+                              ak.removed_keys(old_text, new_text) > 0):
+            await self.prove_password_offered("the new key pair cannot be proven (the engine "
+                                              "does not hold its private key)")
+        if plan.op == "unbind":
+            await self.prove_key_gone(keys, keys_sudo)
+        if plan.op == "unbind" or (plan.op == "replace" and plan.old_public is not None
+                                   and plan.old_public.blob != plan.public.blob):
+            await _prove_refused(self.target, plan.credential, plan.timeouts, self.server)
+            verified = True
+        if config is not None and plan.password_change is False:
+            password = await self.switch_password(config, False)
+        return {"changed": changed, "verified": verified, "pw_login_state": password}
+
+    async def prove_key_gone(self, keys: RemoteFile, keys_sudo: bool) -> None:
+        """unbind: read authorized_keys again; the key must not be in it (M3)."""
+        now = (await self.session.read_files([keys.path], privileged=keys_sudo))[0]
+        text = (now.content or b"").decode("utf-8", errors="surrogateescape")
+        if ak.has_key(text, self.plan.public):
+            raise ServerStatusError(STATUS_ERROR, code="key_still_present",
+                                    target=self.server.name,
+                                    cause=f"{keys.real} still holds the key after the edit",
+                                    fix="Check the file on the server.")
+
+    async def switch_password(self, config: RemoteFile, enabled: bool) -> str:
+        """Edit sshd_config, reload, then prove the state from the server itself."""
+        assert config.content is not None
+        old = config.content.decode("utf-8", errors="surrogateescape")
+        new = set_password_login(old, enabled, self.suse)
+        state = "unchanged"
+        if new != old:
+            await self.journal.write(config, new.encode("utf-8", errors="surrogateescape"),
+                                     privileged=True, config=True)
+            await self.journal.reload()
+            state = "changed"
+        await self.prove_password_state(config, enabled)
+        return state
+
+    async def prove_password_state(self, config: RemoteFile, enabled: bool) -> None:
+        """The methods sshd offers the login user now, and ``sshd -T`` for this
+        connection (Match blocks applied), must both agree with ``enabled`` (M1)."""
+        for attempt in range(RELOAD_SETTLE_ATTEMPTS):
+            # A reload is a signal: sshd may answer with its old config for a moment.
+            offered = password_methods(await offered_methods(self.target, self.plan.timeouts))
+            if bool(offered) == enabled:
+                break
+            await asyncio.sleep(0.25 * (attempt + 1))
+        else:
+            raise self.password_error(
+                enabled, f"after the reload sshd offers {self.server.login_user} "
+                f"{', '.join(sorted(offered)) or 'no password method'}")
+        spec = connection_spec(self.snap.login, self.snap.connection)
+        if spec is None:
+            return
+        status, out, err = await self.session.effective_config(config.real, spec)
+        if status != 0:
+            # Not root and no sudo: sshd cannot load the host keys. The methods the
+            # server offers (above) are the proof then.
+            self.ctx.log.info("sshd -T not available", target=self.server.name,
+                              status=status, error=err[:200])
+            return
+        effective = effective_password_login(parse_effective(out))
+        if effective is not None and effective != enabled:
+            raise self.password_error(enabled, f"`sshd -T -C {spec}` says password login "
+                                      f"is {'off' if enabled else 'on'}")
+
+    def password_error(self, enabled: bool, why: str) -> ServerStatusError:
+        wanted = "on" if enabled else "off"
+        return ServerStatusError(
+            f"Password login could not be turned {wanted}.", code="password_login_unproven",
+            target=self.server.name,
+            cause=f"{why}: a Match block, an Include or another setting decides otherwise; "
+            "every file was put back",
+            fix="Check the server's sshd_config (Match blocks, Include files, "
+            "KbdInteractiveAuthentication) and run `sshd -T -C user=...` on it.")
+
+    async def prove_password_offered(self, why: str) -> None:
+        offered = password_methods(await offered_methods(self.target, self.plan.timeouts))
+        if not offered:
+            raise ServerStatusError(
+                STATUS_ERROR, code="removal_unproven", target=self.server.name,
+                cause=f"{why} and sshd offers no password login: removing the old key could "
+                "lock everyone out; every file was put back",
+                fix="Use a managed key pair (the engine proves it logs in), or turn password "
+                "login on first.")
 
 
 def _new_keys(plan: Plan, text: str, victims: list[ssh_keys.PublicKey]) -> str:
@@ -657,16 +914,13 @@ def _new_keys(plan: Plan, text: str, victims: list[ssh_keys.PublicKey]) -> str:
 
 async def _reset_victims(kps: KpsService, plan: Plan, server: ServerRecord
                          ) -> list[ssh_keys.PublicKey]:
-    """reset: the keys of the pairs recorded as bound to the server (their private key is
-    lost); every other line of the file is left alone."""
+    """reset: the keys of every pair recorded as bound to the server, whoever owns it
+    (their private key is lost); every other line of the file is left alone."""
     if plan.op != "reset":
         return []
-    victims = []
-    for name in await kps.store.keypairs_on(server.server_id):
-        record = await kps.store.find_keypair(server.account, plan.keypair.owner, name)
-        if record is not None:
-            victims.append(ssh_keys.parse_public_key(record.public_key))
-    return victims
+    return [ssh_keys.parse_public_key(public)
+            for keypair_id, public in await kps.store.bound_keys(server.server_id)
+            if keypair_id != plan.keypair.keypair_id]
 
 
 async def _prove(check: Any, server: ServerRecord, what: str) -> None:
@@ -676,7 +930,7 @@ async def _prove(check: Any, server: ServerRecord, what: str) -> None:
         raise ServerStatusError(STATUS_ERROR, code="login_check_failed", target=server.name,
                                 cause=f"after the change, a fresh login with {what} was "
                                 "refused (StrictModes, AuthorizedKeysFile or another "
-                                "authorized_keys path?)",
+                                "authorized_keys path?); every file was put back",
                                 fix="Check the server's AuthorizedKeysFile and the modes of "
                                 "~/.ssh.") from None
 
@@ -689,34 +943,10 @@ async def _prove_refused(target: Target, credential: Credential, timeouts: Timeo
         return
     what = "the password" if password_only else "the removed key"
     raise ServerStatusError(STATUS_ERROR, code="login_still_accepted", target=server.name,
-                            cause=f"after the change, {what} still logs in",
+                            cause=f"after the change, {what} still logs in; every file was "
+                            "put back",
                             fix="Check the server's sshd_config (Include, Match blocks) and "
                             "other authorized_keys files.")
-
-
-async def _switch_password(session: Session, server: ServerRecord, path: str,
-                           raw: bytes | None, enabled: bool, suse: bool, systemd: bool,
-                           system: Any) -> str:
-    if raw is None:
-        raise ServerStatusError(STATUS_ERROR, code="sshd_config_missing", target=server.name,
-                                cause=f"{path} does not exist on the server",
-                                fix="Set the server's sshd config path (--sshd-config).")
-    old = raw.decode("utf-8", errors="surrogateescape")
-    new = set_password_login(old, enabled, suse)
-    if new == old:
-        return "unchanged"
-    data = new.encode("utf-8", errors="surrogateescape")
-    await session.write_file(path, data, raw)
-    command = server.reload_command or default_reload_command(system, systemd)
-    status, _, err = await session.run(command)
-    if status != 0:
-        # Put the old file back: a failed operation leaves the server as it was.
-        await session.write_file(path, raw, data)
-        raise ServerStatusError(STATUS_ERROR, code="sshd_reload_failed", target=server.name,
-                                cause=f"`{command}` exited with {status}: "
-                                f"{err.decode(errors='replace').strip()[:200]}",
-                                fix="Check the reload command (--reload-command) and sshd.")
-    return "changed"
 
 
 async def _record_binding(ctx: JobContext, kps: KpsService, plan: Plan,
@@ -727,9 +957,9 @@ async def _record_binding(ctx: JobContext, kps: KpsService, plan: Plan,
         return
     replaced = None
     if plan.op == "replace" and plan.old_public is not None:
-        for pair in await kps.store.list_keypairs(server.account, record.owner):
-            if pair.fingerprint == plan.old_public.fingerprint:
-                replaced = pair.keypair_id
+        for keypair_id, public in await kps.store.bound_keys(server.server_id):
+            if ssh_keys.parse_public_key(public).blob == plan.old_public.blob:
+                replaced = keypair_id
     await kps.store.bind(record.keypair_id, server.server_id, ctx.now(), ctx.task_id,
                          replaces=replaced)
     if plan.op == "reset":

@@ -15,6 +15,14 @@
   ``SSH connection failure. Check your port.``, ``Timeout: socket is not
   established. Check your security group rules.``).
 - **Per-server serialization** within a process: :func:`server_lock`.
+- **Privileged steps** (``sshd_config``, the reload, ``sshd -T``, a file the login
+  user cannot replace) run through ``sudo -n`` when the server was added with
+  ``--sudo`` (``Session.sudo``); paths are absolute by then (``$HOME`` differs
+  under sudo). Symlinked files are edited in place of their target
+  (``readlink -f``), and ``restorecon`` runs on SELinux systems.
+- **What the server really does**: :func:`offered_methods` asks sshd which
+  authentication methods it offers this user (``Match`` blocks applied), and
+  :meth:`Session.effective_config` runs ``sshd -T -C ...``.
 
 Decisions (what to write) are pure functions elsewhere; this module only
 moves bytes.
@@ -29,7 +37,7 @@ import secrets
 import shlex
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
@@ -75,6 +83,15 @@ class ServerStatusError(PermanentError):
     code = "server_status_error"
     category = "server check"
     default_fix = "Check that the server is running and that its sshd works."
+
+
+class PermissionProblem(PermanentError):
+    """The login user lacks a permission a step needs (and no sudo was allowed)."""
+
+    code = "server_permission_denied"
+    category = "server check"
+    default_fix = ("Add the server with --sudo (passwordless sudo for the login user), or "
+                   "log in as root.")
 
 
 class RemoteChanged(TransientError):
@@ -202,6 +219,47 @@ async def connect(target: Target, credential: Credential, timeouts: Timeouts,
     return Session(target, conn, timeouts, " ".join(seen))
 
 
+class _MethodProbe(_Client):
+    """Logs in with nothing; records the password methods the server offers."""
+
+    def __init__(self) -> None:
+        super().__init__(False)
+        self.offered: set[str] = set()
+
+    def password_auth_requested(self) -> None:
+        self.offered.add("password")
+        return None
+
+    def kbdint_auth_requested(self) -> None:
+        self.offered.add("keyboard-interactive")
+        return None
+
+
+async def offered_methods(target: Target, timeouts: Timeouts, attempts: int = 3) -> set[str]:
+    """The password methods (``password``, ``keyboard-interactive``) sshd offers the
+    login user now, from an unauthenticated connection to the pinned host key (so
+    ``Match`` blocks and the running config count, not what a file says)."""
+    probe = _MethodProbe()
+    options = _options(target, Credential(), timeouts)
+    options.update(password_auth=True, kbdint_auth=True, password=None)
+    for attempt in range(attempts):
+        probe.offered.clear()
+        try:
+            conn, _ = await asyncssh.create_connection(lambda: probe, target.host, **options)
+        except asyncssh.PermissionDenied:
+            return set(probe.offered)
+        except (TimeoutError, asyncssh.Error, OSError, EOFError) as exc:
+            error = map_error(exc, target)
+            if not isinstance(error, ConnectionFailure) or attempt == attempts - 1:
+                raise error from None
+            await asyncio.sleep(0.2 * (attempt + 1))
+            continue
+        conn.close()  # logged in with no credential at all: "none" authentication
+        await conn.wait_closed()
+        return {"none"}
+    raise AssertionError("unreachable")
+
+
 async def check_login(target: Target, credential: Credential, timeouts: Timeouts,
                       password_only: bool = False, attempts: int = 3) -> None:
     """A fresh login works (DewError if not). Refused connections are retried
@@ -245,12 +303,64 @@ def content_hash(content: bytes | None) -> str:
 
 @dataclass(frozen=True)
 class Snapshot:
-    """What one read round trip brings back."""
+    """What the first read round trip brings back."""
 
     os_release: str
     home: str
     systemd: bool
-    files: dict[str, bytes | None] = field(default_factory=dict)
+    connection: str  # $SSH_CONNECTION: "client_ip client_port server_ip server_port"
+    login: str  # the user the session runs as (id -un)
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """One file as read: its real path (symlinks resolved), content or None when it
+    does not exist, and whether the reader could read it and replace it."""
+
+    path: str  # as configured (absolute)
+    real: str  # readlink -f
+    content: bytes | None
+    readable: bool
+    writable: bool  # its directory (or the nearest existing ancestor) is writable
+
+
+def absolute(path: str, home: str) -> str:
+    """``path`` with ``~/`` and relative paths under the login user's home."""
+    if path.startswith("~/"):
+        return home.rstrip("/") + "/" + path[2:]
+    if not path.startswith("/"):
+        return home.rstrip("/") + "/" + path
+    return path
+
+
+def _read_script(paths: list[str], mark: str) -> str:
+    parts = []
+    for path in paths:
+        parts.append(
+            f"f={shlex.quote(path)}; r=$(readlink -f -- \"$f\" 2>/dev/null) || r=$f; "
+            '[ -n "$r" ] || r=$f; a=$(dirname -- "$r"); '
+            'while [ ! -d "$a" ]; do a=$(dirname -- "$a"); done; w=0; [ -w "$a" ] && w=1; '
+            'if [ ! -e "$r" ]; then printf \'%s 0 %s\\n\' "$w" "$r"; '
+            'elif [ -r "$r" ]; then printf \'%s 1 %s\\n\' "$w" "$r"; cat -- "$r" || exit 3; '
+            'else printf \'%s R %s\\n\' "$w" "$r"; fi; '
+            f"printf '\\n%s\\n' {mark}")
+    return "\n".join(parts)
+
+
+def _parse_files(paths: list[str], out: bytes, mark: str) -> list[RemoteFile] | None:
+    chunks = out.split(f"\n{mark}\n".encode())
+    if len(chunks) != len(paths) + 1:
+        return None
+    files = []
+    for path, chunk in zip(paths, chunks, strict=False):
+        head, _, body = chunk.partition(b"\n")
+        fields = head.decode(errors="surrogateescape").split(" ", 2)
+        if len(fields) != 3 or fields[1] not in ("0", "1", "R"):
+            return None
+        writable, state, real = fields
+        files.append(RemoteFile(path, real, body if state == "1" else None,
+                                state != "R", writable == "1"))
+    return files
 
 
 @dataclass
@@ -259,6 +369,7 @@ class Session:
     conn: asyncssh.SSHClientConnection
     timeouts: Timeouts
     host_key: str  # "type base64" of the key the server presented
+    sudo: bool = False  # privileged steps through `sudo -n`
 
     async def close(self) -> None:
         self.conn.close()
@@ -271,8 +382,12 @@ class Session:
                         exc: BaseException | None, tb: TracebackType | None) -> None:
         await self.close()
 
-    async def run(self, command: str, stdin: bytes | None = None) -> tuple[int, bytes, bytes]:
-        """(exit status, stdout, stderr) of a remote command."""
+    async def run(self, command: str, stdin: bytes | None = None, *,
+                  privileged: bool = False) -> tuple[int, bytes, bytes]:
+        """(exit status, stdout, stderr) of a remote command (``privileged``: through
+        ``sudo -n`` when the server allows it; as the login user otherwise)."""
+        if privileged and self.sudo:
+            command = f"sudo -n -- sh -c {shlex.quote(command)}"
         try:
             # asyncssh sends no EOF for an empty ``input``: such commands must not read stdin.
             done = await self.conn.run(command, input=stdin or None, encoding=None,
@@ -285,60 +400,93 @@ class Session:
             raise map_error(exc, self.target) from None
         out = done.stdout if isinstance(done.stdout, bytes) else b""
         err = done.stderr if isinstance(done.stderr, bytes) else b""
-        return int(done.exit_status if done.exit_status is not None else 255), out, err
+        status = int(done.exit_status if done.exit_status is not None else 255)
+        if privileged and self.sudo and status != 0 and err.startswith(b"sudo:"):
+            raise PermissionProblem(
+                STATUS_ERROR, target=self.target.name,
+                cause=f"sudo -n refused on {self.target.name} for user {self.target.user}: "
+                f"{err.decode(errors='replace').strip()[:200]}",
+                fix="Allow the login user passwordless sudo (NOPASSWD) on the server.")
+        return status, out, err
 
-    async def snapshot(self, paths: list[str]) -> Snapshot:
-        """``/etc/os-release``, ``$HOME``, systemd or not, and ``paths`` (None: missing)."""
+    async def snapshot(self) -> Snapshot:
+        """``/etc/os-release``, ``$HOME``, systemd or not, ``$SSH_CONNECTION``, login."""
         mark = secrets.token_hex(12)
         sep = f"printf '\\n%s\\n' {mark}"
         parts = ["cat /etc/os-release 2>/dev/null", sep, "printf %s \"$HOME\"", sep,
-                 "[ -d /run/systemd/system ] && printf yes", sep]
-        for path in paths:
-            p = shell_path(path)
-            parts += [f"if [ -e {p} ]; then printf 1; cat -- {p} || exit 3; else printf 0; fi",
-                      sep]
+                 "[ -d /run/systemd/system ] && printf yes", sep,
+                 "printf %s \"$SSH_CONNECTION\"", sep, "id -un", sep]
         status, out, err = await self.run("; ".join(parts))
         chunks = out.split(f"\n{mark}\n".encode())
-        if status not in (0, 1) or len(chunks) != len(paths) + 4:
+        if status not in (0, 1) or len(chunks) != 6:
             raise ServerStatusError(STATUS_ERROR, target=self.target.name,
-                                    cause=f"reading the server's files failed (exit {status}): "
+                                    cause=f"reading the server's state failed (exit {status}): "
                                     f"{err.decode(errors='replace')[:200]}")
-        files: dict[str, bytes | None] = {}
-        for path, chunk in zip(paths, chunks[3:], strict=False):
-            files[path] = chunk[1:] if chunk[:1] == b"1" else None
-        return Snapshot(chunks[0].decode(errors="replace"), chunks[1].decode(errors="replace"),
-                        chunks[2] == b"yes", files)
+        text = [c.decode(errors="replace") for c in chunks]
+        return Snapshot(text[0], text[1], text[2] == "yes", text[3].strip(),
+                        text[4].strip() or self.target.user)
 
-    async def write_file(self, path: str, content: bytes, expected: bytes | None, *,
-                         mode: str | None = None, private_dir: bool = False) -> None:
-        """Atomically replace ``path`` with ``content`` if it still holds ``expected``.
+    async def read_files(self, paths: list[str], *, privileged: bool = False
+                         ) -> list[RemoteFile]:
+        """Absolute ``paths`` as they are now (symlinks resolved; see :class:`RemoteFile`)."""
+        if not paths:
+            return []
+        mark = secrets.token_hex(12)
+        status, out, err = await self.run(_read_script(paths, mark), privileged=privileged)
+        files = _parse_files(paths, out, mark) if status == 0 else None
+        if files is None:
+            raise ServerStatusError(STATUS_ERROR, target=self.target.name,
+                                    cause=f"reading {', '.join(paths)} failed (exit {status}): "
+                                    f"{err.decode(errors='replace')[:200]}")
+        return files
 
-        Temp file in the same directory, fsync, owner and mode of the old file
-        kept (``mode`` forces one), rename, fsync of the directory.
-        ``private_dir`` creates the directory 700 (and makes it 700 if under $HOME).
+    async def write_file(self, path: str, content: bytes | None, expected: bytes | None, *,
+                         mode: str | None = None, private_under: str | None = None,
+                         privileged: bool = False) -> None:
+        """Atomically replace ``path`` with ``content`` (None: remove it) if it still
+        holds ``expected``.
+
+        ``path`` is absolute; a symlink is followed (``readlink -f``) and its target
+        edited, the link kept. Temp file in the same directory, fsync, owner and
+        mode of the old file kept (a new file takes the directory's owner; ``mode``
+        forces one), rename, fsync of the directory, ``restorecon`` when SELinux is
+        on. A directory under ``private_under`` (the login user's home) is made 700.
         """
-        p = shell_path(path)
         script = [
-            "set -e", "umask 077", f"f={p}", 'd=$(dirname -- "$f")',
-            '[ -d "$d" ] || mkdir -p -- "$d"',
+            "set -e", "umask 077", f"f={shlex.quote(path)}",
+            'r=$(readlink -f -- "$f" 2>/dev/null) && [ -n "$r" ] && f=$r',
+            'd=$(dirname -- "$f")', 'new_dir=0',
+            '[ -d "$d" ] || { mkdir -p -- "$d"; new_dir=1; }',
         ]
-        if private_dir:
-            script.append('case "$d" in "$HOME"/*) chmod 700 -- "$d";; esac')
+        if private_under is not None:
+            home = shlex.quote(private_under.rstrip("/") + "/")
+            script.append(f'case "$d/" in {home}?*) chmod 700 -- "$d";; esac')
         script += [
             'if [ -e "$f" ]; then cur=$(sha256sum < "$f" | cut -c1-64); else cur=absent; fi',
             f'[ "$cur" = {content_hash(expected)} ] || exit {CAS_EXIT}',
-            't=$(mktemp -- "$d/.dew.XXXXXXXX")', "trap 'rm -f -- \"$t\"' EXIT",
-            'cat > "$t"' if content else ': > "$t"',
-            'if [ -e "$f" ]; then chown --reference="$f" -- "$t" 2>/dev/null || true; '
-            'chmod --reference="$f" -- "$t"; fi',
+            'selinux() { command -v selinuxenabled >/dev/null 2>&1 && selinuxenabled && '
+            'command -v restorecon >/dev/null 2>&1; }',
         ]
-        if mode is not None:
-            script.append(f'chmod {mode} -- "$t"')
-        script += [
-            'sync -- "$t" 2>/dev/null || sync', 'mv -f -- "$t" "$f"', "trap - EXIT",
-            'sync -- "$d" 2>/dev/null || true',
-        ]
-        status, _, err = await self.run("\n".join(script), stdin=content)
+        if content is None:
+            script += ['rm -f -- "$f"', 'sync -- "$d" 2>/dev/null || true']
+        else:
+            script += [
+                't=$(mktemp -- "$d/.dew.XXXXXXXX")', "trap 'rm -f -- \"$t\"' EXIT",
+                'cat > "$t"' if content else ': > "$t"',
+                'if [ -e "$f" ]; then ref=$f; else ref=$d; fi',
+                'chown --reference="$ref" -- "$t" 2>/dev/null || true',
+                '[ "$ref" = "$d" ] || chmod --reference="$f" -- "$t"',
+            ]
+            if mode is not None:
+                script.append(f'chmod {mode} -- "$t"')
+            script += [
+                'sync -- "$t" 2>/dev/null || sync', 'mv -f -- "$t" "$f"', "trap - EXIT",
+                'sync -- "$d" 2>/dev/null || true',
+                'if selinux; then restorecon -F -- "$f" 2>/dev/null || true; '
+                '[ "$new_dir" = 0 ] || restorecon -F -- "$d" 2>/dev/null || true; fi',
+            ]
+        status, _, err = await self.run("\n".join(script), stdin=content or None,
+                                        privileged=privileged)
         if status == CAS_EXIT:
             raise RemoteChanged(f"{path} changed on {self.target.name} while we edited it",
                                 target=self.target.name)
@@ -346,6 +494,13 @@ class Session:
             raise ServerStatusError(STATUS_ERROR, target=self.target.name,
                                     cause=f"writing {path} failed (exit {status}): "
                                     f"{err.decode(errors='replace')[:200]}")
+
+    async def effective_config(self, config: str, spec: str) -> tuple[int, str, str]:
+        """``sshd -T -f CONFIG -C SPEC``: (exit status, output, error text)."""
+        command = (f"s=$(command -v sshd || echo /usr/sbin/sshd); "
+                   f'"$s" -T -f {shlex.quote(config)} -C {shlex.quote(spec)}')
+        status, out, err = await self.run(command, privileged=True)
+        return status, out.decode(errors="replace"), err.decode(errors="replace").strip()
 
 
 @asynccontextmanager

@@ -91,3 +91,42 @@ def set_password_login(text: str, enabled: bool, suse: bool = False) -> str:
 def password_login_enabled(text: str) -> bool:
     """Whether this file leaves password login on (sshd's default is yes)."""
     return effective(text, "PasswordAuthentication") in (None, "yes")
+
+
+# --------------------------------------------------------------------------- sshd -T
+
+
+def connection_spec(user: str, ssh_connection: str) -> str | None:
+    """``sshd -T -C`` connection spec for this session, from ``$SSH_CONNECTION``
+    (``client_ip client_port server_ip server_port``); None when it is not there."""
+    fields = ssh_connection.split()
+    if len(fields) != 4 or not all(fields) or "," in ssh_connection:
+        return None
+    client, _, server, port = fields
+    return f"user={user},host={client},addr={client},laddr={server},lport={port}"
+
+
+def parse_effective(text: str) -> dict[str, str]:
+    """``sshd -T`` output as keyword (lower case) -> value (the first line of each)."""
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        key, _, value = line.strip().partition(" ")
+        if key and key.lower() not in out:
+            out[key.lower()] = value.strip()
+    return out
+
+
+def effective_password_login(options: dict[str, str]) -> bool | None:
+    """Whether sshd's effective options let a password in (password or
+    keyboard-interactive); None when the output does not say."""
+    password = options.get("passwordauthentication")
+    kbdint = options.get("kbdinteractiveauthentication",
+                         options.get("challengeresponseauthentication"))
+    if password is None:
+        return None
+    return password.lower() == "yes" or (kbdint or "no").lower() == "yes"
+
+
+def password_methods(methods: set[str]) -> set[str]:
+    """The password-like methods among those a server offers."""
+    return methods & {"password", "keyboard-interactive", "none"}

@@ -1,11 +1,11 @@
 """KPS persistence: SSH key pairs, servers, and which key pair is bound where.
 
-The schema is migration 4 of :mod:`engine.sqlite_store`; opening this store
-runs the migrations through that module. Same discipline as the KMS store: an
-aiosqlite connection of its own, WAL, one lock around every write, and
-``BEGIN IMMEDIATE`` for check-then-write so that two processes (CLI, worker)
-queue on the busy timeout. A managed private key is stored only as the
-envelope the service hands in (never in clear). sqlite3 errors become engine
+The schema is this module's ``MIGRATIONS`` (component ``kps`` of the file's
+``schema_migrations``); opening the store runs the ones the file lacks. Same
+discipline as the KMS store: an aiosqlite connection of its own, WAL, one lock
+around every write, and ``BEGIN IMMEDIATE`` for check-then-write so that two
+processes (CLI, worker) queue on the busy timeout. A managed private key is
+stored only as the envelope the service hands in (never in clear). sqlite3
 errors in :func:`engine.sqlite_db.sqlite_errors` and nowhere else.
 """
 
@@ -25,7 +25,7 @@ KEYPAIR_COLUMNS = (
 )
 SERVER_COLUMNS = (
     "server_id, account, name, host, port, login_user, host_key, trust_first_use, sshd_config, "
-    "reload_command, authorized_keys, created_at"
+    "reload_command, authorized_keys, created_at, sudo"
 )
 CreateOutcome = Literal["created", "name_taken", "quota_exceeded"]
 DeleteOutcome = Literal["deleted", "bound", "missing"]
@@ -66,6 +66,7 @@ class ServerRecord:
     reload_command: str | None
     authorized_keys: str | None
     created_at: datetime
+    sudo: bool = False  # privileged steps run through ``sudo -n`` (a login user not root)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -73,7 +74,7 @@ class ServerRecord:
             "host_key": self.host_key, "trust_first_use": self.trust_first_use,
             "host_key_pinned": self.host_key is not None, "sshd_config": self.sshd_config,
             "reload_command": self.reload_command, "authorized_keys": self.authorized_keys,
-            "account": self.account, "created_at": iso(self.created_at),
+            "sudo": self.sudo, "account": self.account, "created_at": iso(self.created_at),
         }
 
 
@@ -133,6 +134,13 @@ MIGRATIONS: tuple[str, ...] = (
         updated_at  TEXT NOT NULL,
         PRIMARY KEY (task_id, server)
     );
+    """,
+    # 2: kps_servers.sudo: the login user is not root; privileged steps run through
+    # `sudo -n`. SQLite has no ADD COLUMN IF NOT EXISTS: the runner applies a script
+    # once per file, in the transaction that records the version, so it never meets
+    # the column twice (migration 1 never creates it).
+    """
+    ALTER TABLE kps_servers ADD COLUMN sudo INTEGER NOT NULL DEFAULT 0 CHECK (sudo IN (0, 1))
     """,
 )
 
@@ -242,11 +250,11 @@ class SqliteKpsStore(SqliteDb):
                 return False
             await self._conn.execute(
                 f"INSERT INTO kps_servers ({SERVER_COLUMNS}) VALUES "
-                "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (server.server_id, server.account, server.name, server.host, server.port,
                  server.login_user, server.host_key, int(server.trust_first_use),
                  server.sshd_config, server.reload_command, server.authorized_keys,
-                 iso(server.created_at)),
+                 iso(server.created_at), int(server.sudo)),
             )
         return True
 
@@ -324,6 +332,15 @@ class SqliteKpsStore(SqliteDb):
                 "WHERE b.keypair_id = ? ORDER BY s.name", (keypair_id,))
         return [r[0] for r in rows]
 
+    async def bound_keys(self, server_id: str) -> list[tuple[str, str]]:
+        """(keypair id, public key) of every binding on the server, whoever owns it."""
+        async with self._locked():
+            rows = await self._fetchall(
+                "SELECT k.keypair_id, k.public_key FROM kps_bindings b "
+                "JOIN kps_keypairs k USING (keypair_id) WHERE b.server_id = ? "
+                "ORDER BY k.keypair_id", (server_id,))
+        return [(r[0], r[1]) for r in rows]
+
     async def keypairs_on(self, server_id: str) -> list[str]:
         async with self._locked():
             rows = await self._fetchall(
@@ -376,5 +393,5 @@ def _server(row: sqlite3.Row) -> ServerRecord:
         port=int(row["port"]), login_user=row["login_user"], host_key=row["host_key"],
         trust_first_use=bool(row["trust_first_use"]), sshd_config=row["sshd_config"],
         reload_command=row["reload_command"], authorized_keys=row["authorized_keys"],
-        created_at=_ts(row["created_at"]),
+        created_at=_ts(row["created_at"]), sudo=bool(row["sudo"]),
     )

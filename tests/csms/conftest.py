@@ -1,6 +1,8 @@
 """Fixtures for CSMS tests: the shared SoftHSM token, a secrets service in this
 process, workers with extra environment, a private PostgreSQL cluster with
-scram-sha-256 password auth, and users on the machine's MariaDB server.
+scram-sha-256 password auth and TLS (a throw-away CA, :mod:`tests.csms.pki`),
+users on the machine's MariaDB server (no TLS), and a private MariaDB server
+with TLS started once per session.
 
 SoftHSM reads SOFTHSM2_CONF once per process: the root ``settings`` fixture
 links ``STATE/hsm/softhsm2.conf`` to this process's shared token, so the CLI
@@ -10,10 +12,12 @@ and workers in subprocesses see the same keys and the same database file.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import pwd
 import secrets
 import shutil
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -21,6 +25,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -32,15 +37,32 @@ from handlers.csms.service import SecretsService
 from handlers.csms.store import SqliteCsmsStore
 from handlers.kms.service import KmsService
 from handlers.kms.store import SqliteKmsStore
+from tests.csms.pki import Ca
 from tests.helpers import ROOT, FakeClock, WorkerProcess, dew_env
 
 PG_BIN = Path(sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))[-1]).parent \
     if list(Path("/usr/lib/postgresql").glob("*/bin/initdb")) else Path("/nonexistent")
+# Server certificates name only this host: a secret naming 127.0.0.1 gets a host name
+# mismatch under verify-full (and is accepted under verify-ca).
+TLS_HOST = "localhost"
+TLS_ONLY_GROUP = "dew_tls_only"  # pg_hba: members log in over TLS only (hostssl)
 
 
+@dataclass(frozen=True)
+class Pki:
+    ca: Ca  # signs the test servers' certificates
+    other_ca: Ca  # signs nothing the servers use: "the wrong CA"
 
 
+@pytest.fixture(scope="session")
+def pki() -> Pki:
+    return Pki(Ca.make("dew test CA"), Ca.make("dew unrelated CA"))
 
+
+def _chown(path: Path, user: str) -> None:
+    if os.geteuid() == 0:
+        entry = pwd.getpwnam(user)
+        os.chown(path, entry.pw_uid, entry.pw_gid)
 @pytest.fixture
 def settings(settings: Settings) -> Settings:
     """The root settings (linked to this process's token) with short DB timeouts."""
@@ -122,6 +144,7 @@ class PgCluster:
     port: int
     superpass: str
     log: Path
+    ca_pem: str = ""  # the CA of the server certificate (for TLS_HOST)
 
     def start(self) -> None:
         subprocess.run(_as_postgres([
@@ -146,13 +169,61 @@ class PgCluster:
             await conn.close()
 
     def document(self, user: str, password: str, port: int | None = None) -> dict[str, object]:
+        """A value document in the older form, ``"ssl": false``: the plaintext opt-out."""
         return {"engine": "postgresql", "host": "127.0.0.1", "port": port or self.port,
                 "username": user, "password": password, "dbname": "postgres", "ssl": False}
 
+    def tls_document(self, user: str, password: str, **fields: Any) -> dict[str, object]:
+        """A value document with verified TLS (verify-full by default, the CA given)."""
+        return {"engine": "postgresql", "host": TLS_HOST, "port": self.port,
+                "username": user, "password": password, "dbname": "postgres",
+                "tls_ca": self.ca_pem, **fields}
+
+    async def create_tls_only_user(self, name: str, password: str) -> None:
+        """A user pg_hba lets in over TLS only (hostssl; hostnossl: reject)."""
+        await self.create_user(name, password)
+        conn = await self.admin()
+        try:
+            with contextlib.suppress(asyncpg.DuplicateObjectError):
+                await conn.execute(f"CREATE ROLE {TLS_ONLY_GROUP} NOLOGIN")
+            await conn.execute(f"GRANT {TLS_ONLY_GROUP} TO {name}")
+        finally:
+            await conn.close()
+
+    @contextlib.asynccontextmanager
+    async def without_tls(self) -> AsyncIterator[None]:
+        """The server with ``ssl = off`` (reloaded, no restart) while in the block."""
+        await self._set_ssl("off")
+        try:
+            yield
+        finally:
+            await self._set_ssl("on")
+
+    async def _set_ssl(self, value: str) -> None:
+        conn = await self.admin()
+        try:
+            await conn.execute(f"ALTER SYSTEM SET ssl = {value}")
+            await conn.execute("SELECT pg_reload_conf()")
+        finally:
+            await conn.close()
+        deadline = time.monotonic() + 10
+        while True:  # the postmaster applies the reload asynchronously
+            conn = await self.admin()
+            try:
+                if await conn.fetchval("SHOW ssl") == value:
+                    return
+            finally:
+                await conn.close()
+            if time.monotonic() > deadline:
+                raise AssertionError(f"ssl did not become {value}")
+            await asyncio.sleep(0.05)
+
 
 @pytest.fixture(scope="session")
-def pg_cluster() -> Iterator[PgCluster]:
-    """A private cluster: scram-sha-256 for every login, so a wrong password fails."""
+def pg_cluster(pki: Pki) -> Iterator[PgCluster]:
+    """A private cluster: scram-sha-256 for every login, so a wrong password fails;
+    TLS on with a certificate for TLS_HOST from ``pki.ca`` (key 0600, owned by the
+    user running the cluster); members of TLS_ONLY_GROUP log in over TLS only."""
     if not (PG_BIN / "initdb").exists():
         pytest.fail("PostgreSQL is not installed (initdb): run `make setup`")
     base = Path(tempfile.mkdtemp(prefix="dew-pg-"))
@@ -168,19 +239,36 @@ def pg_cluster() -> Iterator[PgCluster]:
         str(PG_BIN / "initdb"), "-D", str(data), "-U", "postgres", "--pwfile", str(pwfile),
         "-A", "scram-sha-256", "--no-sync", "-E", "UTF8"]),
         check=True, capture_output=True, timeout=120)
-    cluster = PgCluster(data, free_port(), superpass, base / "pg.log")
+    _enable_pg_tls(data, pki.ca)
+    cluster = PgCluster(data, free_port(), superpass, base / "pg.log", pki.ca.pem)
     cluster.start()
     yield cluster
     cluster.stop()
     shutil.rmtree(base, ignore_errors=True)
 
 
+def _enable_pg_tls(data: Path, ca: Ca) -> None:
+    cert, key = ca.issue_server(data, [TLS_HOST])
+    for path in (cert, key):
+        _chown(path, "postgres")  # the server refuses a key not its own or not 0600
+    with (data / "postgresql.conf").open("a") as conf:
+        conf.write("\nssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n")
+    hba = data / "pg_hba.conf"
+    hba.write_text(
+        f"hostssl all +{TLS_ONLY_GROUP} 127.0.0.1/32 scram-sha-256\n"
+        f"hostnossl all +{TLS_ONLY_GROUP} 127.0.0.1/32 reject\n" + hba.read_text())
+
+
 async def pg_login(doc: dict[str, object]) -> bool:
     """Whether ``doc``'s user logs in with ``doc``'s password (anything else raises)."""
+    tls: ssl.SSLContext | bool = False
+    if isinstance(doc.get("tls_ca"), str):  # over TLS, as the secret says (TLS-only users)
+        tls = ssl.create_default_context(cadata=str(doc["tls_ca"]))
+        tls.check_hostname = doc.get("tls") != "verify-ca"
     try:
         conn = await asyncpg.connect(host=str(doc["host"]), port=int(str(doc["port"])),
                                      user=str(doc["username"]), password=str(doc["password"]),
-                                     database="postgres", ssl=False, timeout=5)
+                                     database="postgres", ssl=tls, timeout=5)
     except asyncpg.InvalidPasswordError:
         return False
     await conn.close()
@@ -211,3 +299,99 @@ async def wait_until(predicate: Callable[[], object], timeout: float = 30.0) -> 
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
         await asyncio.sleep(0.1)
+
+
+@dataclass
+class MariaServer:
+    """A private ``mariadbd`` with TLS (certificate for TLS_HOST from ``pki.ca``),
+    on 127.0.0.1:port; root logs in over the unix socket without a password."""
+
+    base: Path
+    port: int
+    ca_pem: str
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def socket(self) -> Path:
+        return self.base / "sock"
+
+    def start(self) -> None:
+        data = self.base / "data"
+        if not data.exists():
+            data.mkdir()
+            _chown(data, "mysql")
+            subprocess.run(
+                ["mariadb-install-db", "--no-defaults", f"--datadir={data}",
+                 "--auth-root-authentication-method=normal", f"--user={_mysql_user()}",
+                 "--skip-test-db"], check=True, capture_output=True, timeout=120)
+        log = (self.base / "mariadbd.out").open("ab")
+        self.proc = subprocess.Popen(
+            ["mariadbd", "--no-defaults", f"--datadir={data}", f"--socket={self.socket}",
+             f"--port={self.port}", "--bind-address=127.0.0.1", f"--user={_mysql_user()}",
+             f"--pid-file={self.base / 'mariadbd.pid'}", "--skip-log-bin",
+             "--innodb-buffer-pool-size=16M", "--skip-name-resolve",
+             f"--ssl-ca={self.base / 'ca.pem'}", f"--ssl-cert={self.base / 'server.crt'}",
+             f"--ssl-key={self.base / 'server.key'}"],
+            stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while True:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"mariadbd exited ({self.proc.returncode}): "
+                                     + (self.base / "mariadbd.out").read_text()[-2000:])
+            if self.root_try("SELECT 1"):
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError("mariadbd did not answer in 60 s")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+    def root_try(self, sql: str) -> bool:
+        done = subprocess.run(["mysql", "--no-defaults", f"--socket={self.socket}", "-uroot",
+                               "-e", sql], capture_output=True, timeout=30)
+        return done.returncode == 0
+
+    def root(self, sql: str) -> None:
+        if not self.root_try(sql):
+            raise AssertionError(f"mysql failed: {sql}")
+
+    def create_user(self, name: str, password: str) -> None:
+        self.root(f"CREATE USER '{name}'@'127.0.0.1' IDENTIFIED BY '{password}'")
+
+    def document(self, user: str, password: str, **fields: Any) -> dict[str, object]:
+        """A value document with verified TLS (verify-full by default, the CA given)."""
+        return {"engine": "mariadb", "host": TLS_HOST, "port": self.port, "username": user,
+                "password": password, "dbname": "", "tls_ca": self.ca_pem, **fields}
+
+
+def _mysql_user() -> str:
+    # mariadbd refuses to run as root unless told to: as root, run it as mysql.
+    return "mysql" if os.geteuid() == 0 else pwd.getpwuid(os.geteuid()).pw_name
+
+
+@pytest.fixture(scope="session")
+def mariadb_tls(pki: Pki) -> Iterator[MariaServer]:
+    """A private MariaDB server with TLS, started once per session (a few seconds)."""
+    for tool in ("mariadbd", "mariadb-install-db", "mysql"):
+        if shutil.which(tool) is None:
+            pytest.fail(f"{tool} is not installed (Debian: mariadb-server, mariadb-client)")
+    base = Path(tempfile.mkdtemp(prefix="dew-maria-"))
+    _chown(base, "mysql")
+    pki.ca.write(base / "ca.pem")
+    paths = pki.ca.issue_server(base, [TLS_HOST])
+    for path in (base / "ca.pem", *paths):
+        _chown(path, "mysql")
+    server = MariaServer(base, free_port(), pki.ca.pem)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(base, ignore_errors=True)

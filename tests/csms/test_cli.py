@@ -84,3 +84,28 @@ def test_cli_round_trip(settings: Settings, tmp_path: Path) -> None:
     assert blocked.returncode == 2 and "pending deletion" in blocked.stderr
     assert run_dew(settings, "secrets", "restore", "cli.s").returncode == 0
     assert run_dew(settings, "secrets", "get", "cli.s").stdout == data["value"]
+
+
+def test_no_option_takes_a_secret_value_on_the_command_line() -> None:
+    """Audit L2: values come from --value-file, --value-stdin or --generate; every
+    other option that takes an argument is a name, a label or a number."""
+    import argparse
+
+    from handlers.csms.cli import register
+
+    commands = argparse.ArgumentParser().add_subparsers(dest="command")
+    register(commands, {})
+    not_secret = {"--account", "--stage", "--version-id", "--kms-key", "--description",
+                  "--type", "--length", "--charset", "--recovery-days", "--timeout",
+                  "--period", "--value-file", "name"}
+    top = commands.choices["secrets"]
+    [actions] = [a for a in top._actions if isinstance(a, argparse._SubParsersAction)]
+    for action_name, sub in actions.choices.items():
+        for opt in sub._actions:
+            if opt.nargs == 0 or isinstance(opt, argparse._HelpAction):
+                continue
+            label = opt.option_strings[0] if opt.option_strings else opt.dest
+            assert label in not_secret, f"dew secrets {action_name} {label}"
+        if action_name in ("create", "put-version"):
+            options = {o for a in sub._actions for o in a.option_strings}
+            assert {"--value-file", "--value-stdin", "--generate"} <= options

@@ -140,3 +140,65 @@ def test_rotation_task_ids_are_deterministic_and_valid() -> None:
 def test_scram_verifier_shape() -> None:
     v = scram_verifier("pw", salt=b"0123456789abcdef")
     assert v.startswith("SCRAM-SHA-256$4096:") and "pw" not in v.split("$", 1)[1][:5]
+
+
+# --------------------------------------------------------------------------- TLS (M5)
+
+_PG = {"engine": "postgresql", "host": "db", "port": 5432, "username": "u",
+       "password": "hunter2", "dbname": "d"}
+
+
+def _tls(**fields: object) -> m.TlsPolicy:
+    return m.parse_db_document(json.dumps({**_PG, **fields}).encode(),
+                               m.SecretType.RDS_POSTGRESQL).tls
+
+
+def test_tls_defaults_to_verify_full_and_maps_the_older_ssl_field() -> None:
+    from tests.csms.pki import Ca
+
+    assert _tls() == m.TlsPolicy(m.TlsMode.VERIFY_FULL)
+    assert _tls().enabled and _tls().check_hostname and _tls().trust == "the system CA store"
+    assert not _tls(tls="verify-ca").check_hostname
+    assert not _tls(tls="disable").enabled
+    # "ssl" as documented before "tls": false/"disable" keep plaintext (asked for on
+    # purpose); every mode that allowed a fallback or skipped the check now verifies.
+    assert _tls(ssl=False).mode is m.TlsMode.DISABLE
+    assert _tls(ssl="disable").mode is m.TlsMode.DISABLE
+    for old in (True, "prefer", "allow", "require", "verify-full"):
+        assert _tls(ssl=old).mode is m.TlsMode.VERIFY_FULL
+    assert _tls(ssl="verify-ca").mode is m.TlsMode.VERIFY_CA
+    assert _tls(ssl=False, tls="disable").mode is m.TlsMode.DISABLE
+    pem = Ca.make("model test").pem
+    assert _tls(tls_ca=pem).ca_pem == pem and "tls_ca" in _tls(tls_ca=pem).trust
+    assert _tls(tls_ca_file="/etc/ssl/db-ca.pem").ca_file == "/etc/ssl/db-ca.pem"
+    doc = m.parse_db_document(json.dumps({**_PG, "tls_ca": pem}).encode(),
+                              m.SecretType.RDS_POSTGRESQL)
+    # A rotated version keeps the fields as written.
+    assert json.loads(doc.with_password("new").to_bytes())["tls_ca"] == pem
+    assert "hunter2" not in repr(doc) and "verify-full" in repr(doc)
+    # A unix socket has no TLS: only with the explicit opt-out.
+    with pytest.raises(InvalidInput, match="unix socket"):
+        _tls(host="/var/run/postgresql")
+    assert not _tls(host="/var/run/postgresql", tls="disable").enabled
+
+
+@pytest.mark.parametrize(("fields", "words"), [
+    ({"tls": "prefer"}, "tls must be one of"),
+    ({"tls": True}, "tls must be one of"),
+    ({"ssl": "sometimes"}, "ssl must be"),
+    ({"ssl": 1.5}, "ssl must be"),
+    ({"tls": "verify-full", "ssl": False}, "disagree"),
+    ({"tls_ca": "not a certificate"}, "not PEM"),
+    ({"tls_ca": ""}, "PEM text"),
+    ({"tls_ca": 42}, "PEM text"),
+    ({"tls_ca_file": "relative/ca.pem"}, "absolute path"),
+    ({"tls_ca_file": "/a", "tls_ca": "x"}, "not both"),
+    ({"tls": "disable", "tls_ca_file": "/etc/ca.pem"}, "need TLS"),
+])
+def test_bad_tls_fields_are_refused_with_the_field_named(fields: dict[str, object],
+                                                         words: str) -> None:
+    for kind, engine in ((m.SecretType.RDS_POSTGRESQL, "postgresql"),
+                         (m.SecretType.RDS_MYSQL, "mariadb")):
+        with pytest.raises(InvalidInput, match=words) as err:
+            m.check_value(json.dumps({**_PG, "engine": engine, **fields}).encode(), kind)
+        assert err.value.code == "invalid_db_document" and "hunter2" not in err.value.message

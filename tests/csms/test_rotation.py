@@ -1,9 +1,10 @@
 """Rotation through real workers on real databases: a private PostgreSQL cluster
-(scram-sha-256) and the machine's MariaDB. Proves the new password logs in and
-the old one does not, failures leave SYSCURRENT working and are recorded, a
-worker killed between steps 2 and 4 is finished by the next one, scheduled
-rotations start on time with a concurrency bound, and no value is in clear in
-Redis, the SQLite files or the logs."""
+(scram-sha-256, verified TLS) and the machine's MariaDB (no TLS: explicit
+opt-out). Proves the new password logs in and the old one does not, failures
+leave SYSCURRENT working and are recorded, a worker killed between steps 2 and
+4 is finished by the next one, scheduled rotations start on time with a
+concurrency bound, and no value is in clear in Redis, the SQLite files or the
+logs."""
 
 from __future__ import annotations
 
@@ -70,8 +71,9 @@ async def test_postgres_rotation_changes_the_password(
     csms: SecretsService, settings: Settings, pg_cluster: PgCluster, redis_server: RedisServer,
     env_worker: Callable[..., EnvWorker], tmp_path: Path,
 ) -> None:
-    await pg_cluster.create_user("rot_ok", "initial-pw-Q7x")
-    original = pg_cluster.document("rot_ok", "initial-pw-Q7x")
+    # Over verified TLS (the default), as a user pg_hba lets in over TLS only.
+    await pg_cluster.create_tls_only_user("rot_ok", "initial-pw-Q7x")
+    original = pg_cluster.tls_document("rot_ok", "initial-pw-Q7x")
     await csms.create("pg-ok", json.dumps(original).encode(), secret_type="RDS_POSTGRESQL")
     worker = env_worker()
 
@@ -178,8 +180,10 @@ async def test_mariadb_rotation_and_wrong_credentials(
     env_worker: Callable[..., EnvWorker],
 ) -> None:
     user, password = mariadb_user
+    # The machine's MariaDB has no TLS: these secrets opt out explicitly (without
+    # it the rotation is refused, see test_tls.py).
     original = {"engine": "mariadb", "host": "127.0.0.1", "port": 3306, "username": user,
-                "password": password, "dbname": ""}
+                "password": password, "dbname": "", "tls": "disable"}
     await csms.create("maria", json.dumps(original).encode(), secret_type="RDS_MYSQL")
     await csms.create("maria-bad", json.dumps({**original, "password": "wrong-one"}).encode(),
                       secret_type="RDS_MYSQL")

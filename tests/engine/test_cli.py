@@ -23,6 +23,12 @@ def assert_bad_input(settings: Settings, *args: str, message: str) -> None:
     ("args", "message"),
     [
         (("enqueue", "engine.nope"), "unknown job name 'engine.nope'"),
+        (("tasks", "list", "--name", "\udcff"), "argument 4 is not valid UTF-8"),
+        (("failures", "show", "x\udcfe"), "argument 3 is not valid UTF-8"),
+        (("enqueue", "engine.echo", "--args", '{"value":' + "[" * 40 + "]" * 40 + "}"),
+         "job arguments nest deeper than 32 levels"),
+        (("enqueue", "engine.echo", "--args", '{"value":' + "[" * 5000 + "]" * 5000 + "}"),
+         "--args nests too deeply"),
         (("enqueue", "engine.echo", "--args", "[1, 2]"), "must be a JSON object"),
         (("enqueue", "engine.echo", "--args", "{nope"), "--args is not valid JSON"),
         (("enqueue", "engine.echo", "--args", "{}"), "engine.echo needs a 'value'"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -10,10 +11,11 @@ import pytest
 
 from engine.context import JobContext
 from engine.errors import PermanentError, TransientError
+from engine.job_signing import JobSigner
 from engine.models import utcnow
 from engine.redaction import REDACTED
-from engine.registry import Registry
-from engine.runner import TaskRunner
+from engine.registry import JobSpec, Registry
+from engine.runner import RunOutcome, TaskRunner, stored_form
 from engine.settings import Settings
 from engine.sqlite_store import SqliteTaskStore
 
@@ -71,9 +73,36 @@ async def store(tmp_path: Path) -> AsyncIterator[SqliteTaskStore]:
     await s.close()
 
 
+class SigningRunner(TaskRunner):
+    """A runner whose jobs arrive signed, as the client signs them."""
+
+    async def run(self, spec: JobSpec, task_id: str, args: Any,
+                  enqueued_at: datetime | None = None, signature: Any = None) -> RunOutcome:
+        signer: JobSigner = await self.resources.get("job_signer")
+        signature = await signer.sign(spec.name, task_id, stored_form(spec, args))
+        return await super().run(spec, task_id, args, enqueued_at, signature)
+
+
 @pytest.fixture
-def runner(settings: Settings, store: SqliteTaskStore) -> TaskRunner:
-    return TaskRunner(settings, store, "w-test", rand=lambda: 0.0)
+async def runner(settings: Settings, store: SqliteTaskStore) -> AsyncIterator[TaskRunner]:
+    signing = SigningRunner(settings, store, "w-test", rand=lambda: 0.0)
+    yield signing
+    await signing.resources.close()
+
+
+async def test_an_unsigned_job_is_refused_and_recorded(
+    settings: Settings, store: SqliteTaskStore
+) -> None:
+    plain = TaskRunner(settings, store, "w-test")
+    calls.clear()
+    try:
+        outcome = await plain.run(jobs.get("t.ok"), "t-unsigned", {"a": 1})
+    finally:
+        await plain.resources.close()
+    assert outcome.status == "refused" and calls == []
+    assert await store.get_task("t-unsigned") is None
+    [record] = await store.list_failures(task_id="t-unsigned")
+    assert (record.code, record.category) == ("job_not_signed", "security")
 
 
 async def test_success_records_result(runner: TaskRunner, store: SqliteTaskStore) -> None:

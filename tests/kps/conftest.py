@@ -15,13 +15,15 @@ from pathlib import Path
 import pytest
 
 from engine.settings import Settings
-from tests.helpers import ROOT, dew_env, run_dew
+from tests.helpers import ROOT, WorkerProcess, dew_env, run_dew
 from tests.kps.sshd_servers import (
     SSHD,
+    RootSshd,
     Sshd,
     TestUser,
     create_user,
     delete_user,
+    free_ports,
     start_pool,
     stop_pool,
 )
@@ -62,6 +64,50 @@ def sshds(sshd_pool: list[Sshd]) -> list[Sshd]:
     for s in sshd_pool:
         s.reset()
     return sshd_pool
+
+
+@pytest.fixture(scope="session")
+def sudo_user(ssh_user: TestUser) -> Iterator[TestUser]:
+    """The test user with passwordless sudo (a sudoers drop-in, removed at teardown).
+    Needs the Debian package ``sudo``."""
+    assert shutil.which("sudo"), "install the Debian package 'sudo' (.ci/system-packages)"
+    drop_in = Path(f"/etc/sudoers.d/dew-test-{ssh_user.name}")
+    drop_in.write_text(f"{ssh_user.name} ALL=(ALL) NOPASSWD: ALL\n")
+    drop_in.chmod(0o440)
+    try:
+        yield ssh_user
+    finally:
+        drop_in.unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="session")
+def root_sshd(ssh_user: TestUser) -> Iterator[RootSshd]:
+    """One sshd run by root with a root-owned config (0644, in a root-owned 0755
+    directory): the login user needs sudo to edit it or to reload sshd."""
+    base = Path(f"/etc/dew-kps-test-{ssh_user.name}")
+    sshd = RootSshd(ssh_user, free_ports(1)[0], base)
+    sshd.setup()
+    try:
+        sshd.start_verified()
+        yield sshd
+    finally:
+        sshd.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def kps_worker(kps_settings: Settings, tmp_path: Path) -> Iterator[WorkerProcess]:
+    proc = WorkerProcess(kps_settings, tmp_path / "worker.out")
+    proc.start()
+    yield proc
+    proc.stop()
+
+
+def password_file(tmp: Path, password: str) -> Path:
+    path = tmp / "password"
+    path.write_text(password + "\n")
+    path.chmod(0o600)
+    return path
 
 
 @pytest.fixture
@@ -115,4 +161,4 @@ def enqueue_sealed(settings: Settings, name: str, args: dict[str, object]) -> st
         input=json.dumps(args), env=dew_env(settings), cwd=ROOT, capture_output=True,
         text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    return done.stdout.strip()
+    return done.stdout.strip().splitlines()[-1]  # the task id (log lines may come first)

@@ -233,6 +233,30 @@ class Sshd:
                 self.start_verified()
 
 
+@dataclass
+class RootSshd(Sshd):
+    """An sshd run by root, as on a real server: its config root-owned 0644 in a
+    root-owned directory, so the login user can neither replace the config nor
+    signal sshd (the privileged steps need sudo)."""
+
+    def setup(self) -> None:
+        self.dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+        self.dir.chmod(0o755)
+        if not (self.dir / "host_key").exists():
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f",
+                            str(self.dir / "host_key")], check=True)
+        (self.dir / "host_key.pub").chmod(0o644)
+        self.config.write_text(self.base_config())
+        self.config.chmod(0o644)
+
+    def start(self) -> None:
+        self.config.write_text(self.base_config())
+        self.config.chmod(0o644)
+        self.proc = subprocess.Popen(
+            [SSHD, "-D", "-f", str(self.config), "-E", str(self.log_path)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def start_pool(user: TestUser, count: int, base: Path) -> list[Sshd]:
     """``count`` sshd instances under ``base``, each proven to own its port.
     On failure the ones started are stopped before the error is raised."""

@@ -6,7 +6,6 @@ import json
 import socket
 import sqlite3
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,26 +18,12 @@ from tests.kps.conftest import (
     add_server,
     dew_ok,
     enqueue_sealed,
+    password_file,
     ssh_login,
     ssh_password_probe,
 )
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def kps_worker(kps_settings: Settings, tmp_path: Path) -> Iterator[WorkerProcess]:
-    proc = WorkerProcess(kps_settings, tmp_path / "worker.out")
-    proc.start()
-    yield proc
-    proc.stop()
-
-
-def _password_file(tmp: Path, password: str) -> Path:
-    path = tmp / "password"
-    path.write_text(password + "\n")
-    path.chmod(0o600)
-    return path
 
 
 def _failures(settings: Settings, task_id: str) -> dict[str, dict[str, object]]:
@@ -66,7 +51,7 @@ def test_bind_login_idempotent_unbind_and_password_switch(
     assert keygen == created["keygen"]
     add_server(s, "a", a)
     add_server(s, "b", b, "--trust-first-use")
-    pw = _password_file(tmp_path, a.user.password)
+    pw = password_file(tmp_path, a.user.password)
     assert ssh_login(a, key, tmp_path).returncode != 0
 
     out = dew_ok(s, "keypairs", "bind", "k1", "--server", "a", "--server", "b",
@@ -91,8 +76,10 @@ def test_bind_login_idempotent_unbind_and_password_switch(
     assert run_dew(s, "keypairs", "delete", "k1").returncode == 1  # refused while bound
 
     # Password off: the real client is offered publickey only; then on again.
-    dew_ok(s, "keypairs", "bind", "k1", "--server", "a", "--password-file", str(pw),
-           "--disable-password")
+    off = dew_ok(s, "keypairs", "bind", "k1", "--server", "a", "--password-file", str(pw),
+                 "--disable-password")
+    # Not redacted (audit L4): the field is not named like a password.
+    assert off["servers"][0]["pw_login_state"] == "changed", off  # type: ignore[index]
     probe = ssh_password_probe(a, tmp_path)
     assert "Permission denied (publickey)" in probe.stderr, probe.stderr
     assert ssh_login(a, key, tmp_path).returncode == 0
@@ -122,7 +109,7 @@ def test_replace_and_reset(
     dew_ok(s, "keypairs", "create", "newer", "--managed", "--algorithm", "SSH_RSA_2048",
            "--out", str(newer))
     add_server(s, "a", a)
-    pw = _password_file(tmp_path, a.user.password)
+    pw = password_file(tmp_path, a.user.password)
     dew_ok(s, "keypairs", "bind", "old", "--server", "a", "--password-file", str(pw))
     assert ssh_login(a, old, tmp_path).returncode == 0
     # replace: authenticate with the old private key; the old key is refused after.
@@ -163,7 +150,7 @@ def test_failure_records(
         dew_ok(s, "servers", "add", "changed", "--host", "127.0.0.1", "--port",
                str(good.port), "--user", good.user.name, "--host-key",
                str(other.host_key_pub), "--authorized-keys", good.authorized_keys_setting)
-        pw = _password_file(tmp_path, good.user.password)
+        pw = password_file(tmp_path, good.user.password)
         done = run_dew(s, "keypairs", "bind", "k", "--server", "good", "--server", "closed",
                        "--server", "silent", "--server", "changed", "--password-file", str(pw),
                        "--json")
@@ -184,7 +171,7 @@ def test_failure_records(
         # Wrong password: its own record, and the server is left as it was.
         before = good.authorized_keys.read_bytes()
         dew_ok(s, "keypairs", "create", "k2", "--managed", "--out", str(tmp_path / "k2"))
-        bad = _password_file(tmp_path, "not-the-password")
+        bad = password_file(tmp_path, "not-the-password")
         done = run_dew(s, "keypairs", "bind", "k2", "--server", "good", "--password-file",
                        str(bad), "--json")
         assert done.returncode == 1
@@ -231,7 +218,7 @@ def test_secrets_never_in_clear(
     key = tmp_path / "k"
     dew_ok(s, "keypairs", "create", "k", "--managed", "--out", str(key))
     add_server(s, "a", a)
-    pw = _password_file(tmp_path, a.user.password)
+    pw = password_file(tmp_path, a.user.password)
     dew_ok(s, "keypairs", "bind", "k", "--server", "a", "--password-file", str(pw))
     dew_ok(s, "keypairs", "unbind", "k", "--server", "a", "--private-key", str(key))
     private_body = "".join(key.read_text().splitlines()[1:-1])

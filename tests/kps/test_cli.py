@@ -113,3 +113,35 @@ def test_import_forms_scope_and_refusals(kps_settings: Settings, tmp_path: Path)
         rows = db.execute("SELECT name, managed, private_key FROM kps_keypairs").fetchall()
     assert all((m == 0) == (p is None) for _, m, p in rows)
     assert all(p is None or "PRIVATE KEY" not in p for _, _, p in rows)
+
+
+def test_create_into_a_bad_path_leaves_nothing(kps_settings: Settings, tmp_path: Path) -> None:
+    """L1: the output files are opened before the key pair is generated and stored."""
+    s = kps_settings
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    for out in (tmp_path / "missing-dir" / "orphan", a_file / "orphan"):
+        bad = run_dew(s, "keypairs", "create", "orphan", "--out", str(out))
+        assert bad.returncode == 2, bad.stderr
+        assert bad.stderr.startswith("dew: error: Invalid parameter. cannot create "), bad.stderr
+        assert bad.stderr.count("\n") == 1
+    existing = tmp_path / "taken"
+    existing.write_text("keep")
+    bad = run_dew(s, "keypairs", "create", "orphan", "--out", str(existing))
+    assert bad.returncode == 2 and existing.read_text() == "keep"
+    assert not Path(f"{existing}.pub").exists()
+    assert _count(s, "kps_keypairs") == 0
+
+
+def test_bounded_reads_and_timeout_checked(kps_settings: Settings, tmp_path: Path) -> None:
+    """L7: /dev/zero is refused, not read; --timeout must be in (0, 86400]."""
+    s = kps_settings
+    bad = run_dew(s, "keypairs", "import", "z", "--public-key", "/dev/zero")
+    assert bad.returncode == 2 and "over 65536 bytes" in bad.stderr, bad.stderr
+    pw = tmp_path / "pw"
+    pw.write_text("x\n")
+    for timeout in ("nan", "0", "-1", "86401"):
+        bad = run_dew(s, "keypairs", "bind", "k", "--server", "s", "--password-file", str(pw),
+                      "--timeout", timeout)
+        assert bad.returncode == 2, (timeout, bad.stderr)
+        assert "--timeout" in bad.stderr and bad.stderr.count("\n") == 1

@@ -124,3 +124,71 @@ def test_os_release(text: str, supported: bool, reload: str) -> None:
     info = parse_os_release(text)
     assert info.supported is supported
     assert default_reload_command(info, True) == reload
+
+
+# --------------------------------------------------------------------------- trust decisions
+
+
+def test_password_off_needs_a_key_the_engine_can_log_in_with() -> None:
+    from handlers.kps.service import password_off_refusal, unproven_removal
+
+    assert password_off_refusal("bind", False, False, "k") is not None
+    assert password_off_refusal("reset", False, False, "k") is not None
+    assert password_off_refusal("bind", False, True, "k") is None
+    assert password_off_refusal("bind", None, False, "k") is None
+    assert password_off_refusal("unbind", True, False, "k") is None
+    assert unproven_removal("replace", False, True)
+    assert not unproven_removal("replace", True, True)
+    assert not unproven_removal("bind", False, False)
+
+
+def test_restore_order_is_last_first_and_skips_no_ops() -> None:
+    from handlers.kps.service import Edit, restore_order
+    from handlers.kps.ssh import RemoteFile
+
+    keys = RemoteFile("/h/.ssh/ak", "/h/central/ak", b"old", True, True)
+    config = RemoteFile("/etc/ssh/sshd_config", "/etc/ssh/sshd_config", b"c", True, True)
+    same = RemoteFile("/x", "/x", b"same", True, True)
+    edits = [Edit(config, b"c2", True, True), Edit(keys, b"new", False, False),
+             Edit(same, b"same", False, False)]
+    assert [e.file.real for e in restore_order(edits)] == ["/h/central/ak",
+                                                          "/etc/ssh/sshd_config"]
+
+
+def test_sshd_effective_configuration() -> None:
+    from handlers.kps.sshd_config import (
+        connection_spec,
+        effective_password_login,
+        parse_effective,
+        password_methods,
+    )
+
+    assert connection_spec("alice", "10.0.0.9 51234 10.0.0.5 22") == (
+        "user=alice,host=10.0.0.9,addr=10.0.0.9,laddr=10.0.0.5,lport=22")
+    assert connection_spec("alice", "") is None
+    out = "port 22\npasswordauthentication no\nkbdinteractiveauthentication no\n"
+    assert effective_password_login(parse_effective(out)) is False
+    assert effective_password_login(parse_effective(out.replace("tion no\nkbd",
+                                                                "tion yes\nkbd"))) is True
+    assert effective_password_login(parse_effective(
+        "passwordauthentication no\nkbdinteractiveauthentication yes\n")) is True
+    assert effective_password_login({}) is None
+    assert password_methods({"publickey"}) == set()
+    assert password_methods({"publickey", "password"}) == {"password"}
+
+
+def test_paths_and_removed_keys() -> None:
+    from handlers.kps.ssh import _parse_files, absolute
+
+    assert absolute("~/.ssh/authorized_keys", "/home/a") == "/home/a/.ssh/authorized_keys"
+    assert absolute(".ssh/k", "/home/a/") == "/home/a/.ssh/k"
+    assert absolute("/etc/ssh/sshd_config", "/home/a") == "/etc/ssh/sshd_config"
+    text = f"{K.openssh()}\n{OTHER.openssh()}\n"
+    assert ak.removed_keys(text, ak.remove_key(text, K)) == 1
+    assert ak.removed_keys(text, text + "# x\n") == 0
+    out = b"1 1 /real/a b\nhello\n\nM\n0 0 /b\n\nM\n0 R /c\n\nM\n"
+    files = _parse_files(["/a", "/b", "/c"], out, "M")
+    assert files is not None
+    assert [(f.real, f.content, f.readable, f.writable) for f in files] == [
+        ("/real/a b", b"hello\n", True, True), ("/b", None, True, False),
+        ("/c", None, False, False)]
