@@ -42,7 +42,8 @@ async def test_newer_schema_and_garbage_files_are_refused(tmp_path: Path) -> Non
     with sqlite3.connect(path) as db:
         db.execute("UPDATE schema_migrations SET version = ? WHERE component = 'engine'",
                    (len(MIGRATIONS) + 1,))
-    with pytest.raises(ConfigError, match=f"task store schema version {len(MIGRATIONS) + 1}, newer"):
+    newer = len(MIGRATIONS) + 1
+    with pytest.raises(ConfigError, match=f"task store schema version {newer}, newer than"):
         await SqliteTaskStore.open(path)
     junk = tmp_path / "junk.sqlite3"
     junk.write_bytes(b"this is not a database" * 100)
