@@ -33,6 +33,16 @@ def parse_iso(text: str | None) -> datetime | None:
 
 
 @dataclass(frozen=True)
+class Fence:
+    """One run's claim on its task: the worker and the attempt number it claimed. A
+    run's writes hold only while the row still shows this claim, so a run that
+    another worker took over (its worker stalled) can no longer write."""
+
+    worker_id: str
+    attempt: int
+
+
+@dataclass(frozen=True)
 class TaskRecord:
     task_id: str
     name: str

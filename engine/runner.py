@@ -9,6 +9,7 @@ on its own: ``TaskRunner.run`` returns a ``RunOutcome`` and the arq glue in
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import time
@@ -24,7 +25,7 @@ from engine.errors import DewError, InternalError, InvalidInput, PermanentError,
 from engine.job_signing import JobSigner
 from engine.lifecycle import decide_outcome
 from engine.logs import get_logger
-from engine.models import utcnow
+from engine.models import Fence, utcnow
 from engine.redaction import contains_redacted, keep_sealed, redact
 from engine.registry import JobSpec
 from engine.resources import Resources
@@ -70,14 +71,22 @@ class TaskRunner:
         signer: JobSigner = await self.resources.get("job_signer")
         if not await signer.verify(spec.name, task_id, stored_args, signature):
             return await self._refuse(spec, task_id, signature)
+        now = self.clock()
         task = await self.store.mark_running(
-            task_id, spec.name, stored_args, self.worker_id, self.clock(),
-            enqueued_at or self.clock(), signature,
+            task_id, spec.name, stored_args, self.worker_id, now, enqueued_at or now, signature,
+            live_since=now - timedelta(seconds=self.settings.worker.heartbeat_timeout),
         )
         if task.final:
             log.info("task already finished; not run again", task_id=task_id, job=spec.name,
                      status=task.status)
             return RunOutcome("skipped")
+        if task.worker_id != self.worker_id or task.started_at != now:
+            # Not this call's claim (its start time would be ours): another live run,
+            # maybe in this worker, holds the task. A job never runs twice at once.
+            log.warning("task is being run by another live run; not run twice",
+                        task_id=task_id, job=spec.name, holder=task.worker_id)
+            return RunOutcome("skipped")
+        fence = Fence(self.worker_id, task.attempts)
 
         with structlog.contextvars.bound_contextvars(task_id=task_id, job=spec.name):
             started = time.perf_counter()
@@ -85,6 +94,7 @@ class TaskRunner:
             ctx = JobContext(
                 task_id=task_id, name=spec.name, attempt=task.attempts, settings=self.settings,
                 store=self.store, log=job_log, clock=self.clock, resources=self.resources,
+                fence=fence,
             )
             result: Any = None
             error: DewError | None = None
@@ -97,9 +107,11 @@ class TaskRunner:
             except DewError as exc:
                 error = exc
             except asyncio.CancelledError:
-                # Shutdown or job timeout: arq re-queues the job; the row stays running
-                # and the next run counts one more attempt.
+                # Shutdown or job timeout: arq re-queues the job; the claim is given back
+                # so the next delivery (maybe in this worker) can run it, one more attempt.
                 job_log.warning("job cancelled", attempt=task.attempts)
+                with contextlib.suppress(DewError):
+                    await asyncio.shield(self.store.release_claim(task_id, fence))
                 raise
             except Exception as exc:  # noqa: BLE001 - any bug becomes a recorded failure
                 job_log.exception("handler raised an unexpected error")
@@ -112,9 +124,16 @@ class TaskRunner:
             # A final row keeps no sealed value: nothing can re-deliver it any more.
             final_args = redact(stored_args) if has_sealed(stored_args) else None
             return await self._finish(
-                spec, task_id, task.attempts, result, error, time.perf_counter() - started,
-                final_args,
+                spec, task_id, fence, result, error, time.perf_counter() - started, final_args,
             )
+
+    @staticmethod
+    def _taken_over(attempt: int) -> RunOutcome:
+        """Another run claimed the task while this one ran (this worker stalled): its
+        outcome is not written, and the other run's stands."""
+        job_log.warning("run taken over by another worker; its outcome is not recorded",
+                        attempt=attempt)
+        return RunOutcome("skipped")
 
     async def _refuse(self, spec: JobSpec, task_id: str, signature: Any) -> RunOutcome:
         """An unsigned or altered job: recorded as a failure record, never run. Its task
@@ -158,12 +177,13 @@ class TaskRunner:
         self,
         spec: JobSpec,
         task_id: str,
-        attempts: int,
+        fence: Fence,
         result: Any,
         error: DewError | None,
         took: float,
         final_args: dict[str, Any] | None = None,
     ) -> RunOutcome:
+        attempts = fence.attempt
         retry = self.settings.retry
         outcome = decide_outcome(
             error, attempts, retry.max_tries, retry.backoff_base, retry.backoff_max, self.rand
@@ -171,23 +191,24 @@ class TaskRunner:
         now = self.clock()
         if outcome.action == "succeed":
             # A result is shown to anyone who may list tasks: no secret in it either.
-            await self.store.mark_succeeded(task_id, redact(result, spec.secret_fields), now,
-                                            final_args)
+            if not await self.store.mark_succeeded(
+                    task_id, redact(result, spec.secret_fields), now, final_args, fence):
+                return self._taken_over(attempts)
             job_log.info("job succeeded", attempt=attempts, ms=round(took * 1000, 1))
             return RunOutcome("succeeded")
         assert error is not None
         if outcome.action == "retry":
-            await self.store.mark_retrying(
-                task_id, error.to_dict(), now + timedelta(seconds=outcome.delay), now
-            )
+            if not await self.store.mark_retrying(
+                    task_id, error.to_dict(), now + timedelta(seconds=outcome.delay), now, fence):
+                return self._taken_over(attempts)
             job_log.warning("job will be retried", attempt=attempts, ms=round(took * 1000, 1),
                             code=error.code,
                             error=error.message, retry_in=round(outcome.delay, 3))
             return RunOutcome("retry", outcome.delay)
-        await self.store.mark_failed(
-            task_id, error.to_dict(), failure_record(task_id, spec.name, None, error, now), now,
-            final_args,
-        )
+        if not await self.store.mark_failed(
+                task_id, error.to_dict(), failure_record(task_id, spec.name, None, error, now),
+                now, final_args, fence):
+            return self._taken_over(attempts)
         job_log.error("job failed", attempt=attempts, ms=round(took * 1000, 1), code=error.code,
                       error=error.message,
                       retryable=error.retryable)

@@ -132,6 +132,11 @@ class SqliteDb:
     async def close(self) -> None:
         await self._conn.close()
 
+    async def set_busy_timeout(self, ms: int) -> None:
+        """How long a statement waits for another process's write lock."""
+        async with self._locked():
+            await self._conn.execute(f"PRAGMA busy_timeout = {int(ms)}")
+
     def _mapped(self) -> AbstractAsyncContextManager[None]:
         return sqlite_errors(self._path, self.what, self.conflict_code, self.conflict_fix)
 

@@ -21,7 +21,7 @@ from typing import Any
 import aiosqlite
 
 from engine.batching import Batcher
-from engine.models import FailureRecord, TaskRecord, TaskStatus, WorkerRecord, iso, parse_iso
+from engine.models import FailureRecord, Fence, TaskRecord, TaskStatus, WorkerRecord, iso, parse_iso
 from engine.sqlite_db import SqliteDb
 
 # Each script is idempotent (IF NOT EXISTS): a database made before the
@@ -161,15 +161,20 @@ class SqliteTaskStore(SqliteDb):
         now: datetime,
         enqueued_at: datetime,
         signature: str | None = None,
+        live_since: datetime | None = None,
     ) -> TaskRecord:
         return await self._runs.submit(
             (task_id, name, _dump(args), iso(enqueued_at), iso(enqueued_at), iso(now), worker_id,
-             signature)
+             signature, iso(live_since or now))
         )
 
     async def _running_batch(self, items: Sequence[Row]) -> list[TaskRecord]:
         ids = [str(item[0]) for item in items]
+        live_since = min(str(item[8]) for item in items)
         async with self._locked():
+            # A claim: a running task is taken over only from a worker whose heartbeat
+            # stopped (the sweeper freed its job); never from a live one, this one
+            # included (a second delivery while its run goes on).
             rows = await self._fetch_by_id(
                 f"""INSERT INTO tasks (task_id, name, args, status, attempts, enqueued_at, due_at,
                                        started_at, worker_id, signature)
@@ -178,54 +183,87 @@ class SqliteTaskStore(SqliteDb):
                     status = 'running', attempts = attempts + 1,
                     started_at = excluded.started_at, worker_id = excluded.worker_id,
                     signature = COALESCE(tasks.signature, excluded.signature)
-                WHERE status NOT IN ('succeeded', 'failed')
+                WHERE status NOT IN ('succeeded', 'failed') AND (
+                    status = 'queued' OR tasks.worker_id IS NULL
+                    OR tasks.worker_id NOT IN (
+                        SELECT worker_id FROM workers WHERE heartbeat_at >= ?))
                 RETURNING {TASK_COLUMNS}""",
-                [p for item in items for p in item],
+                [p for item in items for p in item[:8]] + [live_since],
             )
             # Tasks that already ended are left as they are and returned as they are.
             rows |= await self._rows_by_id([i for i in ids if i not in rows])
         return [_task(rows[i]) for i in ids]
 
     async def mark_succeeded(
-        self, task_id: str, result: Any, now: datetime, args: dict[str, Any] | None = None
-    ) -> None:
-        await self._successes.submit(
-            (iso(now), _dump(result), None if args is None else _dump(args), task_id))
+        self, task_id: str, result: Any, now: datetime, args: dict[str, Any] | None = None,
+        fence: Fence | None = None,
+    ) -> bool:
+        worker, attempt = (fence.worker_id, str(fence.attempt)) if fence else (None, None)
+        return await self._successes.submit(
+            (iso(now), _dump(result), None if args is None else _dump(args), task_id, worker,
+             attempt))
 
-    async def _succeeded_batch(self, items: Sequence[Row]) -> list[None]:
-        await self._execute(
-            f"""UPDATE tasks SET status = 'succeeded', finished_at = done.column1,
-                result = done.column2, error = NULL, args = COALESCE(done.column3, tasks.args)
-            FROM (VALUES {_rows("(?, ?, ?, ?)", len(items))}) AS done
-            WHERE tasks.task_id = done.column4 AND tasks.status NOT IN ('succeeded', 'failed')""",
-            [p for item in items for p in item],
-        )
-        return [None] * len(items)
+    async def _succeeded_batch(self, items: Sequence[Row]) -> list[bool]:
+        async with self._locked():
+            cursor = await self._conn.execute(
+                f"""UPDATE tasks SET status = 'succeeded', finished_at = done.column1,
+                    result = done.column2, error = NULL,
+                    args = COALESCE(done.column3, tasks.args)
+                FROM (VALUES {_rows("(?, ?, ?, ?, ?, ?)", len(items))}) AS done
+                WHERE tasks.task_id = done.column4 AND tasks.status NOT IN ('succeeded', 'failed')
+                    AND (done.column5 IS NULL OR (tasks.worker_id = done.column5
+                                                  AND tasks.attempts = CAST(done.column6
+                                                                            AS INTEGER)))
+                RETURNING tasks.task_id""",
+                [p for item in items for p in item],
+            )
+            done = {str(r[0]) for r in await cursor.fetchall()}
+            await cursor.close()
+        return [str(item[3]) in done for item in items]
 
     async def mark_retrying(
-        self, task_id: str, error: dict[str, Any], due_at: datetime, now: datetime
-    ) -> None:
-        await self._execute(
-            """UPDATE tasks SET status = 'queued', error = ?, due_at = ?, worker_id = NULL
-            WHERE task_id = ? AND status NOT IN ('succeeded', 'failed')""",
-            (_dump(error), iso(due_at), task_id),
-        )
+        self, task_id: str, error: dict[str, Any], due_at: datetime, now: datetime,
+        fence: Fence | None = None,
+    ) -> bool:
+        return await self._execute(
+            f"""UPDATE tasks SET status = 'queued', error = ?, due_at = ?, worker_id = NULL
+            WHERE task_id = ? AND status NOT IN ('succeeded', 'failed') {_FENCED}""",
+            (_dump(error), iso(due_at), task_id, *_fence_params(fence)),
+        ) == 1
 
     async def mark_failed(
         self, task_id: str, error: dict[str, Any], failure: FailureRecord | None, now: datetime,
-        args: dict[str, Any] | None = None,
-    ) -> None:
+        args: dict[str, Any] | None = None, fence: Fence | None = None,
+    ) -> bool:
         async with self._transaction():
             cursor = await self._conn.execute(
-                """UPDATE tasks SET status = 'failed', finished_at = ?, error = ?,
+                f"""UPDATE tasks SET status = 'failed', finished_at = ?, error = ?,
                     args = COALESCE(?, args)
-                WHERE task_id = ? AND status NOT IN ('succeeded', 'failed')""",
-                (iso(now), _dump(error), None if args is None else _dump(args), task_id),
+                WHERE task_id = ? AND status NOT IN ('succeeded', 'failed') {_FENCED}""",
+                (iso(now), _dump(error), None if args is None else _dump(args), task_id,
+                 *_fence_params(fence)),
             )
             # A re-run of a task that another run already finished must not add a
             # second failure record.
             if failure is not None and cursor.rowcount == 1:
                 await self._insert_failure(failure)
+            return cursor.rowcount == 1
+
+    async def release_claim(self, task_id: str, fence: Fence) -> bool:
+        """Put a run's task back to queued (its run was cancelled), if it still holds it."""
+        return await self._execute(
+            f"""UPDATE tasks SET status = 'queued', worker_id = NULL
+            WHERE task_id = ? AND status = 'running' {_FENCED}""",
+            (task_id, *_fence_params(fence)),
+        ) == 1
+
+    async def holds(self, task_id: str, fence: Fence) -> bool:
+        """Whether the task still shows ``fence``'s claim (a handler asks before acting)."""
+        async with self._locked():
+            row = await self._fetchone(
+                "SELECT 1 FROM tasks WHERE task_id = ? AND status = 'running' "
+                "AND worker_id = ? AND attempts = ?", (task_id, fence.worker_id, fence.attempt))
+        return row is not None
 
     # --- failure records ---------------------------------------------------------
 
@@ -304,6 +342,16 @@ class SqliteTaskStore(SqliteDb):
 def _rows(template: str, count: int) -> str:
     """``(?, ?), (?, ?), ...``: one statement writes a whole batch."""
     return ", ".join([template] * count)
+
+
+# Writes of one run: they hold only while the row still shows that run's claim.
+_FENCED = "AND (? IS NULL OR (worker_id = ? AND attempts = ?))"
+
+
+def _fence_params(fence: Fence | None) -> tuple[Any, ...]:
+    if fence is None:
+        return (None, None, None)
+    return (fence.worker_id, fence.worker_id, fence.attempt)
 
 
 def _where(**filters: str | None) -> tuple[str, list[str]]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Protocol
 
-from engine.models import FailureRecord, TaskRecord, TaskStatus, WorkerRecord
+from engine.models import FailureRecord, Fence, TaskRecord, TaskStatus, WorkerRecord
 from engine.settings import Settings
 
 
@@ -42,24 +42,36 @@ class TaskStore(Protocol):
         now: datetime,
         enqueued_at: datetime,
         signature: str | None = None,
+        live_since: datetime | None = None,
     ) -> TaskRecord:
         """Count one more attempt and mark it running; create the row if a plain
         arq client enqueued the job. A final task is returned unchanged."""
 
     async def mark_succeeded(
-        self, task_id: str, result: Any, now: datetime, args: dict[str, Any] | None = None
-    ) -> None:
-        """``args``: what the row keeps from now on (sealed values dropped), if given."""
+        self, task_id: str, result: Any, now: datetime, args: dict[str, Any] | None = None,
+        fence: Fence | None = None,
+    ) -> bool:
+        """``args``: what the row keeps from now on (sealed values dropped), if given.
+        With a ``fence``, only while the row still shows that run's claim; False if not."""
 
     async def mark_retrying(
-        self, task_id: str, error: dict[str, Any], due_at: datetime, now: datetime
-    ) -> None: ...
+        self, task_id: str, error: dict[str, Any], due_at: datetime, now: datetime,
+        fence: Fence | None = None,
+    ) -> bool: ...
 
     async def mark_failed(
         self, task_id: str, error: dict[str, Any], failure: FailureRecord | None, now: datetime,
-        args: dict[str, Any] | None = None,
-    ) -> None:
+        args: dict[str, Any] | None = None, fence: Fence | None = None,
+    ) -> bool:
         """Mark the task failed and write its failure record, in one transaction."""
+
+    async def release_claim(self, task_id: str, fence: Fence) -> bool:
+        """Put a cancelled run's task back to queued, if the run still holds it."""
+
+    async def holds(self, task_id: str, fence: Fence) -> bool:
+        """Whether the task still shows ``fence``'s claim."""
+
+    async def set_busy_timeout(self, ms: int) -> None: ...
 
     # failure records
     async def add_failure(self, failure: FailureRecord) -> None: ...

@@ -48,7 +48,13 @@ async def sweep(
                 due = task.due_at if task.due_at > now else None
                 await queue.push(task.task_id, task.name, task.args, due, task.signature)
             elif action == "release":
-                await queue.release(task.task_id)
+                # The row was read before Redis: a live worker may have claimed the task
+                # since (it holds the lock now). Only a still-dead holder's lock goes.
+                fresh = await store.get_task(task.task_id)
+                if fresh is None or fresh.final or fresh.worker_id != task.worker_id:
+                    action = "none"
+                else:
+                    await queue.release(task.task_id)
             elif action == "fail_orphan":
                 reason = await queue.result_error(task.task_id)
                 error = PermanentError(

@@ -37,7 +37,8 @@ from engine.settings import Settings
 from engine.store import TaskStore, open_store
 
 log = get_logger("dew.worker")
-ARQ_MAX_TRIES = 1_000_000  # out of reach: TaskRunner decides retries from the task store
+ARQ_MAX_TRIES = 1_000_000
+HEARTBEAT_BUSY_TIMEOUT_MS = 1000  # out of reach: TaskRunner decides retries from the task store
 
 
 @dataclass
@@ -51,6 +52,9 @@ class WorkerState:
     runner: TaskRunner
     started_at: datetime
     heartbeat_task: asyncio.Task[None] | None = None
+    # Heartbeats on a connection of their own, with a short busy timeout: a busy
+    # job connection must not silence a live worker (it would be taken over).
+    beat_store: TaskStore | None = None
     closed: bool = False
 
     @property
@@ -114,6 +118,8 @@ def build_worker(
         )
         signer: JobSigner = await state.resources.get("job_signer")
         await signer.ready()
+        state.beat_store = await open_store(settings)
+        await state.beat_store.set_busy_timeout(HEARTBEAT_BUSY_TIMEOUT_MS)
         await _beat(state)
         state.heartbeat_task = asyncio.create_task(_heartbeat_loop(state))
         ctx["dew"] = state
@@ -169,6 +175,8 @@ async def shutdown_state(state: WorkerState) -> None:
             log.warning("worker record not removed", error=exc.message)
         finally:
             await state.store.close()
+            if state.beat_store is not None:
+                await state.beat_store.close()
     log.info("worker stopped", worker_id=state.worker_id)
 
 
@@ -186,7 +194,7 @@ def run_worker(settings: Settings, burst: bool = False) -> None:
 
 
 async def _beat(state: WorkerState) -> None:
-    await state.store.heartbeat(
+    await (state.beat_store or state.store).heartbeat(
         WorkerRecord(state.worker_id, socket.gethostname(), os.getpid(), state.started_at,
                      utcnow())
     )

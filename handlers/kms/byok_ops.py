@@ -6,7 +6,7 @@ import contextlib
 import hmac
 import secrets
 import uuid
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -27,7 +27,7 @@ from handlers.kms.byok import (
     unwrap_private_key,
 )
 from handlers.kms.core import AuditOp, KmsCore, key_name, token_label
-from handlers.kms.errors import KeyStateError
+from handlers.kms.errors import ImportInProgress, KeyStateError
 from handlers.kms.format import DEFAULT_ACCOUNT, KeyState, check_account, decode_base64
 from handlers.kms.results import ImportParameters, KeyChange, KeyMetadata
 from handlers.kms.store import AuditEvent, ImportToken, KeyRecord
@@ -36,6 +36,10 @@ log = get_logger("dew.kms")
 
 
 IMPORT_TOKEN_TTL = timedelta(hours=24)
+# The per-key lease held while a key's token object is replaced (import) or destroyed
+# (removal of material): two imports of one key never touch its label together.
+MATERIAL_LEASE = "material"
+MATERIAL_LEASE_TIME = timedelta(minutes=5)
 # The HMAC key behind imported material's fingerprints (one per token, made on first use).
 FINGERPRINT_LABEL = "kms:import-fingerprint"
 
@@ -132,19 +136,26 @@ class KeyImport:
                 await self._check_same_material(record, fingerprint)
                 def create() -> Awaitable[Any]:
                     return core.import_secret_key(spec, label, key_id_attr, material)
-            # No registered material (pending import): an object there is an orphan of an
-            # earlier attempt or of a deletion that did not finish. Replace it.
-            await core.destroy_key(label)
-            await create()
             event = AuditEvent(when, account, actor or self.core.actor, "import_key_material",
                                record.key_id, "success", op.detail)
-            await self.core.flush_audit()
-            done = await self.core.store.finish_import(record.key_id, fingerprint, expiration_time,
-                                                  when, event)
-            if done is None:
-                await self.core.discard(core, label)
-                raise KeyStateError(f"key {key_name(record)} changed during the import; retry",
-                                    target=record.key_id)
+            async with self._material_lease(record, when) as lease:
+                # Under the lease, and still pending import: no registered material, so an
+                # object under the label is an orphan of an earlier attempt or of a removal
+                # that did not finish. Replace it.
+                await self._still_pending(record)
+                await core.destroy_key(label)
+                await create()
+                await self.core.flush_audit()
+                done = await self.core.store.finish_import(
+                    record.key_id, fingerprint, expiration_time, when, event, lease=lease)
+                if done is None:
+                    # Ours and unregistered while we hold the lease; otherwise the label
+                    # may hold what another import registered: leave it.
+                    if await self.core.store.renew_lease(record.key_id, MATERIAL_LEASE, lease,
+                                                         lease):
+                        await self.core.discard(core, label)
+                    raise KeyStateError(f"key {key_name(record)} changed during the import; "
+                                        "check its state", target=record.key_id)
             op.recorded = True
             self.core.cache.clear()
             return KeyMetadata.of(done)
@@ -176,21 +187,53 @@ class KeyImport:
     async def remove_imported(
         self, key: KeyRecord, now: datetime, actor: str, operation: str
     ) -> bool:
-        """enabled/disabled -> pending_import (audited), then destroy the token objects."""
+        """enabled/disabled -> pending_import (audited), then destroy the token objects;
+        under the key's material lease, so no import replaces the object meanwhile."""
         event = AuditEvent(now, key.account, actor, operation, key.key_id, "success",
                            {"from": key.state, "to": KeyState.PENDING_IMPORT.value})
-        await self.core.flush_audit()
-        changed = await self.core.store.change_state(
-            key.key_id, [KeyState.ENABLED.value, KeyState.DISABLED.value],
-            KeyState.PENDING_IMPORT.value, now, event)
-        if changed is None:
-            return False
-        self.core.cache.clear()
-        core = await self.core.crypto()
-        # If this fails, the orphan object is replaced by the next import.
-        await core.destroy_key(token_label(key.key_id, 1))
+        async with self._material_lease(key, now) as lease:
+            await self.core.flush_audit()
+            changed = await self.core.store.change_state(
+                key.key_id, [KeyState.ENABLED.value, KeyState.DISABLED.value],
+                KeyState.PENDING_IMPORT.value, now, event)
+            if changed is None:
+                return False
+            self.core.cache.clear()
+            core = await self.core.crypto()
+            if not await self.core.store.renew_lease(key.key_id, MATERIAL_LEASE, lease, lease):
+                # Held too long: an import may own the label now. The key is pending
+                # import; that import (or the next) replaces what is there.
+                log.warning("material lease lost; token object left to the next import",
+                            key_id=key.key_id)
+                return True
+            # If this fails, the orphan object is replaced by the next import.
+            await core.destroy_key(token_label(key.key_id, 1))
         log.info("imported key material removed", key_id=key.key_id, reason=operation)
         return True
+
+    @contextlib.asynccontextmanager
+    async def _material_lease(self, key: KeyRecord, now: datetime) -> AsyncIterator[datetime]:
+        """Hold the key's material lease (ImportInProgress if another holder has it);
+        yields the lease's end, which identifies it in guarded updates."""
+        until = now + MATERIAL_LEASE_TIME
+        if not await self.core.store.claim_lease(key.key_id, MATERIAL_LEASE, now, until):
+            raise ImportInProgress(
+                f"an import or removal of the material of {key_name(key)} is already running",
+                target=key.key_id)
+        try:
+            yield until
+        finally:
+            await self.core.store.release_lease(key.key_id, MATERIAL_LEASE, until)
+
+    async def _still_pending(self, key: KeyRecord) -> None:
+        """Re-read under the lease: another import may have finished since the check."""
+        fresh = await self.core.store.get_key(key.key_id)
+        if fresh is None or fresh.state != KeyState.PENDING_IMPORT:
+            state = fresh.state.replace("_", " ") if fresh else "gone"
+            raise KeyStateError(
+                f"key {key_name(key)} is {state} now, not pending import: another request "
+                "imported or changed it meanwhile", target=key.key_id,
+                fix="Check the key with dew kms describe-key; it may already have the material.")
 
     async def _importable(self, ref: str, account: str, op: AuditOp) -> KeyRecord:
         record = await self.core.lookup(ref, account, create_default=False)

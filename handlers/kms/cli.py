@@ -10,6 +10,11 @@ still runs when a worker starts. ``--no-wait`` only enqueues.
 
 ``dew audit verify`` exits 0 when the chain is intact and 1 with the first
 broken entry otherwise.
+
+Secrets are read from a file or stdin (``--plain-text-file FILE``,
+``--private-hex-file FILE``, ``-`` for stdin), so they never appear in
+``/proc/*/cmdline``; the older argv forms (``--plain-text HEX``,
+``--plain-text-base64``, ``--private-hex``) still work but are discouraged.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ from engine.errors import InvalidInput
 from engine.settings import Settings
 
 DEFAULT_JOB_TIMEOUT = 30.0
+ARGV_SECRET = "discouraged: other local users can read it in /proc/*/cmdline"
+MAX_SECRET_FILE_BYTES = 4096
 JOB_NOTE = (
     "This enqueues a job and waits for a worker to run it (`dew stack up` starts one). "
     "Without a worker the task stays queued: the command gives up after --timeout seconds "
@@ -73,9 +80,13 @@ def register(subparsers: Any, commands: dict[str, Any]) -> None:
         p.add_argument("key")
         p.add_argument("--length-bits", type=int, default=256, help="128, 256 (default) or 512")
         _context_option(p)
-    p = command("encrypt-datakey", "encrypt your own data key (hex) under KEY")
+    p = command("encrypt-datakey", "encrypt your own data key (16..64 bytes) under KEY")
     p.add_argument("key")
-    p.add_argument("--plain-text", required=True, metavar="HEX")
+    given = p.add_mutually_exclusive_group(required=True)
+    given.add_argument("--plain-text-file", metavar="FILE",
+                       help="the data key's raw bytes ('-' for stdin)")
+    given.add_argument("--plain-text", metavar="HEX",
+                       help=f"the data key in hex as an argument ({ARGV_SECRET})")
     _context_option(p)
     p = command("decrypt-datakey", "decrypt a data key made under KEY")
     p.add_argument("key")
@@ -84,8 +95,10 @@ def register(subparsers: Any, commands: dict[str, Any]) -> None:
     p = command("encrypt-data", "encrypt at most 4096 bytes under KEY (Base64 ciphertext)")
     p.add_argument("key")
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--plain-text-base64", metavar="B64")
-    source.add_argument("--plain-text-file", metavar="FILE")
+    source.add_argument("--plain-text-file", metavar="FILE",
+                        help="the plaintext ('-' for stdin)")
+    source.add_argument("--plain-text-base64", metavar="B64",
+                        help=f"the plaintext in Base64 as an argument ({ARGV_SECRET})")
     _context_option(p)
     p = command("decrypt-data", "decrypt encrypt-data output (the key is inside it), or an "
                 "RSA-OAEP ciphertext with --key and --encryption-algorithm")
@@ -145,7 +158,11 @@ def register(subparsers: Any, commands: dict[str, Any]) -> None:
     p = command("ec-raw-to-pkcs8", "client side: a bare EC private scalar to PKCS#8")
     p.add_argument("--curve", required=True,
                    help="secp256r1 (P-256), secp384r1 (P-384), secp521r1, secp256k1")
-    p.add_argument("--private-hex", required=True, metavar="HEX")
+    scalar = p.add_mutually_exclusive_group(required=True)
+    scalar.add_argument("--private-hex-file", metavar="FILE",
+                        help="a file holding the scalar in hex ('-' for stdin)")
+    scalar.add_argument("--private-hex", metavar="HEX",
+                        help=f"the scalar in hex as an argument ({ARGV_SECRET})")
     form = p.add_mutually_exclusive_group()
     form.add_argument("--der", action="store_true", help="binary DER to stdout")
     form.add_argument("--pem", action="store_true", help="PEM to stdout (the default)")
@@ -247,7 +264,16 @@ def _checked(args: argparse.Namespace) -> dict[str, Any]:
     elif action in ("create-datakey", "create-datakey-without-plaintext"):
         f.check_length_bits(args.length_bits)
     elif action == "encrypt-datakey":
-        out["plain"] = f.decode_hex("--plain-text", args.plain_text)
+        from handlers.kms.data import DATA_KEY_BYTES
+
+        low, high = DATA_KEY_BYTES
+        plain = (f.decode_hex("--plain-text", args.plain_text) if args.plain_text is not None
+                 else _read_input("--plain-text-file", args.plain_text_file, high + 1))
+        if not low <= len(plain) <= high:
+            got = f"more than {high}" if len(plain) > high else str(len(plain))
+            raise InvalidInput(f"a data key must be {low}..{high} bytes ({low * 8}..{high * 8} "
+                               f"bits), got {got}", code="invalid_datakey")
+        out["plain"] = plain
     elif action == "decrypt-datakey":
         out["cipher"] = f.decode_hex("--cipher-text", args.cipher_text)
     elif action == "encrypt-data":
@@ -294,7 +320,7 @@ def _checked(args: argparse.Namespace) -> dict[str, Any]:
             _read_file("--public-key", args.public_key, 1 << 16),
             _read_file("--material", args.material, 1 << 16), args.algorithm)
     elif action == "ec-raw-to-pkcs8":
-        out["pkcs8"] = i.ec_raw_to_pkcs8(args.curve, args.private_hex, pem=not args.der)
+        out["pkcs8"] = i.ec_raw_to_pkcs8(args.curve, _private_hex(args), pem=not args.der)
     elif action in ("schedule-key-deletion", "cancel-key-deletion", "rotate-key") and not (
         0 < args.timeout <= 24 * 3600
     ):
@@ -309,6 +335,32 @@ def _read_file(option: str, name: str, limit: int) -> bytes:
             return fh.read(limit)
     except OSError as exc:
         raise InvalidInput(f"cannot read {option} {name}: {exc.strerror}") from None
+
+
+def _read_input(option: str, name: str, limit: int) -> bytes:
+    """At most ``limit`` bytes of a file, or of stdin for ``-`` (secrets stay off argv)."""
+    if name != "-":
+        return _read_file(option, name, limit)
+    try:
+        return sys.stdin.buffer.read(limit)
+    except (OSError, ValueError, AttributeError):
+        raise InvalidInput(f"cannot read {option} from stdin") from None
+
+
+def _private_hex(args: argparse.Namespace) -> str:
+    if args.private_hex is not None:
+        return str(args.private_hex)
+    data = _read_input("--private-hex-file", args.private_hex_file, MAX_SECRET_FILE_BYTES + 1)
+    if len(data) > MAX_SECRET_FILE_BYTES:
+        raise InvalidInput(f"--private-hex-file holds more than {MAX_SECRET_FILE_BYTES} bytes")
+    try:
+        text = data.decode("ascii").strip()
+    except UnicodeDecodeError:
+        raise InvalidInput("--private-hex-file is not hexadecimal text",
+                           code="invalid_hex") from None
+    if not text:
+        raise InvalidInput("--private-hex-file is empty", code="invalid_hex")
+    return text
 
 
 def _check_paths(source: str, target: str, action: str) -> None:
@@ -348,13 +400,8 @@ def _plaintext(args: argparse.Namespace) -> bytes:
 
     if args.plain_text_base64 is not None:
         return decode_base64("--plain-text-base64", args.plain_text_base64)
-    path = Path(args.plain_text_file)
-    try:
-        with path.open("rb") as fh:
-            # Read one byte more than allowed: enough to refuse a large file.
-            return fh.read(MAX_DATA_BYTES + 1)
-    except OSError as exc:
-        raise InvalidInput(f"cannot read {path}: {exc.strerror}") from None
+    # Read one byte more than allowed: enough to refuse a large input.
+    return _read_input("--plain-text-file", args.plain_text_file, MAX_DATA_BYTES + 1)
 
 
 async def cmd_kms(args: argparse.Namespace, settings: Settings) -> int:
@@ -551,8 +598,14 @@ def _audit_table(entries: list[dict[str, Any]]) -> str:
 
 def _verdict(v: dict[str, Any]) -> str:
     if v["intact"]:
-        return f"audit chain intact: {v['entries']} entries"
-    return f"audit chain BROKEN at seq {v['first_broken_seq']}: {v['reason']}"
+        text = f"audit chain intact: {v['entries']} entries"
+        if v.get("sealed_through"):
+            text += f", sealed in the HSM through entry {v['sealed_through']}"
+        if v.get("unsealed"):
+            text += f"; the newest {v['unsealed']} not sealed yet"
+        return text
+    where = "" if v["first_broken_seq"] is None else f" at seq {v['first_broken_seq']}"
+    return f"audit chain BROKEN{where}: {v['reason']}"
 
 
 def _cut(text: str, width: int) -> str:

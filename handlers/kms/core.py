@@ -6,6 +6,7 @@ data plane, signing, rotation, import) all build on.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -15,10 +16,12 @@ from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from engine.crypto import CryptoCore, KeyNotFound, KeySpec, KeyUsageError
+from engine.crypto.errors import KeyExists
 from engine.crypto.model import KeyFamily
 from engine.errors import ConfigError, Conflict, DewError, InvalidInput
 from engine.logs import get_logger
 from engine.models import iso, utcnow
+from handlers.kms.audit_seal import AUDIT_KEY_LABEL
 from handlers.kms.errors import (
     AliasExists,
     DefaultKeyProtected,
@@ -96,6 +99,43 @@ def _short(text: str | None, limit: int = 255) -> str | None:
     return text if len(text) <= limit else text[:limit] + "…"
 
 
+class TokenAuditKey:
+    """The audit chain's sealing key: HMAC-SHA-256 with ``kms:audit-hmac`` in the token
+    (generated on first use: sensitive, never extractable). The store calls it; it
+    opens the HSM through the core only in :meth:`prepare` and :meth:`mac`."""
+
+    def __init__(self, core: KmsCore) -> None:
+        self._core = core
+        self._exists = False
+
+    def ready(self) -> bool:
+        return self._core.crypto_open
+
+    async def prepare(self) -> None:
+        await self._ensure(await self._core.crypto())
+
+    async def mac(self, message: bytes) -> bytes:
+        crypto = await self._core.crypto()
+        await self._ensure(crypto)
+        return await crypto.sign(AUDIT_KEY_LABEL, message, "HMAC_SHA256")
+
+    async def check(self, message: bytes, tag: bytes) -> bool:
+        crypto = await self._core.crypto()
+        try:
+            return await crypto.verify(AUDIT_KEY_LABEL, message, tag, "HMAC_SHA256")
+        except KeyNotFound:
+            return False  # this token never sealed anything
+
+    async def _ensure(self, crypto: CryptoCore) -> None:
+        if self._exists:
+            return
+        if not await crypto.key_exists(AUDIT_KEY_LABEL):
+            # KeyExists: another process made it first; that one is used.
+            with contextlib.suppress(KeyExists):
+                await crypto.generate_key(KeySpec.HMAC_256, AUDIT_KEY_LABEL, b"kms:audit")
+        self._exists = True
+
+
 class KmsCore:
     """What every part of the KMS shares: the registry, the token, the audit buffer,
     the metadata cache, key lookup and creation, state changes and token calls."""
@@ -129,6 +169,8 @@ class KmsCore:
         self._flusher: asyncio.TimerHandle | None = None
         self._flush_tasks: set[asyncio.Task[None]] = set()
         self._closed = False
+        self.audit_key = TokenAuditKey(self)
+        store.use_audit_key(self.audit_key)
 
     async def close(self) -> None:
         """Write the buffered audit entries. Does not close the store or the core."""
@@ -200,6 +242,11 @@ class KmsCore:
             # The entries stay buffered; the next flush (or close) retries them.
             log.warning("audit entries not written yet", pending=len(self._pending),
                         error=exc.message)
+
+    @property
+    def crypto_open(self) -> bool:
+        """True once the HSM is open (sealing the audit then costs no start-up)."""
+        return self._crypto is not None
 
     async def crypto(self) -> CryptoCore:
         if self._crypto is None:

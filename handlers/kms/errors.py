@@ -42,3 +42,9 @@ class RotationInProgress(TransientError):
 class DefaultKeyProtected(Conflict):
     code = "default_key_protected"
     default_fix = "Default keys are managed by their service; create a custom key instead."
+
+
+class ImportInProgress(Conflict):
+    code = "import_in_progress"
+    default_fix = ("Another import or removal of this key's material is running; check the "
+                   "key's state (dew kms describe-key) before trying again.")

@@ -11,7 +11,7 @@ from engine.logs import get_logger
 from engine.models import iso
 from handlers.kms.byok_ops import KeyImport
 from handlers.kms.core import KmsCore, not_found
-from handlers.kms.errors import AliasExists
+from handlers.kms.errors import AliasExists, ImportInProgress
 from handlers.kms.format import (
     DEFAULT_ACCOUNT,
     KeyState,
@@ -164,8 +164,13 @@ class KeyManagement:
         destroyed = 0
         for key in await self.core.store.deleted_with_material():
             destroyed += await self._destroy_material(key, now, who)
-        expired = [key.key_id for key in await self.core.store.expired_material(now)
-                   if await self.byok.remove_imported(key, now, who, "material_expired")]
+        expired: list[str] = []
+        for key in await self.core.store.expired_material(now):
+            try:
+                if await self.byok.remove_imported(key, now, who, "material_expired"):
+                    expired.append(key.key_id)
+            except ImportInProgress:
+                continue  # an import or removal holds the key: the next run sees it again
         for label in await self.core.store.expired_wrapping_labels(now):
             core = await self.core.crypto()
             await core.destroy_key(label)  # every import token using it has expired

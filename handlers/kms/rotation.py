@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -27,6 +28,14 @@ log = get_logger("dew.kms")
 
 # How long a rotation may hold its key's lease; a crashed one blocks rotation that long.
 ROTATION_LEASE = timedelta(minutes=5)
+
+
+@dataclass
+class _Lease:
+    """Our rotation lease on a key; its end identifies it (a takeover sets another)."""
+
+    key_id: str
+    until: datetime
 
 
 class Rotation:
@@ -75,13 +84,15 @@ class Rotation:
                 op.outcome = "unchanged"
                 return RotationChange(RotationStatus.of(record, rotation), False)
             when = now or self.core.clock()
-            if not await self.core.store.claim_rotation(record.key_id, when, when + ROTATION_LEASE):
+            lease = _Lease(record.key_id, when + ROTATION_LEASE)
+            if not await self.core.store.claim_rotation(record.key_id, when, lease.until):
                 raise RotationInProgress(f"a rotation of {key_name(record)} is already running",
                                          target=record.key_id)
             try:
-                rotated = await self._add_version(record.key_id, when, actor, request, op)
+                rotated = await self._add_version(record.key_id, when, actor, request, op, lease)
             except BaseException:
-                await self.core.store.release_rotation(record.key_id)
+                # Only our own lease: a rotator that took over an expired one keeps it.
+                await self.core.store.release_rotation(record.key_id, lease.until)
                 raise
             return RotationChange(
                 RotationStatus.of(rotated, await self.core.store.get_rotation(record.key_id)), True)
@@ -112,9 +123,12 @@ class Rotation:
         return {"rotated": rotated, "failed": failed}
 
     async def _add_version(
-        self, key_id: str, when: datetime, actor: str | None, request: str | None, op: AuditOp
+        self, key_id: str, when: datetime, actor: str | None, request: str | None, op: AuditOp,
+        lease: _Lease,
     ) -> KeyRecord:
-        """With the rotation lease held: generate version n+1, then register it."""
+        """With the rotation lease held: generate version n+1, then register it. Before
+        any token object is destroyed the lease is checked (and renewed): a rotator that
+        stalled past its lease must not destroy what the one after it registered (L5)."""
         record = await self.core.store.get_key(key_id)
         if record is None or record.state != KeyState.ENABLED:
             raise KeyStateError(f"key {key_id} is no longer enabled", target=key_id)
@@ -124,8 +138,13 @@ class Rotation:
         try:
             await core.generate_key(KeySpec.AES_256, label, f"{key_id}:v{new}".encode())
         except KeyExists:
-            # We hold the lease and the registry says v{old}: the object is an orphan
-            # of a rotation that crashed before registering it. Replace it.
+            # If we still hold the lease and the registry still says v{old}, the object
+            # is an orphan of a rotation that crashed before registering it. Replace it.
+            await self._fence(lease, record)
+            fresh = await self.core.store.get_key(key_id)
+            if fresh is None or fresh.current_version != old:
+                raise KeyStateError(f"key {key_name(record)} changed during its rotation; "
+                                    "retry", target=key_id) from None
             await core.destroy_key(label)
             await core.generate_key(KeySpec.AES_256, label, f"{key_id}:v{new}".encode())
         op.detail = {"from_version": old, "to_version": new,
@@ -134,9 +153,14 @@ class Rotation:
                            "success", op.detail)
         await self.core.flush_audit()
         rotated = await self.core.store.add_version(
-            key_id, old, KeyVersion(key_id, new, label, when), event, request)
+            key_id, old, KeyVersion(key_id, new, label, when), event, request,
+            lease=lease.until)
         if rotated is None:
-            await self.core.discard(core, label)
+            # Our object is unregistered; destroy it only if the lease is still ours and
+            # nothing registered v{new}: otherwise the label is another rotator's version.
+            await self._fence(lease, record)
+            if all(v.version != new for v in await self.core.store.versions(key_id)):
+                await self.core.discard(core, label)
             raise KeyStateError(f"key {key_name(record)} changed during its rotation; retry",
                                 target=key_id)
         op.recorded = True
@@ -172,6 +196,17 @@ class Rotation:
                                                        event)
             op.recorded = True
             return RotationChange(RotationStatus.of(record, saved), True)
+
+    async def _fence(self, lease: _Lease, key: KeyRecord) -> None:
+        """Renew the lease if it is still ours; RotationInProgress if another rotator
+        took it over (ours expired): then nothing may be destroyed."""
+        until = max(lease.until, self.core.clock() + ROTATION_LEASE)
+        if not await self.core.store.renew_rotation(lease.key_id, lease.until, until):
+            log.warning("rotation lease lost; nothing destroyed", key_id=lease.key_id)
+            raise RotationInProgress(
+                f"the rotation of {key_name(key)} outlived its lease and another rotation "
+                "took over; nothing was destroyed", target=lease.key_id)
+        lease.until = until
 
     @staticmethod
     def _check_rotatable(key: KeyRecord) -> None:

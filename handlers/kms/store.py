@@ -15,26 +15,45 @@ head, then append" atomic across processes.
 
 Audit chain: entry ``seq`` holds ``prev_hash`` (the hash of entry ``seq - 1``,
 64 zeros for the first) and ``hash`` = SHA-256 over its previous hash and its
-own stored fields. ``audit_head`` keeps the last ``(seq, hash)``, so deleting
-the newest entries is caught too. The chain is unkeyed: it detects an edit
-or a deletion by someone who does not also recompute every later hash (a
-keyed chain, an HMAC in the HSM, would close that gap).
+own stored fields. ``audit_head`` keeps the last ``(seq, hash)``. The hashes
+alone are unkeyed, so each append batch is also *sealed* (``audit_seals``: an
+HMAC made in the token over the batch's last ``(seq, hash)``, through the
+:class:`~handlers.kms.audit_seal.AuditKey` the KMS core hands the store) and
+the newest seal is anchored in a file beside the database
+(:mod:`handlers.kms.audit_seal`): an edited entry, recomputed hashes, or a cut
+tail with a rewritten ``audit_head`` all fail :meth:`SqliteKmsStore.verify_audit`.
 
 sqlite3 errors become engine errors in :func:`engine.sqlite_db.sqlite_errors` and nowhere else.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from engine.errors import ConfigError, DewError
+from engine.logs import get_logger
 from engine.models import iso, parse_iso
 from engine.sqlite_db import SqliteDb
+from handlers.kms.audit_seal import (
+    Anchor,
+    AnchorDamaged,
+    AuditKey,
+    anchor_path,
+    read_anchor,
+    seal_message,
+    write_anchor,
+)
+
+log = get_logger("dew.kms")
 
 GENESIS_HASH = "0" * 64
 KEY_COLUMNS = (
@@ -50,6 +69,8 @@ AUDIT_COLUMNS = (
     "seq, time, account, actor, operation, key_id, outcome, detail, prev_hash, hash"
 )
 CreateOutcome = Literal["created", "alias_taken", "quota_exceeded"]
+_NO_PARAMS: tuple[Any, ...] = ()
+SEAL_CHECKS_AT_ONCE = 256
 
 
 @dataclass(frozen=True)
@@ -103,7 +124,7 @@ class WrappedKey:
 
 @dataclass(frozen=True)
 class ImportToken:
-    token: str
+    token: str  # as given to the caller; the store keeps only its SHA-256 (import_token_hash)
     key_id: str
     account: str
     algorithm: str
@@ -162,10 +183,20 @@ class AuditVerdict:
     entries: int
     first_broken_seq: int | None = None
     reason: str = ""
+    sealed_through: int | None = None  # the newest entry a valid seal covers
+    anchored_at: int | None = None  # the entry the anchor file names
+    unsealed: int = 0  # newest entries no seal covers yet (written without the HSM open)
 
     def to_json(self) -> dict[str, Any]:
         return {"intact": self.intact, "entries": self.entries,
-                "first_broken_seq": self.first_broken_seq, "reason": self.reason}
+                "first_broken_seq": self.first_broken_seq, "reason": self.reason,
+                "sealed_through": self.sealed_through, "anchored_at": self.anchored_at,
+                "unsealed": self.unsealed}
+
+
+def import_token_hash(token: str) -> str:
+    """What the registry keeps of an import token: its SHA-256 (hex), never the token."""
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
 def entry_hash(
@@ -182,6 +213,10 @@ class KmsStore(Protocol):
     """What the KMS service needs from persistence (SQLite today)."""
 
     async def close(self) -> None: ...
+
+    def use_audit_key(self, key: AuditKey | None) -> None:
+        """The token key that seals audit batches (None: append unsealed). A
+        :class:`~handlers.kms.core.KmsCore` hands it over when it is made on the store."""
 
     async def create_key(
         self, key: KeyRecord, version: KeyVersion, event: AuditEvent, quota: int | None,
@@ -230,22 +265,42 @@ class KmsStore(Protocol):
     async def claim_rotation(self, key_id: str, now: datetime, until: datetime) -> bool:
         """Take the key's rotation lease (free, or expired before ``now``)."""
 
-    async def release_rotation(self, key_id: str) -> None: ...
+    async def renew_rotation(self, key_id: str, held: datetime, until: datetime) -> bool:
+        """Extend the rotation lease to ``until`` if it is still the one that ends at
+        ``held`` (nobody took it over): the fence before a destructive step."""
+
+    async def release_rotation(self, key_id: str, held: datetime | None = None) -> None:
+        """Drop the lease (only the one ending at ``held``, when given)."""
 
     async def add_version(
         self, key_id: str, expected_version: int, version: KeyVersion, event: AuditEvent,
-        request: str | None,
+        request: str | None, lease: datetime | None = None,
     ) -> KeyRecord | None:
         """Make ``version`` current (if the key is still at ``expected_version`` and
-        enabled), count the rotation, move the schedule on, release the lease and
-        audit: one transaction. None (nothing written) when the guard misses."""
+        enabled, and, given ``lease``, its rotation lease is still that one), count the
+        rotation, move the schedule on, release the lease and audit: one transaction.
+        None (nothing written) when the guard misses."""
+
+    async def claim_lease(
+        self, key_id: str, purpose: str, now: datetime, until: datetime
+    ) -> bool:
+        """Take the key's ``purpose`` lease (free, or expired before ``now``) until ``until``."""
+
+    async def renew_lease(
+        self, key_id: str, purpose: str, held: datetime, until: datetime
+    ) -> bool:
+        """Extend the lease ending at ``held`` to ``until``; False if it is not ours any more."""
+
+    async def release_lease(self, key_id: str, purpose: str, held: datetime) -> None: ...
 
     async def due_rotations(self, now: datetime) -> list[str]:
         """Enabled keys whose scheduled rotation is due."""
 
-    async def add_import_token(self, token: ImportToken, event: AuditEvent) -> None: ...
+    async def add_import_token(self, token: ImportToken, event: AuditEvent) -> None:
+        """Keep the token's hash (not the token) and audit, in one transaction."""
 
-    async def get_import_token(self, token: str) -> ImportToken | None: ...
+    async def get_import_token(self, token: str) -> ImportToken | None:
+        """The token presented (looked up by its hash)."""
 
     async def current_wrapping_label(self, account: str, since: datetime) -> str | None:
         """The account's wrapping key first used at or after ``since`` (to reuse it)."""
@@ -257,9 +312,10 @@ class KmsStore(Protocol):
 
     async def finish_import(
         self, key_id: str, fingerprint: str, expires_at: datetime | None, now: datetime,
-        event: AuditEvent,
+        event: AuditEvent, lease: datetime | None = None,
     ) -> KeyRecord | None:
-        """pending_import -> enabled, with the fingerprint and expiry: one transaction."""
+        """pending_import -> enabled, with the fingerprint and expiry: one transaction;
+        given ``lease``, only while the key's ``material`` lease is still that one."""
 
     async def expired_material(self, now: datetime) -> list[KeyRecord]:
         """Keys whose imported material's expiration time has come."""
@@ -275,7 +331,8 @@ class KmsStore(Protocol):
         self, key_id: str | None = None, account: str | None = None, limit: int = 100
     ) -> list[AuditEntry]: ...
 
-    async def verify_audit(self) -> AuditVerdict: ...
+    async def verify_audit(self) -> AuditVerdict:
+        """Walk the chain, check the seals in the token and the anchor file."""
 
 
 # This store's schema, numbered from 1 and tracked as component "kms" in the
@@ -375,7 +432,36 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (key_id, version)
     );
     """,
+    # 3: trust boundaries. audit_seals: an HMAC made in the token over the last
+    # (seq, hash) of each append batch, so the chain cannot be recomputed by whoever
+    # writes this file (older entries are covered by the first seal after them: no
+    # re-keying). kms_leases: per-key leases (the BYOK "material" lease serialises
+    # imports and removals of material). Import tokens are kept as SHA-256 from now on;
+    # those stored in clear before are expired (their wrapping keys then get destroyed).
+    """
+    CREATE TABLE IF NOT EXISTS audit_seals (
+        seq INTEGER PRIMARY KEY,
+        mac TEXT NOT NULL
+    );
+    CREATE TABLE IF NOT EXISTS kms_leases (
+        key_id  TEXT NOT NULL,
+        purpose TEXT NOT NULL,
+        until   TEXT NOT NULL,
+        PRIMARY KEY (key_id, purpose)
+    );
+    UPDATE kms_import_tokens SET token = 'expired-' || lower(hex(randomblob(32))),
+        expires_at = created_at
+        WHERE length(token) <> 64 AND token NOT LIKE 'expired-%';
+    """,
 )
+
+
+@dataclass
+class _Batch:
+    """One write transaction's audit append: the key to seal it with, and the seal."""
+
+    key: AuditKey | None
+    anchor: Anchor | None = None
 
 
 class SqliteKmsStore(SqliteDb):
@@ -384,6 +470,10 @@ class SqliteKmsStore(SqliteDb):
     conflict_fix = "Retry; another process changed the same key at the same time."
     schema = "kms"
     migrations = MIGRATIONS
+    _audit_key: AuditKey | None = None
+
+    def use_audit_key(self, key: AuditKey | None) -> None:
+        self._audit_key = key
 
     # --- keys ------------------------------------------------------------------------
 
@@ -391,7 +481,7 @@ class SqliteKmsStore(SqliteDb):
         self, key: KeyRecord, version: KeyVersion, event: AuditEvent, quota: int | None,
         wrapped: WrappedKey | None = None,
     ) -> CreateOutcome:
-        async with self._transaction():
+        async with self._audited() as batch:
             taken = await self._fetchone(
                 "SELECT 1 FROM kms_keys WHERE account = ? AND alias = ? AND state <> 'deleted'",
                 (key.account, key.alias),
@@ -423,7 +513,7 @@ class SqliteKmsStore(SqliteDb):
                     "INSERT INTO kms_wrapped_keys (key_id, version, wrapped, public_key) "
                     "VALUES (?, ?, ?, ?)",
                     (key.key_id, version.version, wrapped.wrapped, wrapped.public_key))
-            await self._append([event])
+            await self._append([event], batch)
         return "created"
 
     async def get_wrapped(self, key_id: str, version: int) -> WrappedKey | None:
@@ -489,12 +579,12 @@ class SqliteKmsStore(SqliteDb):
         if due_by is not None:
             sql += " AND scheduled_deletion_date <= ?"
             params += (iso(due_by),)
-        async with self._transaction():
+        async with self._audited() as batch:
             row = await self._fetchone(sql + f" RETURNING {KEY_COLUMNS}", params)
             if row is None:
                 return None
             record = _key(row)
-            await self._append([event])
+            await self._append([event], batch)
         return record
 
     async def versions(self, key_id: str) -> list[KeyVersion]:
@@ -556,7 +646,7 @@ class SqliteKmsStore(SqliteDb):
         self, key_id: str, enabled: bool, interval_days: int,
         next_rotation_at: datetime | None, event: AuditEvent,
     ) -> RotationRecord:
-        async with self._transaction():
+        async with self._audited() as batch:
             row = await self._fetchone(
                 "INSERT INTO kms_rotation (key_id, enabled, interval_days, next_rotation_at) "
                 "VALUES (?, ?, ?, ?) ON CONFLICT (key_id) DO UPDATE SET enabled = "
@@ -565,7 +655,7 @@ class SqliteKmsStore(SqliteDb):
                 (key_id, int(enabled), interval_days, iso(next_rotation_at)),
             )
             assert row is not None
-            await self._append([event])
+            await self._append([event], batch)
         return _rotation(row)
 
     async def claim_rotation(self, key_id: str, now: datetime, until: datetime) -> bool:
@@ -580,20 +670,34 @@ class SqliteKmsStore(SqliteDb):
             )
         return row is not None
 
-    async def release_rotation(self, key_id: str) -> None:
-        await self._execute("UPDATE kms_rotation SET lease_until = NULL WHERE key_id = ?",
-                            (key_id,))
+    async def renew_rotation(self, key_id: str, held: datetime, until: datetime) -> bool:
+        return await self._execute(
+            "UPDATE kms_rotation SET lease_until = ? WHERE key_id = ? AND lease_until = ?",
+            (iso(until), key_id, iso(held))) == 1
+
+    async def release_rotation(self, key_id: str, held: datetime | None = None) -> None:
+        if held is None:
+            await self._execute("UPDATE kms_rotation SET lease_until = NULL WHERE key_id = ?",
+                                (key_id,))
+        else:
+            await self._execute("UPDATE kms_rotation SET lease_until = NULL WHERE key_id = ? "
+                                "AND lease_until = ?", (key_id, iso(held)))
 
     async def add_version(
         self, key_id: str, expected_version: int, version: KeyVersion, event: AuditEvent,
-        request: str | None,
+        request: str | None, lease: datetime | None = None,
     ) -> KeyRecord | None:
         now = iso(version.created_at)
-        async with self._transaction():
+        fence, fence_params = "", _NO_PARAMS
+        if lease is not None:
+            fence = (" AND EXISTS (SELECT 1 FROM kms_rotation r WHERE r.key_id = "
+                     "kms_keys.key_id AND r.lease_until = ?)")
+            fence_params = (iso(lease),)
+        async with self._audited() as batch:
             row = await self._fetchone(
                 "UPDATE kms_keys SET current_version = ?, updated_at = ? WHERE key_id = ? "
-                f"AND current_version = ? AND state = 'enabled' RETURNING {KEY_COLUMNS}",
-                (version.version, now, key_id, expected_version),
+                f"AND current_version = ? AND state = 'enabled'{fence} RETURNING {KEY_COLUMNS}",
+                (version.version, now, key_id, expected_version, *fence_params),
             )
             if row is None:
                 return None
@@ -614,7 +718,7 @@ class SqliteKmsStore(SqliteDb):
                 "excluded.last_request, lease_until = NULL, next_rotation_at = ?",
                 (key_id, now, request, iso(following)),
             )
-            await self._append([event])
+            await self._append([event], batch)
         return _key(row)
 
     async def due_rotations(self, now: datetime) -> list[str]:
@@ -626,26 +730,52 @@ class SqliteKmsStore(SqliteDb):
             )
         return [str(r[0]) for r in rows]
 
+    # --- leases ----------------------------------------------------------------------
+
+    async def claim_lease(
+        self, key_id: str, purpose: str, now: datetime, until: datetime
+    ) -> bool:
+        async with self._locked():
+            row = await self._fetchone(
+                "INSERT INTO kms_leases (key_id, purpose, until) VALUES (?, ?, ?) "
+                "ON CONFLICT (key_id, purpose) DO UPDATE SET until = excluded.until "
+                "WHERE kms_leases.until < ? RETURNING key_id",
+                (key_id, purpose, iso(until), iso(now)),
+            )
+        return row is not None
+
+    async def renew_lease(
+        self, key_id: str, purpose: str, held: datetime, until: datetime
+    ) -> bool:
+        return await self._execute(
+            "UPDATE kms_leases SET until = ? WHERE key_id = ? AND purpose = ? AND until = ?",
+            (iso(until), key_id, purpose, iso(held))) == 1
+
+    async def release_lease(self, key_id: str, purpose: str, held: datetime) -> None:
+        await self._execute(
+            "DELETE FROM kms_leases WHERE key_id = ? AND purpose = ? AND until = ?",
+            (key_id, purpose, iso(held)))
+
     # --- imports ---------------------------------------------------------------------
 
     async def add_import_token(self, token: ImportToken, event: AuditEvent) -> None:
-        async with self._transaction():
+        async with self._audited() as batch:
             await self._conn.execute(
                 "INSERT INTO kms_import_tokens (token, key_id, account, algorithm, "
                 "wrapping_label, created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (token.token, token.key_id, token.account, token.algorithm,
+                (import_token_hash(token.token), token.key_id, token.account, token.algorithm,
                  token.wrapping_label, iso(token.created_at), iso(token.expires_at)),
             )
-            await self._append([event])
+            await self._append([event], batch)
 
     async def get_import_token(self, token: str) -> ImportToken | None:
         async with self._locked():
             row = await self._fetchone(
-                "SELECT token, key_id, account, algorithm, wrapping_label, created_at, "
-                "expires_at FROM kms_import_tokens WHERE token = ?", (token,))
+                "SELECT key_id, account, algorithm, wrapping_label, created_at, "
+                "expires_at FROM kms_import_tokens WHERE token = ?", (import_token_hash(token),))
         if row is None:
             return None
-        return ImportToken(row["token"], row["key_id"], row["account"], row["algorithm"],
+        return ImportToken(token, row["key_id"], row["account"], row["algorithm"],
                            row["wrapping_label"], _ts(row["created_at"]),
                            _ts(row["expires_at"]))
 
@@ -682,12 +812,18 @@ class SqliteKmsStore(SqliteDb):
 
     async def finish_import(
         self, key_id: str, fingerprint: str, expires_at: datetime | None, now: datetime,
-        event: AuditEvent,
+        event: AuditEvent, lease: datetime | None = None,
     ) -> KeyRecord | None:
-        async with self._transaction():
+        fence, fence_params = "", _NO_PARAMS
+        if lease is not None:
+            fence = (" AND EXISTS (SELECT 1 FROM kms_leases l WHERE l.key_id = "
+                     "kms_keys.key_id AND l.purpose = 'material' AND l.until = ?)")
+            fence_params = (iso(lease),)
+        async with self._audited() as batch:
             row = await self._fetchone(
                 "UPDATE kms_keys SET state = 'enabled', updated_at = ? WHERE key_id = ? "
-                f"AND state = 'pending_import' RETURNING {KEY_COLUMNS}", (iso(now), key_id))
+                f"AND state = 'pending_import'{fence} RETURNING {KEY_COLUMNS}",
+                (iso(now), key_id, *fence_params))
             if row is None:
                 return None
             # The first import's fingerprint stays: a re-import must match it.
@@ -698,7 +834,7 @@ class SqliteKmsStore(SqliteDb):
                 "material_expires_at = excluded.material_expires_at",
                 (key_id, fingerprint, iso(now), iso(expires_at)),
             )
-            await self._append([event])
+            await self._append([event], batch)
         return _key(row)
 
     async def expired_material(self, now: datetime) -> list[KeyRecord]:
@@ -714,10 +850,12 @@ class SqliteKmsStore(SqliteDb):
     # --- audit -----------------------------------------------------------------------
 
     async def append_audit(self, events: Sequence[AuditEvent]) -> None:
+        """Append buffered use entries; sealed when the token is open already (a seal
+        covers every entry before it, so the next sealed batch covers these)."""
         if not events:
             return
-        async with self._transaction():
-            await self._append(events)
+        async with self._audited(open_token=False) as batch:
+            await self._append(events, batch)
 
     async def list_audit(
         self, key_id: str | None = None, account: str | None = None, limit: int = 100
@@ -736,12 +874,26 @@ class SqliteKmsStore(SqliteDb):
         return [_entry(r) for r in rows]
 
     async def verify_audit(self) -> AuditVerdict:
-        """Walk the whole chain; the first entry that does not fit is reported."""
+        """Walk the whole chain; the first entry that does not fit is reported. Then
+        the seals (in the token) and the anchor file: a cut tail, recomputed hashes or
+        a forged or missing anchor are reported too."""
+        path = anchor_path(self._path)
+        # The anchor first: read after the chain, a concurrent append's newer anchor
+        # would look like a cut.
+        damaged = None
+        try:
+            anchor = await asyncio.to_thread(read_anchor, path)
+        except AnchorDamaged as exc:
+            anchor, damaged = None, str(exc)
         expected_seq, prev, count = 1, GENESIS_HASH, 0
+        hashes: dict[int, str] = {}
         # One read transaction: a concurrent append cannot show a half chain.
         async with self._locked():
             await self._conn.execute("BEGIN")
             try:
+                seals = {int(r[0]): str(r[1]) for r in await self._fetchall(
+                    "SELECT seq, mac FROM audit_seals ORDER BY seq")}
+                wanted = set(seals) | ({anchor.seq} if anchor is not None else set())
                 async with self._conn.execute(
                     f"SELECT {AUDIT_COLUMNS} FROM audit ORDER BY seq"
                 ) as cursor:
@@ -750,6 +902,8 @@ class SqliteKmsStore(SqliteDb):
                         broken = _check_entry(entry, expected_seq, prev)
                         if broken:
                             return AuditVerdict(False, count, broken[0], broken[1])
+                        if entry.seq in wanted:
+                            hashes[entry.seq] = entry.hash
                         expected_seq, prev, count = entry.seq + 1, entry.hash, count + 1
                 head = await self._fetchone("SELECT seq, hash FROM audit_head WHERE id = 1")
             finally:
@@ -761,10 +915,101 @@ class SqliteKmsStore(SqliteDb):
                 f"the chain ends at seq {expected_seq - 1} but its head says {head_seq}: "
                 "newest entries were deleted or the head was edited",
             )
-        return AuditVerdict(True, count)
+        if damaged is not None:
+            return AuditVerdict(False, count, None,
+                                f"the audit anchor {path} is damaged ({damaged}): it was "
+                                "edited or replaced")
+        return await self._check_seals(count, expected_seq - 1, seals, hashes, anchor, path)
 
-    async def _append(self, events: Iterable[AuditEvent]) -> None:
-        """Chain ``events`` after the head; the caller holds a write transaction."""
+    async def _check_seals(
+        self, count: int, last: int, seals: dict[int, str], hashes: dict[int, str],
+        anchor: Anchor | None, path: Path,
+    ) -> AuditVerdict:
+        """The chain is consistent up to ``last``; now the keyed part."""
+        if not seals and anchor is None:
+            # Never sealed: a log from before sealing, or written without the HSM.
+            return AuditVerdict(True, count, unsealed=count)
+        key = self._audit_key
+        if key is None:
+            raise ConfigError("the audit log is sealed: checking it needs the HSM",
+                              fix="Verify it through the KMS service (dew audit verify).")
+        good = 0  # the newest entry a verified seal covers
+        if anchor is not None:
+            if not await key.check(seal_message(anchor.seq, anchor.hash),
+                                   bytes.fromhex(anchor.mac)):
+                return AuditVerdict(False, count, None,
+                                    f"the audit anchor {path} was not made with this token's "
+                                    "audit key: it was forged or belongs to another token",
+                                    anchored_at=anchor.seq)
+            if anchor.seq > last:
+                return AuditVerdict(
+                    False, count, last + 1,
+                    f"the audit log ends at entry {last} but was anchored at entry "
+                    f"{anchor.seq}: the newest entries were deleted", anchored_at=anchor.seq)
+        beyond = [seq for seq in seals if seq > last]
+        if beyond:
+            return AuditVerdict(
+                False, count, last + 1,
+                f"the audit log ends at entry {last} but entry {beyond[0]} was sealed: the "
+                "newest entries were deleted", anchored_at=anchor.seq if anchor else None)
+        order = list(seals)
+        for start in range(0, len(order), SEAL_CHECKS_AT_ONCE):
+            chunk = order[start:start + SEAL_CHECKS_AT_ONCE]
+            # Many token calls in flight at once: the pool's threads all work.
+            valid = await asyncio.gather(*(
+                key.check(seal_message(seq, hashes[seq]), bytes.fromhex(seals[seq]))
+                for seq in chunk))
+            for seq, ok in zip(chunk, valid, strict=True):
+                if not ok:
+                    return AuditVerdict(
+                        False, count, good + 1,
+                        f"entries {good + 1}..{seq} were changed after they were sealed (the "
+                        f"seal of entry {seq} does not match)", sealed_through=good or None,
+                        anchored_at=anchor.seq if anchor else None)
+                good = seq
+        if anchor is None:
+            return AuditVerdict(
+                False, count, None,
+                f"the audit anchor {path} is missing, but the log is sealed up to entry "
+                f"{good}: the anchor was deleted", sealed_through=good)
+        if hashes.get(anchor.seq) != anchor.hash:
+            return AuditVerdict(
+                False, count, min(good + 1, anchor.seq),
+                f"entry {anchor.seq} differs from the anchored one: entries up to it were "
+                "rewritten", sealed_through=good or None, anchored_at=anchor.seq)
+        sealed = max(good, anchor.seq)
+        return AuditVerdict(True, count, sealed_through=sealed, anchored_at=anchor.seq,
+                            unsealed=last - sealed)
+
+    @asynccontextmanager
+    async def _audited(self, *, open_token: bool = True) -> AsyncIterator[_Batch]:
+        """A write transaction that appends audit entries, sealed with the token key
+        when it can be (``open_token``: open the HSM for it first, outside the write
+        lock); the anchor file moves on after the commit."""
+        key = self._audit_key
+        if key is not None and open_token and not key.ready():
+            try:
+                await key.prepare()
+            except DewError as exc:
+                # Written unsealed; the next sealed batch covers these entries.
+                log.warning("audit entries written unsealed: the HSM is not available",
+                            error=exc.message)
+        batch = _Batch(key if key is not None and key.ready() else None)
+        async with self._transaction():
+            yield batch
+        if batch.anchor is not None:
+            await self._anchor(batch.anchor)
+
+    async def _anchor(self, anchor: Anchor) -> None:
+        try:
+            await asyncio.to_thread(write_anchor, anchor_path(self._path), anchor)
+        except OSError as exc:
+            # The entries and their seal are committed; the anchor lags behind.
+            log.error("the audit anchor could not be written", seq=anchor.seq,
+                      error=exc.strerror or str(exc))
+
+    async def _append(self, events: Iterable[AuditEvent], batch: _Batch) -> None:
+        """Chain ``events`` after the head and seal the batch; inside ``_audited``."""
         head = await self._fetchone("SELECT seq, hash FROM audit_head WHERE id = 1")
         seq, prev = (int(head[0]), str(head[1])) if head else (0, GENESIS_HASH)
         rows = []
@@ -787,6 +1032,17 @@ class SqliteKmsStore(SqliteDb):
             "ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
             (seq, prev),
         )
+        if batch.key is None or not rows:
+            return
+        try:
+            # One token call per batch: the seal of its last entry covers all before it.
+            tag = (await batch.key.mac(seal_message(seq, prev))).hex()
+        except DewError as exc:
+            log.warning("audit entries written unsealed: sealing failed", error=exc.message)
+            return
+        await self._conn.execute(
+            "INSERT OR REPLACE INTO audit_seals (seq, mac) VALUES (?, ?)", (seq, tag))
+        batch.anchor = Anchor(seq, prev, tag)
 
     # --- plumbing --------------------------------------------------------------------
 

@@ -1,33 +1,20 @@
-"""KMS wiring: the engine resources (crypto, kms_store, kms, sealer) and ``open_kms``."""
+"""KMS wiring: the resources kms_store, kms and sealer (on the engine's ``crypto``), and
+``open_kms``."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
-from engine.crypto import CryptoCore, ensure_token, hsm_config_from_settings
+from engine.crypto import CryptoCore
+from engine.hsm import connect_crypto
 from engine.resources import Closer, Resources, resource
 from engine.settings import Settings
 from handlers.kms.config import KmsSettings
 from handlers.kms.interface import KmsSealer, default_actor
 from handlers.kms.service import KmsService
 from handlers.kms.store import SqliteKmsStore
-
-
-async def connect_crypto(settings: Settings) -> CryptoCore:
-    """A connected crypto core for ``settings``, initialising the token if there is none."""
-    await asyncio.to_thread(ensure_token, settings)
-    core = CryptoCore(hsm_config_from_settings(settings))
-    await core.connect()
-    return core
-
-
-@resource("crypto")
-async def _crypto_resource(resources: Resources) -> tuple[CryptoCore, Closer]:
-    core = await connect_crypto(resources.settings)
-    return core, core.close
 
 
 @resource("kms_store")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import time
 from collections.abc import Callable
@@ -104,3 +105,38 @@ def test_worker_exits_cleanly_when_redis_is_gone(
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) is not None  # exited, did not hang
     redis_server.start()
+
+
+@pytest.mark.slow
+async def test_a_stalled_worker_taken_over_never_writes(
+    client: Client, settings: Settings, make_worker: Callable[[], WorkerProcess]
+) -> None:
+    """A SIGSTOPped worker looks dead; another takes its job over. When the first one
+    wakes up, its run may not write: one outcome, recorded by the run that holds the
+    claim, and a duplicate delivery never runs beside a live worker's run."""
+    first = make_worker()
+    task = await client.enqueue("engine.sleep", {"seconds": 4.0})
+
+    async def running_on(worker_pid: int) -> bool:
+        row = await client.get(task.task_id)
+        return row.status == "running" and f":{worker_pid}:" in (row.worker_id or "")
+
+    await wait_for(lambda: running_on(first.pid), timeout=20, interval=0.05)
+    os.kill(first.pid, signal.SIGSTOP)
+    try:
+        second = make_worker()
+        # heartbeat_timeout (2 s) + a sweep (1 s): the second worker claims attempt 2.
+        await wait_for(lambda: running_on(second.pid), timeout=30, interval=0.1)
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    # The first run's sleep is over: it wakes and tries to record its success.
+    await asyncio.sleep(1.5)
+    row = await client.get(task.task_id)
+    assert (row.status, row.attempts) == ("running", 2), row
+    assert f":{second.pid}:" in (row.worker_id or "")
+    done = await client.wait(task.task_id, timeout=30)
+    assert (done.status, done.attempts) == ("succeeded", 2)
+    assert f":{second.pid}:" in (done.worker_id or "")
+    first.stop()
+    assert "run taken over by another worker" in first.log_path.read_text() + \
+        settings.log_file.read_text()

@@ -206,8 +206,8 @@ async def test_secret_arguments_are_redacted_in_the_row_and_a_lost_secret_fails(
 async def test_crash_loops_stop(runner: TaskRunner, store: SqliteTaskStore,
                                 settings: Settings) -> None:
     now = utcnow()
-    for _ in range(settings.retry.max_tries + 2):  # runs that never finished (worker killed)
-        await store.mark_running("t10", "t.ok", {}, "dead", now, now)
+    for i in range(settings.retry.max_tries + 2):  # runs that never finished (worker killed)
+        await store.mark_running("t10", "t.ok", {}, f"dead-{i}", now, now)
     assert (await runner.run(jobs.get("t.ok"), "t10", {})).status == "failed"
     task = await store.get_task("t10")
     assert task is not None and task.error is not None

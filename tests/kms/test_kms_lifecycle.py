@@ -126,7 +126,8 @@ async def _some_entries(kms: KmsService) -> Path:
         await kms.encrypt_data("chain", b"x")
     await kms.disable_key("chain")
     assert (await kms.audit_verify()).to_json() == {
-        "intact": True, "entries": 5, "first_broken_seq": None, "reason": ""}
+        "intact": True, "entries": 5, "first_broken_seq": None, "reason": "",
+        "sealed_through": 5, "anchored_at": 5, "unsealed": 0}
     return Path(str(kms.store._path))  # type: ignore[attr-defined]
 
 
