@@ -61,7 +61,10 @@ def build_parser(
 
     p = sub.add_parser("enqueue", help="enqueue a job")
     p.add_argument("name", help="job name, e.g. engine.echo")
-    p.add_argument("--args", default="{}", help="job arguments as a JSON object")
+    p.add_argument("--args", default=None, help="job arguments as a JSON object (visible "
+                   "to other local users in the process list: use --args-file for secrets)")
+    p.add_argument("--args-file", metavar="FILE", help="job arguments from a JSON file, or "
+                   "- for standard input")
     p.add_argument("--task-id", help="idempotency key: the same id twice is one task")
     p.add_argument("--defer", type=float, metavar="SECONDS", help="run no earlier than this")
     p.add_argument("--wait", action="store_true", help="wait and print the final task")
@@ -184,12 +187,14 @@ async def cmd_enqueue(args: argparse.Namespace, settings: Settings) -> int:
     from engine.client import Client, check_defer, check_json_args, check_task_id
     from engine.registry import default_registry
 
+    source, text = _job_args_text(args)
     try:
-        job_args = json.loads(args.args)
+        job_args = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise InvalidInput(f"--args is not valid JSON: {exc.msg} at column {exc.colno}") from None
+        raise InvalidInput(f"{source} is not valid JSON: {exc.msg} at column {exc.colno}",
+                           ) from None
     except RecursionError:
-        raise InvalidInput("--args nests too deeply") from None
+        raise InvalidInput(f"{source} nests too deeply") from None
     if args.timeout is not None and not args.wait:
         raise InvalidInput("--timeout needs --wait")
     # Check everything before the task store is opened: bad input writes nothing.
@@ -282,6 +287,31 @@ COMMANDS: dict[str, Command] = {
     "failures": cmd_failures,
     "stack": cmd_stack,
 }
+
+
+MAX_ARGS_FILE_BYTES = 1024 * 1024
+
+
+def _job_args_text(args: argparse.Namespace) -> tuple[str, str]:
+    """Where the job arguments come from, and their text."""
+    if args.args is not None and args.args_file is not None:
+        raise InvalidInput("give either --args or --args-file")
+    if args.args_file is None:
+        return "--args", "{}" if args.args is None else args.args
+    try:
+        if args.args_file == "-":
+            data = sys.stdin.buffer.read(MAX_ARGS_FILE_BYTES + 1)
+        else:
+            with open(args.args_file, "rb") as f:
+                data = f.read(MAX_ARGS_FILE_BYTES + 1)
+    except OSError as exc:
+        raise InvalidInput(f"cannot read --args-file {args.args_file}: {exc.strerror}") from None
+    if len(data) > MAX_ARGS_FILE_BYTES:
+        raise InvalidInput(f"--args-file is larger than {MAX_ARGS_FILE_BYTES} bytes")
+    try:
+        return "--args-file", data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidInput("--args-file is not UTF-8 text") from None
 
 
 def _check_limit(limit: int) -> None:

@@ -7,9 +7,12 @@ id in Redis is the task id of the task store.
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from arq.connections import ArqRedis, RedisSettings, create_pool
@@ -31,7 +34,17 @@ def redis_settings(settings: Settings) -> RedisSettings:
     try:
         rs = RedisSettings.from_dsn(settings.redis_url)
     except (RuntimeError, ValueError) as exc:
-        raise ConfigError(f"invalid redis.url {settings.redis_url!r}: {exc}") from None
+        raise ConfigError(f"invalid redis.url {_shown(settings.redis_url)!r}: {exc}") from None
+    if not rs.unix_socket_path:
+        # Any local user (and more) reaches a TCP port: that Redis must ask for a password.
+        rs.password = rs.password or redis_password(settings)
+        if not rs.password:
+            raise ConfigError(
+                f"the Redis at {_shown(settings.redis_url)} is reached over TCP without a "
+                "password",
+                fix="Give it one (requirepass / an ACL user) and set DEW_REDIS_PASSWORD, or "
+                "[redis] password_file (mode 0600), or redis://:PASSWORD@host/ in redis.url.",
+            )
     # Fail fast: a CLI call must not hang for long when Redis is down...
     rs.conn_timeout = 2
     rs.conn_retries = 2
@@ -43,9 +56,30 @@ def redis_settings(settings: Settings) -> RedisSettings:
     return rs
 
 
+def redis_password(settings: Settings) -> str:
+    """DEW_REDIS_PASSWORD, else the first line of ``[redis] password_file`` (0600)."""
+    if os.environ.get("DEW_REDIS_PASSWORD"):
+        return os.environ["DEW_REDIS_PASSWORD"]
+    if not settings.redis.password_file:
+        return ""
+    path = Path(settings.redis.password_file)
+    try:
+        if path.stat().st_mode & 0o077:
+            raise ConfigError(f"the Redis password file {path} is readable by others",
+                              fix=f"chmod 600 {path}")
+        return path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read the Redis password file {path}: {exc}") from None
+
+
+def _shown(url: str) -> str:
+    """A Redis URL as it may be shown: without its password."""
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+
+
 def unavailable(exc: BaseException, url: str) -> BackendUnavailable:
     return BackendUnavailable(
-        f"Redis at {url} cannot be reached", cause=f"{type(exc).__name__}: {exc}"
+        f"Redis at {_shown(url)} cannot be reached", cause=f"{type(exc).__name__}: {exc}"
     )
 
 

@@ -8,6 +8,7 @@ with no persistence, so they can kill and restart it.
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -44,17 +45,25 @@ class RedisServer:
     appendonly: bool = False
     pidfile: Path | None = None
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    # A TCP listener gets a password (any local user can reach a loopback port); it
+    # goes to redis-server in a 0600 config file, not on its command line.
+    password: str = field(default_factory=lambda: secrets.token_urlsafe(24), repr=False)
 
     @property
     def url(self) -> str:
         if self.port:
-            return f"redis://127.0.0.1:{self.port}/0"
+            return f"redis://:{self.password}@127.0.0.1:{self.port}/0"
         assert self.unix_socket is not None
         return f"unix://{self.unix_socket}"
 
+    @property
+    def config_file(self) -> Path:
+        return self.directory / "redis.conf"
+
     def command(self, daemonize: bool) -> list[str]:
         cmd = [
-            redis_binary(), "--bind", "127.0.0.1", "--port", str(self.port),
+            redis_binary(), *([str(self.config_file)] if self.port else []),
+            "--bind", "127.0.0.1", "--port", str(self.port),
             "--dir", str(self.directory), "--save", "",
             "--appendonly", "yes" if self.appendonly else "no",
             "--daemonize", "yes" if daemonize else "no",
@@ -74,6 +83,10 @@ class RedisServer:
                 fix="Use a shorter DEW_STATE_DIR, or set DEW_REDIS_URL to a redis:// address.",
             )
         private_dir(self.directory)
+        if self.port:
+            fd = os.open(self.config_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as conf:
+                conf.write(f"requirepass {self.password}\n")
         if daemonize:
             subprocess.run(self.command(daemonize=True), check=True, capture_output=True,
                            umask=PRIVATE_UMASK)
@@ -94,8 +107,9 @@ class RedisServer:
                 conn.settimeout(0.5)
                 conn.connect(str(self.unix_socket))
             with conn:
-                conn.sendall(b"PING\r\n")
-                return conn.recv(16).startswith(b"+PONG")
+                auth = f"AUTH {self.password}\r\n".encode() if self.port else b""
+                conn.sendall(auth + b"PING\r\n")
+                return b"+PONG" in conn.recv(64)
         except OSError:
             return False
 

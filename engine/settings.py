@@ -23,7 +23,7 @@ from engine.services import default_config_text
 S = TypeVar("S")
 SHORTCUTS = {"DEW_STATE_DIR": ("engine", "state_dir"), "DEW_REDIS_URL": ("redis", "url")}
 # Secrets are never settings (settings get printed); the crypto core reads these itself.
-SECRET_VARIABLES = frozenset({"DEW_HSM_PIN"})
+SECRET_VARIABLES = frozenset({"DEW_HSM_PIN", "DEW_REDIS_PASSWORD"})
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,7 @@ class EngineSection:
 class RedisSection:
     url: str = ""
     queue: str = "arq:queue"
+    password_file: str = ""
 
 
 @dataclass(frozen=True)

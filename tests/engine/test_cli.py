@@ -24,6 +24,10 @@ def assert_bad_input(settings: Settings, *args: str, message: str) -> None:
     [
         (("enqueue", "engine.nope"), "unknown job name 'engine.nope'"),
         (("tasks", "list", "--name", "\udcff"), "argument 4 is not valid UTF-8"),
+        (("enqueue", "engine.echo", "--args-file", "/nonexistent/a.json"),
+         "cannot read --args-file /nonexistent/a.json: No such file or directory"),
+        (("enqueue", "engine.echo", "--args", "{}", "--args-file", "-"),
+         "give either --args or --args-file"),
         (("failures", "show", "x\udcfe"), "argument 3 is not valid UTF-8"),
         (("enqueue", "engine.echo", "--args", '{"value":' + "[" * 40 + "]" * 40 + "}"),
          "job arguments nest deeper than 32 levels"),
@@ -77,7 +81,7 @@ def test_init_creates_state(settings: Settings) -> None:
 
 
 def test_redis_down_is_a_clear_error_not_a_traceback(settings: Settings) -> None:
-    dead = settings.replace(redis={"url": "redis://127.0.0.1:1/0"})
+    dead = settings.replace(redis={"url": "redis://:pw@127.0.0.1:1/0"})
     result = run_dew(dead, "enqueue", "engine.echo", "--args", '{"value": 1}', "--wait",
                      "--timeout", "1")
     # The task is kept in the outbox; waiting for it times out with a clear message.
@@ -129,3 +133,18 @@ def test_enqueue_wait_tasks_and_failures(settings: Settings, worker: WorkerProce
         run_dew(settings, "enqueue", "engine.fail", "--args", "{}", "--wait")
     cleared = run_dew(settings, "failures", "delete", "--all", "--json")
     assert json.loads(cleared.stdout) == {"deleted": 2}
+
+
+def test_job_arguments_from_a_file_or_stdin(settings: Settings, tmp_path: Path,
+                                            worker: WorkerProcess) -> None:
+    """Secrets need not appear on the command line (other users see /proc/*/cmdline)."""
+    path = tmp_path / "args.json"
+    path.write_text('{"value": "from a file"}')
+    done = run_dew(settings, "enqueue", "engine.echo", "--args-file", str(path), "--wait",
+                   "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["result"] == "from a file"
+    done = run_dew(settings, "enqueue", "engine.echo", "--args-file", "-", "--wait", "--json",
+                   input='{"value": "from stdin"}')
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["result"] == "from stdin"

@@ -65,3 +65,27 @@ def test_bad_settings_name_the_problem(
 def test_unreadable_config_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read config file"):
         load_settings(tmp_path / "missing.toml")
+
+
+def test_a_tcp_redis_must_ask_for_a_password(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from engine.queue import redis_settings
+
+    monkeypatch.delenv("DEW_REDIS_PASSWORD", raising=False)
+    bare = build_settings(DEFAULTS, environ={"DEW_REDIS_URL": "redis://127.0.0.1:6390/0"})
+    with pytest.raises(ConfigError, match="reached over TCP without a password"):
+        redis_settings(bare)
+    assert redis_settings(build_settings(DEFAULTS)).password is None  # the private socket
+    in_url = build_settings(DEFAULTS, environ={"DEW_REDIS_URL": "redis://:s3cret@h:1/0"})
+    assert redis_settings(in_url).password == "s3cret"
+    secret = tmp_path / "redis.pw"
+    secret.write_text("from-file\n")
+    secret.chmod(0o644)
+    from_file = bare.replace(redis={"password_file": str(secret)})
+    with pytest.raises(ConfigError, match="readable by others"):
+        redis_settings(from_file)
+    secret.chmod(0o600)
+    assert redis_settings(from_file).password == "from-file"
+    monkeypatch.setenv("DEW_REDIS_PASSWORD", "from-env")
+    assert redis_settings(bare).password == "from-env"
