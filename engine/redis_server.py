@@ -52,7 +52,7 @@ class RedisServer:
     @property
     def url(self) -> str:
         if self.port:
-            return f"redis://:{self.password}@127.0.0.1:{self.port}/0"
+            return f"redis://default:{self.password}@127.0.0.1:{self.port}/0"
         assert self.unix_socket is not None
         return f"unix://{self.unix_socket}"
 
