@@ -1,5 +1,9 @@
 """Queue throughput: N trivial jobs through dew-engine versus bare arq, in one run.
 
+The job is ``engine.sleep {"seconds": 0}`` (no secret argument, so nothing is
+sealed); ours includes what the trust boundary costs on every job: the client's
+HMAC over the job in the HSM and the worker's check of it, and the claim.
+
 Both sides use one private redis-server, one worker process with the same
 concurrency (max_jobs) and poll delay, JSON serialization, and enqueue with the
 same client concurrency. "Done" means: for bare arq, the queue is empty (arq
@@ -40,12 +44,12 @@ BARE_QUEUE = "bench:bare"
 
 
 async def noop(ctx: dict[str, Any], args: Any = None) -> Any:
-    return args.get("value") if isinstance(args, dict) else None
+    return args.get("seconds") if isinstance(args, dict) else None
 
 
 def run_bare_worker(url: str, max_jobs: int, poll_delay: float) -> None:
     Worker(
-        functions=[func(noop, name="engine.echo")],
+        functions=[func(noop, name="engine.sleep")],
         redis_settings=RedisSettings.from_dsn(url),
         queue_name=BARE_QUEUE,
         max_jobs=max_jobs,
@@ -84,7 +88,7 @@ async def bench_bare(url: str, args: argparse.Namespace) -> tuple[float, float, 
         cpu0, t0 = cpu_seconds(proc.pid), time.perf_counter()
         await gather_bounded(
             args.jobs, args.concurrency,
-            lambda i: pool.enqueue_job("engine.echo", {"value": i}, _queue_name=BARE_QUEUE),
+            lambda i: pool.enqueue_job("engine.sleep", {"seconds": 0}, _queue_name=BARE_QUEUE),
         )
         enqueued = time.perf_counter() - t0
         while await pool.zcard(BARE_QUEUE):
@@ -115,7 +119,7 @@ async def bench_ours(url: str, state: Path, args: argparse.Namespace) -> tuple[f
             cpu0, t0 = cpu_seconds(proc.pid), time.perf_counter()
             await gather_bounded(
                 args.jobs, args.concurrency,
-                lambda i: client.enqueue("engine.echo", {"value": i}),
+                lambda i: client.enqueue("engine.sleep", {"seconds": 0}),
             )
             enqueued = time.perf_counter() - t0
             db = sqlite3.connect(settings.db_path, timeout=30)

@@ -27,7 +27,7 @@ from engine.job_signing import JobSigner
 from engine.logs import get_logger
 from engine.models import TaskRecord, TaskStatus, utcnow
 from engine.queue import Queue
-from engine.redaction import keep_sealed
+from engine.redaction import keep_sealed, redact
 from engine.registry import Registry, default_registry
 from engine.resources import Resources
 from engine.sealing import SealBinding, job_account, needs_sealing, seal_args
@@ -162,7 +162,8 @@ class Client:
         task, created = await self.store.create_task(task_id, name, stored_args, now, due_at,
                                                      signature)
         if not created:
-            if task.name != name or task.args != stored_args:
+            # Sealed values differ at each sealing: compare what can be compared.
+            if task.name != name or redact(task.args) != redact(stored_args):
                 raise InvalidInput(
                     f"task id {task_id} is already used by another job ({task.name})",
                     fix="Use a new task id, or the same name and arguments to get that task.",

@@ -103,9 +103,13 @@ async def arq_signature(settings: Settings, name: str, task_id: str,
     """The keyword a plain arq client adds to ``enqueue_job`` (with ``_job_id=task_id``)
     so that a worker runs its job: ``await pool.enqueue_job(name, args,
     _job_id=task_id, **await arq_signature(settings, name, task_id, args))``."""
+    from engine.registry import default_registry
+    from engine.runner import stored_form
+
+    spec = default_registry(settings).check_args(name, args)
     resources = Resources(settings)
     try:
         signer: JobSigner = await resources.get("job_signer")
-        return {SIGNATURE_ARG: await signer.sign(name, task_id, args)}
+        return {SIGNATURE_ARG: await signer.sign(name, task_id, stored_form(spec, args))}
     finally:
         await resources.close()

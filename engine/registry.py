@@ -32,6 +32,8 @@ class JobSpec:
     validate: Validator | None = None
     secret_fields: frozenset[str] = frozenset()
     description: str = ""
+    # The result may carry what the secret fields held: the task row keeps it redacted.
+    secret_result: bool = False
 
 
 class Registry:
@@ -47,8 +49,10 @@ class Registry:
         validate: Validator | None = None,
         secret_fields: tuple[str, ...] = (),
         description: str = "",
+        secret_result: bool = False,
     ) -> Callable[[Handler], Handler]:
-        """Decorator registering ``handler`` as the job ``name``."""
+        """Decorator registering ``handler`` as the job ``name``. ``secret_fields``: the
+        arguments sealed whole (whatever they hold, at any depth)."""
         if not JOB_NAME.match(name):
             raise ValueError(f"job name {name!r} must look like 'domain.operation'")
 
@@ -58,7 +62,7 @@ class Registry:
             doc = (handler.__doc__ or "").strip().splitlines()
             self._jobs[name] = JobSpec(
                 name, handler, validate, frozenset(secret_fields), description or
-                (doc[0] if doc else "")
+                (doc[0] if doc else ""), secret_result,
             )
             return handler
 

@@ -34,6 +34,7 @@ class Resources:
         self.settings = settings
         self._made: dict[str, Any] = {}
         self._closers: list[Closer] = []
+        self._early: list[Closer] = []
         self._locks: dict[str, asyncio.Lock] = {}
 
     async def get(self, name: str) -> Any:
@@ -58,10 +59,20 @@ class Resources:
         if closer is not None:
             self._closers.append(closer)
 
+    def close_first(self, closer: Closer) -> None:
+        """Run ``closer`` before every other one: for a resource that still needs the
+        others while closing (one it opened lazily, after itself, would close first)."""
+        self._early.append(closer)
+
     async def close(self) -> None:
-        """Close everything, newest first; one failing closer does not keep the others
-        open (the first error is raised once all have run)."""
+        """Close everything, newest first (``close_first`` ones before all); one failing
+        closer does not keep the others open (the first error is raised once all ran)."""
         errors: list[Exception] = []
+        while self._early:
+            try:
+                await self._early.pop()()
+            except Exception as exc:  # noqa: BLE001 - re-raised below, after the rest
+                errors.append(exc)
         while self._closers:
             try:
                 await self._closers.pop()()

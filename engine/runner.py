@@ -26,7 +26,7 @@ from engine.job_signing import JobSigner
 from engine.lifecycle import decide_outcome
 from engine.logs import get_logger
 from engine.models import Fence, utcnow
-from engine.redaction import contains_redacted, keep_sealed, redact
+from engine.redaction import REDACTED, contains_redacted, is_sealed, keep_sealed, redact
 from engine.registry import JobSpec
 from engine.resources import Resources
 from engine.sealing import SealBinding, has_sealed, job_account, unseal_args
@@ -162,6 +162,16 @@ class TaskRunner:
                 category="parameters",
                 fix="Enqueue the job again with its secret arguments sealed by the client.",
             )
+        clear = sorted(k for k in spec.secret_fields
+                       if args.get(k) is not None and not is_sealed(args[k]))
+        if clear:
+            # Only the client seals (for this one task); a clear secret came some other way.
+            raise SecurityError(
+                f"the secret argument {clear[0]!r} of {spec.name} arrived in clear",
+                fix="Enqueue the job through engine.Client or `dew enqueue`, which seal "
+                "its secret arguments.",
+                code="secret_not_sealed", target=clear[0],
+            )
         # More runs than tries means the job kept killing its worker (each crash
         # re-runs it): stop instead of looping for ever.
         if attempts > self.settings.retry.max_tries + 2:
@@ -192,7 +202,8 @@ class TaskRunner:
         if outcome.action == "succeed":
             # A result is shown to anyone who may list tasks: no secret in it either.
             if not await self.store.mark_succeeded(
-                    task_id, redact(result, spec.secret_fields), now, final_args, fence):
+                    task_id, REDACTED if spec.secret_result else redact(
+                        result, spec.secret_fields), now, final_args, fence):
                 return self._taken_over(attempts)
             job_log.info("job succeeded", attempt=attempts, ms=round(took * 1000, 1))
             return RunOutcome("succeeded")

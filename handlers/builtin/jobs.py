@@ -1,6 +1,7 @@
 """Built-in jobs for operators' checks, tests, the demo and the benchmark.
 
-- ``engine.echo {"value": ...}``: returns the value.
+- ``engine.echo {"value": ...}``: returns the value; the value is a declared secret,
+  sealed in transit and at rest, and the task row keeps the result redacted.
 - ``engine.sleep {"seconds": N}``: sleeps, returns the seconds slept.
 - ``engine.flaky {"failures": N}``: fails with a transient error on its first N
   attempts, then succeeds (shows retries with backoff).
@@ -47,9 +48,11 @@ def _check_fail(args: dict[str, Any]) -> None:
         raise InvalidInput("'message' must be a string")
 
 
-@JOBS.job("engine.echo", validate=_check_echo)
+# A free-form payload may hold anything: declared secret whole, so it is sealed in
+# transit and at rest, and the result (the same value) is kept redacted.
+@JOBS.job("engine.echo", validate=_check_echo, secret_fields=("value",), secret_result=True)
 async def echo(ctx: JobContext, args: dict[str, Any]) -> Any:
-    """Return the value given."""
+    """Return the value given (sealed on the way; the stored result is redacted)."""
     return args["value"]
 
 

@@ -24,7 +24,7 @@ async def _kms_store_resource(resources: Resources) -> tuple[SqliteKmsStore, Clo
 
 
 @resource("kms")
-async def _kms_resource(resources: Resources) -> tuple[KmsService, Closer]:
+async def _kms_resource(resources: Resources) -> tuple[KmsService, None]:
     store = await resources.get("kms_store")
 
     async def crypto() -> CryptoCore:
@@ -34,7 +34,9 @@ async def _kms_resource(resources: Resources) -> tuple[KmsService, Closer]:
 
     service = KmsService(store, crypto, quota=resources.settings.section(KmsSettings).quota,
                          actor=default_actor("worker"))
-    return service, service.close
+    # Its closing flush seals the audit batch with the HSM, opened after it: close it first.
+    resources.close_first(service.close)
+    return service, None
 
 
 @resource("sealer")

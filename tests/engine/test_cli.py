@@ -96,7 +96,9 @@ def test_enqueue_wait_tasks_and_failures(settings: Settings, worker: WorkerProce
     task = json.loads(ok.stdout)
     assert set(task) == {"task_id", "name", "args", "status", "attempts", "enqueued_at",
                          "started_at", "finished_at", "result", "error"}
-    assert (task["task_id"], task["status"], task["result"]) == ("cli-ok", "succeeded", [1, 2])
+    # engine.echo's value is a declared secret: its result is kept redacted.
+    assert (task["task_id"], task["status"], task["result"]) == (
+        "cli-ok", "succeeded", "***redacted***")
 
     again = run_dew(settings, "enqueue", "engine.echo", "--args", '{"value": [1, 2]}',
                     "--task-id", "cli-ok", "--json")
@@ -111,7 +113,7 @@ def test_enqueue_wait_tasks_and_failures(settings: Settings, worker: WorkerProce
     only = json.loads(run_dew(settings, "tasks", "list", "--status", "failed", "--json").stdout)
     assert [t["name"] for t in only] == ["engine.fail"]
     shown = json.loads(run_dew(settings, "tasks", "show", "cli-ok", "--json").stdout)
-    assert shown["result"] == [1, 2]
+    assert shown["result"] == "***redacted***" and shown["args"] == {"value": "***redacted***"}
     human = run_dew(settings, "tasks", "show", listed[0]["task_id"])
     assert "failure " in human.stdout and "nope" in human.stdout
 
@@ -139,12 +141,12 @@ def test_job_arguments_from_a_file_or_stdin(settings: Settings, tmp_path: Path,
                                             worker: WorkerProcess) -> None:
     """Secrets need not appear on the command line (other users see /proc/*/cmdline)."""
     path = tmp_path / "args.json"
-    path.write_text('{"value": "from a file"}')
-    done = run_dew(settings, "enqueue", "engine.echo", "--args-file", str(path), "--wait",
+    path.write_text('{"seconds": 0.01}')
+    done = run_dew(settings, "enqueue", "engine.sleep", "--args-file", str(path), "--wait",
                    "--json")
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout)["result"] == "from a file"
-    done = run_dew(settings, "enqueue", "engine.echo", "--args-file", "-", "--wait", "--json",
-                   input='{"value": "from stdin"}')
+    assert json.loads(done.stdout)["result"] == 0.01
+    done = run_dew(settings, "enqueue", "engine.sleep", "--args-file", "-", "--wait", "--json",
+                   input='{"seconds": 0.02}')
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout)["result"] == "from stdin"
+    assert json.loads(done.stdout)["result"] == 0.02

@@ -14,6 +14,7 @@ from engine import serialization
 from engine.client import Client
 from engine.errors import InvalidInput, NotFound, UnknownJob
 from engine.job_signing import arq_signature
+from engine.redaction import REDACTED, is_sealed
 from engine.settings import Settings
 from tests.helpers import WorkerProcess, wait_for
 
@@ -24,7 +25,9 @@ async def test_enqueue_and_wait(client: Client) -> None:
     task = await client.enqueue("engine.echo", {"value": {"n": 1}})
     assert task.status == "queued"
     done = await client.wait(task.task_id, timeout=20)
-    assert (done.status, done.result, done.attempts) == ("succeeded", {"n": 1}, 1)
+    # engine.echo's value is a declared secret: sealed on the way, its result kept redacted.
+    assert (done.status, done.result, done.attempts) == ("succeeded", REDACTED, 1)
+    assert is_sealed(task.args["value"]) and done.args == {"value": REDACTED}
     assert done.enqueued_at <= done.started_at <= done.finished_at  # type: ignore[operator]
 
 
@@ -96,16 +99,24 @@ async def test_plain_arq_clients_sign_with_the_helper(
         job_serializer=serialization.dumps, job_deserializer=serialization.loads,
         default_queue_name=settings.redis.queue,
     )
-    args = {"value": "from arq"}
+    args = {"seconds": 0.01}
+    clear = {"value": "a secret in clear"}
     try:
-        await pool.enqueue_job("engine.echo", args, _job_id="plain-1",
-                               **await arq_signature(settings, "engine.echo", "plain-1", args))
+        await pool.enqueue_job("engine.sleep", args, _job_id="plain-1",
+                               **await arq_signature(settings, "engine.sleep", "plain-1", args))
+        # Signed, but a declared secret in clear: only the client seals, so it is refused.
+        await pool.enqueue_job("engine.echo", clear, _job_id="plain-2",
+                               **await arq_signature(settings, "engine.echo", "plain-2", clear))
     finally:
         await pool.aclose()
     # No row was written first: it appears when the worker takes the job.
     await wait_for(lambda: client.store.get_task("plain-1"), timeout=20)
     done = await client.wait("plain-1", timeout=20)
-    assert (done.status, done.result, done.name) == ("succeeded", "from arq", "engine.echo")
+    assert (done.status, done.result, done.name) == ("succeeded", 0.01, "engine.sleep")
+    done = await client.wait("plain-2", timeout=20)
+    assert done.status == "failed" and done.error is not None
+    assert done.error["code"] == "secret_not_sealed"
+    assert "a secret in clear" not in json.dumps(done.to_json())
 
 
 async def test_unsigned_or_altered_jobs_are_refused_and_recorded(

@@ -193,10 +193,12 @@ async def test_bad_arguments_fail_permanently(runner: TaskRunner, store: SqliteT
 async def test_secret_arguments_are_redacted_in_the_row_and_a_lost_secret_fails(
     runner: TaskRunner, store: SqliteTaskStore
 ) -> None:
+    # A declared secret that arrives in clear (not sealed by the client) is refused.
     assert (await runner.run(jobs.get("t.secret"), "t8", {"value": "s3cret"})).status == (
-        "succeeded")
+        "failed")
     task = await store.get_task("t8")
     assert task is not None and task.args == {"value": REDACTED}
+    assert task.error is not None and task.error["code"] == "secret_not_sealed"
     # A re-delivery from the task store carries the redacted value: refuse it clearly.
     assert (await runner.run(jobs.get("t.secret"), "t9", {"value": REDACTED})).status == "failed"
     task = await store.get_task("t9")

@@ -35,10 +35,10 @@ def test_up_runs_jobs_and_down_stops_exactly_what_it_started(
 
         async def echo() -> object:
             async with await Client.open(settings) as client:
-                task = await client.enqueue("engine.echo", {"value": "up"})
+                task = await client.enqueue("engine.sleep", {"seconds": 0.01})
                 return (await client.wait(task.task_id, timeout=20)).result
 
-        assert asyncio.run(echo()) == "up"
+        assert asyncio.run(echo()) == 0.01
         assert (settings.run_dir / "appendonlydir").is_dir()  # AOF is on
         # Private state: no file or directory another local user can read (the socket
         # is srwx------; everything else 0600 / 0700).
