@@ -72,7 +72,7 @@ class TaskRunner:
         if not await signer.verify(spec.name, task_id, stored_args, signature):
             return await self._refuse(spec, task_id, signature)
         now = self.clock()
-        task = await self.store.mark_running(
+        task, claimed = await self.store.mark_running(
             task_id, spec.name, stored_args, self.worker_id, now, enqueued_at or now, signature,
             live_since=now - timedelta(seconds=self.settings.worker.heartbeat_timeout),
         )
@@ -80,9 +80,8 @@ class TaskRunner:
             log.info("task already finished; not run again", task_id=task_id, job=spec.name,
                      status=task.status)
             return RunOutcome("skipped")
-        if task.worker_id != self.worker_id or task.started_at != now:
-            # Not this call's claim (its start time would be ours): another live run,
-            # maybe in this worker, holds the task. A job never runs twice at once.
+        if not claimed:
+            # Another live run (maybe in this worker) holds it: never twice at once.
             log.warning("task is being run by another live run; not run twice",
                         task_id=task_id, job=spec.name, holder=task.worker_id)
             return RunOutcome("skipped")

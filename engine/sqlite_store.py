@@ -162,13 +162,13 @@ class SqliteTaskStore(SqliteDb):
         enqueued_at: datetime,
         signature: str | None = None,
         live_since: datetime | None = None,
-    ) -> TaskRecord:
+    ) -> tuple[TaskRecord, bool]:
         return await self._runs.submit(
             (task_id, name, _dump(args), iso(enqueued_at), iso(enqueued_at), iso(now), worker_id,
              signature, iso(live_since or now))
         )
 
-    async def _running_batch(self, items: Sequence[Row]) -> list[TaskRecord]:
+    async def _running_batch(self, items: Sequence[Row]) -> list[tuple[TaskRecord, bool]]:
         ids = [str(item[0]) for item in items]
         live_since = min(str(item[8]) for item in items)
         async with self._locked():
@@ -190,9 +190,10 @@ class SqliteTaskStore(SqliteDb):
                 RETURNING {TASK_COLUMNS}""",
                 [p for item in items for p in item[:8]] + [live_since],
             )
-            # Tasks that already ended are left as they are and returned as they are.
+            claimed = set(rows)
+            # Tasks that ended, or that a live run holds, are returned as they are.
             rows |= await self._rows_by_id([i for i in ids if i not in rows])
-        return [_task(rows[i]) for i in ids]
+        return [(_task(rows[i]), i in claimed) for i in ids]
 
     async def mark_succeeded(
         self, task_id: str, result: Any, now: datetime, args: dict[str, Any] | None = None,

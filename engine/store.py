@@ -43,9 +43,11 @@ class TaskStore(Protocol):
         enqueued_at: datetime,
         signature: str | None = None,
         live_since: datetime | None = None,
-    ) -> TaskRecord:
-        """Count one more attempt and mark it running; create the row if a plain
-        arq client enqueued the job. A final task is returned unchanged."""
+    ) -> tuple[TaskRecord, bool]:
+        """Claim the task: count one more attempt and mark it running under
+        ``worker_id``; create the row if a plain arq client enqueued the job. Not
+        claimed (False) when it is final, or running under a worker whose heartbeat
+        is newer than ``live_since``: the row is returned unchanged."""
 
     async def mark_succeeded(
         self, task_id: str, result: Any, now: datetime, args: dict[str, Any] | None = None,

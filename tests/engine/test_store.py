@@ -99,13 +99,21 @@ async def test_running_counts_attempts_and_creates_rows_for_plain_arq_jobs(
     store: SqliteTaskStore,
 ) -> None:
     now = utcnow()
-    t = await store.mark_running("plain", "engine.echo", {"value": 1}, "w1", now, now)
-    assert (t.status, t.attempts, t.worker_id) == ("running", 1, "w1")
-    t = await store.mark_running("plain", "engine.echo", {"value": 1}, "w2", now, now)
-    assert (t.attempts, t.worker_id) == (2, "w2")
+    t, claimed = await store.mark_running("plain", "engine.echo", {"value": 1}, "w1", now, now)
+    assert (t.status, t.attempts, t.worker_id, claimed) == ("running", 1, "w1", True)
+    # w1 writes no heartbeat: it counts as dead, so w2 may take the task over...
+    t, claimed = await store.mark_running("plain", "engine.echo", {"value": 1}, "w2", now, now)
+    assert (t.attempts, t.worker_id, claimed) == (2, "w2", True)
+    # ...but not while w2 is alive, nor w2 itself a second time (one run at a time).
+    await store.heartbeat(WorkerRecord("w2", "h", 1, now, now))
+    for other in ("w3", "w2"):
+        t, claimed = await store.mark_running("plain", "engine.echo", {"value": 1}, other,
+                                              now, now, live_since=now)
+        assert (t.attempts, t.worker_id, claimed) == (2, "w2", False)
     await store.mark_succeeded("plain", {"ok": True}, now)
-    t = await store.mark_running("plain", "engine.echo", {"value": 1}, "w3", now, now)
+    t, claimed = await store.mark_running("plain", "engine.echo", {"value": 1}, "w3", now, now)
     assert (t.status, t.attempts, t.result) == ("succeeded", 2, {"ok": True})  # final: untouched
+    assert not claimed
 
 
 async def test_retry_then_fail_writes_one_failure_record(store: SqliteTaskStore) -> None:
