@@ -40,6 +40,8 @@ def job_digest(name: str, task_id: str, args: Any) -> bytes:
 
 
 class JobSigner:
+    """Signs jobs and checks their signatures with the token key ``engine:job-signing``."""
+
     def __init__(self, core: CryptoCore, lock_dir: str) -> None:
         self.core = core
         self.lock_dir = lock_dir
