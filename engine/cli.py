@@ -298,14 +298,9 @@ def _job_args_text(args: argparse.Namespace) -> tuple[str, str]:
         raise InvalidInput("give either --args or --args-file")
     if args.args_file is None:
         return "--args", "{}" if args.args is None else args.args
-    try:
-        if args.args_file == "-":
-            data = sys.stdin.buffer.read(MAX_ARGS_FILE_BYTES + 1)
-        else:
-            with open(args.args_file, "rb") as f:
-                data = f.read(MAX_ARGS_FILE_BYTES + 1)
-    except OSError as exc:
-        raise InvalidInput(f"cannot read --args-file {args.args_file}: {exc.strerror}") from None
+    from engine.cli_output import read_input
+
+    data = read_input("--args-file", args.args_file, MAX_ARGS_FILE_BYTES + 1)
     if len(data) > MAX_ARGS_FILE_BYTES:
         raise InvalidInput(f"--args-file is larger than {MAX_ARGS_FILE_BYTES} bytes")
     try:

@@ -1,4 +1,5 @@
-"""What every ``dew`` command group prints: JSON with ``--json``, aligned
+"""What every ``dew`` command group shares: bounded reads of user-named files (or
+stdin, so that secrets stay off the command line), JSON with ``--json``, aligned
 ``key  value`` lines otherwise, and the enqueue-wait-report of a job."""
 
 from __future__ import annotations
@@ -8,8 +9,27 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from engine.errors import DewError
+from engine.errors import DewError, InvalidInput
 from engine.settings import Settings
+
+
+def read_file(option: str, name: str, limit: int) -> bytes:
+    """At most ``limit`` bytes of a file (reading one more than allowed refuses a large one)."""
+    try:
+        with open(name, "rb") as fh:
+            return fh.read(limit)
+    except OSError as exc:
+        raise InvalidInput(f"cannot read {option} {name}: {exc.strerror}") from None
+
+
+def read_input(option: str, name: str, limit: int) -> bytes:
+    """At most ``limit`` bytes of a file, or of stdin for ``-`` (secrets stay off argv)."""
+    if name != "-":
+        return read_file(option, name, limit)
+    try:
+        return sys.stdin.buffer.read(limit)
+    except (OSError, ValueError, AttributeError):
+        raise InvalidInput(f"cannot read {option} from stdin") from None
 
 
 def print_result(data: Any, as_json: bool, human: Callable[[Any], str]) -> None:

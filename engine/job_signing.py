@@ -15,14 +15,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import contextlib
 import fcntl
 import hashlib
 import json
 import os
 from typing import Any
 
-from engine.crypto import CryptoCore, KeyExists, KeySpec, SignAlgorithm
+from engine.crypto import CryptoCore, KeySpec, SignAlgorithm
 from engine.resources import Resources, resource
 from engine.settings import Settings
 
@@ -59,10 +58,7 @@ class JobSigner:
             # Processes sharing the token make the key once: check and create under a lock.
             fd = await asyncio.to_thread(self._locked_file)
             try:
-                if not await self.core.key_exists(SIGNING_KEY):
-                    with contextlib.suppress(KeyExists):
-                        await self.core.generate_key(KeySpec.HMAC_256, SIGNING_KEY,
-                                                     SIGNING_KEY.encode())
+                await self.core.ensure_key(KeySpec.HMAC_256, SIGNING_KEY, SIGNING_KEY.encode())
             finally:
                 os.close(fd)  # releases the lock
             self._ready = True

@@ -30,6 +30,7 @@ Lifecycle: ``await core.connect()`` / ``await core.close()``, or
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 from types import TracebackType
 from typing import Any
@@ -39,6 +40,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from engine.crypto import _pkcs11
 from engine.crypto._pool import SessionPool, Worker
 from engine.crypto.config import HsmConfig
+from engine.crypto.errors import KeyExists
 from engine.crypto.model import (
     DATA_KEY_MAX_BYTES,
     DATA_KEY_MIN_BYTES,
@@ -184,6 +186,13 @@ class CryptoCore:
                     pool.invalidate()
 
         return await pool.run(work)
+
+    async def ensure_key(self, spec: KeySpec | str, label: str, key_id: bytes) -> None:
+        """Generate the key ``label`` unless the token has it (a service's own key,
+        made on first use). One made meanwhile by another process is the one used."""
+        if not await self.key_exists(label):
+            with contextlib.suppress(KeyExists):
+                await self.generate_key(spec, label, key_id)
 
     async def destroy_key(self, label: str) -> bool:
         """Destroy every object labelled ``label``; False if there was none."""

@@ -13,7 +13,6 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 
 from engine.crypto import KeySpec
-from engine.crypto.errors import KeyExists
 from engine.errors import Conflict, InvalidInput
 from engine.logs import get_logger
 from engine.models import iso
@@ -254,10 +253,7 @@ class KeyImport:
         """A keyed fingerprint (HMAC in the token): identifies material without revealing
         it to whoever reads the registry."""
         core = await self.core.crypto()
-        if not await core.key_exists(FINGERPRINT_LABEL):
-            # KeyExists: another process made it first; use that one.
-            with contextlib.suppress(KeyExists):
-                await core.generate_key(KeySpec.HMAC_256, FINGERPRINT_LABEL, b"kms:fingerprint")
+        await core.ensure_key(KeySpec.HMAC_256, FINGERPRINT_LABEL, b"kms:fingerprint")
         tag = await core.sign(FINGERPRINT_LABEL, spec.value.encode() + b"\0" + material,
                               "HMAC_SHA256")
         return tag.hex()

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.cli_output import lines as key_values
-from engine.cli_output import print_result, run_job
+from engine.cli_output import print_result, read_file, read_input, run_job
 from engine.cli_output import text as _text
 from engine.errors import InvalidInput
 from engine.settings import Settings
@@ -268,7 +268,7 @@ def _checked(args: argparse.Namespace) -> dict[str, Any]:
 
         low, high = DATA_KEY_BYTES
         plain = (f.decode_hex("--plain-text", args.plain_text) if args.plain_text is not None
-                 else _read_input("--plain-text-file", args.plain_text_file, high + 1))
+                 else read_input("--plain-text-file", args.plain_text_file, high + 1))
         if not low <= len(plain) <= high:
             got = f"more than {high}" if len(plain) > high else str(len(plain))
             raise InvalidInput(f"a data key must be {low}..{high} bytes ({low * 8}..{high * 8} "
@@ -287,22 +287,22 @@ def _checked(args: argparse.Namespace) -> dict[str, Any]:
         elif args.key is not None:
             raise InvalidInput("--key is only for RSA ciphertexts (with --encryption-algorithm)")
     elif action in ("sign", "verify"):
-        out["message"] = _read_file("--message-file", args.message_file,
+        out["message"] = read_file("--message-file", args.message_file,
                                     a.MAX_MESSAGE_BYTES + 1)
         a.sign_request(args.algorithm, out["message"], args.message_type)
         if action == "verify":
             out["signature"] = (f.decode_base64("--signature", args.signature)
                                 if args.signature is not None
-                                else _read_file("--signature-file", args.signature_file,
+                                else read_file("--signature-file", args.signature_file,
                                                 a.MAX_SIGNATURE_BYTES))
     elif action in ("generate-mac", "verify-mac"):
         out["message"] = a.check_mac_message(
-            _read_file("--message-file", args.message_file, a.MAX_MESSAGE_BYTES + 1))
+            read_file("--message-file", args.message_file, a.MAX_MESSAGE_BYTES + 1))
         if args.algorithm is not None and args.algorithm not in a.MAC:
             raise InvalidInput(f"--algorithm must be one of {', '.join(a.MAC)}")
         if action == "verify-mac":
             out["mac"] = (f.decode_base64("--mac", args.mac) if args.mac is not None
-                          else _read_file("--mac-file", args.mac_file, 64))
+                          else read_file("--mac-file", args.mac_file, 64))
     elif action == "gen-random":
         f.check_random_bytes(args.bytes)
     elif action in ("encrypt-file", "decrypt-file"):
@@ -317,8 +317,8 @@ def _checked(args: argparse.Namespace) -> dict[str, Any]:
         out["expires"] = _iso_time("--expiration-time", args.expiration_time)
     elif action == "wrap-key-material":
         out["wrapped"] = i.wrap_key_material(
-            _read_file("--public-key", args.public_key, 1 << 16),
-            _read_file("--material", args.material, 1 << 16), args.algorithm)
+            read_file("--public-key", args.public_key, 1 << 16),
+            read_file("--material", args.material, 1 << 16), args.algorithm)
     elif action == "ec-raw-to-pkcs8":
         out["pkcs8"] = i.ec_raw_to_pkcs8(args.curve, _private_hex(args), pem=not args.der)
     elif action in ("schedule-key-deletion", "cancel-key-deletion", "rotate-key") and not (
@@ -328,29 +328,10 @@ def _checked(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def _read_file(option: str, name: str, limit: int) -> bytes:
-    """At most ``limit`` bytes of a file (reading one more than allowed refuses a large one)."""
-    try:
-        with Path(name).open("rb") as fh:
-            return fh.read(limit)
-    except OSError as exc:
-        raise InvalidInput(f"cannot read {option} {name}: {exc.strerror}") from None
-
-
-def _read_input(option: str, name: str, limit: int) -> bytes:
-    """At most ``limit`` bytes of a file, or of stdin for ``-`` (secrets stay off argv)."""
-    if name != "-":
-        return _read_file(option, name, limit)
-    try:
-        return sys.stdin.buffer.read(limit)
-    except (OSError, ValueError, AttributeError):
-        raise InvalidInput(f"cannot read {option} from stdin") from None
-
-
 def _private_hex(args: argparse.Namespace) -> str:
     if args.private_hex is not None:
         return str(args.private_hex)
-    data = _read_input("--private-hex-file", args.private_hex_file, MAX_SECRET_FILE_BYTES + 1)
+    data = read_input("--private-hex-file", args.private_hex_file, MAX_SECRET_FILE_BYTES + 1)
     if len(data) > MAX_SECRET_FILE_BYTES:
         raise InvalidInput(f"--private-hex-file holds more than {MAX_SECRET_FILE_BYTES} bytes")
     try:
@@ -367,7 +348,7 @@ def _check_paths(source: str, target: str, action: str) -> None:
     from handlers.kms.stream import MAGIC
 
     if source != "-":
-        head = _read_file("IN", source, len(MAGIC))
+        head = read_file("IN", source, len(MAGIC))
         if action == "decrypt-file" and head != MAGIC:
             raise InvalidInput(f"{source} is not a file made by dew kms encrypt-file")
     if target != "-" and not Path(target).resolve().parent.is_dir():
@@ -401,7 +382,7 @@ def _plaintext(args: argparse.Namespace) -> bytes:
     if args.plain_text_base64 is not None:
         return decode_base64("--plain-text-base64", args.plain_text_base64)
     # Read one byte more than allowed: enough to refuse a large input.
-    return _read_input("--plain-text-file", args.plain_text_file, MAX_DATA_BYTES + 1)
+    return read_input("--plain-text-file", args.plain_text_file, MAX_DATA_BYTES + 1)
 
 
 async def cmd_kms(args: argparse.Namespace, settings: Settings) -> int:

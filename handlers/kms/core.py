@@ -6,7 +6,6 @@ data plane, signing, rotation, import) all build on.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -16,7 +15,6 @@ from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from engine.crypto import CryptoCore, KeyNotFound, KeySpec, KeyUsageError
-from engine.crypto.errors import KeyExists
 from engine.crypto.model import KeyFamily
 from engine.errors import ConfigError, Conflict, DewError, InvalidInput
 from engine.logs import get_logger
@@ -129,10 +127,7 @@ class TokenAuditKey:
     async def _ensure(self, crypto: CryptoCore) -> None:
         if self._exists:
             return
-        if not await crypto.key_exists(AUDIT_KEY_LABEL):
-            # KeyExists: another process made it first; that one is used.
-            with contextlib.suppress(KeyExists):
-                await crypto.generate_key(KeySpec.HMAC_256, AUDIT_KEY_LABEL, b"kms:audit")
+        await crypto.ensure_key(KeySpec.HMAC_256, AUDIT_KEY_LABEL, b"kms:audit")
         self._exists = True
 
 
