@@ -14,9 +14,12 @@ are written from the same fields.
     │   ├── NotFound                no such task / failure record / key; CLI exit 2
     │   ├── Conflict                the target's state forbids the operation
     │   ├── SecurityError           an integrity or identity check failed
+    │   │   ├── AuthenticationFailed  an API caller's signature, key, date or IP was refused
+    │   │   └── PermissionDenied      an identity lacks the action (names the action)
     │   └── InternalError           a bug: an exception nobody mapped
     └── TransientError              retryable=True: retried with backoff, then recorded
-        └── BackendUnavailable      Redis, the task store or the HSM cannot be reached
+        ├── BackendUnavailable      Redis, the task store or the HSM cannot be reached
+        └── Throttled               a project sent more requests than its rate limit
 
 Exceptions of the libraries underneath (redis, arq, aiosqlite, python-pkcs11,
 asyncssh, database drivers) are mapped to these in exactly one place per
@@ -132,6 +135,22 @@ class SecurityError(PermanentError):
     category = "security"
 
 
+class AuthenticationFailed(SecurityError):
+    """An API request whose caller could not be authenticated (HTTP 401).
+
+    The message says which check failed, never whether an access key exists."""
+
+    code = "authentication_failed"
+    default_fix = "Check the access key, secret key, clock and source address."
+
+
+class PermissionDenied(SecurityError):
+    """The caller is authenticated but none of its roles allows the action (HTTP 403)."""
+
+    code = "permission_denied"
+    default_fix = "Ask an administrator for a role with this action (dew iam set-roles)."
+
+
 class InternalError(PermanentError):
     code = "internal_error"
     category = "internal"
@@ -149,3 +168,11 @@ class BackendUnavailable(TransientError):
     code = "backend_unavailable"
     category = "backend"
     default_fix = "Start the service named (for the local stack: `make up`) and retry."
+
+
+class Throttled(TransientError):
+    """A project's request rate is over its limit (HTTP 429); retry after a pause."""
+
+    code = "throttled"
+    category = "limits"
+    default_fix = "Slow down and retry; the limits are [api] rate_* in the configuration."

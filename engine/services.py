@@ -37,14 +37,20 @@ class ServiceSpec:
     - ``schedules``: a module with ``entries(settings) -> list[ScheduleEntry]``.
     - ``settings``: ``module:Class``, the frozen dataclass of its ``[section]``
       (the class has ``SECTION``, the section's name).
+    - ``api``: a module with ``operations() -> list[engine.api.operations.Operation]``
+      and ``ERROR_PREFIX`` (``"KMS"``), served by ``dew api``.
+    - ``roles``: ``module:ATTRIBUTE``, a ``RoleCatalog`` (engine.api.principal):
+      the built-in roles and the actions the service's operations check.
     """
 
-    __slots__ = ("cli", "commands", "demo", "jobs", "name", "schedules", "settings", "title")
+    __slots__ = ("api", "cli", "commands", "demo", "jobs", "name", "roles", "schedules",
+                 "settings", "title")
 
     def __init__(
         self, name: str, *, title: str = "", commands: Mapping[str, str] | None = None,
         cli: str | None = None, jobs: str | None = None, demo: str | None = None,
-        schedules: str | None = None, settings: str | None = None,
+        schedules: str | None = None, settings: str | None = None, api: str | None = None,
+        roles: str | None = None,
     ) -> None:
         self.name = name
         self.title = title or name
@@ -54,6 +60,8 @@ class ServiceSpec:
         self.demo = demo
         self.schedules = schedules
         self.settings = settings
+        self.api = api
+        self.roles = roles
 
     def __repr__(self) -> str:
         return f"ServiceSpec({self.name!r})"
