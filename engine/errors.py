@@ -81,8 +81,10 @@ class DewError(Exception):
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DewError:
-        """Rebuild an error stored by :meth:`to_dict` (the class is lost, the data is not)."""
-        base: type[DewError] = TransientError if data.get("retryable") else PermanentError
+        """Rebuild an error stored by :meth:`to_dict`: the class whose code it carries
+        (of those imported), else the general class of its category."""
+        base = _class_of(str(data.get("code", "")), str(data.get("category", "")),
+                         bool(data.get("retryable")))
         return base(
             str(data.get("message", "")),
             cause=str(data.get("cause", "")),
@@ -176,3 +178,28 @@ class Throttled(TransientError):
     code = "throttled"
     category = "limits"
     default_fix = "Slow down and retry; the limits are [api] rate_* in the configuration."
+
+
+def _subclasses(kind: type[DewError]) -> list[type[DewError]]:
+    found = []
+    for sub in kind.__subclasses__():
+        found.append(sub)
+        found.extend(_subclasses(sub))
+    return found
+
+
+_BY_CATEGORY: dict[str, type[DewError]] = {
+    "parameters": InvalidInput, "config": ConfigError, "state": Conflict,
+    "security": SecurityError, "internal": InternalError, "backend": BackendUnavailable,
+    "limits": Throttled,
+}
+
+
+def _class_of(code: str, category: str, retryable: bool) -> type[DewError]:
+    for kind in _subclasses(DewError):
+        if kind.code == code and kind.retryable == retryable:
+            return kind
+    kind = _BY_CATEGORY.get(category)
+    if kind is not None and kind.retryable == retryable:
+        return kind
+    return TransientError if retryable else PermanentError

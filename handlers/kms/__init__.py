@@ -22,4 +22,6 @@ SERVICE = ServiceSpec(
     demo="handlers.kms.demo",
     schedules="handlers.kms.schedules",
     settings="handlers.kms.config:KmsSettings",
+    api="handlers.kms.api",
+    roles="handlers.kms.roles:CATALOG",
 )
