@@ -183,15 +183,22 @@ async def disable_key(call: Call) -> Any:
     return _key_info_state(change)
 
 
-async def _deletion_job(call: Call, name: str, args: dict[str, Any]) -> Any:
+async def _run_job(call: Call, name: str, args: dict[str, Any]) -> dict[str, Any]:
+    """Run a KMS job for the caller's project and wait for it (``[api] job_wait``);
+    its task id goes out in ``X-Dew-Task-Id``, its error as this request's."""
     kms = await _kms(call)
-    # Unknown keys and bad input answer at once; state conflicts come from the job.
+    # Unknown keys answer at once; bad input is refused at enqueue; state conflicts
+    # come from the job.
     await kms.describe_key(args["key"], account=call.account, actor=_actor(call))
     task = await call.jobs.run(name, {**args, "account": call.account})
     call.headers["X-Dew-Task-Id"] = task.task_id
     if task.status != "succeeded":
         raise DewError.from_dict(task.error or {"message": f"task {task.task_id} failed"})
-    result = task.result or {}
+    return dict(task.result or {})
+
+
+async def _deletion_job(call: Call, name: str, args: dict[str, Any]) -> Any:
+    result = await _run_job(call, name, args)
     return {"key_id": result.get("key_id", args["key"]),
             "key_state": state_code(str(result.get("key_state", "")))}
 
@@ -483,6 +490,13 @@ async def update_key_rotation_interval(call: Call) -> Any:
     return {}
 
 
+async def rotate_on_demand(call: Call) -> Any:
+    """A new key version now, through the rotation job (one rotation at a time)."""
+    key = _key_id(_body(call))
+    result = await _run_job(call, "kms.rotate_key", {"key": key})
+    return {"key_id": result.get("key_id", key)}
+
+
 async def show_key_rotation_status(call: Call) -> Any:
     kms = await _kms(call)
     status = await kms.get_key_rotation_status(_key_id(_body(call)), account=call.account,
@@ -688,6 +702,7 @@ def operations() -> list[Operation]:
             "kms:cmk:update"),
         _op("UpdateKeyRotationInterval", "POST", "/update-key-rotation-interval",
             update_key_rotation_interval, "kms:cmk:update"),
+        _op("RotateOnDemand", "POST", "/rotate-on-demand", rotate_on_demand, "kms:cmk:update"),
         _op("ShowKeyRotationStatus", "POST", "/get-key-rotation-status",
             show_key_rotation_status, "kms:cmk:get"),
         _op("ShowUserQuotas", "GET", "/user-quotas", show_user_quotas, "kms:quota:get"),

@@ -1,5 +1,6 @@
 """The KMS part of ``make demo``: a CMK, envelope encryption, encrypt-data, a
-scheduled and cancelled deletion run as jobs by the worker, and the audit check.
+scheduled and cancelled deletion run as jobs by the worker, the audit check, and
+the official SDK calling ``dew api`` (``demo_sdk``).
 
 Needs a running worker on the same settings (``make demo`` starts one) for the
 two deletion jobs. Re-running reuses the demo key (alias ``demo/cmk``).
@@ -65,6 +66,10 @@ async def run(settings: Settings, say: Callable[[str], None]) -> None:
         verdict = await kms.audit_verify()
         say(f"KMS: audit chain {'intact' if verdict.intact else 'BROKEN'} "
             f"({verdict.entries} entries)")
+
+    from handlers.kms import demo_sdk
+
+    await demo_sdk.run(settings, say)
 
 
 async def _job(client: Client, name: str, args: dict[str, Any]) -> dict[str, Any]:
