@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import hashlib
 import hmac
 import json
@@ -203,7 +202,8 @@ async def main_async(args: argparse.Namespace) -> None:
 
             ident = (ak, sk, project_id)
             base = f"https://127.0.0.1:{api_port}/v1.0/{project_id}/kms"
-            limits = httpx.Limits(max_connections=max(levels), max_keepalive_connections=max(levels))
+            limits = httpx.Limits(max_connections=max(levels),
+                                  max_keepalive_connections=max(levels))
             async with httpx.AsyncClient(verify=str(tls / "ca.pem"), limits=limits,
                                          timeout=60) as client:
                 made = await client.post(
