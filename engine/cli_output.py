@@ -13,6 +13,14 @@ from engine.errors import DewError, InvalidInput
 from engine.settings import Settings
 
 
+def add_project_option(parser: Any) -> None:
+    """``--project`` (a project's name or id, as the API names it; ``--account`` is
+    the older spelling). A project id is turned into its name before the command runs."""
+    parser.add_argument("--project", "--account", dest="account", default="default",
+                        metavar="PROJECT",
+                        help="the project: its name or 32-hex id (default: default)")
+
+
 def read_file(option: str, name: str, limit: int) -> bytes:
     """At most ``limit`` bytes of a file (reading one more than allowed refuses a large one)."""
     try:

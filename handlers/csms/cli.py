@@ -1,6 +1,6 @@
 """``dew secrets ...``: CSMS secrets from the command line.
 
-Every command takes ``--account`` (default ``default``) and ``--json``. Input
+Every command takes ``--project`` (alias ``--account``; default ``default``) and ``--json``. Input
 (names, stages, version ids, values and their size, periods) is checked before
 the store or the HSM is opened, so bad input is one line on stderr, exit 2,
 and nothing changed. ``get`` writes the value, and only the value, to stdout.
@@ -17,8 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from engine.cli_output import add_project_option, print_result, run_job
 from engine.cli_output import lines as key_values
-from engine.cli_output import print_result, run_job
 from engine.errors import InvalidInput
 from engine.settings import Settings
 
@@ -34,7 +34,7 @@ def register(subparsers: Any, commands: dict[str, Any]) -> None:
         p: argparse.ArgumentParser = sub.add_parser(name, help=help_text)
         if named:
             p.add_argument("name", help="the secret's name")
-        p.add_argument("--account", default="default", help="the account (default: default)")
+        add_project_option(p)
         p.add_argument("--json", action="store_true", help="print JSON")
         return p
 

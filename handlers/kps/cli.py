@@ -1,7 +1,7 @@
 """``dew keypairs ...`` and ``dew servers ...``: KPS from the command line.
 
-Every command takes ``--account`` (default ``default``), ``--user`` (default
-``$DEW_USER`` or the login name: whose ``user``-scope key pairs you see) and
+Every command takes ``--project`` (alias ``--account``; default ``default``),
+``--user`` (default ``$DEW_USER`` or the login name: whose ``user``-scope key pairs you see) and
 ``--json``. Input is checked before anything is written: bad input is one line
 on stderr and exit 2, and stores nothing. ``bind``, ``replace``, ``reset`` and
 ``unbind`` seal the credential under ``kps/default``, enqueue the job, wait
@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from engine.cli_output import print_result
+from engine.cli_output import add_project_option, print_result
 from engine.errors import DewError, InvalidInput
 from engine.settings import Settings
 
@@ -49,7 +49,7 @@ def register(subparsers: Any, commands: dict[str, Any]) -> None:
     def command(sub: Any, name: str, help_text: str, identity: bool = True
                 ) -> argparse.ArgumentParser:
         p: argparse.ArgumentParser = sub.add_parser(name, help=help_text)
-        p.add_argument("--account", default="default")
+        add_project_option(p)
         if identity:
             p.add_argument("--user", default=None, help="whose user-scope key pairs "
                            "(default: $DEW_USER or your login name)")

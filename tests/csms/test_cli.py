@@ -95,7 +95,7 @@ def test_no_option_takes_a_secret_value_on_the_command_line() -> None:
 
     commands = argparse.ArgumentParser().add_subparsers(dest="command")
     register(commands, {})
-    not_secret = {"--account", "--stage", "--version-id", "--kms-key", "--description",
+    not_secret = {"--project", "--stage", "--version-id", "--kms-key", "--description",
                   "--type", "--length", "--charset", "--recovery-days", "--timeout",
                   "--period", "--value-file", "name"}
     top = commands.choices["secrets"]
