@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Callable
-from datetime import datetime
+from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -190,8 +191,8 @@ def register(subparsers: Any, commands: dict[str, Any]) -> None:
     _job_options(p)
     p = command("enable-key-rotation", "rotate an AES_256 key on a period")
     p.add_argument("key")
-    p.add_argument("--interval-days", type=int, default=365, metavar="N",
-                   help="30..365 (default 365)")
+    p.add_argument("--interval-days", type=int, metavar="N",
+                   help="30..365 (default: the interval set before, else 365)")
     for name, text in (("disable-key-rotation", "stop rotating a key"),
                        ("get-key-rotation-status", "rotation: enabled, interval, last, count")):
         command(name, text).add_argument("key")
@@ -199,6 +200,45 @@ def register(subparsers: Any, commands: dict[str, Any]) -> None:
                 "Add a new key version now; old ciphertexts still decrypt. " + JOB_NOTE)
     p.add_argument("key")
     _job_options(p)
+    p = command("update-key-alias", "give a custom key another alias")
+    p.add_argument("key")
+    p.add_argument("--alias", required=True)
+    p = command("update-key-description", "change a custom key's description")
+    p.add_argument("key")
+    p.add_argument("--description", required=True)
+    p = command("update-key-rotation-interval", "change a key's rotation interval")
+    p.add_argument("key")
+    p.add_argument("--interval-days", type=int, required=True, metavar="N", help="30..365")
+    p = command("usage", "how often keys were used, per UTC day",
+                "Uses per key and UTC day (data keys, encrypt/decrypt, sign/verify, MACs), "
+                "oldest day first.")
+    p.add_argument("--key", help="only this key (id, or alias in --account)")
+    p.add_argument("--since", metavar="YYYY-MM-DD", help="from this UTC day on")
+    p.add_argument("--all-accounts", action="store_true", help="every account's keys")
+    p = command("list-tags", "a key's tags")
+    p.add_argument("key")
+    p = command("tag", "add tags to a key, or change their values (all or none)")
+    p.add_argument("key")
+    p.add_argument("--tag", required=True, action="append", metavar="KEY=VALUE",
+                   help="repeat for several tags (at most 20 a key)")
+    p = command("untag", "remove tags from a key (all or none)")
+    p.add_argument("key")
+    p.add_argument("--tag-key", required=True, action="append", metavar="KEY")
+    p = command("create-grant", "let an IAM user (or project) use a key")
+    p.add_argument("key")
+    p.add_argument("--grantee", required=True, metavar="ID",
+                   help="the IAM user id (or project id with --type domain): 32 hex digits")
+    p.add_argument("--operation", required=True, action="append", metavar="OP",
+                   help="repeat: create-datakey, encrypt-data, decrypt-data, describe-key, ...")
+    p.add_argument("--type", default="user", help="user (default) or domain")
+    p.add_argument("--name")
+    p.add_argument("--retiring", metavar="ID", help="who else may retire the grant")
+    p = command("list-grants", "a key's grants")
+    p.add_argument("key")
+    p = command("revoke-grant", "withdraw a grant")
+    p.add_argument("key")
+    p.add_argument("grant_id", metavar="GRANT_ID")
+    command("quotas", "custom keys and grants used, and their limits")
     p = command("cancel-key-deletion", "cancel a scheduled deletion; the key comes back "
                 "disabled (a job; needs a worker)",
                 "Cancel the key's scheduled deletion; the key comes back disabled (enable it "
@@ -307,8 +347,28 @@ def _checked(args: argparse.Namespace) -> dict[str, Any]:
         f.check_random_bytes(args.bytes)
     elif action in ("encrypt-file", "decrypt-file"):
         _check_paths(args.input, args.output, action)
-    elif action == "enable-key-rotation":
+    elif action in ("enable-key-rotation", "update-key-rotation-interval") and (
+            args.interval_days is not None):
         f.check_rotation_days(args.interval_days)
+    elif action == "update-key-alias":
+        f.check_custom_alias(args.alias)
+    elif action == "update-key-description":
+        f.check_description(args.description)
+    elif action == "usage":
+        out["since"] = _day("--since", args.since)
+    elif action == "tag":
+        out["tags"] = f.check_tags([_tag_pair(t) for t in args.tag], "--tag")
+    elif action == "untag":
+        out["tags"] = f.check_tags([(k, "") for k in args.tag_key], "--tag-key")
+    elif action == "create-grant":
+        f.check_principal(args.grantee, "grantee_principal")
+        f.check_grantee_type(args.type)
+        f.check_operations(args.operation)
+        f.check_grant_name(args.name)
+        if args.retiring is not None:
+            f.check_principal(args.retiring, "retiring_principal")
+    elif action == "revoke-grant":
+        f.check_grant_id(args.grant_id)
     elif action == "get-parameters-for-import":
         i.check_wrapping_algorithm(args.wrapping_algorithm)
     elif action == "import-key-material":
@@ -326,6 +386,25 @@ def _checked(args: argparse.Namespace) -> dict[str, Any]:
     ):
         raise InvalidInput("--timeout must be between 0 and 86400 seconds")
     return out
+
+
+def _day(option: str, text: str | None) -> date | None:
+    if text is None:
+        return None
+    problem = InvalidInput(f"{option} must be a day as YYYY-MM-DD, got {text!r}")
+    if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
+        raise problem
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise problem from None
+
+
+def _tag_pair(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise InvalidInput(f"--tag must be KEY=VALUE, got {text!r}")
+    return key, value
 
 
 def _private_hex(args: argparse.Namespace) -> str:
@@ -468,6 +547,42 @@ async def cmd_kms(args: argparse.Namespace, settings: Settings) -> int:
             data = (await kms.disable_key_rotation(args.key, account=acct)).to_json()
         elif action == "get-key-rotation-status":
             data = (await kms.get_key_rotation_status(args.key, account=acct)).to_json()
+        elif action == "update-key-rotation-interval":
+            data = (await kms.update_key_rotation_interval(args.key, args.interval_days,
+                                                           account=acct)).to_json()
+        elif action == "update-key-alias":
+            data = (await kms.update_key_alias(args.key, args.alias, account=acct)).to_json()
+        elif action == "update-key-description":
+            data = (await kms.update_key_description(args.key, args.description,
+                                                     account=acct)).to_json()
+        elif action == "usage":
+            rows = await kms.usage(account=None if args.all_accounts else acct, key=args.key,
+                                   since=checked["since"])
+            data, human = [r.to_json() for r in rows], _usage_table
+        elif action == "list-tags":
+            data = [{"key": k, "value": v} for k, v in await kms.key_tags(args.key,
+                                                                            account=acct)]
+            human = _tag_lines
+        elif action in ("tag", "untag"):
+            await kms.batch_tags(args.key, checked["tags"],
+                                 "create" if action == "tag" else "delete", account=acct)
+            data = [{"key": k, "value": v} for k, v in await kms.key_tags(args.key,
+                                                                            account=acct)]
+            human = _tag_lines
+        elif action == "create-grant":
+            data = (await kms.create_grant(
+                args.key, args.grantee, args.operation, name=args.name,
+                retiring_principal=args.retiring, grantee_principal_type=args.type,
+                account=acct)).to_json()
+        elif action == "list-grants":
+            data = [g.to_json() for g in (await kms.list_grants(args.key, account=acct)).grants]
+            human = _grant_table
+        elif action == "revoke-grant":
+            await kms.revoke_grant(args.key, args.grant_id, account=acct)
+            data = {"grant_id": args.grant_id, "revoked": True}
+        elif action == "quotas":
+            data = [q.to_json() for q in await kms.user_quotas(account=acct)]
+            human = _quota_table
         elif action == "sign":
             signed = await kms.sign(args.key, checked["message"], args.algorithm,
                                     args.message_type, account=acct)
@@ -562,6 +677,34 @@ def _key_table(keys: list[dict[str, Any]]) -> str:
             f"{_text(k['scheduled_deletion_date'])[:19]}"
         )
     return "\n".join(lines)
+
+
+def _usage_table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "no uses recorded"
+    lines = [f"{'DAY':10}  {'ACCOUNT':12} {'KEY ID':36}  {'ALIAS':24} {'USES':>9}"]
+    for r in rows:
+        lines.append(f"{r['day']:10}  {_cut(r['account'], 12):12} {r['key_id']:36}  "
+                     f"{_cut(r['key_alias'], 24):24} {r['count']:>9}")
+    return "\n".join(lines)
+
+
+def _tag_lines(tags: list[dict[str, Any]]) -> str:
+    return "\n".join(f"{t['key']}={t['value']}" for t in tags) if tags else "no tags"
+
+
+def _grant_table(grants: list[dict[str, Any]]) -> str:
+    if not grants:
+        return "no grants"
+    lines = [f"{'GRANT ID':64}  {'GRANTEE':32} {'TYPE':6}  OPERATIONS"]
+    for g in grants:
+        lines.append(f"{g['grant_id']:64}  {g['grantee_principal']:32} "
+                     f"{g['grantee_principal_type']:6}  {','.join(g['operations'])}")
+    return "\n".join(lines)
+
+
+def _quota_table(quotas: list[dict[str, Any]]) -> str:
+    return "\n".join(f"{q['type']}: {q['used']} of {q['quota']}" for q in quotas)
 
 
 def _audit_table(entries: list[dict[str, Any]]) -> str:

@@ -11,7 +11,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from engine.crypto import CryptoCore, KeyNotFound, KeySpec, KeyUsageError
@@ -55,6 +55,12 @@ DEFAULT_CACHE_TTL = 1.0
 DEFAULT_AUDIT_FLUSH_INTERVAL = 0.2
 AUDIT_BATCH = 500
 CACHE_MAX = 10_000
+# Operations that *use* a key: each success adds one to the key's count for the day
+# (kms_usage), written with the batch of audit entries that records it.
+USE_OPERATIONS = frozenset({
+    "create_datakey", "create_datakey_without_plaintext", "encrypt_datakey", "decrypt_datakey",
+    "encrypt_data", "decrypt_data", "sign", "verify", "generate_mac", "verify_mac",
+})
 
 
 @dataclass
@@ -160,6 +166,7 @@ class KmsCore:
         self._crypto_lock = asyncio.Lock()
         self.cache: dict[tuple[str, str], tuple[float, KeyRecord]] = {}
         self._pending: list[AuditEvent] = []
+        self._usage: dict[tuple[str, str, str], int] = {}  # (account, key id, day) -> uses
         self._flush_lock = asyncio.Lock()
         self._flusher: asyncio.TimerHandle | None = None
         self._flush_tasks: set[asyncio.Task[None]] = set()
@@ -183,13 +190,16 @@ class KmsCore:
         """Append the buffered use entries now (one transaction)."""
         async with self._flush_lock:
             events, self._pending = self._pending, []
-            if not events:
+            usage, self._usage = self._usage, {}
+            if not events and not usage:
                 return
             try:
-                await self.store.append_audit(events)
+                await self.store.append_audit(events, usage)
             except DewError:
                 # Keep them (in order) for the next flush rather than lose them.
                 self._pending[:0] = events
+                for slot, n in usage.items():
+                    self._usage[slot] = self._usage.get(slot, 0) + n
                 raise
 
     # ------------------------------------------------------------------ internals
@@ -218,6 +228,10 @@ class KmsCore:
 
     async def record(self, event: AuditEvent) -> None:
         self._pending.append(event)
+        if (event.operation in USE_OPERATIONS and event.outcome == "success"
+                and event.key_id is not None):
+            slot = (event.account, event.key_id, event.time.astimezone(UTC).date().isoformat())
+            self._usage[slot] = self._usage.get(slot, 0) + 1
         if self.audit_flush_interval <= 0 or self._closed or len(self._pending) >= AUDIT_BATCH:
             await self.flush_audit()
         elif self._flusher is None:

@@ -48,3 +48,23 @@ class ImportInProgress(Conflict):
     code = "import_in_progress"
     default_fix = ("Another import or removal of this key's material is running; check the "
                    "key's state (dew kms describe-key) before trying again.")
+
+
+class GrantQuotaExceeded(QuotaExceeded):
+    code = "grant_quota_exceeded"
+    default_fix = "Revoke or retire grants of this key that are no longer needed."
+
+
+class TagQuotaExceeded(QuotaExceeded):
+    code = "tag_quota_exceeded"
+    default_fix = "Delete tags of this key that are no longer needed."
+
+
+class UnknownGrant(NotFound):
+    code = "grant_not_found"
+    default_fix = "Check the key id and grant id (list-grants shows a key's grants)."
+
+
+class UnknownTag(NotFound):
+    code = "tag_not_found"
+    default_fix = "Check the tag key (the key's tags show which it has)."

@@ -37,10 +37,12 @@ import re
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from enum import IntEnum, StrEnum
 
 from engine.crypto import IntegrityCheckFailed, KeySpec
 from engine.errors import InvalidInput
+from engine.models import iso
 
 DEFAULT_ACCOUNT = "default"
 ACCOUNT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
@@ -295,6 +297,162 @@ def decode_base64(name: str, text: object) -> bytes:
         return base64.b64decode(text.strip(), validate=True)
     except (binascii.Error, ValueError):
         raise InvalidInput(f"{name} is not valid Base64", code="invalid_base64") from None
+
+
+# --------------------------------------------------------------------------- tags, grants, pages
+
+TAG_KEY_MAX = 128
+TAG_VALUE_MAX = 255
+TAGS_PER_KEY = 20
+GRANTS_PER_KEY = 100
+LIST_LIMIT_MAX = 1000
+GRANT_LIST_MAX = 100
+# The operations a grant can allow (Huawei's names, with dashes).
+GRANT_OPERATIONS = (
+    "create-datakey", "create-datakey-without-plaintext", "encrypt-datakey", "decrypt-datakey",
+    "describe-key", "create-grant", "retire-grant", "encrypt-data", "decrypt-data",
+)
+GRANTEE_TYPES = ("user", "domain")
+PRINCIPAL = re.compile(r"^[0-9a-f]{32}\Z")
+GRANT_ID = re.compile(r"^[0-9a-f]{64}\Z")
+MARKER = re.compile(r"^([0-9a-f]{1,15})\.([0-9a-f-]{36}|[0-9a-f]{64})\Z")
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# Specs the hosted service has and this one does not: a list filter on them finds nothing.
+OTHER_SPECS = frozenset({"SM4", "SECP256K1", "SM2", "ED25519", "HMAC_SM3"})
+
+
+def _field(name: str, problem: str, code: str) -> InvalidInput:
+    return InvalidInput(f"{name}: {problem}", code=code, target=name)
+
+
+def check_tag_key(key: object, name: str = "tag key") -> str:
+    if not isinstance(key, str) or not 1 <= len(key) <= TAG_KEY_MAX:
+        raise _field(name, f"must be 1..{TAG_KEY_MAX} characters, got {_shown(key)}",
+                     "invalid_tag")
+    if not key.isprintable() or key != key.strip():
+        raise _field(name, "must be printable text without leading or trailing spaces",
+                     "invalid_tag")
+    return key
+
+
+def check_tag_value(value: object, name: str = "tag value") -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str) or len(value) > TAG_VALUE_MAX:
+        raise _field(name, f"must be text of 0..{TAG_VALUE_MAX} characters, got "
+                     f"{_shown(value)}", "invalid_tag")
+    if not value.isprintable():
+        raise _field(name, "must be printable text", "invalid_tag")
+    return value
+
+
+def check_tags(tags: object, name: str = "tags") -> list[tuple[str, str]]:
+    """A list of (key, value) pairs whose keys are all different."""
+    if not isinstance(tags, list | tuple) or not tags:
+        raise _field(name, "must be a non-empty list of (key, value) pairs", "invalid_tag")
+    out: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for item in tags:
+        if not isinstance(item, list | tuple) or len(item) != 2:
+            raise _field(name, "each tag must be a (key, value) pair", "invalid_tag")
+        key = check_tag_key(item[0], f"{name}.key")
+        if key in seen:
+            raise _field(name, f"the tag key {key!r} is given twice", "invalid_tag")
+        seen.add(key)
+        out.append((key, check_tag_value(item[1], f"{name}.value")))
+    return out
+
+
+def check_spec_filter(spec: object) -> str | None:
+    """A list filter: None or ``ALL`` (every spec), a spec of ours, or one of the hosted
+    service's that this one has not (it then finds nothing)."""
+    if spec is None or spec == "ALL":
+        return None
+    if isinstance(spec, str) and spec in OTHER_SPECS:
+        return spec
+    return check_spec(spec).value
+
+
+def check_limit(limit: object, high: int, name: str = "limit") -> int:
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= high:
+        raise _field(name, f"must be 1..{high}, got {_shown(limit)}", "invalid_limit")
+    return limit
+
+
+def check_offset(offset: object, name: str = "offset") -> int:
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        raise _field(name, f"must be a whole number from 0, got {_shown(offset)}",
+                     "invalid_offset")
+    return offset
+
+
+def check_principal(value: object, name: str) -> str:
+    """An IAM user id or project id: 32 lower-case hexadecimal characters."""
+    if not isinstance(value, str) or not PRINCIPAL.match(value):
+        raise _field(name, f"must be 32 lower-case hexadecimal characters (an IAM user or "
+                     f"project id), got {_shown(value)}", f"invalid_{name}")
+    return value
+
+
+def check_grantee_type(value: object) -> str:
+    if value not in GRANTEE_TYPES:
+        raise _field("grantee_principal_type", f"must be user or domain, got {_shown(value)}",
+                     "invalid_grantee_principal_type")
+    assert isinstance(value, str)
+    return value
+
+
+def check_operations(operations: object) -> list[str]:
+    """A grant's operations: at least one, each from :data:`GRANT_OPERATIONS` (once)."""
+    if isinstance(operations, str) or not isinstance(operations, list | tuple) or not operations:
+        raise _field("operations", "must be a non-empty list of operations",
+                     "invalid_operations")
+    out: list[str] = []
+    for op in operations:
+        if op not in GRANT_OPERATIONS:
+            raise _field("operations", f"unknown operation {_shown(op)}; choose from "
+                         f"{', '.join(GRANT_OPERATIONS)}", "invalid_operations")
+        if op not in out:
+            out.append(op)
+    return out
+
+
+def check_grant_name(name: object) -> str | None:
+    if name is None:
+        return None
+    if not isinstance(name, str) or not ALIAS.fullmatch(name):
+        raise _field("name", f"must be 1-255 characters of letters, digits, ':', '/', '_' and "
+                     f"'-', got {_shown(name)}", "invalid_grant_name")
+    return name
+
+
+def check_grant_id(grant_id: object) -> str:
+    if not isinstance(grant_id, str) or not GRANT_ID.match(grant_id):
+        raise _field("grant_id", f"must be 64 lower-case hexadecimal characters, got "
+                     f"{_shown(grant_id)}", "invalid_grant_id")
+    return grant_id
+
+
+def page_marker(created: datetime, ident: str) -> str:
+    """A paging marker: the position (creation time, id) of the last item shown, as
+    ``<microseconds since the epoch, hex>.<id>`` (51 characters for a key)."""
+    micros = (created - _EPOCH) // timedelta(microseconds=1)
+    return f"{micros:x}.{ident}"
+
+
+def read_marker(marker: object, name: str = "marker") -> tuple[str, str]:
+    """The (creation time as stored, id) that a :func:`page_marker` names."""
+    found = MARKER.match(marker) if isinstance(marker, str) else None
+    if found is None:
+        raise _field(name, "is not a marker this service returned", "invalid_marker")
+    try:
+        created = _EPOCH + timedelta(microseconds=int(found[1], 16))
+    except OverflowError:
+        raise _field(name, "is not a marker this service returned",
+                     "invalid_marker") from None
+    text = iso(created)
+    assert text is not None
+    return text, found[2]
 
 
 def _shown(value: object) -> str:

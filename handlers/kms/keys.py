@@ -10,29 +10,38 @@ from engine.errors import DewError, InvalidInput
 from engine.logs import get_logger
 from engine.models import iso
 from handlers.kms.byok_ops import KeyImport
-from handlers.kms.core import KmsCore, not_found
-from handlers.kms.errors import AliasExists, ImportInProgress
+from handlers.kms.core import AuditOp, KmsCore, not_found
+from handlers.kms.errors import AliasExists, DefaultKeyProtected, ImportInProgress
 from handlers.kms.format import (
     DEFAULT_ACCOUNT,
+    LIST_LIMIT_MAX,
     KeyState,
     check_account,
     check_custom_alias,
     check_description,
     check_key_ref,
+    check_limit,
     check_origin,
     check_spec,
+    check_spec_filter,
     check_usage,
+    default_service,
     is_key_id,
+    page_marker,
+    read_marker,
 )
 from handlers.kms.results import (
     DeletionReport,
     KeyChange,
     KeyMetadata,
+    KeyPage,
 )
 from handlers.kms.store import AuditEntry, AuditEvent, AuditVerdict, KeyRecord
 
 log = get_logger("dew.kms")
 
+# The states in which a key's alias, description, tags and grants may change.
+CHANGEABLE = (KeyState.ENABLED.value, KeyState.DISABLED.value, KeyState.PENDING_IMPORT.value)
 
 
 class KeyManagement:
@@ -81,18 +90,118 @@ class KeyManagement:
 
     async def list_keys(
         self, *, state: str | None = None, account: str = DEFAULT_ACCOUNT,
-        actor: str | None = None,
+        actor: str | None = None, key_spec: str | None = None, limit: int | None = None,
+        marker: str | None = None,
     ) -> list[KeyMetadata]:
-        async with self.core.audit("list_keys", account, actor, None) as op:
+        """The account's keys, oldest first; all of them unless ``limit`` (1..1000) is
+        given (``marker``: a :meth:`list_keys_page` page's ``next_marker``)."""
+        page = await self._page("list_keys", account, actor, state, key_spec, limit, marker)
+        return page.keys
+
+    async def list_keys_page(
+        self, *, account: str = DEFAULT_ACCOUNT, actor: str | None = None,
+        state: str | None = None, key_spec: str | None = None, limit: int = 50,
+        marker: str | None = None,
+    ) -> KeyPage:
+        """One page of the account's keys in a stable order (creation time, then key id):
+        following ``next_marker`` until it is None shows every key once. ``key_spec``
+        None or ``ALL``: every spec. ``total`` counts every key the filters match."""
+        return await self._page("list_keys", account, actor, state, key_spec, limit, marker)
+
+    async def _page(
+        self, operation: str, account: str, actor: str | None, state: str | None,
+        key_spec: str | None, limit: int | None, marker: str | None,
+    ) -> KeyPage:
+        async with self.core.audit(operation, account, actor, None) as op:
             account = check_account(account)
             if state is not None and (state not in KeyState.__members__.values()
                                       or state == KeyState.DELETED):
                 choices = ", ".join(s.value for s in KeyState if s is not KeyState.DELETED)
                 raise InvalidInput(f"invalid key state {state!r}; choose one of {choices}",
-                                   code="invalid_key_state")
-            keys = await self.core.store.list_keys(account, state)
-            op.detail = {"count": len(keys)}
-            return [KeyMetadata.of(k) for k in keys]
+                                   code="invalid_key_state", target="key_state")
+            spec = check_spec_filter(key_spec)
+            if limit is not None:
+                limit = check_limit(limit, LIST_LIMIT_MAX)
+            after = None if marker is None else read_marker(marker)
+            store = self.core.store
+            # One more than asked: whether there is a next page, without a second query.
+            keys = await store.list_keys(account, state, spec=spec,
+                                         limit=None if limit is None else limit + 1, after=after)
+            more = limit is not None and len(keys) > limit
+            keys = keys[:limit] if limit is not None else keys
+            total = (len(keys) if limit is None and after is None
+                     else await store.count_keys(account, state, spec))
+            op.detail = {"count": len(keys), **({"marker": marker} if marker else {})}
+            next_marker = page_marker(keys[-1].created_at, keys[-1].key_id) if more else None
+            return KeyPage([KeyMetadata.of(k) for k in keys], next_marker, total)
+
+    async def update_key_alias(
+        self, key: str, alias: str, *, account: str = DEFAULT_ACCOUNT, actor: str | None = None
+    ) -> KeyMetadata:
+        """Give a custom key another alias (the create-key rules; unique in the account).
+        Default keys keep theirs; a key pending deletion cannot change."""
+        async with self.core.audit("update_key_alias", account, actor, key) as op:
+            account = check_account(account)
+            alias = check_custom_alias(alias)
+            record = await self._changeable(key, account, "update_key_alias", op)
+            if record.alias == alias:
+                op.outcome = "unchanged"
+                return KeyMetadata.of(record)
+            op.detail = {"from": record.alias, "to": alias}
+            return await self._update(record, op, actor, alias=alias)
+
+    async def update_key_description(
+        self, key: str, description: str, *, account: str = DEFAULT_ACCOUNT,
+        actor: str | None = None,
+    ) -> KeyMetadata:
+        """Change a custom key's description (at most 255 printable characters)."""
+        async with self.core.audit("update_key_description", account, actor, key) as op:
+            account = check_account(account)
+            description = check_description(description)
+            record = await self._changeable(key, account, "update_key_description", op)
+            if record.description == description:
+                op.outcome = "unchanged"
+                return KeyMetadata.of(record)
+            op.detail = {"length": len(description)}
+            return await self._update(record, op, actor, description=description)
+
+    async def _changeable(
+        self, ref: str, account: str, operation: str, op: AuditOp
+    ) -> KeyRecord:
+        ref = check_key_ref(ref)
+        what = operation.removeprefix("update_key_")
+        if default_service(ref) is not None:
+            raise DefaultKeyProtected(f"{ref!r} is a default key: its {what} cannot change")
+        record = await self.core.lookup(ref, account, create_default=False)
+        op.key_id = record.key_id
+        if record.default_key:
+            raise DefaultKeyProtected(f"{record.alias!r} is a default key: its {what} cannot "
+                                      "change", target=record.key_id)
+        if record.state not in CHANGEABLE:
+            raise self.core.state_refusal(record, operation)
+        return record
+
+    async def _update(
+        self, record: KeyRecord, op: AuditOp, actor: str | None, *, alias: str | None = None,
+        description: str | None = None,
+    ) -> KeyMetadata:
+        when = self.core.clock()
+        operation = "update_key_alias" if alias is not None else "update_key_description"
+        event = AuditEvent(when, record.account, actor or self.core.actor, operation,
+                           record.key_id, "success", op.detail)
+        await self.core.flush_audit()
+        outcome, changed = await self.core.store.update_key(
+            record.key_id, CHANGEABLE, when, event, alias=alias, description=description)
+        if outcome == "alias_taken":
+            raise AliasExists(f"the alias {alias!r} is already used in account "
+                              f"{record.account!r}", target=record.key_id)
+        if changed is None:  # its state changed meanwhile
+            fresh = await self.core.store.get_key(record.key_id) or record
+            raise self.core.state_refusal(fresh, operation)
+        op.recorded = True
+        self.core.cache.clear()
+        log.info("key changed", key_id=record.key_id, operation=operation)
+        return KeyMetadata.of(changed)
 
     async def enable_key(
         self, key: str, *, account: str = DEFAULT_ACCOUNT, actor: str | None = None

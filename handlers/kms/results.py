@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
-from typing import Any
+from datetime import date, datetime
+from typing import Any, NamedTuple
 
 from engine.models import iso
 from handlers.kms.format import KeyUsage, b64
-from handlers.kms.store import KeyRecord, RotationRecord
+from handlers.kms.store import GrantRecord, KeyRecord, RotationRecord, UsageRecord
 
 
 @dataclass(frozen=True)
@@ -208,6 +208,122 @@ class ImportParameters:
                 "import_token": self.import_token,
                 "expiration_time": iso(self.expiration_time),
                 "wrapping_algorithm": self.wrapping_algorithm}
+
+
+@dataclass(frozen=True)
+class KeyPage:
+    """One page of list-keys: ``next_marker`` is None on the last page; ``total`` counts
+    every key the filters match."""
+
+    keys: list[KeyMetadata]
+    next_marker: str | None
+    total: int
+
+    @property
+    def truncated(self) -> bool:
+        return self.next_marker is not None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"keys": [k.to_json() for k in self.keys], "next_marker": self.next_marker,
+                "truncated": self.truncated, "total": self.total}
+
+
+class TaggedKey(NamedTuple):
+    """A key found by its tags, with all its tags (unpacks as ``(key, tags)``)."""
+
+    key: KeyMetadata
+    tags: list[tuple[str, str]]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"resource_id": self.key.key_id, "resource_name": self.key.key_alias,
+                "resource_detail": self.key.to_json(),
+                "tags": [{"key": k, "value": v} for k, v in self.tags]}
+
+
+class TaggedKeys(NamedTuple):
+    """keys_by_tags: one page of matches and how many match in all (unpacks as
+    ``(resources, total)``)."""
+
+    resources: list[TaggedKey]
+    total: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"resources": [r.to_json() for r in self.resources], "total_count": self.total}
+
+
+@dataclass(frozen=True)
+class QuotaUsage:
+    type: str  # CMK | grant_per_CMK
+    used: int
+    quota: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"type": self.type, "used": self.used, "quota": self.quota}
+
+
+@dataclass(frozen=True)
+class Grant:
+    """A grant on a key (Huawei's ``Grants`` object; ``creation_date`` in ISO 8601)."""
+
+    key_id: str
+    grant_id: str
+    name: str | None
+    grantee_principal: str
+    grantee_principal_type: str
+    operations: tuple[str, ...]
+    issuing_principal: str
+    retiring_principal: str | None
+    created_at: datetime
+
+    @classmethod
+    def of(cls, grant: GrantRecord) -> Grant:
+        return cls(grant.key_id, grant.grant_id, grant.name, grant.grantee_principal,
+                   grant.grantee_principal_type, grant.operations, grant.issuing_principal,
+                   grant.retiring_principal, grant.created_at)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"key_id": self.key_id, "grant_id": self.grant_id, "name": self.name,
+                "grantee_principal": self.grantee_principal,
+                "grantee_principal_type": self.grantee_principal_type,
+                "operations": list(self.operations),
+                "issuing_principal": self.issuing_principal,
+                "retiring_principal": self.retiring_principal,
+                "creation_date": iso(self.created_at)}
+
+
+@dataclass(frozen=True)
+class GrantPage:
+    grants: list[Grant]
+    next_marker: str | None
+    total: int
+
+    @property
+    def truncated(self) -> bool:
+        return self.next_marker is not None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"grants": [g.to_json() for g in self.grants], "next_marker": self.next_marker,
+                "truncated": self.truncated, "total": self.total}
+
+
+@dataclass(frozen=True)
+class UsageRow:
+    """Uses of one key on one UTC day (data keys, encrypt/decrypt, sign/verify, MACs)."""
+
+    account: str
+    key_id: str
+    key_alias: str
+    day: date
+    count: int
+
+    @classmethod
+    def of(cls, record: UsageRecord) -> UsageRow:
+        return cls(record.account, record.key_id, record.key_alias,
+                   date.fromisoformat(record.day), record.count)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"account": self.account, "key_id": self.key_id, "key_alias": self.key_alias,
+                "day": self.day.isoformat(), "count": self.count}
 
 
 def protection(spec: str) -> str:

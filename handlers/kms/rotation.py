@@ -45,12 +45,56 @@ class Rotation:
         self.core = core
 
     async def enable_key_rotation(
-        self, key: str, interval_days: int = ROTATION_DAYS_DEFAULT, *,
+        self, key: str, interval_days: int | None = None, *,
         account: str = DEFAULT_ACCOUNT, actor: str | None = None, now: datetime | None = None,
     ) -> RotationChange:
-        """Rotate ``key`` every ``interval_days`` (30..365), the first one that far from now."""
-        return await self._set_rotation("enable_key_rotation", key, True,
-                                        check_rotation_days(interval_days), account, actor, now)
+        """Rotate ``key`` every ``interval_days`` (30..365), the first one that far from now.
+        Without ``interval_days``: the interval set before (update_key_rotation_interval),
+        else 365 days."""
+        days = None if interval_days is None else check_rotation_days(interval_days)
+        return await self._set_rotation("enable_key_rotation", key, True, days, account,
+                                        actor, now)
+
+    async def update_key_rotation_interval(
+        self, key: str, days: int, *, account: str = DEFAULT_ACCOUNT,
+        actor: str | None = None, now: datetime | None = None,
+    ) -> RotationChange:
+        """Change the rotation interval (30..365 days) of a key that can rotate. When
+        rotation is on, the next rotation moves to one new interval after the last
+        rotation (or after rotation was turned on), or now if that is past; when it is
+        off, the interval is kept for when it is turned on."""
+        async with self.core.audit("update_key_rotation_interval", account, actor, key) as op:
+            account = check_account(account)
+            interval = check_rotation_days(days)
+            record = await self.core.lookup(key, account, create_default=False)
+            op.key_id = record.key_id
+            self._check_rotatable(record)
+            if record.state == KeyState.PENDING_DELETION:
+                raise self.core.state_refusal(record, "update_key_rotation_interval")
+            current = await self.core.store.get_rotation(record.key_id)
+            if current is not None and current.interval_days == interval:
+                op.outcome = "unchanged"
+                return RotationChange(RotationStatus.of(record, current), False)
+            when = now or self.core.clock()
+            enabled = current is not None and current.enabled
+            following = None
+            if enabled and current is not None:
+                # The schedule's anchor (last rotation, or when rotation was turned on) stays.
+                anchor = current.last_rotated_at or (
+                    current.next_rotation_at - timedelta(days=current.interval_days)
+                    if current.next_rotation_at else when)
+                following = max(anchor + timedelta(days=interval), when)
+            op.detail = {"enabled": enabled, "interval_days": interval,
+                         "from_interval_days": current.interval_days if current else None,
+                         "next_rotation": iso(following)}
+            event = AuditEvent(when, record.account, actor or self.core.actor,
+                               "update_key_rotation_interval", record.key_id, "success",
+                               op.detail)
+            await self.core.flush_audit()
+            saved = await self.core.store.set_rotation(record.key_id, enabled, interval,
+                                                       following, event)
+            op.recorded = True
+            return RotationChange(RotationStatus.of(record, saved), True)
 
     async def disable_key_rotation(
         self, key: str, *, account: str = DEFAULT_ACCOUNT, actor: str | None = None,
@@ -177,6 +221,8 @@ class Rotation:
             op.key_id = record.key_id
             self._check_rotatable(record)
             current = await self.core.store.get_rotation(record.key_id)
+            if enabled and interval is None:
+                interval = current.interval_days if current else ROTATION_DAYS_DEFAULT
             if (current is not None and current.enabled == enabled
                     and (not enabled or current.interval_days == interval)) or (
                     current is None and not enabled):

@@ -4,8 +4,9 @@ Each part is a plain object over :class:`~handlers.kms.core.KmsCore` (registry,
 token, audit buffer, cache), testable alone: :class:`KeyManagement`,
 :class:`DataPlane`, :class:`Signing`, :class:`Rotation` and :class:`KeyImport`.
 The service binds their operations under one name each, so the CLI, the jobs,
-the demo and other services call ``kms.encrypt_data(...)`` without knowing
-which part does it.
+the demo, the HTTPS API and other services call ``kms.encrypt_data(...)`` without
+knowing which part does it. :class:`Tags`, :class:`Grants` (and quotas) and
+:class:`Usage` hold what the HTTPS API adds.
 """
 
 from __future__ import annotations
@@ -18,10 +19,13 @@ from engine.crypto import CryptoCore
 from handlers.kms.byok_ops import KeyImport
 from handlers.kms.core import CryptoProvider, KmsCore
 from handlers.kms.data import DATA_KEY_BYTES, DataPlane
+from handlers.kms.grants import Grants
 from handlers.kms.keys import KeyManagement
 from handlers.kms.rotation import Rotation
 from handlers.kms.signing import Signing
 from handlers.kms.store import KmsStore
+from handlers.kms.tags import Tags
+from handlers.kms.usage import Usage
 
 __all__ = ["DATA_KEY_BYTES", "KmsService"]
 
@@ -39,12 +43,19 @@ class KmsService:
         self.signing = Signing(self.core)
         self.data = DataPlane(self.core, self.signing)
         self.rotation = Rotation(self.core)
+        self.tags = Tags(self.core)
+        self.grants = Grants(self.core)
+        self.usage_counts = Usage(self.core)
 
         keys, data, signing, rotation, byok = (self.keys, self.data, self.signing,
                                                self.rotation, self.byok)
+        tags, grants = self.tags, self.grants
         self.create_key = keys.create_key
         self.describe_key = keys.describe_key
         self.list_keys = keys.list_keys
+        self.list_keys_page = keys.list_keys_page
+        self.update_key_alias = keys.update_key_alias
+        self.update_key_description = keys.update_key_description
         self.enable_key = keys.enable_key
         self.disable_key = keys.disable_key
         self.schedule_key_deletion = keys.schedule_key_deletion
@@ -72,6 +83,24 @@ class KmsService:
         self.get_key_rotation_status = rotation.get_key_rotation_status
         self.rotate_key = rotation.rotate_key
         self.rotate_due_keys = rotation.rotate_due_keys
+        self.update_key_rotation_interval = rotation.update_key_rotation_interval
+
+        self.create_tag = tags.create_tag
+        self.delete_tag = tags.delete_tag
+        self.batch_tags = tags.batch_tags
+        self.key_tags = tags.key_tags
+        self.project_tags = tags.project_tags
+        self.keys_by_tags = tags.keys_by_tags
+
+        self.create_grant = grants.create_grant
+        self.list_grants = grants.list_grants
+        self.revoke_grant = grants.revoke_grant
+        self.retire_grant = grants.retire_grant
+        self.list_retirable_grants = grants.list_retirable_grants
+        self.grant_account = grants.grant_account
+        self.user_quotas = grants.user_quotas
+
+        self.usage = self.usage_counts.usage
 
         self.get_parameters_for_import = byok.get_parameters_for_import
         self.import_key_material = byok.import_key_material

@@ -32,7 +32,7 @@ import asyncio
 import hashlib
 import json
 import sqlite3
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -64,6 +64,10 @@ VERSION_COLUMNS = "key_id, version, token_label, created_at, destroyed_at"
 ROTATION_COLUMNS = (
     "key_id, enabled, interval_days, next_rotation_at, last_rotated_at, rotations, "
     "last_request, lease_until"
+)
+GRANT_COLUMNS = (
+    "grant_id, key_id, name, grantee_principal, grantee_principal_type, operations, "
+    "issuing_principal, retiring_principal, created_at"
 )
 AUDIT_COLUMNS = (
     "seq, time, account, actor, operation, key_id, outcome, detail, prev_hash, hash"
@@ -139,6 +143,38 @@ class ImportRecord:
     fingerprint: str
     imported_at: datetime
     material_expires_at: datetime | None
+
+
+@dataclass(frozen=True)
+class GrantRecord:
+    """A grant (migration 4): who may use a key for which operations."""
+
+    grant_id: str
+    key_id: str
+    name: str | None
+    grantee_principal: str
+    grantee_principal_type: str  # user | domain
+    operations: tuple[str, ...]
+    issuing_principal: str
+    retiring_principal: str | None
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class UsageRecord:
+    """How often a key was used on one UTC day (migration 4)."""
+
+    account: str
+    key_id: str
+    key_alias: str
+    day: str  # YYYY-MM-DD (UTC)
+    count: int
+
+
+TagOutcome = Literal["changed", "too_many", "missing", "key_gone"]
+GrantOutcome = Literal["created", "too_many", "key_state"]
+UpdateOutcome = Literal["updated", "alias_taken", "key_state"]
+UsageCounts = Mapping[tuple[str, str, str], int]  # (account, key id, day) -> uses
 
 
 @dataclass(frozen=True)
@@ -235,9 +271,75 @@ class KmsStore(Protocol):
     async def find_deleted_alias(self, account: str, alias: str) -> KeyRecord | None:
         """The most recently deleted key that had this alias in the account."""
 
-    async def list_keys(self, account: str, state: str | None = None) -> list[KeyRecord]: ...
+    async def list_keys(
+        self, account: str, state: str | None = None, *, spec: str | None = None,
+        limit: int | None = None, after: tuple[str, str] | None = None,
+    ) -> list[KeyRecord]:
+        """Live keys by creation time, then key id; ``after`` = (created_at ISO, key id)
+        of the last key of the previous page."""
+
+    async def count_keys(
+        self, account: str, state: str | None = None, spec: str | None = None
+    ) -> int: ...
 
     async def count_custom_keys(self, account: str) -> int: ...
+
+    async def update_key(
+        self, key_id: str, from_states: Iterable[str], now: datetime, event: AuditEvent, *,
+        alias: str | None = None, description: str | None = None,
+    ) -> tuple[UpdateOutcome, KeyRecord | None]:
+        """Change the alias and/or description of a key still in ``from_states``, and
+        audit, in one transaction; nothing is written unless the outcome is ``updated``."""
+
+    async def key_tags(self, key_id: str) -> list[tuple[str, str]]: ...
+
+    async def account_tags(self, account: str) -> list[tuple[str, str, str]]:
+        """(key id, tag key, value) of every live key of the account."""
+
+    async def change_tags(
+        self, key_id: str, put: Sequence[tuple[str, str]],
+        remove: Sequence[tuple[str, str | None]], max_tags: int, event: AuditEvent,
+    ) -> tuple[TagOutcome, str | None]:
+        """Upsert ``put``, delete ``remove`` (each must exist; with a value, that value),
+        audit: all in one transaction, or nothing (and the missing tag key)."""
+
+    async def add_grant(
+        self, grant: GrantRecord, max_grants: int, key_states: Iterable[str], event: AuditEvent
+    ) -> GrantOutcome:
+        """Insert the grant and audit, if the key is in ``key_states`` and has fewer than
+        ``max_grants`` grants: one transaction."""
+
+    async def get_grant(self, key_id: str, grant_id: str) -> GrantRecord | None: ...
+
+    async def list_grants(
+        self, key_id: str, limit: int | None = None, after: tuple[str, str] | None = None
+    ) -> list[GrantRecord]: ...
+
+    async def count_grants(self, key_id: str) -> int: ...
+
+    async def max_grants_per_key(self, account: str) -> int: ...
+
+    async def remove_grant(self, key_id: str, grant_id: str, event: AuditEvent) -> bool:
+        """Delete the grant and audit it (one transaction); False: no such grant."""
+
+    async def retirable_grants(
+        self, principals: Sequence[str], limit: int | None = None,
+        after: tuple[str, str] | None = None,
+    ) -> list[GrantRecord]:
+        """Grants of live keys whose retiring principal is one of ``principals``."""
+
+    async def count_retirable(self, principals: Sequence[str]) -> int: ...
+
+    async def grantee_grants(
+        self, key_id: str, user_id: str | None, project_id: str | None
+    ) -> list[tuple[str, GrantRecord]]:
+        """(owning account, grant) of the live key's grants naming ``user_id`` (type
+        user) or ``project_id`` (type domain). Always read from the database."""
+
+    async def usage(
+        self, account: str | None = None, key_id: str | None = None, since: str | None = None
+    ) -> list[UsageRecord]:
+        """Per-day use counts, oldest day first."""
 
     async def change_state(
         self, key_id: str, from_states: Iterable[str], to_state: str, now: datetime,
@@ -325,7 +427,11 @@ class KmsStore(Protocol):
 
     async def has_deletion_work(self, now: datetime) -> bool: ...
 
-    async def append_audit(self, events: Sequence[AuditEvent]) -> None: ...
+    async def append_audit(
+        self, events: Sequence[AuditEvent], usage: UsageCounts | None = None
+    ) -> None:
+        """Append buffered entries and add ``usage`` to the per-day key use counts, in
+        one transaction."""
 
     async def list_audit(
         self, key_id: str | None = None, account: str | None = None, limit: int = 100
@@ -453,6 +559,43 @@ MIGRATIONS: tuple[str, ...] = (
         expires_at = created_at
         WHERE length(token) <> 64 AND token NOT LIKE 'expired-%';
     """,
+    # 4: the HTTPS API's KMS data. kms_tags: a key's tags (Huawei TagItem; at most 20 a
+    # key). kms_grants: who else may use a key, for which operations (at most 100 a key).
+    # kms_usage: uses of a key per UTC day, added with each batch of use audit entries.
+    # Tags and grants go when the key is deleted; usage counts stay.
+    """
+    CREATE TABLE IF NOT EXISTS kms_tags (
+        key_id    TEXT NOT NULL REFERENCES kms_keys (key_id),
+        tag_key   TEXT NOT NULL,
+        tag_value TEXT NOT NULL DEFAULT '',
+        PRIMARY KEY (key_id, tag_key)
+    );
+    CREATE INDEX IF NOT EXISTS kms_tags_by_tag ON kms_tags (tag_key, tag_value);
+    CREATE TABLE IF NOT EXISTS kms_grants (
+        grant_id               TEXT PRIMARY KEY,
+        key_id                 TEXT NOT NULL REFERENCES kms_keys (key_id),
+        name                   TEXT,
+        grantee_principal      TEXT NOT NULL,
+        grantee_principal_type TEXT NOT NULL CHECK (grantee_principal_type IN
+                                   ('user', 'domain')),
+        operations             TEXT NOT NULL,
+        issuing_principal      TEXT NOT NULL,
+        retiring_principal     TEXT,
+        created_at             TEXT NOT NULL
+    );
+    CREATE INDEX IF NOT EXISTS kms_grants_key ON kms_grants (key_id, created_at, grant_id);
+    CREATE INDEX IF NOT EXISTS kms_grants_grantee ON kms_grants (key_id, grantee_principal);
+    CREATE INDEX IF NOT EXISTS kms_grants_retiring ON kms_grants (retiring_principal)
+        WHERE retiring_principal IS NOT NULL;
+    CREATE TABLE IF NOT EXISTS kms_usage (
+        account TEXT NOT NULL,
+        key_id  TEXT NOT NULL,
+        day     TEXT NOT NULL,
+        count   INTEGER NOT NULL,
+        PRIMARY KEY (account, key_id, day)
+    );
+    CREATE INDEX IF NOT EXISTS kms_usage_day ON kms_usage (day);
+    """,
 )
 
 
@@ -545,15 +688,58 @@ class SqliteKmsStore(SqliteDb):
             )
         return None if row is None else _key(row)
 
-    async def list_keys(self, account: str, state: str | None = None) -> list[KeyRecord]:
-        sql = f"SELECT {KEY_COLUMNS} FROM kms_keys WHERE account = ? AND state <> 'deleted'"
-        params: tuple[Any, ...] = (account,)
-        if state is not None:
-            sql += " AND state = ?"
-            params += (state,)
+    async def list_keys(
+        self, account: str, state: str | None = None, *, spec: str | None = None,
+        limit: int | None = None, after: tuple[str, str] | None = None,
+    ) -> list[KeyRecord]:
+        where, params = _key_filter(account, state, spec)
+        if after is not None:
+            where += " AND (created_at, key_id) > (?, ?)"
+            params += after
+        sql = f"SELECT {KEY_COLUMNS} FROM kms_keys WHERE {where} ORDER BY created_at, key_id"
+        if limit is not None:
+            sql += " LIMIT ?"
+            params += (limit,)
         async with self._locked():
-            rows = await self._fetchall(sql + " ORDER BY created_at, key_id", params)
+            rows = await self._fetchall(sql, params)
         return [_key(r) for r in rows]
+
+    async def count_keys(
+        self, account: str, state: str | None = None, spec: str | None = None
+    ) -> int:
+        where, params = _key_filter(account, state, spec)
+        async with self._locked():
+            row = await self._fetchone(f"SELECT COUNT(*) FROM kms_keys WHERE {where}", params)
+        return 0 if row is None else int(row[0])
+
+    async def update_key(
+        self, key_id: str, from_states: Iterable[str], now: datetime, event: AuditEvent, *,
+        alias: str | None = None, description: str | None = None,
+    ) -> tuple[UpdateOutcome, KeyRecord | None]:
+        states = tuple(from_states)
+        marks = ", ".join("?" for _ in states)
+        sets, params = ["updated_at = ?"], [iso(now)]
+        if alias is not None:
+            sets.append("alias = ?")
+            params.append(alias)
+        if description is not None:
+            sets.append("description = ?")
+            params.append(description)
+        async with self._audited() as batch:
+            if alias is not None:
+                taken = await self._fetchone(
+                    "SELECT 1 FROM kms_keys WHERE account = (SELECT account FROM kms_keys "
+                    "WHERE key_id = ?) AND alias = ? AND state <> 'deleted' AND key_id <> ?",
+                    (key_id, alias, key_id))
+                if taken is not None:
+                    return "alias_taken", None
+            row = await self._fetchone(
+                f"UPDATE kms_keys SET {', '.join(sets)} WHERE key_id = ? AND state IN "
+                f"({marks}) RETURNING {KEY_COLUMNS}", (*params, key_id, *states))
+            if row is None:
+                return "key_state", None
+            await self._append([event], batch)
+        return "updated", _key(row)
 
     async def count_custom_keys(self, account: str) -> int:
         async with self._locked():
@@ -584,6 +770,9 @@ class SqliteKmsStore(SqliteDb):
             if row is None:
                 return None
             record = _key(row)
+            if to_state == "deleted":  # a deleted key's tags and grants go with it
+                await self._conn.execute("DELETE FROM kms_tags WHERE key_id = ?", (key_id,))
+                await self._conn.execute("DELETE FROM kms_grants WHERE key_id = ?", (key_id,))
             await self._append([event], batch)
         return record
 
@@ -847,15 +1036,202 @@ class SqliteKmsStore(SqliteDb):
             )
         return [_key(r) for r in rows]
 
+    # --- tags ------------------------------------------------------------------------
+
+    async def key_tags(self, key_id: str) -> list[tuple[str, str]]:
+        async with self._locked():
+            rows = await self._fetchall(
+                "SELECT tag_key, tag_value FROM kms_tags WHERE key_id = ? ORDER BY tag_key",
+                (key_id,))
+        return [(str(r[0]), str(r[1])) for r in rows]
+
+    async def account_tags(self, account: str) -> list[tuple[str, str, str]]:
+        async with self._locked():
+            rows = await self._fetchall(
+                "SELECT t.key_id, t.tag_key, t.tag_value FROM kms_tags t JOIN kms_keys k "
+                "ON k.key_id = t.key_id WHERE k.account = ? AND k.state <> 'deleted' "
+                "ORDER BY t.tag_key, t.tag_value, t.key_id", (account,))
+        return [(str(r[0]), str(r[1]), str(r[2])) for r in rows]
+
+    async def change_tags(
+        self, key_id: str, put: Sequence[tuple[str, str]],
+        remove: Sequence[tuple[str, str | None]], max_tags: int, event: AuditEvent,
+    ) -> tuple[TagOutcome, str | None]:
+        async with self._audited() as batch:
+            live = await self._fetchone(
+                "SELECT 1 FROM kms_keys WHERE key_id = ? AND state <> 'deleted'", (key_id,))
+            if live is None:
+                return "key_gone", None
+            current = {str(r[0]): str(r[1]) for r in await self._fetchall(
+                "SELECT tag_key, tag_value FROM kms_tags WHERE key_id = ?", (key_id,))}
+            for tag_key, value in remove:
+                if tag_key not in current or (value is not None and current[tag_key] != value):
+                    return "missing", tag_key
+                del current[tag_key]
+            current.update(put)
+            if len(current) > max_tags:
+                return "too_many", None
+            await self._conn.executemany(
+                "DELETE FROM kms_tags WHERE key_id = ? AND tag_key = ?",
+                [(key_id, tag_key) for tag_key, _ in remove])
+            await self._conn.executemany(
+                "INSERT INTO kms_tags (key_id, tag_key, tag_value) VALUES (?, ?, ?) "
+                "ON CONFLICT (key_id, tag_key) DO UPDATE SET tag_value = excluded.tag_value",
+                [(key_id, tag_key, value) for tag_key, value in put])
+            await self._append([event], batch)
+        return "changed", None
+
+    # --- grants ----------------------------------------------------------------------
+
+    async def add_grant(
+        self, grant: GrantRecord, max_grants: int, key_states: Iterable[str], event: AuditEvent
+    ) -> GrantOutcome:
+        states = tuple(key_states)
+        marks = ", ".join("?" for _ in states)
+        async with self._audited() as batch:
+            key = await self._fetchone(
+                f"SELECT 1 FROM kms_keys WHERE key_id = ? AND state IN ({marks})",
+                (grant.key_id, *states))
+            if key is None:
+                return "key_state"
+            count = await self._fetchone(
+                "SELECT COUNT(*) FROM kms_grants WHERE key_id = ?", (grant.key_id,))
+            if count is not None and int(count[0]) >= max_grants:
+                return "too_many"
+            await self._conn.execute(
+                f"INSERT INTO kms_grants ({GRANT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (grant.grant_id, grant.key_id, grant.name, grant.grantee_principal,
+                 grant.grantee_principal_type, json.dumps(list(grant.operations)),
+                 grant.issuing_principal, grant.retiring_principal, iso(grant.created_at)))
+            await self._append([event], batch)
+        return "created"
+
+    async def get_grant(self, key_id: str, grant_id: str) -> GrantRecord | None:
+        async with self._locked():
+            row = await self._fetchone(
+                f"SELECT {GRANT_COLUMNS} FROM kms_grants WHERE key_id = ? AND grant_id = ?",
+                (key_id, grant_id))
+        return None if row is None else _grant(row)
+
+    async def list_grants(
+        self, key_id: str, limit: int | None = None, after: tuple[str, str] | None = None
+    ) -> list[GrantRecord]:
+        return await self._grants("key_id = ?", (key_id,), limit, after)
+
+    async def count_grants(self, key_id: str) -> int:
+        async with self._locked():
+            row = await self._fetchone(
+                "SELECT COUNT(*) FROM kms_grants WHERE key_id = ?", (key_id,))
+        return 0 if row is None else int(row[0])
+
+    async def max_grants_per_key(self, account: str) -> int:
+        async with self._locked():
+            row = await self._fetchone(
+                "SELECT COALESCE(MAX(n), 0) FROM (SELECT COUNT(*) AS n FROM kms_grants g "
+                "JOIN kms_keys k ON k.key_id = g.key_id WHERE k.account = ? "
+                "AND k.state <> 'deleted' GROUP BY g.key_id)", (account,))
+        return 0 if row is None else int(row[0])
+
+    async def remove_grant(self, key_id: str, grant_id: str, event: AuditEvent) -> bool:
+        async with self._audited() as batch:
+            row = await self._fetchone(
+                "DELETE FROM kms_grants WHERE key_id = ? AND grant_id = ? RETURNING grant_id",
+                (key_id, grant_id))
+            if row is None:
+                return False
+            await self._append([event], batch)
+        return True
+
+    async def retirable_grants(
+        self, principals: Sequence[str], limit: int | None = None,
+        after: tuple[str, str] | None = None,
+    ) -> list[GrantRecord]:
+        if not principals:
+            return []
+        marks = ", ".join("?" for _ in principals)
+        return await self._grants(
+            f"retiring_principal IN ({marks}) AND key_id IN (SELECT key_id FROM kms_keys "
+            "WHERE state <> 'deleted')", tuple(principals), limit, after)
+
+    async def count_retirable(self, principals: Sequence[str]) -> int:
+        if not principals:
+            return 0
+        marks = ", ".join("?" for _ in principals)
+        async with self._locked():
+            row = await self._fetchone(
+                f"SELECT COUNT(*) FROM kms_grants WHERE retiring_principal IN ({marks}) AND "
+                "key_id IN (SELECT key_id FROM kms_keys WHERE state <> 'deleted')",
+                tuple(principals))
+        return 0 if row is None else int(row[0])
+
+    async def grantee_grants(
+        self, key_id: str, user_id: str | None, project_id: str | None
+    ) -> list[tuple[str, GrantRecord]]:
+        columns = ", ".join("g." + c.strip() for c in GRANT_COLUMNS.split(","))
+        async with self._locked():
+            rows = await self._fetchall(
+                f"SELECT k.account AS owner, {columns} FROM kms_grants g JOIN kms_keys k "
+                "ON k.key_id = g.key_id WHERE g.key_id = ? AND k.state <> 'deleted' AND "
+                "((g.grantee_principal_type = 'user' AND g.grantee_principal = ?) OR "
+                "(g.grantee_principal_type = 'domain' AND g.grantee_principal = ?)) "
+                "ORDER BY g.created_at, g.grant_id", (key_id, user_id, project_id))
+        return [(str(r["owner"]), _grant(r)) for r in rows]
+
+    async def _grants(
+        self, where: str, params: tuple[Any, ...], limit: int | None,
+        after: tuple[str, str] | None,
+    ) -> list[GrantRecord]:
+        if after is not None:
+            where += " AND (created_at, grant_id) > (?, ?)"
+            params += after
+        sql = f"SELECT {GRANT_COLUMNS} FROM kms_grants WHERE {where} ORDER BY created_at, grant_id"
+        if limit is not None:
+            sql += " LIMIT ?"
+            params += (limit,)
+        async with self._locked():
+            rows = await self._fetchall(sql, params)
+        return [_grant(r) for r in rows]
+
+    # --- usage -----------------------------------------------------------------------
+
+    async def usage(
+        self, account: str | None = None, key_id: str | None = None, since: str | None = None
+    ) -> list[UsageRecord]:
+        clauses: list[str] = []
+        params: list[Any] = []
+        for clause, value in (("u.account = ?", account), ("u.key_id = ?", key_id),
+                              ("u.day >= ?", since)):
+            if value is not None:
+                clauses.append(clause)
+                params.append(value)
+        where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
+        async with self._locked():
+            rows = await self._fetchall(
+                "SELECT u.account, u.key_id, COALESCE(k.alias, '') AS alias, u.day, u.count "
+                f"FROM kms_usage u LEFT JOIN kms_keys k ON k.key_id = u.key_id {where} "
+                "ORDER BY u.day, u.account, alias, u.key_id", params)
+        return [UsageRecord(str(r[0]), str(r[1]), str(r[2]), str(r[3]), int(r[4]))
+                for r in rows]
+
     # --- audit -----------------------------------------------------------------------
 
-    async def append_audit(self, events: Sequence[AuditEvent]) -> None:
+    async def append_audit(
+        self, events: Sequence[AuditEvent], usage: UsageCounts | None = None
+    ) -> None:
         """Append buffered use entries; sealed when the token is open already (a seal
-        covers every entry before it, so the next sealed batch covers these)."""
-        if not events:
+        covers every entry before it, so the next sealed batch covers these). The uses
+        they record are counted per key and day in the same transaction."""
+        if not events and not usage:
             return
         async with self._audited(open_token=False) as batch:
-            await self._append(events, batch)
+            if usage:
+                await self._conn.executemany(
+                    "INSERT INTO kms_usage (account, key_id, day, count) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT (account, key_id, day) DO UPDATE SET "
+                    "count = count + excluded.count",
+                    [(account, key_id, day, n) for (account, key_id, day), n in usage.items()])
+            if events:
+                await self._append(events, batch)
 
     async def list_audit(
         self, key_id: str | None = None, account: str | None = None, limit: int = 100
@@ -1075,6 +1451,31 @@ def _key(row: sqlite3.Row) -> KeyRecord:
         created_at=_ts(row["created_at"]), updated_at=_ts(row["updated_at"]),
         scheduled_deletion_date=parse_iso(row["scheduled_deletion_date"]),
         deleted_at=parse_iso(row["deleted_at"]), current_version=int(row["current_version"]),
+    )
+
+
+def _key_filter(
+    account: str, state: str | None, spec: str | None
+) -> tuple[str, tuple[Any, ...]]:
+    where = "account = ? AND state <> 'deleted'"
+    params: tuple[Any, ...] = (account,)
+    if state is not None:
+        where += " AND state = ?"
+        params += (state,)
+    if spec is not None:
+        where += " AND spec = ?"
+        params += (spec,)
+    return where, params
+
+
+def _grant(row: sqlite3.Row) -> GrantRecord:
+    return GrantRecord(
+        grant_id=row["grant_id"], key_id=row["key_id"], name=row["name"],
+        grantee_principal=row["grantee_principal"],
+        grantee_principal_type=row["grantee_principal_type"],
+        operations=tuple(json.loads(row["operations"])),
+        issuing_principal=row["issuing_principal"],
+        retiring_principal=row["retiring_principal"], created_at=_ts(row["created_at"]),
     )
 
 
