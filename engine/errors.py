@@ -199,7 +199,7 @@ def _class_of(code: str, category: str, retryable: bool) -> type[DewError]:
     for kind in _subclasses(DewError):
         if kind.code == code and kind.retryable == retryable:
             return kind
-    kind = _BY_CATEGORY.get(category)
-    if kind is not None and kind.retryable == retryable:
-        return kind
+    general = _BY_CATEGORY.get(category)
+    if general is not None and general.retryable == retryable:
+        return general
     return TransientError if retryable else PermanentError

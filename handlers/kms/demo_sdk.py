@@ -49,10 +49,10 @@ def _sdk_calls(settings: Settings, project_id: str, ak: str, sk: str,
         CreateDatakeyRequestBody,
         DecryptDatakeyRequest,
         DecryptDatakeyRequestBody,
+        KmsClient,
         ListKeysRequest,
         ListKeysRequestBody,
     )
-    from huaweicloudsdkkms.v2 import KmsClient
 
     config = HttpConfig.get_default_config()
     config.ssl_ca_cert = str(settings.state_dir / "tls" / "ca.pem")
