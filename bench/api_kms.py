@@ -3,7 +3,7 @@ beside two floors measured in the same run.
 
 - ``api``: a real ``dew api`` process (TLS, AK/SK signature check, identity
   lookup and SK unsealing in the HSM, permission check, rate limit in Redis,
-  the KMS call, JSON) driven by an async client (httpx) that signs its own
+  the KMS call, JSON) driven by an async client (aiohttp) that signs its own
   requests (SDK-HMAC-SHA256, HUAWEI_API.md §3), at concurrency 1, 16 and 64.
 - ``echo``: a bare JSON echo endpoint on the same server stack (Starlette on
   uvicorn, uvloop + httptools, the same TLS certificate), same client, same body.
@@ -27,6 +27,7 @@ import hmac
 import json
 import os
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -36,12 +37,12 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, unquote
+from urllib.parse import quote, unquote, urlsplit
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import httpx  # noqa: E402
+import aiohttp  # noqa: E402
 
 from engine.redis_server import RedisServer, free_port  # noqa: E402
 from engine.settings import Settings, load_settings  # noqa: E402
@@ -54,11 +55,11 @@ PLAIN_4K = "x" * 4096
 def sign_headers(method: str, url: str, body: bytes, ak: str, sk: str,
                  project_id: str) -> dict[str, str]:
     """The headers the official SDK sends, signed as it signs them (§3)."""
-    parsed = httpx.URL(url)
+    parsed = urlsplit(url)
     date = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     headers = {"content-type": "application/json;charset=UTF-8",
-               "host": parsed.netloc.decode(), "x-project-id": project_id, "x-sdk-date": date}
-    segments = unquote(parsed.raw_path.decode().split("?")[0]).split("/")
+               "host": parsed.netloc, "x-project-id": project_id, "x-sdk-date": date}
+    segments = unquote(parsed.path).split("/")
     uri = "/".join(quote(s, safe="~") for s in segments)
     uri = uri if uri.endswith("/") else uri + "/"
     names = sorted(headers)
@@ -113,16 +114,17 @@ async def drive(concurrency: int, seconds: float,
     return len(latencies) / elapsed, cuts[49] * 1000, cuts[98] * 1000
 
 
-def http_call(client: httpx.AsyncClient, url: str, body: dict[str, Any],
+def http_call(client: aiohttp.ClientSession, url: str, body: dict[str, Any],
               ident: tuple[str, str, str] | None) -> Callable[[], Awaitable[None]]:
     data = json.dumps(body).encode()
 
     async def call() -> None:
         headers = (sign_headers("POST", url, data, *ident) if ident
                    else {"content-type": "application/json"})
-        reply = await client.post(url, content=data, headers=headers)
-        if reply.status_code != 200:
-            raise SystemExit(f"{url}: {reply.status_code} {reply.text[:300]}")
+        async with client.post(url, data=data, headers=headers) as reply:
+            text = await reply.read()
+            if reply.status != 200:
+                raise SystemExit(f"{url}: {reply.status} {text[:300]!r}")
 
     return call
 
@@ -202,15 +204,13 @@ async def main_async(args: argparse.Namespace) -> None:
 
             ident = (ak, sk, project_id)
             base = f"https://127.0.0.1:{api_port}/v1.0/{project_id}/kms"
-            limits = httpx.Limits(max_connections=max(levels),
-                                  max_keepalive_connections=max(levels))
-            async with httpx.AsyncClient(verify=str(tls / "ca.pem"), limits=limits,
-                                         timeout=60) as client:
-                made = await client.post(
-                    f"{base}/create-key", content=json.dumps({"key_alias": "bench"}).encode(),
-                    headers=sign_headers("POST", f"{base}/create-key",
-                                         json.dumps({"key_alias": "bench"}).encode(), *ident))
-                key_id = made.json()["key_info"]["key_id"]
+            tls_context = ssl.create_default_context(cafile=str(tls / "ca.pem"))
+            connector = aiohttp.TCPConnector(ssl=tls_context, limit=max(levels))
+            async with aiohttp.ClientSession(connector=connector) as client:
+                create = json.dumps({"key_alias": "bench"}).encode()
+                async with client.post(f"{base}/create-key", data=create, headers=sign_headers(
+                        "POST", f"{base}/create-key", create, *ident)) as made:
+                    key_id = (await made.json(content_type=None))["key_info"]["key_id"]
                 bodies = {
                     "encrypt-data": {"key_id": key_id, "plain_text": PLAIN_4K},
                     "create-datakey": {"key_id": key_id, "datakey_length": "256"},
