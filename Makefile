@@ -13,7 +13,8 @@ PYTEST_ARGS ?=
 help:
 	@echo "make demo    set up, start a private Redis and a worker, run the scenario, stop"
 	@echo "make test    set up, then run the test suite"
-	@echo "make up      start the private Redis and one worker in the background (var/run/*.pid)"
+	@echo "make up      start the private Redis, one worker and the HTTPS API (dew api) in the"
+	@echo "             background (var/run/*.pid; the API's CA is var/tls/ca.pem)"
 	@echo "make down    stop exactly what 'make up' started"
 	@echo "make lint    ruff + mypy + the import contracts (lint-imports)"
 	@echo "make bench   run the benchmarks in bench/"

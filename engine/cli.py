@@ -30,6 +30,12 @@ Command = Callable[[argparse.Namespace, "Settings"], Awaitable[int] | int]
 # Kept in step with engine.models.TASK_STATUSES (a test checks): importing the
 # models here would cost every `dew --help` the dataclasses machinery.
 TASK_STATUSES = ("queued", "running", "succeeded", "failed")
+# Engine command groups declared like a service's commands: their parsers are built
+# (and their modules imported) only when they run, so `dew --help` stays cheap.
+ENGINE_GROUPS = (
+    ServiceSpec("iam", commands={"iam": "identities of the HTTPS API: projects, users, "
+                                        "access keys, roles"}, cli="engine.iam.cli"),
+)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -98,14 +104,18 @@ def build_parser(
     p.add_argument("--all", action="store_true")
     p.add_argument("--json", action="store_true")
 
-    stack = sub.add_parser("stack", help="the local stack: private Redis + one worker")
+    stack = sub.add_parser("stack", help="the local stack: private Redis, a worker, the API")
     ssub = stack.add_subparsers(dest="action", metavar="ACTION", required=True,
                                 parser_class=ArgumentParser)
     ssub.add_parser("up", help="start what is not running")
     ssub.add_parser("down", help="stop what `up` started")
     ssub.add_parser("status", help="show what is running")
 
-    for spec in specs:
+    p = sub.add_parser("api", help="serve the HTTPS API (the official DEW SDKs' protocol)")
+    p.add_argument("--listen", metavar="HOST:PORT", help="override [api] listen "
+                   "(e.g. 127.0.0.1:8443, [::1]:8443; port 0: any free port)")
+
+    for spec in (*specs, *ENGINE_GROUPS):
         if spec.cli is None:
             continue
         if load is None or spec in load:
@@ -278,6 +288,12 @@ def cmd_stack(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_api(args: argparse.Namespace, settings: Settings) -> int:
+    from engine.api.server import serve
+
+    return serve(settings, listen=args.listen)
+
+
 COMMANDS: dict[str, Command] = {
     "init": cmd_init,
     "worker": cmd_worker,
@@ -286,6 +302,7 @@ COMMANDS: dict[str, Command] = {
     "tasks": cmd_tasks,
     "failures": cmd_failures,
     "stack": cmd_stack,
+    "api": cmd_api,
 }
 
 
@@ -329,7 +346,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise InvalidInput(f"argument {position} is not valid UTF-8") from None
         specs = load_specs(configured_packages(config_option(argv), os.environ))
         command = chosen_command(argv)
-        load = [s for s in specs if command in s.commands]
+        load = [s for s in (*specs, *ENGINE_GROUPS) if command in s.commands]
         args = build_parser(specs, load).parse_args(argv)
         from engine.logs import configure_logging
         from engine.settings import load_settings

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -80,6 +81,22 @@ class HsmSection:
 
 
 @dataclass(frozen=True)
+class ApiSection:
+    """``dew api``: the HTTPS API (engine/api/, docs/api.md)."""
+
+    listen: str = "127.0.0.1:8443"  # host:port, [v6]:port; port 0 = any free port
+    tls: bool = True
+    tls_names: tuple[str, ...] = ()  # extra DNS names / IPs of the generated certificate
+    cert_file: str = ""  # both set: serve this certificate instead of the generated one
+    key_file: str = ""
+    max_body: int = 65536  # bytes
+    job_wait: float = 30.0  # seconds an API call waits for its job before answering 202
+    rate_manage: str = "50/second"  # per project, ``limits`` notation
+    rate_crypto: str = "1000/second"
+    clock_skew: int = 900  # seconds X-Sdk-Date may be away from the server clock
+
+
+@dataclass(frozen=True)
 class Settings:
     """The engine's own sections, and those of the configured services."""
 
@@ -90,6 +107,7 @@ class Settings:
     sweeper: SweeperSection = field(default_factory=SweeperSection)
     log: LogSection = field(default_factory=LogSection)
     hsm: HsmSection = field(default_factory=HsmSection)
+    api: ApiSection = field(default_factory=ApiSection)
     # The sections the services declare, by name (``section(KmsSettings)`` reads one).
     services: Mapping[str, Any] = field(default_factory=dict)
 
@@ -290,7 +308,36 @@ def _type_name(kind: type) -> str:
     return names.get(kind, "string")
 
 
+# ``limits``' rate notation ("50/second", "10 per 5 minutes", "5/s; 100/minute"),
+# checked here without importing that library (it costs every `dew` start ~0.1 s).
+_UNITS = "|".join(f"{g}s?" for g in ("second", "minute", "hour", "day", "month", "year"))
+_RATE_ONE = rf"\s*[0-9]+\s*(?:/|\s*per\s*)\s*(?:[0-9]+)?\s*(?:{_UNITS})\s*"
+RATE = re.compile(rf"^{_RATE_ONE}(?:[,;|]{_RATE_ONE})*$", re.IGNORECASE)
+
+
+def valid_rate(text: str) -> bool:
+    """A rate in ``limits``' notation whose amounts are all at least 1."""
+    return bool(RATE.match(text)) and all(
+        int(m) >= 1 for m in re.findall(r"(?:^|[,;|])\s*([0-9]+)", text))
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6 address]:port`` -> (host, port); ConfigError if malformed."""
+    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:([0-9]{1,5})|([^\s:\[\]]+):([0-9]{1,5})", text)
+    if match is None:
+        raise ConfigError(f"api.listen must be host:port or [ipv6]:port, got {text!r}")
+    host = match.group(1) or match.group(3)
+    port = int(match.group(2) or match.group(4))
+    if port > 65535:
+        raise ConfigError(f"api.listen: port {port} is above 65535")
+    return host, port
+
+
 def _validate(s: Settings, origin: str) -> None:
+    try:
+        parse_listen(s.api.listen)
+    except ConfigError as exc:
+        raise ConfigError(f"{origin}: {exc.message}") from None
     checks = [
         (s.worker.max_jobs >= 1, "worker.max_jobs must be at least 1"),
         (s.worker.poll_delay > 0, "worker.poll_delay must be above 0"),
@@ -322,6 +369,21 @@ def _validate(s: Settings, origin: str) -> None:
         (
             not s.redis.url or s.redis.url.startswith(("redis://", "rediss://", "unix://")),
             "redis.url must start with redis://, rediss:// or unix://",
+        ),
+        (s.api.max_body >= 1, "api.max_body must be at least 1 (bytes)"),
+        (s.api.job_wait > 0, "api.job_wait must be above 0"),
+        (1 <= s.api.clock_skew <= 86400, "api.clock_skew must be between 1 and 86400 seconds"),
+        (
+            bool(s.api.cert_file) == bool(s.api.key_file),
+            "api.cert_file and api.key_file go together: set both or neither",
+        ),
+        (
+            valid_rate(s.api.rate_manage),
+            f"api.rate_manage must be a rate like \"50/second\", got {s.api.rate_manage!r}",
+        ),
+        (
+            valid_rate(s.api.rate_crypto),
+            f"api.rate_crypto must be a rate like \"1000/second\", got {s.api.rate_crypto!r}",
         ),
     ]
     for ok, message in checks:

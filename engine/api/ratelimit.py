@@ -1,0 +1,114 @@
+"""Per-project rate limits, counted in the engine's Redis across every API process.
+
+Two buckets (``engine.api.operations.MANAGE`` and ``CRYPTO``) with the rates of
+``[api] rate_manage`` / ``rate_crypto``, a moving window each (the ``limits``
+library, redis-py, Lua scripts: one round trip per request and rate). A
+project over a rate gets 429 (:class:`~engine.errors.Throttled`).
+
+When Redis cannot be reached the limiter **fails open**: requests are served
+unlimited and one warning is logged per outage (the limiter then skips Redis
+for ``RETRY_AFTER`` seconds instead of waiting on it for every request). A
+Redis outage already stops every job; it must not also turn the synchronous
+calls (encrypt, sign) into 500s.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from limits import RateLimitItem, parse_many
+from limits.aio.storage import RedisStorage
+from limits.aio.strategies import MovingWindowRateLimiter
+from limits.errors import StorageError
+from redis.exceptions import RedisError
+
+from engine.api.operations import CRYPTO, MANAGE
+from engine.errors import Throttled
+from engine.logs import get_logger
+from engine.queue import redis_settings
+from engine.settings import Settings
+
+RETRY_AFTER = 5.0  # seconds the limiter leaves Redis alone after a failure
+TIMEOUT = 0.5  # seconds: a slow Redis must not hold requests for long
+
+log = get_logger("dew.api")
+
+
+def storage_uri(url: str) -> str:
+    """Our ``redis.url`` in the ``limits`` library's notation."""
+    if url.startswith("unix://"):
+        return "async+redis+unix://" + url.removeprefix("unix://")
+    return "async+" + url
+
+
+class OverLimit(Throttled):
+    """429, with the seconds until the window lets the next call through."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message, code="throttled")
+        self.retry_after = retry_after
+
+
+class RateLimits:
+    """``check(project_id, bucket)``: Throttled when the project is over that bucket's rate."""
+
+    def __init__(self, settings: Settings, limiter: MovingWindowRateLimiter | None = None,
+                 clock: Any = time.monotonic) -> None:
+        self.rates: dict[str, Sequence[RateLimitItem]] = {
+            MANAGE: parse_many(settings.api.rate_manage),
+            CRYPTO: parse_many(settings.api.rate_crypto),
+        }
+        self.text = {MANAGE: settings.api.rate_manage, CRYPTO: settings.api.rate_crypto}
+        self._clock = clock
+        self._skip_until = 0.0
+        self._down = False
+        self._storage: RedisStorage | None = None
+        if limiter is None:
+            options: dict[str, Any] = {"socket_timeout": TIMEOUT,
+                                       "socket_connect_timeout": TIMEOUT}
+            rs = redis_settings(settings)  # ConfigError: a TCP Redis without a password
+            if rs.password:
+                options["password"] = rs.password
+            self._storage = RedisStorage(
+                storage_uri(settings.redis_url), implementation="redispy", wrap_exceptions=True,
+                key_prefix=f"dew:api-limits:{settings.redis.queue}", **options,
+            )
+            limiter = MovingWindowRateLimiter(self._storage)
+        self.limiter = limiter
+
+    async def check(self, project_id: str, bucket: str) -> None:
+        if self._clock() < self._skip_until:
+            return
+        try:
+            over = await self._over(project_id, bucket)
+        except (StorageError, RedisError, OSError) as exc:
+            # Fail open (see the module's docstring), and say so once per outage.
+            self._skip_until = self._clock() + RETRY_AFTER
+            if not self._down:
+                self._down = True
+                log.warning("rate limits not applied while Redis cannot be reached",
+                            bucket=bucket, error=f"{type(exc).__name__}: {exc}"[:300])
+            return
+        if self._down:
+            self._down = False
+            log.info("rate limits applied again: Redis is back")
+        if over is not None:
+            raise over
+
+    async def _over(self, project_id: str, bucket: str) -> OverLimit | None:
+        for item in self.rates[bucket]:
+            if not await self.limiter.hit(item, bucket, project_id):
+                stats = await self.limiter.get_window_stats(item, bucket, project_id)
+                return OverLimit(
+                    f"project {project_id} is over its {bucket} rate limit "
+                    f"({self.text[bucket]})", max(1, math.ceil(stats.reset_time - time.time())),
+                )
+        return None
+
+    async def close(self) -> None:
+        storage = getattr(getattr(self._storage, "bridge", None), "storage", None)
+        if storage is not None:
+            await storage.aclose()
