@@ -46,6 +46,18 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def _project_names(args: argparse.Namespace, settings: Settings) -> None:
+    """A ``--project`` given as a 32-hex project id becomes the project's name, which
+    is what the services call the account (the API names projects by id)."""
+    ref = getattr(args, "account", None)
+    if isinstance(ref, str) and len(ref) == 32 and all(c in "0123456789abcdef" for c in ref):
+        import asyncio
+
+        from engine.iam.service import resolve_project
+
+        args.account = asyncio.run(resolve_project(settings, ref))
+
+
 def build_parser(
     specs: Sequence[ServiceSpec] | None = None, load: Sequence[ServiceSpec] | None = None
 ) -> ArgumentParser:
@@ -352,6 +364,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from engine.settings import load_settings
 
         settings = load_settings(args.config)
+        _project_names(args, settings)
         worker = args.command == "worker"
         configure_logging(
             settings.log_file, settings.log.level,

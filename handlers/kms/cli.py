@@ -1,6 +1,7 @@
 """``dew kms ...`` and ``dew audit ...``: the KMS from the command line.
 
-Every ``kms`` command takes ``--account`` (default ``default``) and ``--json``.
+Every ``kms`` command takes ``--project`` (a name or id; alias ``--account``; default
+``default``) and ``--json``.
 Input is checked before anything is opened, so bad input (exit 2, one line)
 leaves no trace. ``schedule-key-deletion`` and ``cancel-key-deletion`` run as
 jobs: they enqueue the job and wait for a worker to run it (``dew stack up``
@@ -28,8 +29,8 @@ from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
+from engine.cli_output import add_project_option, print_result, read_file, read_input, run_job
 from engine.cli_output import lines as key_values
-from engine.cli_output import print_result, read_file, read_input, run_job
 from engine.cli_output import text as _text
 from engine.errors import InvalidInput
 from engine.settings import Settings
@@ -52,7 +53,7 @@ def register(subparsers: Any, commands: dict[str, Any]) -> None:
     def command(name: str, help_text: str, description: str = "") -> argparse.ArgumentParser:
         p: argparse.ArgumentParser = ksub.add_parser(
             name, help=help_text, description=description or help_text)
-        p.add_argument("--account", default="default", help="the account (default: default)")
+        add_project_option(p)
         p.add_argument("--json", action="store_true", help="print JSON")
         return p
 
@@ -212,7 +213,7 @@ def register(subparsers: Any, commands: dict[str, Any]) -> None:
     p = command("usage", "how often keys were used, per UTC day",
                 "Uses per key and UTC day (data keys, encrypt/decrypt, sign/verify, MACs), "
                 "oldest day first.")
-    p.add_argument("--key", help="only this key (id, or alias in --account)")
+    p.add_argument("--key", help="only this key (id, or alias in --project)")
     p.add_argument("--since", metavar="YYYY-MM-DD", help="from this UTC day on")
     p.add_argument("--all-accounts", action="store_true", help="every account's keys")
     p = command("list-tags", "a key's tags")
@@ -250,8 +251,9 @@ def register(subparsers: Any, commands: dict[str, Any]) -> None:
     asub = audit.add_subparsers(dest="action", metavar="ACTION", required=True,
                                 parser_class=type(audit))
     p = asub.add_parser("list", help="audit entries, oldest first (the newest --limit)")
-    p.add_argument("--key", help="only this key (id, or alias in --account)")
-    p.add_argument("--account", help="only this account")
+    p.add_argument("--key", help="only this key (id, or alias in --project)")
+    p.add_argument("--project", "--account", dest="account", metavar="PROJECT",
+                   help="only this project (name or id)")
     p.add_argument("--limit", type=int, default=100)
     p.add_argument("--json", action="store_true")
     p = asub.add_parser("verify", help="check the chain; exit 1 at the first broken entry")

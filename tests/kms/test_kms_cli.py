@@ -94,3 +94,19 @@ def test_operational_failures_exit_1_and_audit_verify(kms_settings: Settings) ->
     broken = run_dew(kms_settings, "audit", "verify")
     assert broken.returncode == 1
     assert "BROKEN at seq 2" in broken.stdout
+
+
+def test_project_by_name_or_id_and_the_account_alias(kms_settings: Settings) -> None:
+    """The CLI names projects as the API does: --project takes a name or a project id."""
+    made = run_dew(kms_settings, "iam", "create-project", "shop", "--json")
+    assert made.returncode == 0, made.stderr
+    project_id = json.loads(made.stdout)["project_id"]
+    key = _ok(kms_settings, "create-key", "--alias", "shop/orders", "--project", project_id)
+    assert key["account"] == "shop"
+    for option in (("--project", "shop"), ("--account", "shop"), ("--project", project_id)):
+        listed = run_dew(kms_settings, "kms", "list-keys", *option, "--json")
+        assert listed.returncode == 0, listed.stderr
+        assert [k["key_id"] for k in json.loads(listed.stdout)] == [key["key_id"]]
+    # Another project does not see it; an id that is no project is refused.
+    assert json.loads(run_dew(kms_settings, "kms", "list-keys", "--json").stdout) == []
+    _refused(run_dew(kms_settings, "kms", "list-keys", "--project", "f" * 32), 2, "project")
