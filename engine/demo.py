@@ -1,6 +1,6 @@
 """``make demo``: the engine end to end on embedded defaults, in well under two minutes.
 
-Starts the local stack (private Redis with AOF + one worker, state under
+Starts the local stack (private Redis with AOF, one worker and the API, state under
 ``var/``) unless it is already up, enqueues one job of each kind (a success, a
 transient failure that is retried, a permanent failure), waits for them, prints
 the task list and the failed-task report, runs each configured service's demo
@@ -79,7 +79,7 @@ def main() -> int:
         return 1
     finally:
         # Stop only what this demo started.
-        if before.worker_pid is None and before.redis_pid is None:
+        if before.worker_pid is None and before.redis_pid is None and before.api_pid is None:
             say("\n== stopping the local stack")
             say("\n".join("  " + line for line in stack.down(settings).lines()))
 
