@@ -199,6 +199,8 @@ def _class_of(code: str, category: str, retryable: bool) -> type[DewError]:
     for kind in _subclasses(DewError):
         if kind.code == code and kind.retryable == retryable:
             return kind
+    if code == NotFound.code or code.endswith("_" + NotFound.code):
+        return NotFound
     general = _BY_CATEGORY.get(category)
     if general is not None and general.retryable == retryable:
         return general

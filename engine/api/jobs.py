@@ -16,18 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from engine.client import Client
-from engine.errors import (
-    BackendUnavailable,
-    Conflict,
-    DewError,
-    InternalError,
-    InvalidInput,
-    NotFound,
-    PermanentError,
-    SecurityError,
-    Throttled,
-    TransientError,
-)
+from engine.errors import DewError, TransientError
 from engine.models import TaskRecord
 from engine.registry import default_registry
 from engine.resources import Resources
@@ -92,34 +81,11 @@ class CallJobs:
             raise JobPending(await client.get(task.task_id), self._jobs.wait) from None
 
 
-# A failed task keeps its error as data (code, category, message...): the class
-# that raised it is rebuilt from the category, for the API's status mapping.
-_BY_CATEGORY: dict[str, type[DewError]] = {
-    "parameters": InvalidInput,
-    "config": InvalidInput,
-    "state": Conflict,
-    "security": SecurityError,
-    "internal": InternalError,
-    "backend": BackendUnavailable,
-    "limits": Throttled,
-}
-
-
 def task_error(task: TaskRecord) -> DewError:
-    """The error a failed task ended with, as an engine error of the matching class."""
-    data: dict[str, Any] = dict(task.error or {})
-    code = str(data.get("code", "job_failed"))
-    category = str(data.get("category", ""))
-    kind: type[DewError]
-    if code == "not_found" or code.endswith("_not_found"):
-        kind = NotFound
-    elif category in _BY_CATEGORY:
-        kind = _BY_CATEGORY[category]
-    else:
-        kind = TransientError if data.get("retryable") else PermanentError
-    return kind(str(data.get("message") or f"task {task.task_id} failed"),
-                cause=str(data.get("cause", "")), fix=str(data.get("fix", "")), code=code,
-                category=category or None, target=task.task_id)
+    """The error a failed task ended with, as an engine error of its class (rebuilt
+    from the stored code and category, for the API's status mapping)."""
+    return DewError.from_dict(
+        {"message": f"task {task.task_id} failed", **dict(task.error or {})})
 
 
 def task_result(task: TaskRecord) -> Any:

@@ -66,6 +66,8 @@ if TYPE_CHECKING:
 
 SECRET_KEY_LABEL = "engine:iam-secret-keys"
 _AAD_DOMAIN = b"dew-iam-sk-v1\0"
+# Sealed SKs whose HSM answer a process remembers (emptied when full).
+UNSEALED_MEMO = 10_000
 
 CryptoProvider = Callable[[], Awaitable["CryptoCore"]]
 
@@ -114,6 +116,7 @@ class Identities:
         self._own_crypto: CryptoCore | None = None
         self._crypto_lock = asyncio.Lock()
         self._key_ready = False
+        self._unsealed: dict[tuple[str, bytes], bytes] = {}
 
     @classmethod
     async def open(
@@ -152,7 +155,7 @@ class Identities:
         row = await self.store.caller_row(access_key)
         if row is None:
             return None
-        secret = await self._unseal(access_key, row["secret_sealed"])
+        secret = await self._opened(access_key, row["secret_sealed"])
         return Caller(
             access_key=access_key, secret_key=secret,
             active=row["status"] == ACTIVE and bool(row["enabled"]),
@@ -170,6 +173,20 @@ class Identities:
             elif custom is not None:
                 actions.update(json.loads(custom))
         return frozenset(actions)
+
+    async def _opened(self, access_key: str, blob: Any) -> bytes:
+        """The SK of a sealed blob just read from the store. What the HSM answered for
+        this very blob is remembered (the blob is bound to its AK, so the pair names one
+        answer): the row itself is read on every request, so a deleted or disabled key,
+        a role change or a new SK applies to the next request all the same."""
+        memo_key = (access_key, bytes(blob) if isinstance(blob, bytes | bytearray) else b"")
+        secret = self._unsealed.get(memo_key) if memo_key[1] else None
+        if secret is None:
+            secret = await self._unseal(access_key, blob)
+            if len(self._unsealed) >= UNSEALED_MEMO:
+                self._unsealed.clear()
+            self._unsealed[memo_key] = secret
+        return secret
 
     async def _unseal(self, access_key: str, blob: Any) -> bytes:
         from engine.crypto import unpack_sealed

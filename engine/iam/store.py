@@ -73,6 +73,16 @@ MIGRATIONS: tuple[str, ...] = (
     """,
 )
 
+CALLER_SQL = """
+    SELECT k.access_key, k.secret_sealed, k.status, u.user_id, u.name AS user,
+           u.enabled, u.cidrs, p.project_id, p.name AS project,
+           (SELECT json_group_array(json_array(r.role, c.actions))
+            FROM iam_user_roles r LEFT JOIN iam_roles c ON c.name = r.role
+            WHERE r.user_id = u.user_id) AS roles
+    FROM iam_access_keys k JOIN iam_users u ON u.user_id = k.user_id
+         JOIN iam_projects p ON p.project_id = u.project_id
+    WHERE k.access_key = ?"""
+
 USER_SELECT = """
     SELECT u.user_id, u.name, u.project_id, p.name AS project, u.enabled, u.cidrs,
            u.created_at,
@@ -95,6 +105,7 @@ class SqliteIamStore(SqliteDb):
     conflict_fix = "Retry; another process changed the same record."
     schema = "iam"
     migrations = MIGRATIONS
+    _reader_conn: sqlite3.Connection | None = None
 
     async def migrate(self) -> None:
         """The schema, then the project ``default`` (what the CLI's default account
@@ -248,17 +259,32 @@ class SqliteIamStore(SqliteDb):
     async def caller_row(self, access_key: str) -> sqlite3.Row | None:
         """Everything a request needs about ``access_key``, in one statement (so one
         snapshot): the sealed SK, status, user, project, and each role of the user with
-        its custom actions (JSON; null for a role that is not custom)."""
-        async with self._locked():
-            return await self._fetchone(
-                """SELECT k.access_key, k.secret_sealed, k.status, u.user_id, u.name AS user,
-                          u.enabled, u.cidrs, p.project_id, p.name AS project,
-                          (SELECT json_group_array(json_array(r.role, c.actions))
-                           FROM iam_user_roles r LEFT JOIN iam_roles c ON c.name = r.role
-                           WHERE r.user_id = u.user_id) AS roles
-                   FROM iam_access_keys k JOIN iam_users u ON u.user_id = k.user_id
-                        JOIN iam_projects p ON p.project_id = u.project_id
-                   WHERE k.access_key = ?""", (access_key,))
+        its custom actions (JSON; null for a role that is not custom).
+
+        Read on a reader connection of this process, in the calling thread: a WAL
+        read of one indexed row never waits for writers and costs less than the hop
+        to the store's own thread. If the file is busy anyway (a recovery), the
+        store's connection reads it."""
+        try:
+            return self._reader().execute(CALLER_SQL, (access_key,)).fetchone()  # type: ignore[no-any-return]
+        except sqlite3.OperationalError:
+            async with self._locked():
+                return await self._fetchone(CALLER_SQL, (access_key,))
+
+    def _reader(self) -> sqlite3.Connection:
+        if self._reader_conn is None:
+            conn = sqlite3.connect(self._path, timeout=0.05, check_same_thread=False,
+                                   isolation_level=None)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA query_only = ON")
+            self._reader_conn = conn
+        return self._reader_conn
+
+    async def close(self) -> None:
+        if self._reader_conn is not None:
+            self._reader_conn.close()
+            self._reader_conn = None
+        await super().close()
 
     # --- custom roles ----------------------------------------------------------------
 

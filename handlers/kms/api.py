@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from engine.api import fields as f
+from engine.api.jobs import task_result
 from engine.api.operations import CRYPTO, MANAGE, Call, Operation, Reply
 from engine.errors import DewError, InvalidInput, PermissionDenied
 from handlers.kms.api_views import (
@@ -184,17 +185,14 @@ async def disable_key(call: Call) -> Any:
 
 
 async def _run_job(call: Call, name: str, args: dict[str, Any]) -> dict[str, Any]:
-    """Run a KMS job for the caller's project and wait for it (``[api] job_wait``);
-    its task id goes out in ``X-Dew-Task-Id``, its error as this request's."""
+    """Run a KMS job for the caller's project and wait for it (``[api] job_wait``; the
+    runner sends its task id in ``X-Dew-Task-Id``); its error is this request's."""
     kms = await _kms(call)
     # Unknown keys answer at once; bad input is refused at enqueue; state conflicts
     # come from the job.
     await kms.describe_key(args["key"], account=call.account, actor=_actor(call))
     task = await call.jobs.run(name, {**args, "account": call.account})
-    call.headers["X-Dew-Task-Id"] = task.task_id
-    if task.status != "succeeded":
-        raise DewError.from_dict(task.error or {"message": f"task {task.task_id} failed"})
-    return dict(task.result or {})
+    return dict(task_result(task) or {})
 
 
 async def _deletion_job(call: Call, name: str, args: dict[str, Any]) -> Any:

@@ -147,7 +147,7 @@ def task(status: str, error: dict[str, Any] | None = None, result: Any = None) -
 def test_a_failed_tasks_error_keeps_its_class(error: dict[str, Any], kind: type,
                                               status: int) -> None:
     rebuilt = task_error(task("failed", error))
-    assert type(rebuilt) is kind and rebuilt.code == error["code"] and rebuilt.message == "m"
+    assert isinstance(rebuilt, kind) and rebuilt.code == error["code"] and rebuilt.message == "m"
     assert error_reply(rebuilt, "KMS", "r").status == status
     with pytest.raises(kind):
         task_result(task("failed", error))

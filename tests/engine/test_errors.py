@@ -29,6 +29,8 @@ def test_from_dict_restores_the_class_of_the_code() -> None:
 def test_from_dict_falls_back_on_the_category_then_on_retryable() -> None:
     state = DewError.from_dict({"code": "key_state_x", "category": "state", "message": "m"})
     assert isinstance(state, Conflict) and state.code == "key_state_x"
+    gone = DewError.from_dict({"code": "gizmo_not_found", "category": "parameters"})
+    assert isinstance(gone, NotFound)
     bad = DewError.from_dict({"code": "odd", "category": "parameters", "message": "m"})
     assert isinstance(bad, InvalidInput)
     assert type(DewError.from_dict({"message": "m"})) is PermanentError
