@@ -25,6 +25,7 @@ import hmac
 import os
 import secrets
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -883,6 +884,22 @@ def rsa_raw_decrypt(key: Any, label: str, ciphertext: bytes) -> bytes:
 # --------------------------------------------------------------------------- imported keys
 
 
+def create_object(session: Session, template: dict[Any, Any]) -> Any:
+    """C_CreateObject of a token object. SoftHSM2 now and then fails one with
+    CKR_GENERAL_ERROR while another session of the process uses the token (it re-reads
+    its object files then): when nothing of that label and class was created, the
+    create is made once more."""
+    try:
+        return session.create_object(template)
+    except p11e.GeneralError:
+        same = {Attribute.LABEL: template[Attribute.LABEL],
+                Attribute.CLASS: template[Attribute.CLASS]}
+        if list(session.get_objects(same)):
+            raise
+        time.sleep(0.01)
+        return session.create_object(template)
+
+
 def import_secret(session: Session, spec: KeySpec, label: str, key_id: bytes,
                   value: bytes) -> KeyInfo:
     """An AES / HMAC key object with a given value: sensitive, never extractable."""
@@ -893,7 +910,7 @@ def import_secret(session: Session, spec: KeySpec, label: str, key_id: bytes,
     del template[Attribute.VALUE_LEN]
     template[Attribute.VALUE] = value
     with translate(f"import a {spec.value} key", label):
-        session.create_object(template)
+        create_object(session, template)
     return KeyInfo(label, key_id, spec)
 
 
@@ -930,9 +947,9 @@ def import_key_pair(session: Session, spec: KeySpec, label: str, key_id: bytes,
                     Attribute.VALUE: private_key.private_numbers().private_value.to_bytes(
                         size, "big")}
     with translate(f"import a {spec.value} key", label):
-        created = [session.create_object(public)]
+        created = [create_object(session, public)]
         try:
-            created.append(session.create_object(private))
+            created.append(create_object(session, private))
         except p11e.PKCS11Error:
             created[0].destroy()
             raise

@@ -259,7 +259,8 @@ async def test_concurrent_imports_of_one_key_leave_it_usable(
             return_exceptions=True)
         done = [r for r in results if isinstance(r, KeyMetadata)]
         refused = [r for r in results if isinstance(r, BaseException)]
-        assert len(done) == 1 and len(refused) == 1, [(r, getattr(r, "cause", "")) for r in results]
+        assert len(done) == 1 and len(refused) == 1, [
+            f"{type(r).__name__}: {r} (cause: {getattr(r, 'cause', '')})" for r in results]
         assert isinstance(refused[0], Conflict), refused[0]
         assert refused[0].code in ("import_in_progress", "key_state_invalid")
         assert (await second_kms.describe_key(key.key_id)).key_state == "enabled"
