@@ -28,6 +28,7 @@ from engine.settings import Settings, parse_listen
 
 GRACEFUL_SECONDS = 10  # calls in progress get this long at shutdown, then are cancelled
 IDLE_GRACE = 0.5  # seconds idle keep-alive connections get to close at shutdown
+GIL_SWITCH_INTERVAL = 0.0005  # seconds (Python's default: 0.005); see serve()
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -133,6 +134,9 @@ def serve(settings: Settings, listen: str | None = None) -> int:
     sock = bind_socket(host, port)
     bound_port = sock.getsockname()[1]
     server = ApiServer(uvicorn_config(app, transport), describe(transport, bound_port))
+    # Every call hops to an HSM or store thread and back; with the default 5 ms switch
+    # interval a returning thread waits for the busy event loop to give up the GIL.
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL)
     try:
         server.run(sockets=[sock])
     except SystemExit as exc:  # uvicorn exits this way when the lifespan start fails
