@@ -11,8 +11,10 @@ import asyncio
 import base64
 import hashlib
 import hmac
+import json
 import os
 import sqlite3
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -507,3 +509,23 @@ def test_no_secret_key_in_clear_in_store_redis_or_logs(stack: Stack) -> None:
         dumped = r.dump(key) or b""
         for sk in secrets:
             assert sk not in dumped and sk not in key
+
+
+def test_calls_are_audited_with_the_principal(stack: Stack) -> None:
+    client = stack.client("admin")
+    key_id = _create(client)
+    client.encrypt_data(m.EncryptDataRequest(body=m.EncryptDataRequestBody(
+        key_id=key_id, plain_text="audited")))
+    ident = stack.identities["admin"]
+    deadline = time.monotonic() + 10
+    while True:  # use entries are appended in batches
+        listed = run_dew(stack.settings, "audit", "list", "--key", key_id, "--project",
+                         ident.project_id, "--json")
+        assert listed.returncode == 0, listed.stderr
+        entries = {e["operation"]: e for e in json.loads(listed.stdout)}
+        if "encrypt_data" in entries or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    actor = entries["encrypt_data"]["actor"]
+    assert actor.startswith(f"api:admin@{ident.project} ak={ident.ak} ip=127.0.0.1 request=")
+    assert entries["create_key"]["actor"].startswith("api:admin@")
