@@ -69,10 +69,16 @@ class CallJobs:
         self._jobs = jobs
         self._headers = headers
 
+    async def enqueue(self, name: str, args: dict[str, Any],
+                      task_id: str | None = None) -> TaskRecord:
+        """Enqueue without waiting (the reply names the task; the job goes on)."""
+        task = await self._jobs.client.enqueue(name, args, task_id=task_id)
+        self._headers[TASK_HEADER] = task.task_id
+        return task
+
     async def run(self, name: str, args: dict[str, Any]) -> TaskRecord:
         client = self._jobs.client
-        task = await client.enqueue(name, args)
-        self._headers[TASK_HEADER] = task.task_id
+        task = await self.enqueue(name, args)
         try:
             return await client.wait(task.task_id, timeout=self._jobs.wait)
         except TransientError as exc:

@@ -29,6 +29,11 @@ CRYPTO = "crypto"
 
 
 class JobRunner(Protocol):
+    async def enqueue(self, name: str, args: dict[str, Any],
+                      task_id: str | None = None) -> TaskRecord:
+        """Enqueue ``name`` through the signed, sealed path; the task at once."""
+        ...
+
     async def run(self, name: str, args: dict[str, Any]) -> TaskRecord:
         """Enqueue ``name`` through the signed, sealed path and wait for it (at most
         ``[api] job_wait`` seconds); the final task, or TransientError on timeout."""
