@@ -4,7 +4,7 @@ The package's modules: ``service`` (``SecretsService`` and the rotation job),
 ``model`` (pure checks and rules), ``store``, ``envelope`` (values sealed under
 data keys), ``rotation`` (the staged rotation state machine), ``rotators``
 (PostgreSQL and MySQL/MariaDB password changes), ``cli``, ``demo``,
-``schedules``. Reference: docs/csms.md.
+``schedules``, ``api`` (the HTTPS API), ``roles``. Reference: docs/csms.md.
 """
 
 from engine.services import ServiceSpec
@@ -18,4 +18,6 @@ SERVICE = ServiceSpec(
     demo="handlers.csms.demo",
     schedules="handlers.csms.schedules",
     settings="handlers.csms.config:CsmsSettings",
+    api="handlers.csms.api",
+    roles="handlers.csms.roles:CATALOG",
 )

@@ -430,3 +430,64 @@ def next_after_failure(now: datetime, period_s: int | None) -> datetime | None:
 def _show(value: object) -> str:
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+# --------------------------------------------------------------------------- the API's rules
+
+# Tags (as the hosted service): a key of 1-128 characters, a value of at most 255.
+TAG_KEY = re.compile(r"^(?!_sys_)[\w\s.:=+\-@]{1,128}$")
+TAG_VALUE = re.compile(r"^[\w\s.:/=+\-@]{0,255}$")
+MAX_VERSION_STAGES = 12  # stages named by one CreateSecretVersion
+PASSWORD_LENGTH = (8, 4096)
+PUNCTUATION = string.punctuation
+
+
+def check_tag(key: object, value: object) -> tuple[str, str]:
+    if not isinstance(key, str) or not TAG_KEY.match(key) or key != key.strip():
+        raise InvalidInput(f"invalid tag key {_show(key)}: 1-128 letters, digits, spaces or "
+                           "_.:=+-@, not starting with _sys_", code="invalid_tag")
+    if value is None:
+        value = ""
+    if not isinstance(value, str) or not TAG_VALUE.match(value):
+        raise InvalidInput(f"invalid tag value for {key!r}: at most 255 letters, digits, "
+                           "spaces or _.:/=+-@", code="invalid_tag")
+    return key, value
+
+
+def format_period(seconds: int | None) -> str | None:
+    """A rotation period as the API shows it: ``30d`` when whole days, else ``36h``."""
+    if seconds is None:
+        return None
+    hours = seconds // 3600
+    return f"{hours // 24}d" if hours % 24 == 0 else f"{hours}h"
+
+
+def generate_password(
+    length: int = 32, *, exclude_characters: str = "", exclude_lowercase: bool = False,
+    exclude_uppercase: bool = False, exclude_numbers: bool = False,
+    exclude_punctuation: bool = False, include_space: bool = False,
+    require_each_included_type: bool = False,
+) -> str:
+    """GenerateRandomPassword: from the OS CSPRNG, over the classes not excluded."""
+    low, high = PASSWORD_LENGTH
+    if isinstance(length, bool) or not isinstance(length, int) or not low <= length <= high:
+        raise InvalidInput(f"length must be between {low} and {high}, got {length}",
+                           code="invalid_length")
+    classes = [c for c, off in ((string.ascii_lowercase, exclude_lowercase),
+                                (string.ascii_uppercase, exclude_uppercase),
+                                (string.digits, exclude_numbers),
+                                (PUNCTUATION, exclude_punctuation),
+                                (" ", not include_space)) if not off]
+    classes = ["".join(ch for ch in c if ch not in exclude_characters) for c in classes]
+    classes = [c for c in classes if c]
+    if not classes:
+        raise InvalidInput("every character is excluded: nothing to make a password of",
+                           code="invalid_password_policy")
+    if require_each_included_type and len(classes) > length:
+        raise InvalidInput(f"length {length} is too short to hold each of the "
+                           f"{len(classes)} included types", code="invalid_password_policy")
+    charset = "".join(classes)
+    while True:
+        value = "".join(secrets.choice(charset) for _ in range(length))
+        if not require_each_included_type or all(set(value) & set(c) for c in classes):
+            return value

@@ -31,7 +31,7 @@ import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
@@ -53,7 +53,7 @@ from handlers.csms.rotators import (
     TlsNotVerified,
     rotator_for,
 )
-from handlers.csms.store import SecretRecord, SqliteCsmsStore, VersionRecord
+from handlers.csms.store import MAX_TAGS, SecretRecord, SqliteCsmsStore, VersionRecord
 from handlers.kms.interface import (
     DEFAULT_ACCOUNT,
     KeyCipher,
@@ -105,10 +105,12 @@ class VersionInfo:
     created_at: datetime
     stages: list[str]
     kms_key_id: str
+    expire_time: int | None = None  # epoch seconds; metadata (the API's expire_time)
 
     def to_json(self) -> dict[str, Any]:
         return {"version_id": self.version_id, "stages": self.stages,
-                "created_at": iso(self.created_at), "kms_key_id": self.kms_key_id}
+                "created_at": iso(self.created_at), "kms_key_id": self.kms_key_id,
+                "expire_time": self.expire_time}
 
 
 @dataclass(frozen=True, repr=False)
@@ -197,7 +199,7 @@ class SecretsService:
     async def create(
         self, name: str, value: bytes, *, account: str = DEFAULT_ACCOUNT,
         kms_key: str = m.DEFAULT_KMS_KEY, description: str = "",
-        secret_type: str | m.SecretType = m.SecretType.COMMON,
+        secret_type: str | m.SecretType = m.SecretType.COMMON, rotation_config: str = "",
     ) -> SecretInfo:
         account, name = check_account(account), m.check_name(name)
         kind = m.check_type(secret_type)
@@ -215,7 +217,7 @@ class SecretsService:
             created_at=now, updated_at=now, deletion_date=None, next_version=2,
             rotation_period=None, next_rotation_at=None, last_rotated_at=None,
             failed_rotations=0, last_failure=None, rotation_step=None, rotation_version=None,
-            rotation_task=None, rotation_started=None,
+            rotation_task=None, rotation_started=None, rotation_config=rotation_config,
         )
         if not await self.store.create_secret(record, version, {m.CURRENT: version.version_id}):
             raise _exists(account, name)
@@ -256,30 +258,78 @@ class SecretsService:
         return SecretValue(name, version_id, m.stages_of(stages, version_id), value)
 
     async def put_version(
-        self, name: str, value: bytes, *, account: str = DEFAULT_ACCOUNT
+        self, name: str, value: bytes, *, account: str = DEFAULT_ACCOUNT,
+        stages: list[str] | None = None, expire_time: int | None = None,
     ) -> VersionInfo:
-        """A new version; it takes SYSCURRENT, and the old current takes SYSPREVIOUS."""
+        """A new version; it takes SYSCURRENT, and the old current takes SYSPREVIOUS.
+
+        With ``stages`` it takes those instead (each taken off the version that had it;
+        SYSCURRENT among them moves as above). ``expire_time`` (epoch seconds) is kept
+        as the version's metadata."""
         account, name = check_account(account), m.check_name(name)
+        wanted = _check_new_stages(stages)
+        if expire_time is not None and (isinstance(expire_time, bool)
+                                        or not isinstance(expire_time, int) or expire_time < 0):
+            raise InvalidInput("expire_time must be epoch seconds", code="invalid_expire_time")
         secret = await self._live(account, name, "change")
         value = m.check_value(value, m.SecretType(secret.secret_type))
         seq = await self.store.allocate_version(secret.secret_id)
-        version = await self._encrypt(account, secret.secret_id, secret.kms_key,
-                                      m.version_id(seq), seq, value)
+        version = replace(await self._encrypt(account, secret.secret_id, secret.kms_key,
+                                              m.version_id(seq), seq, value),
+                          expire_time=expire_time)
         for _ in range(CAS_TRIES):
-            stages = await self.store.stages(secret.secret_id)
-            new = m.move_stage(stages, m.CURRENT, version.version_id)
-            if await self.store.add_version(version, stages, new, self.clock(), m.MAX_VERSIONS):
-                return VersionInfo(version.version_id, version.created_at,
-                                   m.stages_of(new, version.version_id), version.kms_key_id)
+            old = await self.store.stages(secret.secret_id)
+            new = dict(old)
+            for stage in wanted:
+                new = m.move_stage(new, stage, version.version_id)
+            m.check_stage_count(new)
+            if await self.store.add_version(version, old, new, self.clock(), m.MAX_VERSIONS):
+                return _version_info(version, new)
         raise _busy(name)
+
+    async def version_info(
+        self, name: str, version_id: str, *, account: str = DEFAULT_ACCOUNT
+    ) -> VersionInfo:
+        """One version's metadata (no value is decrypted)."""
+        m.check_version_id(version_id)
+        secret = await self._find(account, name)
+        version = await self._version(secret, version_id)
+        return _version_info(version, await self.store.stages(secret.secret_id))
+
+    async def set_version_expiry(
+        self, name: str, version_id: str, expire_time: int | None, *,
+        account: str = DEFAULT_ACCOUNT,
+    ) -> VersionInfo:
+        """Change a version's expire_time (epoch seconds; metadata only)."""
+        m.check_version_id(version_id)
+        if expire_time is not None and (isinstance(expire_time, bool)
+                                        or not isinstance(expire_time, int) or expire_time < 0):
+            raise InvalidInput("expire_time must be epoch seconds", code="invalid_expire_time")
+        secret = await self._live(account, name, "change")
+        changed = await self.store.set_version_expiry(secret.secret_id, version_id, expire_time,
+                                                      self.clock())
+        if changed is None:
+            raise VersionNotFound(f"secret {name!r} has no version {version_id}")
+        return _version_info(changed, await self.store.stages(secret.secret_id))
 
     async def list_versions(
         self, name: str, *, account: str = DEFAULT_ACCOUNT
     ) -> list[VersionInfo]:
         secret = await self._find(account, name)
         stages = await self.store.stages(secret.secret_id)
-        return [VersionInfo(v.version_id, v.created_at, m.stages_of(stages, v.version_id),
-                            v.kms_key_id) for v in await self.store.versions(secret.secret_id)]
+        return [_version_info(v, stages) for v in await self.store.versions(secret.secret_id)]
+
+    async def stage_info(
+        self, name: str, stage: str, *, account: str = DEFAULT_ACCOUNT
+    ) -> tuple[str, datetime]:
+        """The version a stage is on, and when it was put there."""
+        m.check_stage(stage)
+        secret = await self._find(account, name)
+        stages = await self.store.stages(secret.secret_id)
+        if stage not in stages:
+            raise VersionNotFound(f"no version of secret {name!r} has the stage {stage}")
+        times = await self.store.stage_times(secret.secret_id)
+        return stages[stage], times.get(stage, secret.updated_at)
 
     async def set_stage(
         self, name: str, stage: str, version_id: str, *, account: str = DEFAULT_ACCOUNT
@@ -341,6 +391,80 @@ class SecretsService:
         if changed is None:
             raise _not_found(account, name)
         return await self._info(changed)
+
+    async def update(
+        self, name: str, *, account: str = DEFAULT_ACCOUNT, description: str | None = None,
+        kms_key: str | None = None,
+    ) -> SecretInfo:
+        """Change the description, and/or the CMK that encrypts later versions (earlier
+        versions keep the key they were encrypted under)."""
+        if description is not None:
+            m.check_description(description)
+        if kms_key is not None:
+            check_key_ref(kms_key)
+        secret = await self._live(account, name, "change")
+        changed = await self.store.update_secret(secret.secret_id, self.clock(),
+                                                 description=description, kms_key=kms_key)
+        if changed is None:
+            raise _not_found(account, name)
+        return await self._info(changed)
+
+    async def delete_now(self, name: str, *, account: str = DEFAULT_ACCOUNT) -> None:
+        """Delete a secret at once, every version with it (the API's DeleteSecret)."""
+        secret = await self._find(account, name)
+        if not await self.store.delete_secret_now(secret.secret_id):
+            raise _not_found(account, name)
+        log.info("secret deleted", account=secret.account, name=secret.name)
+
+    async def find(self, ref: str, *, account: str = DEFAULT_ACCOUNT) -> SecretInfo:
+        """A secret by its id (the API's ``secret_id``) or, failing that, its name."""
+        account = check_account(account)
+        if not isinstance(ref, str) or not 1 <= len(ref) <= 64:
+            raise _not_found(account, str(ref)[:64])
+        secret = await self.store.get_secret_by_id(account, ref)
+        if secret is None and m.NAME.match(ref):
+            secret = await self.store.get_secret(account, ref)
+        if secret is None:
+            raise _not_found(account, ref)
+        return await self._info(secret)
+
+    async def tags(self, ref: str, *, account: str = DEFAULT_ACCOUNT) -> dict[str, str]:
+        info = await self.find(ref, account=account)
+        return await self.store.tags(info.record.secret_id)
+
+    async def change_tags(
+        self, ref: str, *, account: str = DEFAULT_ACCOUNT, put: dict[str, str] | None = None,
+        remove: list[str] | None = None,
+    ) -> dict[str, str]:
+        """Add or replace ``put`` and delete ``remove`` (all or nothing); at most
+        ``MAX_TAGS`` per secret."""
+        put = dict(m.check_tag(k, v) for k, v in (put or {}).items())
+        remove = [m.check_tag(k, "")[0] for k in (remove or [])]
+        info = await self.find(ref, account=account)
+        tags = await self.store.change_tags(info.record.secret_id, put, remove, self.clock())
+        if tags is None:
+            raise InvalidInput(f"a secret has at most {MAX_TAGS} tags", code="too_many_tags")
+        return tags
+
+    async def search(
+        self, *, account: str = DEFAULT_ACCOUNT, tags: dict[str, list[str]] | None = None,
+        name_contains: str | None = None,
+    ) -> list[tuple[SecretInfo, dict[str, str]]]:
+        """Secrets of an account with their tags, by name: those carrying every key of
+        ``tags`` (with one of its values, or any value when the list is empty) and, with
+        ``name_contains``, whose name contains it."""
+        account = check_account(account)
+        all_tags = await self.store.account_tags(account)
+        found = []
+        for secret in await self.store.list_secrets(account):
+            mine = all_tags.get(secret.secret_id, {})
+            if any(key not in mine or (values and mine[key] not in values)
+                   for key, values in (tags or {}).items()):
+                continue
+            if name_contains is not None and name_contains not in secret.name:
+                continue
+            found.append((await self._info(secret), mine))
+        return found
 
     async def delete_due(self, now: datetime | None = None) -> list[str]:
         """Delete every secret whose recovery window is over; ``account/name`` of each."""
@@ -630,6 +754,21 @@ class SecretsService:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _version_info(version: VersionRecord, stages: dict[str, str]) -> VersionInfo:
+    return VersionInfo(version.version_id, version.created_at,
+                       m.stages_of(stages, version.version_id), version.kms_key_id,
+                       version.expire_time)
+
+
+def _check_new_stages(stages: list[str] | None) -> list[str]:
+    if stages is None:
+        return [m.CURRENT]
+    if not stages or len(stages) > m.MAX_VERSION_STAGES:
+        raise InvalidInput(f"a new version takes 1 to {m.MAX_VERSION_STAGES} stages",
+                           code="too_many_stages")
+    return list(dict.fromkeys(m.check_stage(s) for s in stages))
 
 
 async def _apply_password(

@@ -33,11 +33,13 @@ SECRET_COLUMNS = (
     "secret_id, account, name, secret_type, kms_key, description, state, created_at, "
     "updated_at, deletion_date, next_version, rotation_period, next_rotation_at, "
     "last_rotated_at, failed_rotations, last_failure, rotation_step, rotation_version, "
-    "rotation_task, rotation_started"
+    "rotation_task, rotation_started, rotation_config"
 )
 VERSION_COLUMNS = (
-    "secret_id, version_id, seq, created_at, kms_key_id, wrapped_dek, nonce, ciphertext"
+    "secret_id, version_id, seq, created_at, kms_key_id, wrapped_dek, nonce, ciphertext, "
+    "expire_time"
 )
+MAX_TAGS = 20  # per secret
 PENDING = "SYSPENDING"
 CURRENT = "SYSCURRENT"
 PREVIOUS = "SYSPREVIOUS"
@@ -65,6 +67,9 @@ class SecretRecord:
     rotation_version: str | None
     rotation_task: str | None
     rotation_started: datetime | None
+    # The API's rotation_config (RDS-FG: {"InstanceId", "SecretSubType"}), as given; no
+    # secret in it (connection details and credentials are in the value).
+    rotation_config: str = ""
 
 
 @dataclass(frozen=True, repr=False)
@@ -77,6 +82,7 @@ class VersionRecord:
     wrapped_dek: bytes
     nonce: bytes
     ciphertext: bytes
+    expire_time: int | None = None  # epoch seconds (the API's expire_time); metadata only
 
     def __repr__(self) -> str:
         return f"VersionRecord({self.secret_id!r}, {self.version_id!r})"
@@ -134,6 +140,17 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX IF NOT EXISTS csms_stages_version ON csms_stages (secret_id, version_id);
     """,
+    # 2: the HTTPS API: rotation_config of a secret, expire_time of a version, tags
+    """
+    ALTER TABLE csms_secrets ADD COLUMN rotation_config TEXT NOT NULL DEFAULT '';
+    ALTER TABLE csms_versions ADD COLUMN expire_time INTEGER;
+    CREATE TABLE IF NOT EXISTS csms_tags (
+        secret_id TEXT NOT NULL REFERENCES csms_secrets (secret_id),
+        tag_key   TEXT NOT NULL,
+        tag_value TEXT NOT NULL DEFAULT '',
+        PRIMARY KEY (secret_id, tag_key)
+    );
+    """,
 )
 
 
@@ -157,7 +174,7 @@ class SqliteCsmsStore(SqliteDb):
             if taken is not None:
                 return False
             await self._conn.execute(
-                f"INSERT INTO csms_secrets ({SECRET_COLUMNS}) VALUES ({_marks(20)})",
+                f"INSERT INTO csms_secrets ({SECRET_COLUMNS}) VALUES ({_marks(21)})",
                 _secret_params(secret))
             await self._insert_version(version)
             await self._write_stages(secret.secret_id, {}, stages, secret.created_at)
@@ -233,10 +250,89 @@ class SqliteCsmsStore(SqliteDb):
                 "AND deletion_date <= ?", (secret_id, iso(due_by)))
             if row is None:
                 return False
-            for table in ("csms_stages", "csms_versions", "csms_secrets"):
-                await self._conn.execute(f"DELETE FROM {table} WHERE secret_id = ?",
-                                         (secret_id,))
+            await self._remove(secret_id)
         return True
+
+    async def delete_secret_now(self, secret_id: str) -> bool:
+        """Remove a secret at once (the API's DeleteSecret), with its versions and tags."""
+        async with self._transaction():
+            row = await self._fetchone("SELECT 1 FROM csms_secrets WHERE secret_id = ?",
+                                       (secret_id,))
+            if row is None:
+                return False
+            await self._remove(secret_id)
+        return True
+
+    async def _remove(self, secret_id: str) -> None:
+        for table in ("csms_tags", "csms_stages", "csms_versions", "csms_secrets"):
+            await self._conn.execute(f"DELETE FROM {table} WHERE secret_id = ?", (secret_id,))
+
+    async def get_secret_by_id(self, account: str, secret_id: str) -> SecretRecord | None:
+        async with self._locked():
+            row = await self._fetchone(
+                f"SELECT {SECRET_COLUMNS} FROM csms_secrets WHERE account = ? AND secret_id = ?",
+                (account, secret_id))
+        return None if row is None else _secret(row)
+
+    async def update_secret(
+        self, secret_id: str, now: datetime, *, description: str | None = None,
+        kms_key: str | None = None,
+    ) -> SecretRecord | None:
+        """Change the description and/or the CMK of later versions."""
+        async with self._transaction():
+            row = await self._fetchone(
+                "UPDATE csms_secrets SET description = COALESCE(?, description), "
+                "kms_key = COALESCE(?, kms_key), updated_at = ? "
+                f"WHERE secret_id = ? RETURNING {SECRET_COLUMNS}",
+                (description, kms_key, iso(now), secret_id))
+        return None if row is None else _secret(row)
+
+    # --- tags --------------------------------------------------------------------------
+
+    async def tags(self, secret_id: str) -> dict[str, str]:
+        async with self._locked():
+            rows = await self._fetchall(
+                "SELECT tag_key, tag_value FROM csms_tags WHERE secret_id = ? ORDER BY tag_key",
+                (secret_id,))
+        return {str(r[0]): str(r[1]) for r in rows}
+
+    async def account_tags(self, account: str) -> dict[str, dict[str, str]]:
+        """Every tag of the account's secrets: secret id -> {key: value}."""
+        async with self._locked():
+            rows = await self._fetchall(
+                "SELECT t.secret_id, t.tag_key, t.tag_value FROM csms_tags t JOIN csms_secrets s "
+                "ON s.secret_id = t.secret_id WHERE s.account = ? ORDER BY t.tag_key",
+                (account,))
+        out: dict[str, dict[str, str]] = {}
+        for r in rows:
+            out.setdefault(str(r[0]), {})[str(r[1])] = str(r[2])
+        return out
+
+    async def change_tags(
+        self, secret_id: str, put: Mapping[str, str], remove: list[str], now: datetime,
+        max_tags: int = MAX_TAGS,
+    ) -> dict[str, str] | None:
+        """Set ``put`` (a key's value is replaced) and delete ``remove``, in one
+        transaction; None (nothing written) when the secret would pass ``max_tags``."""
+        async with self._transaction():
+            rows = await self._fetchall(
+                "SELECT tag_key, tag_value FROM csms_tags WHERE secret_id = ?", (secret_id,))
+            tags = {str(r[0]): str(r[1]) for r in rows}
+            for key in remove:
+                tags.pop(key, None)
+            tags.update(put)
+            if len(tags) > max_tags:
+                return None
+            for key in remove:
+                await self._conn.execute(
+                    "DELETE FROM csms_tags WHERE secret_id = ? AND tag_key = ?", (secret_id, key))
+            for key, value in put.items():
+                await self._conn.execute(
+                    "INSERT INTO csms_tags (secret_id, tag_key, tag_value) VALUES (?, ?, ?) "
+                    "ON CONFLICT (secret_id, tag_key) DO UPDATE SET tag_value = excluded.tag_value",
+                    (secret_id, key, value))
+            await self._touch(secret_id, now)
+        return dict(sorted(tags.items()))
 
     # --- versions and stages ---------------------------------------------------------
 
@@ -293,6 +389,24 @@ class SqliteCsmsStore(SqliteDb):
             await self._write_stages(secret_id, expected, stages, now)
             await self._touch(secret_id, now)
         return True
+
+    async def stage_times(self, secret_id: str) -> dict[str, datetime]:
+        """When each stage was last put on its version."""
+        async with self._locked():
+            rows = await self._fetchall(
+                "SELECT stage, updated_at FROM csms_stages WHERE secret_id = ?", (secret_id,))
+        return {str(r[0]): _ts(str(r[1])) for r in rows}
+
+    async def set_version_expiry(
+        self, secret_id: str, version_id: str, expire_time: int | None, now: datetime
+    ) -> VersionRecord | None:
+        async with self._transaction():
+            row = await self._fetchone(
+                "UPDATE csms_versions SET expire_time = ? WHERE secret_id = ? AND version_id = ? "
+                f"RETURNING {VERSION_COLUMNS}", (expire_time, secret_id, version_id))
+            if row is not None:
+                await self._touch(secret_id, now)
+        return None if row is None else _version(row)
 
     # --- rotation --------------------------------------------------------------------
 
@@ -402,9 +516,9 @@ class SqliteCsmsStore(SqliteDb):
 
     async def _insert_version(self, v: VersionRecord) -> None:
         await self._conn.execute(
-            f"INSERT INTO csms_versions ({VERSION_COLUMNS}) VALUES ({_marks(8)})",
+            f"INSERT INTO csms_versions ({VERSION_COLUMNS}) VALUES ({_marks(9)})",
             (v.secret_id, v.version_id, v.seq, iso(v.created_at), v.kms_key_id, v.wrapped_dek,
-             v.nonce, v.ciphertext))
+             v.nonce, v.ciphertext, v.expire_time))
 
 
 
@@ -419,7 +533,8 @@ def _secret_params(s: SecretRecord) -> tuple[Any, ...]:
             s.rotation_period, iso(s.next_rotation_at), iso(s.last_rotated_at),
             s.failed_rotations,
             None if s.last_failure is None else json.dumps(s.last_failure),
-            s.rotation_step, s.rotation_version, s.rotation_task, iso(s.rotation_started))
+            s.rotation_step, s.rotation_version, s.rotation_task, iso(s.rotation_started),
+            s.rotation_config)
 
 
 def _ts(text: str) -> datetime:
@@ -444,6 +559,7 @@ def _secret(row: sqlite3.Row) -> SecretRecord:
         last_failure=None if failure is None else json.loads(failure),
         rotation_step=row["rotation_step"], rotation_version=row["rotation_version"],
         rotation_task=row["rotation_task"], rotation_started=parse_iso(row["rotation_started"]),
+        rotation_config=row["rotation_config"] or "",
     )
 
 
@@ -453,4 +569,5 @@ def _version(row: sqlite3.Row) -> VersionRecord:
         created_at=_ts(row["created_at"]), kms_key_id=row["kms_key_id"],
         wrapped_dek=bytes(row["wrapped_dek"]), nonce=bytes(row["nonce"]),
         ciphertext=bytes(row["ciphertext"]),
+        expire_time=None if row["expire_time"] is None else int(row["expire_time"]),
     )
