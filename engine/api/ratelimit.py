@@ -2,8 +2,16 @@
 
 Two buckets (``engine.api.operations.MANAGE`` and ``CRYPTO``) with the rates of
 ``[api] rate_manage`` / ``rate_crypto``, a moving window each (the ``limits``
-library, redis-py, Lua scripts: one round trip per request and rate). A
-project over a rate gets 429 (:class:`~engine.errors.Throttled`).
+library, redis-py, Lua scripts). A project over a rate gets 429
+(:class:`~engine.errors.Throttled`).
+
+A process takes its calls from the shared window in small batches: a rate of N
+per window takes ``max(1, N // BATCH_DIVISOR)`` at a time and spends them
+locally until they run out or the window they were counted in has passed. Every
+call is still counted in Redis before it is served, so all processes together
+never pass N in a window; a batch not spent in time is given up (a project may
+be throttled slightly early, by at most one batch per process). A round trip
+to Redis per call was a third of a call's time in the server.
 
 When Redis cannot be reached the limiter **fails open**: requests are served
 unlimited and one warning is logged per outage (the limiter then skips Redis
@@ -32,6 +40,7 @@ from engine.queue import redis_settings
 from engine.settings import Settings
 
 RETRY_AFTER = 5.0  # seconds the limiter leaves Redis alone after a failure
+BATCH_DIVISOR = 50  # a rate of N takes N // 50 calls from Redis at a time
 TIMEOUT = 0.5  # seconds: a slow Redis must not hold requests for long
 
 log = get_logger("dew.api")
@@ -66,6 +75,8 @@ class RateLimits:
         self._skip_until = 0.0
         self._down = False
         self._storage: RedisStorage | None = None
+        # (bucket, project, rate) -> [calls taken from Redis and not spent yet, until when]
+        self._taken: dict[tuple[str, str, str], list[float]] = {}
         if limiter is None:
             options: dict[str, Any] = {"socket_timeout": TIMEOUT,
                                        "socket_connect_timeout": TIMEOUT}
@@ -100,13 +111,32 @@ class RateLimits:
 
     async def _over(self, project_id: str, bucket: str) -> OverLimit | None:
         for item in self.rates[bucket]:
-            if not await self.limiter.hit(item, bucket, project_id):
+            if not await self._take(item, bucket, project_id):
                 stats = await self.limiter.get_window_stats(item, bucket, project_id)
                 return OverLimit(
                     f"project {project_id} is over its {bucket} rate limit "
                     f"({self.text[bucket]})", max(1, math.ceil(stats.reset_time - time.time())),
                 )
         return None
+
+    async def _take(self, item: RateLimitItem, bucket: str, project_id: str) -> bool:
+        """One call of ``item``'s rate: from this process's batch, else from Redis."""
+        key = (bucket, project_id, str(item))
+        now = self._clock()
+        held = self._taken.get(key)
+        if held is not None and held[0] >= 1 and now < held[1]:
+            held[0] -= 1
+            return True
+        if len(self._taken) > 10_000:
+            self._taken.clear()  # batches of idle projects: given up
+        batch = max(1, item.amount // BATCH_DIVISOR)
+        # Spent within the window it is counted in (less a margin for the round trip).
+        until = now + item.get_expiry() * 0.9
+        if batch > 1 and await self.limiter.hit(item, bucket, project_id, cost=batch):
+            self._taken[key] = [batch - 1, until]
+            return True
+        self._taken.pop(key, None)
+        return bool(await self.limiter.hit(item, bucket, project_id))
 
     async def close(self) -> None:
         storage = getattr(getattr(self._storage, "bridge", None), "storage", None)

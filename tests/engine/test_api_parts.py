@@ -210,3 +210,29 @@ async def test_limits_on_a_unix_socket_redis(tmp_path: Path) -> None:
     finally:
         server.stop()
     assert outcomes[:3] == [0, 0, 0] and all(55 <= s <= 60 for s in outcomes[3:])
+
+
+async def test_processes_taking_calls_in_batches_never_pass_the_rate(tmp_path: Path) -> None:
+    """Two API processes (two limiters on one Redis) take calls from the shared window
+    in batches: together they never serve more than the rate, and lose at most one
+    batch each to the batching."""
+    server = RedisServer(tmp_path / "r", unix_socket=tmp_path / "r" / "redis.sock")
+    server.start()
+    try:
+        settings = load_settings().replace(
+            engine={"state_dir": tmp_path / "var"}, redis={"url": server.url},
+            api={"rate_crypto": "500/minute"})
+        first, second = RateLimits(settings), RateLimits(settings)
+        served = 0
+        for i in range(800):
+            try:
+                await (first if i % 3 else second).check("p1", "crypto")
+                served += 1
+            except OverLimit:
+                pass
+        await first.close()
+        await second.close()
+    finally:
+        server.stop()
+    batch = 500 // 50
+    assert 500 - 2 * (batch - 1) <= served <= 500
