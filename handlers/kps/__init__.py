@@ -3,7 +3,7 @@
 The package's modules: ``service`` (``KpsService`` and the ``kps.*`` jobs),
 ``keys`` (key formats), ``authorized_keys``, ``sshd_config``, ``os_release``
 (pure edits and decisions), ``ssh`` (the asyncssh adapter), ``store``, ``cli``,
-``demo``. Reference: docs/kps.md.
+``demo``, ``api`` (HTTPS, with ``roles``). Reference: docs/kps.md.
 """
 
 from engine.services import ServiceSpec
@@ -19,4 +19,6 @@ SERVICE = ServiceSpec(
     jobs="handlers.kps.service",
     demo="handlers.kps.demo",
     settings="handlers.kps.config:KpsSettings",
+    api="handlers.kps.api",
+    roles="handlers.kps.roles:CATALOG",
 )

@@ -316,6 +316,37 @@ class KpsService:
                            fix="Delete account key pairs you no longer need.")
         return await self.show(name, **who)
 
+    async def describe(self, name: str, description: str, **who: str) -> KeyPairRecord:
+        """Set a key pair's description (at most 255 characters)."""
+        if not isinstance(description, str) or len(description) > 255:
+            raise invalid("the description must be text of at most 255 characters")
+        record = await self.get(name, **who)
+        await self.store.set_description(record.keypair_id, description, self.clock())
+        return await self.get(name, **who)
+
+    async def keep_private_key(self, name: str, private_key: bytes, *,
+                               passphrase: bytes | None = None,
+                               account: str = DEFAULT_ACCOUNT, user: str = "local"
+                               ) -> KeyPairRecord:
+        """Let the engine manage the private key of an existing pair (it must match)."""
+        who = {"account": account, "user": user}
+        record = await self.get(name, **who)
+        loaded = ssh_keys.load_private_key(private_key, passphrase)
+        if not ssh_keys.matches(loaded.key, ssh_keys.parse_public_key(record.public_key)):
+            raise InvalidInput(ssh_keys.MISMATCH, code="private_key_mismatch",
+                               cause="the private key's public half differs from the key "
+                               f"pair {name!r}", fix="Check both keys.")
+        pem = ssh_keys.dump_private_key(loaded.key, "openssh")
+        envelope = await self._seal_private(record.keypair_id, pem, record.account)
+        await self.store.set_private_key(record.keypair_id, envelope, self.clock())
+        return await self.get(name, **who)
+
+    async def forget_private_key(self, name: str, **who: str) -> KeyPairRecord:
+        """Stop managing the private key of a pair (the stored envelope is dropped)."""
+        record = await self.get(name, **who)
+        await self.store.set_private_key(record.keypair_id, None, self.clock())
+        return await self.get(name, **who)
+
     # -- servers
 
     async def add_server(self, name: str, host: str, *, port: int = 22, user: str = "root",

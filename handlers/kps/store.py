@@ -21,7 +21,7 @@ from engine.sqlite_db import SqliteDb
 
 KEYPAIR_COLUMNS = (
     "keypair_id, account, owner, scope, name, algorithm, key_type, public_key, fingerprint, "
-    "managed, private_key, created_at, updated_at"
+    "managed, private_key, created_at, updated_at, description"
 )
 SERVER_COLUMNS = (
     "server_id, account, name, host, port, login_user, host_key, trust_first_use, sshd_config, "
@@ -46,6 +46,7 @@ class KeyPairRecord:
     private_key: str | None  # the envelope (JSON), never the key in clear
     created_at: datetime
     updated_at: datetime
+    description: str = ""
 
     def __repr__(self) -> str:
         return (f"KeyPairRecord({self.name!r}, {self.algorithm}, {self.scope}, "
@@ -142,6 +143,10 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE kps_servers ADD COLUMN sudo INTEGER NOT NULL DEFAULT 0 CHECK (sudo IN (0, 1))
     """,
+    # 3: kps_keypairs.description (the API's UpdateKeypairDescription).
+    """
+    ALTER TABLE kps_keypairs ADD COLUMN description TEXT NOT NULL DEFAULT ''
+    """,
 )
 
 
@@ -162,11 +167,11 @@ class SqliteKpsStore(SqliteDb):
                 return "quota_exceeded"
             await self._conn.execute(
                 f"INSERT INTO kps_keypairs ({KEYPAIR_COLUMNS}) VALUES "
-                "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (pair.keypair_id, pair.account, pair.owner, pair.scope, pair.name,
                  pair.algorithm, pair.key_type, pair.public_key, pair.fingerprint,
                  int(pair.managed), pair.private_key, iso(pair.created_at),
-                 iso(pair.updated_at)),
+                 iso(pair.updated_at), pair.description),
             )
         return "created"
 
@@ -235,6 +240,24 @@ class SqliteKpsStore(SqliteDb):
                 "UPDATE kps_keypairs SET scope = 'account', updated_at = ? WHERE keypair_id = ?",
                 (iso(now), pair.keypair_id))
         return "created"
+
+    async def set_description(self, keypair_id: str, description: str, now: datetime
+                              ) -> bool:
+        async with self._locked():
+            cursor = await self._conn.execute(
+                "UPDATE kps_keypairs SET description = ?, updated_at = ? WHERE keypair_id = ?",
+                (description, iso(now), keypair_id))
+            return bool(cursor.rowcount)
+
+    async def set_private_key(self, keypair_id: str, envelope: str | None, now: datetime
+                              ) -> bool:
+        """Keep (an envelope) or forget (None) the managed private key of a pair."""
+        async with self._locked():
+            cursor = await self._conn.execute(
+                "UPDATE kps_keypairs SET managed = ?, private_key = ?, updated_at = ? "
+                "WHERE keypair_id = ?",
+                (int(envelope is not None), envelope, iso(now), keypair_id))
+            return bool(cursor.rowcount)
 
     async def count_account_keypairs(self, account: str) -> int:
         async with self._locked():
@@ -384,6 +407,7 @@ def _keypair(row: sqlite3.Row) -> KeyPairRecord:
         key_type=row["key_type"], public_key=row["public_key"], fingerprint=row["fingerprint"],
         managed=bool(row["managed"]), private_key=row["private_key"],
         created_at=_ts(row["created_at"]), updated_at=_ts(row["updated_at"]),
+        description=row["description"] or "",
     )
 
 
