@@ -91,7 +91,8 @@ def test_next_run_and_the_cron_table(settings: Settings) -> None:
 
     names = [e.name for e in cron_table(settings)]
     assert names == ["engine.sweep_outbox", "kms.delete_due_keys", "kms.rotate_due_keys",
-                     "csms.enqueue_due_rotations", "csms.delete_due_secrets"]
+                     "csms.enqueue_due_rotations", "csms.delete_due_secrets",
+                     "schedules.fire_due"]
     only_kps = settings.replace(engine={"services": ["handlers.kps"]})
     assert [e.name for e in cron_table(only_kps)] == ["engine.sweep_outbox"]
 
