@@ -58,6 +58,23 @@ def _project_names(args: argparse.Namespace, settings: Settings) -> None:
         args.account = asyncio.run(resolve_project(settings, ref))
 
 
+def _project_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--project", dest="account", metavar="PROJECT",
+                        help="only this project's (name or id; default: every project)")
+
+
+def retried_by() -> str:
+    """Who retries from the command line: ``cli:USER@HOST``."""
+    import getpass
+    import socket
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = str(os.getuid())
+    return f"cli:{user}@{socket.gethostname()}"
+
+
 def build_parser(
     specs: Sequence[ServiceSpec] | None = None, load: Sequence[ServiceSpec] | None = None
 ) -> ArgumentParser:
@@ -94,10 +111,17 @@ def build_parser(
     p = tasks.add_parser("list", help="list tasks, newest first")
     p.add_argument("--status", choices=TASK_STATUSES)
     p.add_argument("--name")
+    _project_option(p)
     p.add_argument("--limit", type=int, default=50)
     p.add_argument("--json", action="store_true")
     p = tasks.add_parser("show", help="show one task")
     p.add_argument("task_id")
+    _project_option(p)
+    p.add_argument("--json", action="store_true")
+    p = tasks.add_parser("retry", help="run a failed task again (as a new task), once its "
+                         "cause is fixed")
+    p.add_argument("task_id")
+    _project_option(p)
     p.add_argument("--json", action="store_true")
 
     failures = sub.add_parser("failures", help="inspect and clear failed-task reports")
@@ -106,14 +130,24 @@ def build_parser(
     p = fsub.add_parser("list", help="list failure records, newest first")
     p.add_argument("--operation")
     p.add_argument("--task-id")
+    _project_option(p)
     p.add_argument("--limit", type=int, default=100)
     p.add_argument("--json", action="store_true")
     p = fsub.add_parser("show", help="show one failure record")
     p.add_argument("failure_id")
+    _project_option(p)
     p.add_argument("--json", action="store_true")
     p = fsub.add_parser("delete", help="delete one failure record, or all of them")
     p.add_argument("failure_id", nargs="?")
     p.add_argument("--all", action="store_true")
+    _project_option(p)
+    p.add_argument("--json", action="store_true")
+    p = fsub.add_parser("retry", help="retry the failed task of a failure record (or of "
+                        "all records not retried yet), once the cause is fixed")
+    p.add_argument("failure_id", nargs="?")
+    p.add_argument("--all", action="store_true")
+    p.add_argument("--operation", help="with --all: only the records of this job")
+    _project_option(p)
     p.add_argument("--json", action="store_true")
 
     stack = sub.add_parser("stack", help="the local stack: private Redis, a worker, the API")
@@ -239,13 +273,22 @@ async def cmd_tasks(args: argparse.Namespace, settings: Settings) -> int:
 
     if args.action == "list":
         _check_limit(args.limit)
+    if args.action == "retry":
+        from engine.client import Client
+
+        async with await Client.open(settings) as client:
+            retry = await client.retry(args.task_id, retried_by(), args.account)
+        _print(retry.to_json(), args.json,
+               lambda t: f"task {args.task_id} retried as task {t['task_id']}")
+        return 0
     store = await open_store(settings)
     try:
         if args.action == "list":
-            tasks = await store.list_tasks(args.status, args.name, args.limit)
+            tasks = await store.list_tasks(args.status, args.name, args.limit,
+                                           project=args.account)
             _print([t.to_json() for t in tasks], args.json, render.task_table)
         else:
-            task = await store.get_task(args.task_id)
+            task = await store.get_task(args.task_id, args.account)
             if task is None:
                 raise NotFound(f"no task with id {args.task_id!r}")
             failures = await store.list_failures(task_id=task.task_id)
@@ -261,30 +304,84 @@ async def cmd_tasks(args: argparse.Namespace, settings: Settings) -> int:
 async def cmd_failures(args: argparse.Namespace, settings: Settings) -> int:
     from engine.store import open_store
 
-    if args.action == "delete" and bool(args.failure_id) == bool(args.all):
+    if args.action in ("delete", "retry") and bool(args.failure_id) == bool(args.all):
         raise InvalidInput("give either a failure id or --all")
+    if args.action == "retry" and args.operation and not args.all:
+        raise InvalidInput("--operation goes with --all")
     if args.action == "list":
         _check_limit(args.limit)
+    if args.action == "retry":
+        return await _retry_failures(args, settings)
     store = await open_store(settings)
     try:
         if args.action == "list":
-            records = await store.list_failures(args.operation, args.task_id, args.limit)
+            records = await store.list_failures(args.operation, args.task_id, args.limit,
+                                                project=args.account)
             _print([f.to_json() for f in records], args.json, render.failure_table)
         elif args.action == "show":
-            record = await store.get_failure(args.failure_id)
+            record = await store.get_failure(args.failure_id, args.account)
             if record is None:
                 raise NotFound(f"no failure record with id {args.failure_id!r}")
             _print(record.to_json(), args.json, render.failure)
         elif args.all:
-            count = await store.delete_all_failures()
+            count = await store.delete_all_failures(args.account)
             _print({"deleted": count}, args.json, lambda d: f"deleted {d['deleted']} record(s)")
         else:
-            if not await store.delete_failure(args.failure_id):
+            if not await store.delete_failure(args.failure_id, args.account):
                 raise NotFound(f"no failure record with id {args.failure_id!r}")
             _print({"deleted": 1}, args.json, lambda d: f"deleted {args.failure_id}")
     finally:
         await store.close()
     return 0
+
+
+async def _retry_failures(args: argparse.Namespace, settings: Settings) -> int:
+    """``dew failures retry ID|--all``: each failed task once (a task with several
+    records is retried once). With --all, records already retried are passed over,
+    and a task that cannot be retried is reported and the others still are (exit 1)."""
+    from engine.client import Client
+    from engine.errors import Conflict
+
+    by = retried_by()
+    retried: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []
+    async with await Client.open(settings) as client:
+        if args.all:
+            records = [r for r in await client.store.list_failures(
+                args.operation, None, 10_000, project=args.account) if r.retried_at is None]
+        else:
+            record = await client.store.get_failure(args.failure_id, args.account)
+            if record is None:
+                raise NotFound(f"no failure record with id {args.failure_id!r}")
+            records = [record]
+        seen: set[str] = set()
+        for record in reversed(records):  # oldest first
+            if record.task_id in seen:
+                continue
+            seen.add(record.task_id)
+            try:
+                if await client.store.get_task(record.task_id) is None:
+                    raise Conflict(f"failure record {record.failure_id} has no task to retry "
+                                   f"(task {record.task_id} was never recorded)")
+                task = await client.retry(record.task_id, by, args.account)
+            except (Conflict, NotFound) as exc:
+                if not args.all:
+                    raise
+                skipped.append({"failure_id": record.failure_id, "task_id": record.task_id,
+                                "reason": exc.message})
+                continue
+            retried.append({"failure_id": record.failure_id, "task_id": record.task_id,
+                            "retry_task_id": task.task_id})
+    if args.json:
+        print(json.dumps({"retried": retried, "skipped": skipped}, indent=2))
+    else:
+        for item in retried:
+            print(f"task {item['task_id']} retried as task {item['retry_task_id']}")
+        for item in skipped:
+            print(f"skipped {item['failure_id']}: {item['reason']}")
+        if not retried and not skipped:
+            print("no failure records to retry")
+    return 1 if skipped else 0
 
 
 def cmd_stack(args: argparse.Namespace, settings: Settings) -> int:

@@ -22,12 +22,12 @@ from datetime import timedelta
 from types import TracebackType
 from typing import Any
 
-from engine.errors import BackendUnavailable, InvalidInput, NotFound, TransientError
+from engine.errors import BackendUnavailable, Conflict, InvalidInput, NotFound, TransientError
 from engine.job_signing import JobSigner
 from engine.logs import get_logger
-from engine.models import TaskRecord, TaskStatus, utcnow
+from engine.models import TaskRecord, TaskStatus, not_failed, project_of, utcnow
 from engine.queue import Queue
-from engine.redaction import keep_sealed, redact
+from engine.redaction import contains_redacted, keep_sealed, redact
 from engine.registry import Registry, default_registry
 from engine.resources import Resources
 from engine.sealing import SealBinding, job_account, needs_sealing, seal_args
@@ -139,9 +139,12 @@ class Client:
         args: dict[str, Any] | None = None,
         task_id: str | None = None,
         defer: float | None = None,
+        project: str | None = None,
     ) -> TaskRecord:
         """Record the task, then push it to the queue. Bad input raises InvalidInput
-        (or UnknownJob) and writes nothing."""
+        (or UnknownJob) and writes nothing. ``project``: the project (name) the task
+        belongs to (the API's caller); by default the job's ``account`` argument, else
+        ``default``. The same task id again is the same task only in its own project."""
         args = check_json_args({} if args is None else args)
         spec = self.registry.check_args(name, args)
         task_id = check_task_id(task_id) if task_id is not None else new_task_id()
@@ -159,9 +162,14 @@ class Client:
 
         now = utcnow()
         due_at = now + timedelta(seconds=defer or 0)
+        project = project or project_of(args)
         task, created = await self.store.create_task(task_id, name, stored_args, now, due_at,
-                                                     signature)
+                                                     signature, project)
         if not created:
+            if task.project != project:
+                # Another project's task: say nothing about it but that the id is taken.
+                raise InvalidInput(f"task id {task_id} is already used",
+                                   fix="Use a new task id.")
             # Sealed values differ at each sealing: compare what can be compared.
             if task.name != name or redact(task.args) != redact(stored_args):
                 raise InvalidInput(
@@ -179,11 +187,46 @@ class Client:
                         task_id=task_id, job=name, error=exc.message)
         return task
 
-    async def get(self, task_id: str) -> TaskRecord:
-        task = await self.store.get_task(task_id)
+    async def get(self, task_id: str, project: str | None = None) -> TaskRecord:
+        task = await self.store.get_task(task_id, project)
         if task is None:
-            raise NotFound(f"no task with id {task_id!r}")
+            raise NotFound(f"no task with id {task_id!r}", target=task_id)
         return task
+
+    async def retry(self, task_id: str, by: str, project: str | None = None) -> TaskRecord:
+        """Run a failed task again, once its cause is fixed: a **new task** (new id,
+        ``retry_of`` = ``task_id``, same job, arguments and project) is enqueued, and
+        the failed task's failure records note when, by whom (``by``) and as which
+        task. A task is retried at most once (retry the new one if it fails too).
+
+        NotFound: no such task (in ``project``, when given). Conflict: the task did not
+        fail, was retried already, or its secret arguments are gone (a final task row
+        keeps no sealed value: enqueue the job again with them)."""
+        task = await self.get(task_id, project)
+        if task.status != "failed":
+            raise Conflict(not_failed(task_id, task.status), code="task_not_failed",
+                           target=task_id)
+        spec = self.registry.get(task.name)
+        args = dict(task.args)
+        if contains_redacted(args) or needs_sealing(args, spec.secret_fields):
+            raise Conflict(
+                f"task {task_id} cannot be retried: its secret arguments are not kept "
+                "once a task ended", code="secret_lost", target=task_id,
+                fix=f"Enqueue {task.name} again with its arguments.")
+        self.registry.check_args(task.name, args)
+        new_id = new_task_id()
+        signer: JobSigner = await self.resources.get("job_signer")
+        signature = await signer.sign(task.name, new_id, args)
+        retry = await self.store.create_retry(new_id, task_id, task.name, args, utcnow(),
+                                              signature, task.project, by)
+        log.info("task retried", task_id=task_id, retry_task_id=new_id, job=task.name, by=by)
+        try:
+            queue = await self.queue()
+            await queue.push(new_id, task.name, args, None, signature)
+        except BackendUnavailable as exc:
+            log.warning("job not pushed to Redis; the sweeper will deliver it",
+                        task_id=new_id, job=task.name, error=exc.message)
+        return retry
 
     async def wait(
         self, task_id: str, timeout: float | None = None, poll: float = 0.05
@@ -210,7 +253,9 @@ class Client:
             delay = min(delay * 1.5, 0.5)
 
     async def list_tasks(
-        self, status: TaskStatus | None = None, name: str | None = None, limit: int = 100
+        self, status: TaskStatus | None = None, name: str | None = None, limit: int = 100,
+        project: str | None = None,
     ) -> list[TaskRecord]:
-        return await self.store.list_tasks(status=status, name=name, limit=limit)
+        return await self.store.list_tasks(status=status, name=name, limit=limit,
+                                           project=project)
 

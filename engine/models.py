@@ -15,6 +15,15 @@ from engine.redaction import redact
 TaskStatus = Literal["queued", "running", "succeeded", "failed"]
 TASK_STATUSES: tuple[TaskStatus, ...] = ("queued", "running", "succeeded", "failed")
 FINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed"})
+# The project of a task enqueued without one and whose arguments name no account.
+DEFAULT_PROJECT = "default"
+
+
+def project_of(args: Any) -> str:
+    """The project a job acts for when none is given: its ``account`` argument, else
+    ``default`` (the same rule as the sealing binding's account)."""
+    account = args.get("account") if isinstance(args, dict) else None
+    return account if isinstance(account, str) and account else DEFAULT_PROJECT
 
 
 def utcnow() -> datetime:
@@ -30,6 +39,12 @@ def iso(ts: datetime | None) -> str | None:
 
 def parse_iso(text: str | None) -> datetime | None:
     return None if text is None else datetime.fromisoformat(text)
+
+
+def not_failed(task_id: str, status: str) -> str:
+    """Why a task that did not fail cannot be retried."""
+    return (f"task {task_id} is {status}, not failed: only a failed task can be retried"
+            + (" (it has not ended yet)" if status in ("queued", "running") else ""))
 
 
 @dataclass(frozen=True)
@@ -57,6 +72,9 @@ class TaskRecord:
     error: dict[str, Any] | None
     worker_id: str | None
     signature: str | None = None  # engine.job_signing: proof of the enqueuer (not shown)
+    # The project (name) that enqueued it: the API shows a task to that project only.
+    project: str = DEFAULT_PROJECT
+    retry_of: str | None = None  # the failed task this one retries (``dew tasks retry``)
 
     @property
     def final(self) -> bool:
@@ -74,6 +92,8 @@ class TaskRecord:
             "finished_at": iso(self.finished_at),
             "result": self.result,
             "error": self.error,
+            "project": self.project,
+            "retry_of": self.retry_of,
         }
 
 
@@ -89,6 +109,10 @@ class FailureRecord:
     cause: str
     fix: str
     created_at: datetime
+    # Set when its task was retried: when, by whom, and the new task.
+    retried_at: datetime | None = None
+    retried_by: str | None = None
+    retry_task_id: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -102,6 +126,9 @@ class FailureRecord:
             "cause": self.cause,
             "fix": self.fix,
             "created_at": iso(self.created_at),
+            "retried_at": iso(self.retried_at),
+            "retried_by": self.retried_by,
+            "retry_task_id": self.retry_task_id,
         }
 
 

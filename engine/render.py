@@ -38,12 +38,15 @@ def task(t: dict[str, Any]) -> str:
         f"task      {t['task_id']}",
         f"name      {t['name']}",
         f"status    {t['status']}",
+        f"project   {t.get('project') or '-'}",
         f"attempts  {t['attempts']}",
         f"args      {json.dumps(t['args'])}",
         f"enqueued  {_time(t['enqueued_at'])}",
         f"started   {_time(t['started_at'])}",
         f"finished  {_time(t['finished_at'])}",
     ]
+    if t.get("retry_of"):
+        lines.append(f"retry of  {t['retry_of']}")
     if t["status"] == "succeeded":
         lines.append(f"result    {json.dumps(t['result'])}")
     if t.get("error"):
@@ -79,4 +82,6 @@ def failure(f: dict[str, Any]) -> str:
         f"cause      {f['cause'] or '-'}",
         f"fix        {f['fix'] or '-'}",
         f"time       {_time(f['created_at'])}",
+        *([f"retried    {_time(f['retried_at'])} by {f.get('retried_by') or '-'} as task "
+           f"{f.get('retry_task_id')}"] if f.get("retried_at") else []),
     ])

@@ -21,7 +21,19 @@ from typing import Any
 import aiosqlite
 
 from engine.batching import Batcher
-from engine.models import FailureRecord, Fence, TaskRecord, TaskStatus, WorkerRecord, iso, parse_iso
+from engine.errors import Conflict, InvalidInput, NotFound
+from engine.models import (
+    DEFAULT_PROJECT,
+    FailureRecord,
+    Fence,
+    TaskRecord,
+    TaskStatus,
+    WorkerRecord,
+    iso,
+    not_failed,
+    parse_iso,
+    project_of,
+)
 from engine.sqlite_db import SqliteDb
 
 # Each script is idempotent (IF NOT EXISTS): a database made before the
@@ -74,17 +86,36 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE tasks ADD COLUMN signature TEXT;
     """,
+    # 3: the project that enqueued each task (existing rows: the job's `account`
+    # argument, else 'default'); retries (a new task linked to the failed one, noted
+    # on its failure records)
+    """
+    ALTER TABLE tasks ADD COLUMN project TEXT NOT NULL DEFAULT 'default';
+    UPDATE tasks SET project = json_extract(args, '$.account')
+        WHERE json_type(args, '$.account') = 'text' AND json_extract(args, '$.account') != '';
+    ALTER TABLE tasks ADD COLUMN retry_of TEXT;
+    CREATE UNIQUE INDEX IF NOT EXISTS tasks_retry_of ON tasks (retry_of)
+        WHERE retry_of IS NOT NULL;
+    CREATE INDEX IF NOT EXISTS tasks_project_enqueued ON tasks (project, enqueued_at);
+    ALTER TABLE failures ADD COLUMN retried_at TEXT;
+    ALTER TABLE failures ADD COLUMN retried_by TEXT;
+    ALTER TABLE failures ADD COLUMN retry_task_id TEXT;
+    """,
 )
 
 Row = tuple[str | None, ...]  # statement parameters of one batched write
 
 TASK_COLUMNS = (
     "task_id, name, args, status, attempts, enqueued_at, due_at, started_at, finished_at, "
-    "result, error, worker_id, signature"
+    "result, error, worker_id, signature, project, retry_of"
 )
 FAILURE_COLUMNS = (
-    "failure_id, task_id, operation, target, category, code, error, cause, fix, created_at"
+    "failure_id, task_id, operation, target, category, code, error, cause, fix, created_at, "
+    "retried_at, retried_by, retry_task_id"
 )
+# A failure record belongs to the project of its task.
+_FAILURE_PROJECT = ("EXISTS (SELECT 1 FROM tasks WHERE tasks.task_id = failures.task_id "
+                    "AND tasks.project = ?)")
 
 
 class SqliteTaskStore(SqliteDb):
@@ -102,18 +133,18 @@ class SqliteTaskStore(SqliteDb):
 
     async def create_task(
         self, task_id: str, name: str, args: dict[str, Any], now: datetime, due_at: datetime,
-        signature: str | None = None,
+        signature: str | None = None, project: str = DEFAULT_PROJECT,
     ) -> tuple[TaskRecord, bool]:
         return await self._creates.submit(
-            (task_id, name, _dump(args), iso(now), iso(due_at), signature))
+            (task_id, name, _dump(args), iso(now), iso(due_at), signature, project))
 
     async def _create_batch(self, items: Sequence[Row]) -> list[tuple[TaskRecord, bool]]:
         ids = [str(item[0]) for item in items]
         async with self._locked():
             created = await self._fetch_by_id(
                 f"""INSERT INTO tasks (task_id, name, args, status, attempts, enqueued_at, due_at,
-                    signature)
-                VALUES {_rows("(?, ?, ?, 'queued', 0, ?, ?, ?)", len(items))}
+                    signature, project)
+                VALUES {_rows("(?, ?, ?, 'queued', 0, ?, ?, ?, ?)", len(items))}
                 ON CONFLICT (task_id) DO NOTHING RETURNING {TASK_COLUMNS}""",
                 [p for item in items for p in item],
             )
@@ -125,20 +156,67 @@ class SqliteTaskStore(SqliteDb):
             seen.add(task_id)
         return results
 
-    async def get_task(self, task_id: str) -> TaskRecord | None:
+    async def create_retry(
+        self, task_id: str, retry_of: str, name: str, args: dict[str, Any], now: datetime,
+        signature: str | None, project: str, retried_by: str,
+    ) -> TaskRecord:
+        async with self._transaction():
+            row = await self._fetchone("SELECT status FROM tasks WHERE task_id = ?", (retry_of,))
+            if row is None:
+                raise NotFound(f"no task with id {retry_of!r}", target=retry_of)
+            if row["status"] != "failed":
+                raise Conflict(not_failed(retry_of, row["status"]), code="task_not_failed",
+                               target=retry_of)
+            done = await self._fetchone("SELECT task_id FROM tasks WHERE retry_of = ?",
+                                        (retry_of,))
+            if done is not None:
+                raise Conflict(
+                    f"task {retry_of} was already retried as task {done['task_id']}",
+                    code="already_retried", target=retry_of,
+                    fix=f"Look at task {done['task_id']}; retry that one if it failed too.")
+            created = await self._fetchone(
+                f"""INSERT INTO tasks (task_id, name, args, status, attempts, enqueued_at, due_at,
+                    signature, project, retry_of)
+                VALUES (?, ?, ?, 'queued', 0, ?, ?, ?, ?, ?) RETURNING {TASK_COLUMNS}""",
+                (task_id, name, _dump(args), iso(now), iso(now), signature, project, retry_of))
+            await self._conn.execute(
+                "UPDATE failures SET retried_at = ?, retried_by = ?, retry_task_id = ? "
+                "WHERE task_id = ?", (iso(now), retried_by, task_id, retry_of))
+        assert created is not None
+        return _task(created)
+
+    async def get_task(self, task_id: str, project: str | None = None) -> TaskRecord | None:
+        where, params = _where(task_id=task_id, project=project)
         async with self._locked():
-            row = await self._fetchone(
-                f"SELECT {TASK_COLUMNS} FROM tasks WHERE task_id = ?", (task_id,)
-            )
+            row = await self._fetchone(f"SELECT {TASK_COLUMNS} FROM tasks {where}", params)
         return None if row is None else _task(row)
 
     async def list_tasks(
-        self, status: TaskStatus | None = None, name: str | None = None, limit: int = 100
+        self, status: TaskStatus | None = None, name: str | None = None, limit: int = 100,
+        project: str | None = None, since: datetime | None = None,
+        until: datetime | None = None, marker: str | None = None,
     ) -> list[TaskRecord]:
-        where, params = _where(status=status, name=name)
+        clauses, params = _clauses(status=status, name=name, project=project)
+        if since is not None:
+            clauses.append("enqueued_at >= ?")
+            params.append(str(iso(since)))
+        if until is not None:
+            clauses.append("enqueued_at < ?")
+            params.append(str(iso(until)))
         async with self._locked():
+            if marker is not None:
+                mark = await self._fetchone(
+                    "SELECT enqueued_at, task_id FROM tasks WHERE task_id = ?"
+                    + (" AND project = ?" if project is not None else ""),
+                    (marker, project) if project is not None else (marker,))
+                if mark is None:
+                    raise InvalidInput(f"marker: no task with id {marker!r}", target="marker")
+                clauses.append("(enqueued_at, task_id) < (?, ?)")
+                params.extend((mark["enqueued_at"], mark["task_id"]))
+            where = "WHERE " + " AND ".join(clauses) if clauses else ""
             rows = await self._fetchall(
-                f"SELECT {TASK_COLUMNS} FROM tasks {where} ORDER BY enqueued_at DESC LIMIT ?",
+                f"SELECT {TASK_COLUMNS} FROM tasks {where} "
+                "ORDER BY enqueued_at DESC, task_id DESC LIMIT ?",
                 (*params, limit),
             )
         return [_task(r) for r in rows]
@@ -165,20 +243,20 @@ class SqliteTaskStore(SqliteDb):
     ) -> tuple[TaskRecord, bool]:
         return await self._runs.submit(
             (task_id, name, _dump(args), iso(enqueued_at), iso(enqueued_at), iso(now), worker_id,
-             signature, iso(live_since or now))
+             signature, project_of(args), iso(live_since or now))
         )
 
     async def _running_batch(self, items: Sequence[Row]) -> list[tuple[TaskRecord, bool]]:
         ids = [str(item[0]) for item in items]
-        live_since = min(str(item[8]) for item in items)
+        live_since = min(str(item[9]) for item in items)
         async with self._locked():
             # A claim: a running task is taken over only from a worker whose heartbeat
             # stopped (the sweeper freed its job); never from a live one, this one
             # included (a second delivery while its run goes on).
             rows = await self._fetch_by_id(
                 f"""INSERT INTO tasks (task_id, name, args, status, attempts, enqueued_at, due_at,
-                                       started_at, worker_id, signature)
-                VALUES {_rows("(?, ?, ?, 'running', 1, ?, ?, ?, ?, ?)", len(items))}
+                                       started_at, worker_id, signature, project)
+                VALUES {_rows("(?, ?, ?, 'running', 1, ?, ?, ?, ?, ?, ?)", len(items))}
                 ON CONFLICT (task_id) DO UPDATE SET
                     status = 'running', attempts = attempts + 1,
                     started_at = excluded.started_at, worker_id = excluded.worker_id,
@@ -188,7 +266,7 @@ class SqliteTaskStore(SqliteDb):
                     OR tasks.worker_id NOT IN (
                         SELECT worker_id FROM workers WHERE heartbeat_at >= ?))
                 RETURNING {TASK_COLUMNS}""",
-                [p for item in items for p in item[:8]] + [live_since],
+                [p for item in items for p in item[:9]] + [live_since],
             )
             claimed = set(rows)
             # Tasks that ended, or that a live run holds, are returned as they are.
@@ -273,28 +351,50 @@ class SqliteTaskStore(SqliteDb):
             await self._insert_failure(failure)
 
     async def list_failures(
-        self, operation: str | None = None, task_id: str | None = None, limit: int = 100
+        self, operation: str | None = None, task_id: str | None = None, limit: int = 100,
+        project: str | None = None, marker: str | None = None,
     ) -> list[FailureRecord]:
-        where, params = _where(operation=operation, task_id=task_id)
+        clauses, params = _failure_clauses(project, operation=operation, task_id=task_id)
         async with self._locked():
+            if marker is not None:
+                mark_where, mark_params = _failure_clauses(project, failure_id=marker)
+                mark = await self._fetchone(
+                    f"SELECT created_at, failure_id FROM failures WHERE {' AND '.join(mark_where)}",
+                    mark_params)
+                if mark is None:
+                    raise InvalidInput(f"marker: no failure record with id {marker!r}",
+                                       target="marker")
+                clauses.append("(created_at, failure_id) < (?, ?)")
+                params.extend((mark["created_at"], mark["failure_id"]))
+            where = "WHERE " + " AND ".join(clauses) if clauses else ""
             rows = await self._fetchall(
-                f"SELECT {FAILURE_COLUMNS} FROM failures {where} ORDER BY created_at DESC LIMIT ?",
+                f"SELECT {FAILURE_COLUMNS} FROM failures {where} "
+                "ORDER BY created_at DESC, failure_id DESC LIMIT ?",
                 (*params, limit),
             )
         return [_failure(r) for r in rows]
 
-    async def get_failure(self, failure_id: str) -> FailureRecord | None:
+    async def get_failure(
+        self, failure_id: str, project: str | None = None,
+    ) -> FailureRecord | None:
+        clauses, params = _failure_clauses(project, failure_id=failure_id)
         async with self._locked():
             row = await self._fetchone(
-                f"SELECT {FAILURE_COLUMNS} FROM failures WHERE failure_id = ?", (failure_id,)
+                f"SELECT {FAILURE_COLUMNS} FROM failures WHERE {' AND '.join(clauses)}", params
             )
         return None if row is None else _failure(row)
 
-    async def delete_failure(self, failure_id: str) -> bool:
-        return await self._execute("DELETE FROM failures WHERE failure_id = ?", (failure_id,)) == 1
+    async def delete_failure(self, failure_id: str, project: str | None = None) -> bool:
+        clauses, params = _failure_clauses(project, failure_id=failure_id)
+        return await self._execute(
+            f"DELETE FROM failures WHERE {' AND '.join(clauses)}", params) == 1
 
-    async def delete_all_failures(self) -> int:
-        return await self._execute("DELETE FROM failures", ())
+    async def delete_all_failures(
+        self, project: str | None = None, operation: str | None = None,
+    ) -> int:
+        clauses, params = _failure_clauses(project, operation=operation)
+        where = "WHERE " + " AND ".join(clauses) if clauses else ""
+        return await self._execute(f"DELETE FROM failures {where}", params)
 
     # --- workers -----------------------------------------------------------------
 
@@ -321,9 +421,11 @@ class SqliteTaskStore(SqliteDb):
 
     async def _insert_failure(self, f: FailureRecord) -> None:
         await self._conn.execute(
-            f"INSERT INTO failures ({FAILURE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO failures ({FAILURE_COLUMNS}) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (f.failure_id, f.task_id, f.operation, f.target, f.category, f.code, f.error,
-             f.cause, f.fix, iso(f.created_at)),
+             f.cause, f.fix, iso(f.created_at), iso(f.retried_at), f.retried_by,
+             f.retry_task_id),
         )
 
 
@@ -355,10 +457,24 @@ def _fence_params(fence: Fence | None) -> tuple[Any, ...]:
     return (fence.worker_id, fence.worker_id, fence.attempt)
 
 
-def _where(**filters: str | None) -> tuple[str, list[str]]:
+def _clauses(**filters: str | None) -> tuple[list[str], list[str]]:
     clauses = [f"{column} = ?" for column, value in filters.items() if value is not None]
     params = [value for value in filters.values() if value is not None]
+    return clauses, params
+
+
+def _where(**filters: str | None) -> tuple[str, list[str]]:
+    clauses, params = _clauses(**filters)
     return ("WHERE " + " AND ".join(clauses) if clauses else ""), params
+
+
+def _failure_clauses(project: str | None, **filters: str | None) -> tuple[list[str], list[str]]:
+    clauses, params = _clauses(**filters)
+    if project is not None:
+        clauses.append(_FAILURE_PROJECT)
+        params.append(project)
+    return clauses, params
+
 
 
 def _dump(value: Any) -> str:
@@ -384,6 +500,8 @@ def _task(row: sqlite3.Row) -> TaskRecord:
         error=_load(row["error"]),
         worker_id=row["worker_id"],
         signature=row["signature"],
+        project=row["project"],
+        retry_of=row["retry_of"],
     )
 
 
@@ -399,6 +517,9 @@ def _failure(row: sqlite3.Row) -> FailureRecord:
         cause=row["cause"],
         fix=row["fix"],
         created_at=_required_ts(row["created_at"]),
+        retried_at=parse_iso(row["retried_at"]),
+        retried_by=row["retried_by"],
+        retry_task_id=row["retry_task_id"],
     )
 
 

@@ -11,7 +11,14 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Protocol
 
-from engine.models import FailureRecord, Fence, TaskRecord, TaskStatus, WorkerRecord
+from engine.models import (
+    DEFAULT_PROJECT,
+    FailureRecord,
+    Fence,
+    TaskRecord,
+    TaskStatus,
+    WorkerRecord,
+)
 from engine.settings import Settings
 
 
@@ -21,15 +28,28 @@ class TaskStore(Protocol):
     # tasks
     async def create_task(
         self, task_id: str, name: str, args: dict[str, Any], now: datetime, due_at: datetime,
-        signature: str | None = None,
+        signature: str | None = None, project: str = DEFAULT_PROJECT,
     ) -> tuple[TaskRecord, bool]:
         """Insert a queued task; return it and whether it is new (else the existing row)."""
 
-    async def get_task(self, task_id: str) -> TaskRecord | None: ...
+    async def create_retry(
+        self, task_id: str, retry_of: str, name: str, args: dict[str, Any], now: datetime,
+        signature: str | None, project: str, retried_by: str,
+    ) -> TaskRecord:
+        """Insert the queued task ``task_id`` retrying the failed task ``retry_of`` and
+        note on ``retry_of``'s failure records when and by whom, in one transaction.
+        Conflict when ``retry_of`` is not failed or was retried already."""
+
+    async def get_task(self, task_id: str, project: str | None = None) -> TaskRecord | None:
+        """The task; None when unknown or (``project`` given) another project's."""
 
     async def list_tasks(
-        self, status: TaskStatus | None = None, name: str | None = None, limit: int = 100
-    ) -> list[TaskRecord]: ...
+        self, status: TaskStatus | None = None, name: str | None = None, limit: int = 100,
+        project: str | None = None, since: datetime | None = None,
+        until: datetime | None = None, marker: str | None = None,
+    ) -> list[TaskRecord]:
+        """Newest first; ``since``/``until`` bound ``enqueued_at`` (until: exclusive);
+        ``marker``: start after that task (NotFound if it is not in the listing's scope)."""
 
     async def unfinished_tasks(self, limit: int = 10_000) -> list[TaskRecord]: ...
 
@@ -78,15 +98,22 @@ class TaskStore(Protocol):
     # failure records
     async def add_failure(self, failure: FailureRecord) -> None: ...
 
+    # A failure record belongs to its task's project (one with no task row, e.g. a
+    # refused unsigned job, to none: only an unfiltered listing shows it).
     async def list_failures(
-        self, operation: str | None = None, task_id: str | None = None, limit: int = 100
+        self, operation: str | None = None, task_id: str | None = None, limit: int = 100,
+        project: str | None = None, marker: str | None = None,
     ) -> list[FailureRecord]: ...
 
-    async def get_failure(self, failure_id: str) -> FailureRecord | None: ...
+    async def get_failure(
+        self, failure_id: str, project: str | None = None,
+    ) -> FailureRecord | None: ...
 
-    async def delete_failure(self, failure_id: str) -> bool: ...
+    async def delete_failure(self, failure_id: str, project: str | None = None) -> bool: ...
 
-    async def delete_all_failures(self) -> int: ...
+    async def delete_all_failures(
+        self, project: str | None = None, operation: str | None = None,
+    ) -> int: ...
 
     # workers
     async def heartbeat(self, worker: WorkerRecord) -> None: ...

@@ -224,7 +224,7 @@ class Dispatcher:
                 principal=principal, body=_json_body(body), params=params,
                 query=dict(signing.query_pairs(raw_query)), request_id=request_id,
                 settings=self.settings, resources=self.state.resources,
-                jobs=self.state.jobs.for_call(extra), headers=extra,
+                jobs=self.state.jobs.for_call(principal, extra), headers=extra,
             )
             result = await operation.handler(call)
             await self._reply(send, result, call.headers, request_id, outcome)

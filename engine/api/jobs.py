@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from engine.api.principal import Principal
 from engine.client import Client
 from engine.errors import DewError, TransientError
 from engine.models import TaskRecord
@@ -53,8 +54,8 @@ class ProcessJobs:
         client.resources = resources
         return cls(client, settings.api.job_wait)
 
-    def for_call(self, headers: dict[str, str]) -> CallJobs:
-        return CallJobs(self, headers)
+    def for_call(self, principal: Principal, headers: dict[str, str]) -> CallJobs:
+        return CallJobs(self, principal, headers)
 
     async def close(self) -> None:
         # The resources are the process's: closed by their owner, not by the client.
@@ -65,16 +66,28 @@ class ProcessJobs:
 class CallJobs:
     """The :class:`~engine.api.operations.JobRunner` of one call."""
 
-    def __init__(self, jobs: ProcessJobs, headers: dict[str, str]) -> None:
+    def __init__(self, jobs: ProcessJobs, principal: Principal,
+                 headers: dict[str, str]) -> None:
         self._jobs = jobs
         self._headers = headers
+        # Tasks belong to the project that enqueued them: the caller's.
+        self.project = principal.project
 
-    async def enqueue(self, name: str, args: dict[str, Any],
-                      task_id: str | None = None) -> TaskRecord:
-        """Enqueue without waiting (the reply names the task; the job goes on)."""
-        task = await self._jobs.client.enqueue(name, args, task_id=task_id)
+    @property
+    def client(self) -> Client:
+        """The process's engine client (the builtin service's task endpoints)."""
+        return self._jobs.client
+
+    def named(self, task: TaskRecord) -> TaskRecord:
+        """Name ``task`` in the reply's ``X-Dew-Task-Id`` header; the task."""
         self._headers[TASK_HEADER] = task.task_id
         return task
+
+    async def enqueue(self, name: str, args: dict[str, Any],
+                      task_id: str | None = None, defer: float | None = None) -> TaskRecord:
+        """Enqueue without waiting (the reply names the task; the job goes on)."""
+        return self.named(await self._jobs.client.enqueue(
+            name, args, task_id=task_id, defer=defer, project=self.project))
 
     async def run(self, name: str, args: dict[str, Any]) -> TaskRecord:
         client = self._jobs.client
@@ -85,6 +98,13 @@ class CallJobs:
             if exc.code != "wait_timeout":
                 raise
             raise JobPending(await client.get(task.task_id), self._jobs.wait) from None
+
+
+def call_jobs(jobs: object) -> CallJobs:
+    """A call's job runner as the engine's (``call.jobs``), for the task endpoints."""
+    if not isinstance(jobs, CallJobs):
+        raise TypeError("the task endpoints need the API's own job runner")
+    return jobs
 
 
 def task_error(task: TaskRecord) -> DewError:

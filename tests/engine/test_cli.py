@@ -95,7 +95,8 @@ def test_enqueue_wait_tasks_and_failures(settings: Settings, worker: WorkerProce
     assert ok.returncode == 0, ok.stderr
     task = json.loads(ok.stdout)
     assert set(task) == {"task_id", "name", "args", "status", "attempts", "enqueued_at",
-                         "started_at", "finished_at", "result", "error"}
+                         "started_at", "finished_at", "result", "error", "project",
+                         "retry_of"}
     # engine.echo's value is a declared secret: its result is kept redacted.
     assert (task["task_id"], task["status"], task["result"]) == (
         "cli-ok", "succeeded", "***redacted***")
@@ -121,7 +122,8 @@ def test_enqueue_wait_tasks_and_failures(settings: Settings, worker: WorkerProce
     assert len(records) == 1
     record = records[0]
     assert set(record) == {"failure_id", "task_id", "operation", "target", "category", "code",
-                           "error", "cause", "fix", "created_at"}
+                           "error", "cause", "fix", "created_at", "retried_at",
+                           "retried_by", "retry_task_id"}
     assert (record["operation"], record["error"]) == ("engine.fail", "nope")
     assert run_dew(settings, "failures", "show", record["failure_id"]).returncode == 0
     deleted = run_dew(settings, "failures", "delete", record["failure_id"])
