@@ -28,9 +28,16 @@ from engine.logs import get_logger
 from engine.models import TaskRecord, TaskStatus, not_failed, project_of, utcnow
 from engine.queue import Queue
 from engine.redaction import contains_redacted, keep_sealed, redact
-from engine.registry import Registry, default_registry
+from engine.registry import JobSpec, Registry, default_registry
 from engine.resources import Resources
-from engine.sealing import SealBinding, job_account, needs_sealing, seal_args
+from engine.sealing import (
+    SealBinding,
+    has_sealed,
+    job_account,
+    needs_sealing,
+    seal_args,
+    unseal_args,
+)
 from engine.settings import Settings, load_settings
 from engine.store import TaskStore, open_store
 
@@ -149,16 +156,7 @@ class Client:
         spec = self.registry.check_args(name, args)
         task_id = check_task_id(task_id) if task_id is not None else new_task_id()
         defer = check_defer(defer)
-        if needs_sealing(args, spec.secret_fields):
-            # Secrets leave this process only sealed under a KMS key (Redis and the
-            # task store see ciphertext); the worker opens them.
-            binding = SealBinding(task_id, name, job_account(args))
-            args = await seal_args(args, spec.secret_fields, await self.resources.get("sealer"),
-                                   binding)
-        stored_args = keep_sealed(args, spec.secret_fields)
-        # Proof for the worker that an enqueuer holding the HSM PIN made this job.
-        signer: JobSigner = await self.resources.get("job_signer")
-        signature = await signer.sign(name, task_id, stored_args)
+        args, stored_args, signature = await self._sealed_and_signed(spec, task_id, args)
 
         now = utcnow()
         due_at = now + timedelta(seconds=defer or 0)
@@ -187,6 +185,21 @@ class Client:
                         task_id=task_id, job=name, error=exc.message)
         return task
 
+    async def _sealed_and_signed(
+        self, spec: JobSpec, task_id: str, args: dict[str, Any]
+    ) -> tuple[dict[str, Any], dict[str, Any], str]:
+        """(args to push, args to store, signature) of a task about to be written."""
+        if needs_sealing(args, spec.secret_fields):
+            # Secrets leave this process only sealed under a KMS key (Redis and the
+            # task store see ciphertext); the worker opens them.
+            binding = SealBinding(task_id, spec.name, job_account(args))
+            args = await seal_args(args, spec.secret_fields, await self.resources.get("sealer"),
+                                   binding)
+        stored_args = keep_sealed(args, spec.secret_fields)
+        # Proof for the worker that an enqueuer holding the HSM PIN made this job.
+        signer: JobSigner = await self.resources.get("job_signer")
+        return args, stored_args, await signer.sign(spec.name, task_id, stored_args)
+
     async def get(self, task_id: str, project: str | None = None) -> TaskRecord:
         task = await self.store.get_task(task_id, project)
         if task is None:
@@ -210,14 +223,17 @@ class Client:
         args = dict(task.args)
         if contains_redacted(args) or needs_sealing(args, spec.secret_fields):
             raise Conflict(
-                f"task {task_id} cannot be retried: its secret arguments are not kept "
-                "once a task ended", code="secret_lost", target=task_id,
+                f"task {task_id} cannot be retried: its secret arguments are gone (its "
+                "failure records were deleted)", code="secret_lost", target=task_id,
                 fix=f"Enqueue {task.name} again with its arguments.")
+        if has_sealed(args):
+            # Sealed for the failed task: opened here and sealed again for the new one.
+            args = await unseal_args(args, await self.resources.get("sealer"),
+                                     SealBinding(task_id, task.name, job_account(args)))
         self.registry.check_args(task.name, args)
         new_id = new_task_id()
-        signer: JobSigner = await self.resources.get("job_signer")
-        signature = await signer.sign(task.name, new_id, args)
-        retry = await self.store.create_retry(new_id, task_id, task.name, args, utcnow(),
+        args, stored_args, signature = await self._sealed_and_signed(spec, new_id, args)
+        retry = await self.store.create_retry(new_id, task_id, task.name, stored_args, utcnow(),
                                               signature, task.project, by)
         log.info("task retried", task_id=task_id, retry_task_id=new_id, job=task.name, by=by)
         try:

@@ -120,8 +120,11 @@ class TaskRunner:
                 )
             else:
                 error = _not_json(spec.name, result)
-            # A final row keeps no sealed value: nothing can re-deliver it any more.
-            final_args = redact(stored_args) if has_sealed(stored_args) else None
+            # A succeeded row keeps no sealed value: nothing will deliver it again. A
+            # failed one keeps them, still bound to this task, for a retry (dropped when
+            # it is retried or its failure records are deleted).
+            final_args = (redact(stored_args) if error is None and has_sealed(stored_args)
+                          else None)
             return await self._finish(
                 spec, task_id, fence, result, error, time.perf_counter() - started, final_args,
             )

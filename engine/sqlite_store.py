@@ -34,6 +34,8 @@ from engine.models import (
     parse_iso,
     project_of,
 )
+from engine.redaction import redact
+from engine.sealing import has_sealed
 from engine.sqlite_db import SqliteDb
 
 # Each script is idempotent (IF NOT EXISTS): a database made before the
@@ -182,6 +184,7 @@ class SqliteTaskStore(SqliteDb):
             await self._conn.execute(
                 "UPDATE failures SET retried_at = ?, retried_by = ?, retry_task_id = ? "
                 "WHERE task_id = ?", (iso(now), retried_by, task_id, retry_of))
+            await self._forget_sealed([retry_of])
         assert created is not None
         return _task(created)
 
@@ -386,15 +389,35 @@ class SqliteTaskStore(SqliteDb):
 
     async def delete_failure(self, failure_id: str, project: str | None = None) -> bool:
         clauses, params = _failure_clauses(project, failure_id=failure_id)
-        return await self._execute(
-            f"DELETE FROM failures WHERE {' AND '.join(clauses)}", params) == 1
+        return await self._delete_failures(" AND ".join(clauses), params) == 1
 
     async def delete_all_failures(
         self, project: str | None = None, operation: str | None = None,
     ) -> int:
         clauses, params = _failure_clauses(project, operation=operation)
-        where = "WHERE " + " AND ".join(clauses) if clauses else ""
-        return await self._execute(f"DELETE FROM failures {where}", params)
+        return await self._delete_failures(" AND ".join(clauses) or "1", params)
+
+    async def _delete_failures(self, where: str, params: Sequence[Any]) -> int:
+        """Delete failure records; a failed task left with none keeps no sealed value
+        (nobody can retry it from a report any more)."""
+        async with self._transaction():
+            rows = await self._fetchall(
+                f"SELECT DISTINCT task_id FROM failures WHERE {where}", params)
+            cursor = await self._conn.execute(f"DELETE FROM failures WHERE {where}",
+                                              tuple(params))
+            orphans = [str(r[0]) for r in rows if await self._fetchone(
+                "SELECT 1 FROM failures WHERE task_id = ?", (r[0],)) is None]
+            await self._forget_sealed(orphans)
+            return int(cursor.rowcount)
+
+    async def _forget_sealed(self, task_ids: Sequence[str]) -> None:
+        """Drop the sealed values a failed task kept for a retry (inside a transaction)."""
+        for task_id in task_ids:
+            row = await self._fetchone(
+                "SELECT args FROM tasks WHERE task_id = ? AND status = 'failed'", (task_id,))
+            if row is not None and has_sealed(args := json.loads(row[0])):
+                await self._conn.execute("UPDATE tasks SET args = ? WHERE task_id = ?",
+                                         (_dump(redact(args)), task_id))
 
     # --- workers -----------------------------------------------------------------
 

@@ -17,12 +17,14 @@ import pytest
 from engine.api.testing import ApiServerThread, StaticCaller, StaticIdentities
 from engine.client import Client
 from engine.errors import Conflict
+from engine.redaction import REDACTED
 from engine.settings import Settings
 from engine.sqlite_store import MIGRATIONS, SqliteTaskStore
 from engine.store import open_store
 from tests.engine.test_api_engine import (
     FAILURES,
     OPERATOR,
+    SERVICES,
     TASKS,
     Api,
     api_settings,  # noqa: F401 - fixtures
@@ -201,7 +203,7 @@ def test_the_client_refuses_to_retry_a_task_whose_secrets_are_gone(
         await store.mark_failed("s1", {"code": "x"}, None, now, {"value": "***redacted***"})
         await store.close()
         async with await Client.open(api_settings) as client:
-            with pytest.raises(Conflict, match="secret arguments are not kept"):
+            with pytest.raises(Conflict, match="secret arguments are gone"):
                 await client.retry("s1", "test")
 
     asyncio.run(scenario())
@@ -233,3 +235,48 @@ def test_migration_3_gives_existing_tasks_their_project(tmp_path: Path) -> None:
 
     assert asyncio.run(scenario()) == {"a": "shop", "b": "default", "c": "default",
                                        "shop-only": ["a"]}
+
+
+def test_a_failed_task_keeps_its_sealed_secret_for_one_retry(
+    api_settings: Settings, tmp_path: Path,  # noqa: F811
+) -> None:
+    """A failed task keeps its secret argument, sealed for it alone; the retry opens it
+    and seals it again for the new task. Afterwards, or once its failure records are
+    deleted, the failed task keeps no sealed value."""
+    needed = tmp_path / "needed.txt"
+
+    async def failed(client: Client) -> str:
+        task = await client.enqueue("retrytest.needs_file",
+                                    {"path": str(needed), "token": "s3cret-token"})
+        assert (await client.wait(task.task_id, timeout=30)).status == "failed"
+        return task.task_id
+
+    # The KMS seals job secrets (resource "sealer").
+    settings = api_settings.replace(engine={"services": [*SERVICES, "handlers.kms"]})
+
+    async def scenario() -> None:
+        async with await Client.open(settings) as client:
+            first = await failed(client)
+            kept = (await client.get(first)).args["token"]
+            assert isinstance(kept, dict) and "$sealed" in kept
+            needed.write_text("fixed")
+            retry = await client.retry(first, "test")
+            done = await client.wait(retry.task_id, timeout=30)
+            assert done.status == "succeeded", done.error
+            assert done.result == {"text": "fixed", "opened_bytes": len("s3cret-token")}
+            assert (await client.get(first)).args["token"] == REDACTED
+
+            needed.unlink()
+            second = await failed(client)
+            assert await client.store.delete_all_failures() >= 1
+            assert (await client.get(second)).args["token"] == REDACTED
+            with pytest.raises(Conflict, match="secret arguments are gone"):
+                await client.retry(second, "test")
+        raw = settings.db_path.read_bytes()
+        assert b"s3cret-token" not in raw
+
+    worker = WorkerProcess(settings, tmp_path / "worker.out").start()
+    try:
+        asyncio.run(scenario())
+    finally:
+        worker.stop()
