@@ -25,7 +25,7 @@ from typing import Any
 from engine.errors import BackendUnavailable, Conflict, InvalidInput, NotFound, TransientError
 from engine.job_signing import JobSigner
 from engine.logs import get_logger
-from engine.models import TaskRecord, TaskStatus, not_failed, project_of, utcnow
+from engine.models import TaskRecord, TaskStatus, not_failed, project_of, retryable, utcnow
 from engine.queue import Queue
 from engine.redaction import contains_redacted, keep_sealed, redact
 from engine.registry import JobSpec, Registry, default_registry
@@ -216,7 +216,9 @@ class Client:
         fail, was retried already, or its secret arguments are gone (a final task row
         keeps no sealed value: enqueue the job again with them)."""
         task = await self.get(task_id, project)
-        if task.status != "failed":
+        reported = any(f.retried_at is None
+                       for f in await self.store.list_failures(task_id=task_id, limit=1000))
+        if not retryable(task.status, reported):
             raise Conflict(not_failed(task_id, task.status), code="task_not_failed",
                            target=task_id)
         spec = self.registry.get(task.name)

@@ -41,9 +41,16 @@ def parse_iso(text: str | None) -> datetime | None:
     return None if text is None else datetime.fromisoformat(text)
 
 
+def retryable(status: str, reported_failures: bool) -> bool:
+    """A task can be retried once it failed, or once it ended having reported failed
+    targets (a bind whose servers failed) that no retry took over yet."""
+    return status == "failed" or (status == "succeeded" and reported_failures)
+
+
 def not_failed(task_id: str, status: str) -> str:
     """Why a task that did not fail cannot be retried."""
-    return (f"task {task_id} is {status}, not failed: only a failed task can be retried"
+    return (f"task {task_id} is {status}, not failed: only a failed task (or one that "
+            "reported failed targets) can be retried"
             + (" (it has not ended yet)" if status in ("queued", "running") else ""))
 
 

@@ -120,10 +120,11 @@ class TaskRunner:
                 )
             else:
                 error = _not_json(spec.name, result)
-            # A succeeded row keeps no sealed value: nothing will deliver it again. A
-            # failed one keeps them, still bound to this task, for a retry (dropped when
-            # it is retried or its failure records are deleted).
-            final_args = (redact(stored_args) if error is None and has_sealed(stored_args)
+            # A row that succeeded keeps no sealed value: nothing will deliver it again.
+            # One that failed, or reported failed targets, keeps them, still bound to
+            # this task, for a retry (dropped once retried or its failure records deleted).
+            retryable = error is not None or bool(ctx.failures)
+            final_args = (redact(stored_args) if not retryable and has_sealed(stored_args)
                           else None)
             return await self._finish(
                 spec, task_id, fence, result, error, time.perf_counter() - started, final_args,

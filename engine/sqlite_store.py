@@ -33,6 +33,7 @@ from engine.models import (
     not_failed,
     parse_iso,
     project_of,
+    retryable,
 )
 from engine.redaction import redact
 from engine.sealing import has_sealed
@@ -163,10 +164,13 @@ class SqliteTaskStore(SqliteDb):
         signature: str | None, project: str, retried_by: str,
     ) -> TaskRecord:
         async with self._transaction():
-            row = await self._fetchone("SELECT status FROM tasks WHERE task_id = ?", (retry_of,))
+            row = await self._fetchone(
+                "SELECT status, EXISTS (SELECT 1 FROM failures f WHERE f.task_id = t.task_id"
+                " AND f.retried_at IS NULL) AS reported FROM tasks t WHERE task_id = ?",
+                (retry_of,))
             if row is None:
                 raise NotFound(f"no task with id {retry_of!r}", target=retry_of)
-            if row["status"] != "failed":
+            if not retryable(row["status"], bool(row["reported"])):
                 raise Conflict(not_failed(retry_of, row["status"]), code="task_not_failed",
                                target=retry_of)
             done = await self._fetchone("SELECT task_id FROM tasks WHERE retry_of = ?",
@@ -414,7 +418,8 @@ class SqliteTaskStore(SqliteDb):
         """Drop the sealed values a failed task kept for a retry (inside a transaction)."""
         for task_id in task_ids:
             row = await self._fetchone(
-                "SELECT args FROM tasks WHERE task_id = ? AND status = 'failed'", (task_id,))
+                "SELECT args FROM tasks WHERE task_id = ? AND status IN ('failed', 'succeeded')",
+                (task_id,))
             if row is not None and has_sealed(args := json.loads(row[0])):
                 await self._conn.execute("UPDATE tasks SET args = ? WHERE task_id = ?",
                                          (_dump(redact(args)), task_id))

@@ -106,12 +106,13 @@ def test_retrying_a_task_that_did_not_fail_is_refused(
     refused = alice.refused("POST", f"{TASKS}/{queued['task_id']}/retry")
     assert (refused.status_code, refused.error_code) == (409, "DEW.0409")
     assert refused.error_msg == (f"task {queued['task_id']} is queued, not failed: only a "
-                                 "failed task can be retried (it has not ended yet)")
+                                 "failed task (or one that reported failed targets) can be retried "
+                                 "(it has not ended yet)")
     done = alice.enqueue("engine.sleep", {"seconds": 0})
     alice.wait(done["task_id"], "succeeded")
     refused = alice.refused("POST", f"{TASKS}/{done['task_id']}/retry")
     assert refused.error_msg == (f"task {done['task_id']} is succeeded, not failed: only a "
-                                 "failed task can be retried")
+                                 "failed task (or one that reported failed targets) can be retried")
     assert alice.refused("POST", f"{TASKS}/nosuch/retry").status_code == 404
 
 

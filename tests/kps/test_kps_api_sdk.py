@@ -57,14 +57,16 @@ class Stack:
         ident = self.identities[who]
         return kps_client(self.api, ident.ak, ident.sk, ident.project_id)
 
-    def raw(self, who: str, method: str, path: str, body: Any = None) -> Raw:
-        """Our ``/dew/servers`` extension, built, signed and sent by the SDK's core."""
+    def raw(self, who: str, method: str, path: str, body: Any = None,
+            prefix: str = "/v3/{project_id}") -> Raw:
+        """Our extensions (``/dew/servers``; the engine's ``/v1/{project_id}/dew/...``
+        with ``prefix``), built, signed and sent by the SDK's core."""
         from tests.engine.api_echo_service.sdk import client
 
         ident = self.identities[who]
         sdk = client(self.api.url, ident.ak, ident.sk, ident.project_id, self.api.ca)
         try:
-            sdk.call(method, "/v3/{project_id}" + path, body=body)
+            sdk.call(method, prefix + path, body=body)
         except ClientRequestException as exc:
             return Raw(exc.status_code, {"error_msg": exc.error_msg})
         reply = sdk.last
@@ -108,6 +110,7 @@ async def _make_identities(settings: Settings) -> dict[str, Identity]:
             "admin": (alpha, ["DEW KeypairFullAccess"]),
             "reader": (alpha, ["DEW KeypairReadOnlyAccess"]),
             "other": (beta, ["DEW KeypairFullAccess"]),
+            "operator": (alpha, ["DEW KeypairFullAccess", "DEW TaskOperator"]),
         }
         for name, (project, roles) in plan.items():
             user = await ids.create_user(name, project.name, roles=roles)
@@ -444,3 +447,39 @@ def test_batch_associate_and_read_only_user(
         assert _wait_task(admin, reply1.task_id) == "SUCCESS_UNBIND"
     for sshd in sshds:
         assert ssh_login(sshd, key, tmp_path).returncode != 0
+
+
+def test_a_failed_bind_succeeds_when_retried_once_sshd_listens(
+    stack: Stack, sshd_pool: list[Sshd], tmp_path: Path
+) -> None:
+    """The product's failed-task report, then the fix: the server's sshd was down; it
+    is started on that port and the failed bind is retried (the engine's retry: a new
+    task with the sealed password carried over)."""
+    sshd = sshd_pool[6]
+    sshd.reset()
+    admin = stack.client("admin")
+    name = _name()
+    key = _private_file(tmp_path, _create(admin, name).private_key)
+    server = _add_server(stack, sshd)
+    sshd.stop()  # nothing listens on its port now
+    body = m.AssociateKeypairRequestBody(
+        keypair_name=name, server=_server_info(server["id"], password=sshd.user.password))
+    failed = admin.associate_keypair(m.AssociateKeypairRequest(body=body)).task_id
+    assert _wait_task(admin, failed) == "FAILED_RESET"
+
+    since = sshd.log_size()
+    sshd.start()
+    sshd.wait_listening(since)
+    engine = "/v1/{project_id}/dew"
+    retried = stack.raw("operator", "POST", f"/tasks/{failed}/retry", prefix=engine)
+    assert retried.status_code == 202, retried.body
+    again = retried.json()["task_id"]
+    assert _wait_task(admin, again) == "SUCCESS_RESET"
+    assert ssh_login(sshd, key, tmp_path).returncode == 0
+    report = stack.raw("operator", "GET", "/failures", prefix=engine).json()["failures"]
+    assert [f["retried_by"].split()[0] for f in report if f["task_id"] == failed] == [
+        f"api:operator@{stack.identities['operator'].project}"]
+
+    # A task that did not fail is not retried: the message says why.
+    refused = stack.raw("operator", "POST", f"/tasks/{again}/retry", prefix=engine)
+    assert refused.status_code == 409 and "not failed" in refused.body["error_msg"]
