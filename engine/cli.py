@@ -92,7 +92,8 @@ def build_parser(
     sub.add_parser("init", help="create the state directory and the task store")
     p = sub.add_parser("worker", help="run a worker in the foreground")
     p.add_argument("--burst", action="store_true", help="stop when the queue is empty")
-    sub.add_parser("jobs", help="list the job names this engine knows")
+    p = sub.add_parser("jobs", help="list the job names this engine knows, with their arguments")
+    p.add_argument("--json", action="store_true", help="print JSON")
 
     p = sub.add_parser("enqueue", help="enqueue a job")
     p.add_argument("name", help="job name, e.g. engine.echo")
@@ -232,8 +233,15 @@ def cmd_jobs(args: argparse.Namespace, settings: Settings) -> int:
     from engine.registry import default_registry
 
     registry = default_registry(settings)
-    for spec in registry:
+    if args.json:
+        print(json.dumps([{"name": spec.name, "description": spec.description,
+                           "fields": dict(spec.fields),
+                           "secret_fields": sorted(spec.secret_fields)} for spec in registry],
+                         indent=2))
+    for spec in registry if not args.json else ():
         print(f"{spec.name:32} {spec.description}")
+        for name, meaning in spec.fields.items():
+            print(f"    {name:28} {meaning}")
     for error in registry.unavailable.values():
         sys.stderr.write(f"dew: warning: {error.message}\n")
     return 0

@@ -8,8 +8,8 @@ arguments before anything is written; the worker builds its arq functions from i
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from engine.errors import DewError, InvalidInput, UnknownJob
@@ -34,6 +34,9 @@ class JobSpec:
     description: str = ""
     # The result may carry what the secret fields held: the task row keeps it redacted.
     secret_result: bool = False
+    # The arguments it takes: name -> "type: meaning" (optional ones say so); shown by
+    # `dew jobs` and the API's ListJobs.
+    fields: Mapping[str, str] = field(default_factory=dict)
 
 
 class Registry:
@@ -50,9 +53,11 @@ class Registry:
         secret_fields: tuple[str, ...] = (),
         description: str = "",
         secret_result: bool = False,
+        fields: Mapping[str, str] | None = None,
     ) -> Callable[[Handler], Handler]:
         """Decorator registering ``handler`` as the job ``name``. ``secret_fields``: the
-        arguments sealed whole (whatever they hold, at any depth)."""
+        arguments sealed whole (whatever they hold, at any depth); ``fields``: every
+        argument it takes, name -> "type: meaning"."""
         if not JOB_NAME.match(name):
             raise ValueError(f"job name {name!r} must look like 'domain.operation'")
 
@@ -62,7 +67,7 @@ class Registry:
             doc = (handler.__doc__ or "").strip().splitlines()
             self._jobs[name] = JobSpec(
                 name, handler, validate, frozenset(secret_fields), description or
-                (doc[0] if doc else ""), secret_result,
+                (doc[0] if doc else ""), secret_result, dict(fields or {}),
             )
             return handler
 

@@ -221,6 +221,7 @@ async def list_jobs(call: Call) -> dict[str, Any]:
     return {"jobs": [{
         "name": spec.name,
         "description": spec.description,
+        "fields": dict(spec.fields),
         "secret_fields": sorted(spec.secret_fields),
         "enqueue_action": enqueue_action(spec.name),
         "allowed": call.principal.allows(enqueue_action(spec.name)),

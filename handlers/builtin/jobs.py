@@ -50,13 +50,15 @@ def _check_fail(args: dict[str, Any]) -> None:
 
 # A free-form payload may hold anything: declared secret whole, so it is sealed in
 # transit and at rest, and the result (the same value) is kept redacted.
-@JOBS.job("engine.echo", validate=_check_echo, secret_fields=("value",), secret_result=True)
+@JOBS.job("engine.echo", validate=_check_echo, secret_fields=("value",), secret_result=True,
+          fields={"value": "any JSON: returned as the result (sealed on the way)"})
 async def echo(ctx: JobContext, args: dict[str, Any]) -> Any:
     """Return the value given (sealed on the way; the stored result is redacted)."""
     return args["value"]
 
 
-@JOBS.job("engine.sleep", validate=_check_sleep)
+@JOBS.job("engine.sleep", validate=_check_sleep,
+          fields={"seconds": f"number 0..{MAX_SLEEP:g}: how long to sleep"})
 async def sleep(ctx: JobContext, args: dict[str, Any]) -> float:
     """Sleep for the seconds given."""
     seconds = float(args["seconds"])
@@ -64,7 +66,8 @@ async def sleep(ctx: JobContext, args: dict[str, Any]) -> float:
     return seconds
 
 
-@JOBS.job("engine.flaky", validate=_check_flaky)
+@JOBS.job("engine.flaky", validate=_check_flaky,
+          fields={"failures": "number 0..100: attempts that fail transiently first"})
 async def flaky(ctx: JobContext, args: dict[str, Any]) -> dict[str, int]:
     """Fail transiently on the first N attempts, then succeed."""
     failures = int(args["failures"])
@@ -77,7 +80,9 @@ async def flaky(ctx: JobContext, args: dict[str, Any]) -> dict[str, int]:
     return {"attempts": ctx.attempt}
 
 
-@JOBS.job("engine.fail", validate=_check_fail)
+@JOBS.job("engine.fail", validate=_check_fail,
+          fields={"message": "string, optional: the error message",
+                  "target": "string, optional: what the failure record names"})
 async def fail(ctx: JobContext, args: dict[str, Any]) -> None:
     """Fail at once with a permanent error."""
     raise PermanentError(

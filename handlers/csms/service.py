@@ -929,7 +929,9 @@ def check_delete_args(args: dict[str, Any]) -> None:
         raise InvalidInput(f"{DELETE_JOB} takes no arguments")
 
 
-@JOBS.job(ROTATE_JOB, validate=check_rotate_args)
+@JOBS.job(ROTATE_JOB, validate=check_rotate_args, fields={
+    "name": "string: the secret", "account": "string, optional: the project (name)",
+    "due": "integer, optional: epoch seconds of the scheduled rotation"})
 async def rotate_secret_job(ctx: JobContext, args: dict[str, Any]) -> dict[str, Any]:
     """Rotate a secret: create, set, test, finish (resumes a rotation left halfway)."""
     service: SecretsService = await ctx.resources.get("csms")

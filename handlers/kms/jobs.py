@@ -26,6 +26,8 @@ from handlers.kms.wiring import (
     open_kms as open_kms,  # registers the crypto, kms_store, kms, sealer resources
 )
 
+ACCOUNT_FIELD = {"account": "string, optional: the project (name) owning the key"}
+
 
 def _only(args: dict[str, Any], allowed: Iterable[str], job: str) -> None:
     unknown = sorted(set(args) - set(allowed))
@@ -66,7 +68,9 @@ def _job_actor(ctx: JobContext) -> str:
     return f"job:{ctx.name}:{ctx.task_id}"
 
 
-@JOBS.job("kms.schedule_key_deletion", validate=check_schedule_args)
+@JOBS.job("kms.schedule_key_deletion", validate=check_schedule_args,
+          fields={"key": "string: key id or alias", "pending_days": "integer 7..1096",
+                  **ACCOUNT_FIELD})
 async def schedule_key_deletion_job(ctx: JobContext, args: dict[str, Any]) -> dict[str, Any]:
     """Schedule a key's deletion in 7..1096 days (state pending_deletion)."""
     kms: KmsService = await ctx.resources.get("kms")
@@ -77,7 +81,8 @@ async def schedule_key_deletion_job(ctx: JobContext, args: dict[str, Any]) -> di
     return change.to_json()
 
 
-@JOBS.job("kms.cancel_key_deletion", validate=check_cancel_args)
+@JOBS.job("kms.cancel_key_deletion", validate=check_cancel_args,
+          fields={"key": "string: key id or alias", **ACCOUNT_FIELD})
 async def cancel_key_deletion_job(ctx: JobContext, args: dict[str, Any]) -> dict[str, Any]:
     """Cancel a scheduled key deletion (the key comes back disabled)."""
     kms: KmsService = await ctx.resources.get("kms")
@@ -106,7 +111,8 @@ async def delete_due_keys(
     return report.to_json()
 
 
-@JOBS.job("kms.rotate_key", validate=check_rotate_args)
+@JOBS.job("kms.rotate_key", validate=check_rotate_args,
+          fields={"key": "string: key id or alias", **ACCOUNT_FIELD})
 async def rotate_key_job(ctx: JobContext, args: dict[str, Any]) -> dict[str, Any]:
     """Rotate a KMS-generated AES_256 key now (a new version; old data still decrypts)."""
     kms: KmsService = await ctx.resources.get("kms")

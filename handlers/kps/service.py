@@ -997,6 +997,22 @@ async def _record_binding(ctx: JobContext, kps: KpsService, plan: Plan,
         await kps.store.unbind_all_on(server.server_id, keep=record.keypair_id)
 
 
+_COMMON_FIELDS = {
+    "keypair": "string: the key pair", "servers": "list of strings: registered servers",
+    "account": "string, optional: the project (name)",
+    "user": "string, optional: the owner of a user-scope key pair",
+}
+JOB_FIELDS = {
+    "bind": {**_COMMON_FIELDS, "auth": "object {password | private_key}: the login (sealed)",
+             "disable_pw_login": "boolean, optional: turn password login off"},
+    "replace": {**_COMMON_FIELDS, "auth": "object {private_key}: the old pair's key (sealed)"},
+    "reset": {**_COMMON_FIELDS, "auth": "object {password}: the login (sealed)",
+              "disable_pw_login": "boolean, optional: turn password login off"},
+    "unbind": {**_COMMON_FIELDS, "auth": "object {private_key}: the login (sealed)",
+               "enable_pw_login": "boolean, optional: turn password login on"},
+}
+
+
 def _job(op: str) -> None:
     async def handler(ctx: JobContext, args: dict[str, Any]) -> dict[str, Any]:
         return await run_operation(ctx, args, op)
@@ -1007,7 +1023,8 @@ def _job(op: str) -> None:
         "reset": "Install a key pair when the old private key is lost (auth: password).",
         "unbind": "Remove a key pair from servers (optionally turn password login on).",
     }[op]
-    JOBS.job(f"kps.{op}", validate=_validator(op), secret_fields=("auth",))(handler)
+    JOBS.job(f"kps.{op}", validate=_validator(op), secret_fields=("auth",),
+             fields=JOB_FIELDS[op])(handler)
 
 
 for _op in OPERATIONS:

@@ -109,3 +109,20 @@ def test_dew_schedules_list(settings: Settings) -> None:
     assert text.returncode == 0
     assert text.stdout.splitlines()[1].split()[:3] == [  # the tests' sweeper: every second
         "engine.sweep_outbox", "every", "second"]
+
+
+def test_every_job_that_needs_arguments_names_them(settings: Settings) -> None:
+    """`dew jobs` and the API's ListJobs show each job's argument fields."""
+    from engine.errors import InvalidInput
+    from engine.registry import default_registry
+
+    registry = default_registry(settings)
+    for spec in registry:
+        try:
+            if spec.validate is not None:
+                spec.validate({})
+        except InvalidInput:
+            assert spec.fields, f"{spec.name} takes arguments but declares no fields"
+    listed = {j["name"]: j for j in json.loads(run_dew(settings, "jobs", "--json").stdout)}
+    assert {"keypair", "servers", "auth", "disable_pw_login"} <= set(listed["kps.bind"]["fields"])
+    assert listed["kps.bind"]["secret_fields"] == ["auth"]
