@@ -11,22 +11,18 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import os
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
 from engine.crypto import HsmConfig
 from engine.redis_server import RedisServer
-from engine.settings import Settings, load_settings
-from tests.api_process import ApiProcess, sdk_home
-from tests.conftest import TEST_SETTINGS
+from tests.api_process import ApiStack as Stack
+from tests.api_process import api_stack
 from tests.csms.conftest import PgCluster, pg_login
-from tests.helpers import WorkerProcess, link_shared_token, run_dew
 
 pytestmark = pytest.mark.slow
 
@@ -36,91 +32,19 @@ ClientRequestException = sdk_exceptions.ClientRequestException
 m = csms_models
 
 
-@dataclass
-class Identity:
-    user: str
-    project: str
-    project_id: str
-    ak: str
-    sk: str
-
-
-@dataclass
-class Stack:
-    settings: Settings
-    api: ApiProcess
-    identities: dict[str, Identity]
-    tmp: Any
-
-    def client(self, who: str) -> Any:
-        ident = self.identities[who]
-        return csms_client(self.api, ident.ak, ident.sk, ident.project_id)
-
-
-def csms_client(api: ApiProcess, ak: str, sk: str, project_id: str) -> Any:
-    """``huaweicloudsdkcsms`` as its users build it, trusting our ``ca.pem``."""
-    from huaweicloudsdkcore.auth.credentials import BasicCredentials
-    from huaweicloudsdkcore.http.http_config import HttpConfig
-    from huaweicloudsdkcsms.v1 import CsmsClient
-
-    config = HttpConfig.get_default_config()
-    config.ssl_ca_cert = str(api.ca)
-    config.timeout = (10, 60)
-    return (CsmsClient.new_builder()
-            .with_credentials(BasicCredentials(ak, sk, project_id))
-            .with_http_config(config)
-            .with_endpoints([api.url])
-            .build())
-
-
-async def _make_identities(settings: Settings) -> dict[str, Identity]:
-    from engine.iam.service import Identities
-
-    ids = await Identities.open(settings)
-    try:
-        out: dict[str, Identity] = {}
-        alpha = await ids.create_project("alpha")
-        beta = await ids.create_project("beta")
-        plan = {
-            "admin": (alpha, ["CSMS FullAccess"]),
-            "reader": (alpha, ["CSMS ReadOnlyAccess"]),
-            "other": (beta, ["CSMS FullAccess"]),
-        }
-        for name, (project, roles) in plan.items():
-            user = await ids.create_user(name, project.name, roles=roles)
-            key, sk = await ids.create_access_key(user.name)
-            out[name] = Identity(name, project.name, project.project_id, key.access_key, sk)
-        return out
-    finally:
-        await ids.close()
+PLAN = {
+    "admin": ("alpha", ["CSMS FullAccess"], ()),
+    "reader": ("alpha", ["CSMS ReadOnlyAccess"], ()),
+    "other": ("beta", ["CSMS FullAccess"], ()),
+}
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer,
           hsm_config: HsmConfig) -> Iterator[Stack]:
-    tmp = tmp_path_factory.mktemp("csms-api")
-    home = os.environ.get("HOME")
-    sdk_home(tmp / "home")
-    if not redis_server.ping():
-        redis_server.start()
-    settings = load_settings().replace(
-        engine={"state_dir": tmp / "var"},
-        redis={"url": redis_server.url, "queue": f"arq:queue:{uuid.uuid4().hex[:12]}"},
-        csms={"db_timeout": 5.0},
-        **TEST_SETTINGS,
-    )
-    settings = link_shared_token(settings, hsm_config)
-    assert run_dew(settings, "init").returncode == 0
-    identities = asyncio.run(_make_identities(settings))
-    worker = WorkerProcess(settings, tmp / "worker.out").start()
-    api = ApiProcess(settings, tmp / "api.out").start()
-    try:
-        yield Stack(settings, api, identities, tmp)
-    finally:
-        api.stop()
-        worker.stop()
-        if home is not None:
-            os.environ["HOME"] = home
+    with api_stack(tmp_path_factory.mktemp("csms-api"), redis_server, hsm_config, PLAN,
+                   csms_models.CsmsClient, csms={"db_timeout": 5.0}) as made:
+        yield made
 
 
 def _name(prefix: str = "s") -> str:

@@ -7,7 +7,6 @@ store as ``dew iam`` makes them.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import hmac
@@ -17,7 +16,6 @@ import sqlite3
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -30,10 +28,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding
 
 from engine.crypto import HsmConfig
 from engine.redis_server import RedisServer
-from engine.settings import Settings, load_settings
-from tests.api_process import ApiProcess, kms_client, sdk_home
-from tests.conftest import TEST_SETTINGS
-from tests.helpers import WorkerProcess, link_shared_token, run_dew
+from tests.api_process import ApiProcess, api_stack, kms_client
+from tests.api_process import ApiStack as Stack
+from tests.helpers import run_dew
 
 pytestmark = pytest.mark.slow
 
@@ -43,79 +40,23 @@ ClientRequestException = sdk_exceptions.ClientRequestException
 m = kms_models
 
 
-@dataclass
-class Identity:
-    user: str
-    user_id: str
-    project: str
-    project_id: str
-    ak: str
-    sk: str
-
-
-@dataclass
-class Stack:
-    settings: Settings
-    api: ApiProcess
-    identities: dict[str, Identity]
-
-    def client(self, who: str, sk: str | None = None) -> Any:
-        ident = self.identities[who]
-        return kms_client(self.api, ident.ak, sk or ident.sk, ident.project_id)
-
-
-async def _make_identities(settings: Settings) -> dict[str, Identity]:
-    from engine.iam.service import Identities
-
-    ids = await Identities.open(settings)
-    try:
-        out: dict[str, Identity] = {}
-        alpha = await ids.create_project("alpha")
-        beta = await ids.create_project("beta")
-        plan = {
-            "admin": (alpha, ["KMS Administrator"], ()),
-            "reader": (alpha, ["KMS CMKReadOnlyAccess"], ()),
-            "fenced": (alpha, ["KMS Administrator"], ("10.9.8.0/24",)),
-            "doomed": (alpha, ["KMS Administrator"], ()),
-            "demoted": (alpha, ["KMS Administrator"], ()),
-            "other": (beta, ["KMS Administrator"], ()),
-            "grantee": (beta, [], ()),
-        }
-        for name, (project, roles, cidrs) in plan.items():
-            user = await ids.create_user(name, project.name, roles=roles, cidrs=cidrs)
-            key, sk = await ids.create_access_key(user.name)
-            out[name] = Identity(name, user.user_id, project.name, project.project_id,
-                                 key.access_key, sk)
-        return out
-    finally:
-        await ids.close()
+PLAN = {
+    "admin": ("alpha", ["KMS Administrator"], ()),
+    "reader": ("alpha", ["KMS CMKReadOnlyAccess"], ()),
+    "fenced": ("alpha", ["KMS Administrator"], ("10.9.8.0/24",)),
+    "doomed": ("alpha", ["KMS Administrator"], ()),
+    "demoted": ("alpha", ["KMS Administrator"], ()),
+    "other": ("beta", ["KMS Administrator"], ()),
+    "grantee": ("beta", [], ()),
+}
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer,
           hsm_config: HsmConfig) -> Iterator[Stack]:
-    tmp = tmp_path_factory.mktemp("api")
-    home = os.environ.get("HOME")
-    sdk_home(tmp / "home")
-    if not redis_server.ping():
-        redis_server.start()
-    settings = load_settings().replace(
-        engine={"state_dir": tmp / "var"},
-        redis={"url": redis_server.url, "queue": f"arq:queue:{uuid.uuid4().hex[:12]}"},
-        **TEST_SETTINGS,
-    )
-    settings = link_shared_token(settings, hsm_config)
-    assert run_dew(settings, "init").returncode == 0
-    identities = asyncio.run(_make_identities(settings))
-    worker = WorkerProcess(settings, tmp / "worker.out").start()
-    api = ApiProcess(settings, tmp / "api.out").start()
-    try:
-        yield Stack(settings, api, identities)
-    finally:
-        api.stop()
-        worker.stop()
-        if home is not None:
-            os.environ["HOME"] = home
+    with api_stack(tmp_path_factory.mktemp("api"), redis_server, hsm_config, PLAN,
+                   kms_models.KmsClient) as made:
+        yield made
 
 
 def _alias() -> str:

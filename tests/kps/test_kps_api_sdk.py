@@ -7,13 +7,10 @@ pairs and servers. Identities are made with the identity store as ``dew iam`` do
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +18,9 @@ import pytest
 
 from engine.crypto import HsmConfig
 from engine.redis_server import RedisServer
-from engine.settings import Settings, load_settings
-from tests.api_process import ApiProcess, sdk_home
-from tests.conftest import TEST_SETTINGS
-from tests.helpers import WorkerProcess, link_shared_token, run_dew
+from tests.api_process import ApiStack as Stack
+from tests.api_process import api_stack
+from tests.helpers import run_dew
 from tests.kps.conftest import KPS_TEST_SETTINGS, Sshd, ssh_login, ssh_password_probe
 from tests.kps.sshd_servers import free_ports
 
@@ -37,116 +33,20 @@ ClientRequestException = sdk_exceptions.ClientRequestException
 PORT_FAILURE = "SSH connection failure. Check your port."
 
 
-@dataclass
-class Identity:
-    user: str
-    user_id: str
-    project: str
-    project_id: str
-    ak: str
-    sk: str
-
-
-@dataclass
-class Stack:
-    settings: Settings
-    api: ApiProcess
-    identities: dict[str, Identity]
-
-    def client(self, who: str) -> Any:
-        ident = self.identities[who]
-        return kps_client(self.api, ident.ak, ident.sk, ident.project_id)
-
-    def raw(self, who: str, method: str, path: str, body: Any = None,
-            prefix: str = "/v3/{project_id}") -> Raw:
-        """Our extensions (``/dew/servers``; the engine's ``/v1/{project_id}/dew/...``
-        with ``prefix``), built, signed and sent by the SDK's core."""
-        from tests.engine.api_echo_service.sdk import client
-
-        ident = self.identities[who]
-        sdk = client(self.api.url, ident.ak, ident.sk, ident.project_id, self.api.ca)
-        try:
-            sdk.call(method, prefix + path, body=body)
-        except ClientRequestException as exc:
-            return Raw(exc.status_code, {"error_msg": exc.error_msg})
-        reply = sdk.last
-        return Raw(reply.status_code, reply.json() if reply.content else None)
-
-
-@dataclass
-class Raw:
-    status_code: int
-    body: Any
-
-    def json(self) -> Any:
-        return self.body
-
-
-def kps_client(api: ApiProcess, ak: str, sk: str, project_id: str) -> Any:
-    """``huaweicloudsdkkps`` as its users build it, trusting our ``ca.pem``."""
-    from huaweicloudsdkcore.auth.credentials import BasicCredentials
-    from huaweicloudsdkcore.http.http_config import HttpConfig
-    from huaweicloudsdkkps.v3 import KpsClient
-
-    config = HttpConfig.get_default_config()
-    config.ssl_ca_cert = str(api.ca)
-    config.timeout = (10, 60)
-    return (KpsClient.new_builder()
-            .with_credentials(BasicCredentials(ak, sk, project_id))
-            .with_http_config(config)
-            .with_endpoints([api.url])
-            .build())
-
-
-async def _make_identities(settings: Settings) -> dict[str, Identity]:
-    from engine.iam.service import Identities
-
-    ids = await Identities.open(settings)
-    try:
-        out: dict[str, Identity] = {}
-        alpha = await ids.create_project("kalpha")
-        beta = await ids.create_project("kbeta")
-        plan = {
-            "admin": (alpha, ["DEW KeypairFullAccess"]),
-            "reader": (alpha, ["DEW KeypairReadOnlyAccess"]),
-            "other": (beta, ["DEW KeypairFullAccess"]),
-            "operator": (alpha, ["DEW KeypairFullAccess", "DEW TaskOperator"]),
-        }
-        for name, (project, roles) in plan.items():
-            user = await ids.create_user(name, project.name, roles=roles)
-            key, sk = await ids.create_access_key(user.name)
-            out[name] = Identity(name, user.user_id, project.name, project.project_id,
-                                 key.access_key, sk)
-        return out
-    finally:
-        await ids.close()
+PLAN = {
+    "admin": ("kalpha", ["DEW KeypairFullAccess"], ()),
+    "reader": ("kalpha", ["DEW KeypairReadOnlyAccess"], ()),
+    "other": ("kbeta", ["DEW KeypairFullAccess"], ()),
+    "operator": ("kalpha", ["DEW KeypairFullAccess", "DEW TaskOperator"], ()),
+}
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer,
           hsm_config: HsmConfig) -> Iterator[Stack]:
-    tmp = tmp_path_factory.mktemp("kpsapi")
-    home = os.environ.get("HOME")
-    sdk_home(tmp / "home")
-    if not redis_server.ping():
-        redis_server.start()
-    settings = load_settings().replace(
-        engine={"state_dir": tmp / "var"},
-        redis={"url": redis_server.url, "queue": f"arq:queue:{uuid.uuid4().hex[:12]}"},
-        kps=KPS_TEST_SETTINGS, **TEST_SETTINGS,
-    )
-    settings = link_shared_token(settings, hsm_config)
-    assert run_dew(settings, "init").returncode == 0
-    identities = asyncio.run(_make_identities(settings))
-    worker = WorkerProcess(settings, tmp / "worker.out").start()
-    api = ApiProcess(settings, tmp / "api.out").start()
-    try:
-        yield Stack(settings, api, identities)
-    finally:
-        api.stop()
-        worker.stop()
-        if home is not None:
-            os.environ["HOME"] = home
+    with api_stack(tmp_path_factory.mktemp("kpsapi"), redis_server, hsm_config, PLAN,
+                   m.KpsClient, kps=KPS_TEST_SETTINGS) as made:
+        yield made
 
 
 def _name(prefix: str = "kp") -> str:
