@@ -20,6 +20,16 @@ def _bad(name: str, problem: str) -> InvalidInput:
     return InvalidInput(f"{name}: {problem}", code="invalid_parameter", target=name)
 
 
+def _given(data: Mapping[str, Any], name: str, required: bool) -> Any:
+    """The field's value; ``_MISSING`` when absent or null and not required."""
+    value = data.get(name)
+    if value is None:
+        if required:
+            raise _bad(name, "is required")
+        return _MISSING
+    return value
+
+
 def body_object(body: Any) -> Mapping[str, Any]:
     """The body as a JSON object (an absent body reads as ``{}``)."""
     if body is None:
@@ -33,10 +43,8 @@ def text(
     data: Mapping[str, Any], name: str, *, required: bool = True, default: str | None = None,
     max_len: int | None = None, choices: Iterable[str] | None = None,
 ) -> str | None:
-    value = data.get(name, _MISSING)
-    if value is _MISSING or value is None:
-        if required:
-            raise _bad(name, "is required")
+    value = _given(data, name, required)
+    if value is _MISSING:
         return default
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise _bad(name, f"must be a string, got {type(value).__name__}")
@@ -61,10 +69,8 @@ def integer(
     low: int | None = None, high: int | None = None,
 ) -> int | None:
     """An integer sent as a JSON number or as a string of digits."""
-    value = data.get(name, _MISSING)
-    if value is _MISSING or value is None:
-        if required:
-            raise _bad(name, "is required")
+    value = _given(data, name, required)
+    if value is _MISSING:
         return default
     if isinstance(value, bool):
         raise _bad(name, "must be an integer, got a boolean")
@@ -92,10 +98,8 @@ def boolean(
     data: Mapping[str, Any], name: str, *, required: bool = False, default: bool | None = None,
 ) -> bool | None:
     """A JSON boolean, or the strings "true"/"false"."""
-    value = data.get(name, _MISSING)
-    if value is _MISSING or value is None:
-        if required:
-            raise _bad(name, "is required")
+    value = _given(data, name, required)
+    if value is _MISSING:
         return default
     if isinstance(value, bool):
         return value
@@ -107,10 +111,8 @@ def boolean(
 def text_list(
     data: Mapping[str, Any], name: str, *, required: bool = True, max_items: int | None = None,
 ) -> list[str] | None:
-    value = data.get(name, _MISSING)
-    if value is _MISSING or value is None:
-        if required:
-            raise _bad(name, "is required")
+    value = _given(data, name, required)
+    if value is _MISSING:
         return None
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise _bad(name, "must be a list of strings")
@@ -120,10 +122,8 @@ def text_list(
 
 
 def obj(data: Mapping[str, Any], name: str, *, required: bool = True) -> Mapping[str, Any] | None:
-    value = data.get(name, _MISSING)
-    if value is _MISSING or value is None:
-        if required:
-            raise _bad(name, "is required")
+    value = _given(data, name, required)
+    if value is _MISSING:
         return None
     if not isinstance(value, Mapping):
         raise _bad(name, "must be a JSON object")
@@ -132,10 +132,8 @@ def obj(data: Mapping[str, Any], name: str, *, required: bool = True) -> Mapping
 
 def objects(data: Mapping[str, Any], name: str, *, required: bool = True,
             max_items: int | None = None) -> list[Mapping[str, Any]] | None:
-    value = data.get(name, _MISSING)
-    if value is _MISSING or value is None:
-        if required:
-            raise _bad(name, "is required")
+    value = _given(data, name, required)
+    if value is _MISSING:
         return None
     if not isinstance(value, list) or not all(isinstance(v, Mapping) for v in value):
         raise _bad(name, "must be a list of JSON objects")
