@@ -6,7 +6,7 @@ library, redis-py, Lua scripts). A project over a rate gets 429
 (:class:`~engine.errors.Throttled`).
 
 A process takes its calls from the shared window in small batches: a rate of N
-per window takes ``max(1, N // BATCH_DIVISOR)`` at a time and spends them
+per window takes ``N // BATCH_DIVISOR`` (1 to ``BATCH_MAX``) at a time and spends them
 locally until they run out or the window they were counted in has passed. Every
 call is still counted in Redis before it is served, so all processes together
 never pass N in a window; a batch not spent in time is given up (a project may
@@ -40,7 +40,8 @@ from engine.queue import redis_settings
 from engine.settings import Settings
 
 RETRY_AFTER = 5.0  # seconds the limiter leaves Redis alone after a failure
-BATCH_DIVISOR = 50  # a rate of N takes N // 50 calls from Redis at a time
+BATCH_DIVISOR = 50  # a rate of N takes N // 50 calls from Redis at a time...
+BATCH_MAX = 50  # ...but no more (a moving window stores one entry per call)
 TIMEOUT = 0.5  # seconds: a slow Redis must not hold requests for long
 
 log = get_logger("dew.api")
@@ -129,7 +130,7 @@ class RateLimits:
             return True
         if len(self._taken) > 10_000:
             self._taken.clear()  # batches of idle projects: given up
-        batch = max(1, item.amount // BATCH_DIVISOR)
+        batch = max(1, min(BATCH_MAX, item.amount // BATCH_DIVISOR))
         # Spent within the window it is counted in (less a margin for the round trip).
         until = now + item.get_expiry() * 0.9
         if batch > 1 and await self.limiter.hit(item, bucket, project_id, cost=batch):
