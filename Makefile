@@ -65,6 +65,7 @@ lint: venv
 bench: setup bytecode
 	$(BIN)/python bench/cli_startup.py
 	$(BIN)/python bench/queue_throughput.py
+	$(BIN)/python bench/api_kms.py
 
 clean: down
 	rm -rf var
