@@ -18,7 +18,9 @@ def _check(args: dict[str, Any]) -> None:
         raise InvalidInput("'path' must be a string")
 
 
-@JOBS.job("retrytest.needs_file", validate=_check, secret_fields=("token",))
+@JOBS.job("retrytest.needs_file", validate=_check, secret_fields=("token",),
+          fields={"path": "string: the file that must exist",
+                  "token": "string, optional: a secret, to show that a retry carries it"})
 async def needs_file(ctx: JobContext, args: dict[str, Any]) -> Any:
     """Return the text of the file at path; fail while it is missing."""
     path = Path(args["path"])
