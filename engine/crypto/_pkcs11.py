@@ -26,11 +26,11 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pkcs11
 import pkcs11.exceptions as p11e
@@ -69,6 +69,7 @@ from engine.errors import (
     SecurityError,
 )
 
+T = TypeVar("T")
 INIT_TOKEN_FIX = (
     "Initialise the token with engine.crypto.init_token (the CLI's HSM set-up step), "
     "or for a vendor HSM create the token with the vendor's tools."
@@ -524,9 +525,9 @@ def objects_with_label(session: Session, label: str) -> list[Any]:
 def generate_key(session: Session, spec: KeySpec, label: str, key_id: bytes) -> KeyInfo:
     if objects_with_label(session, label):
         raise KeyExists(f"a key labelled {label!r} already exists in the HSM", target=label)
-    with translate(f"generate a {spec.value} key", label):
+    def make() -> Any:
         if spec.family in _SECRET_KEY_TYPES:
-            session.generate_key(
+            return session.generate_key(
                 _SECRET_KEY_TYPES[spec.family],
                 spec.bits,
                 label=label,
@@ -534,17 +535,19 @@ def generate_key(session: Session, spec: KeySpec, label: str, key_id: bytes) -> 
                 store=True,
                 template=secret_key_template(spec, label, key_id),
             )
-        else:
-            public, private = keypair_templates(spec, label, key_id)
-            session.generate_keypair(
-                KeyType.RSA if spec.family is KeyFamily.RSA else KeyType.EC,
-                spec.bits if spec.family is KeyFamily.RSA else None,
-                label=label,
-                id=key_id,
-                store=True,
-                public_template=public,
-                private_template=private,
-            )
+        public, private = keypair_templates(spec, label, key_id)
+        return session.generate_keypair(
+            KeyType.RSA if spec.family is KeyFamily.RSA else KeyType.EC,
+            spec.bits if spec.family is KeyFamily.RSA else None,
+            label=label,
+            id=key_id,
+            store=True,
+            public_template=public,
+            private_template=private,
+        )
+
+    with translate(f"generate a {spec.value} key", label):
+        once_more_if_nothing_made(session, {Attribute.LABEL: label}, make)
     return KeyInfo(label, key_id, spec)
 
 
@@ -884,20 +887,25 @@ def rsa_raw_decrypt(key: Any, label: str, ciphertext: bytes) -> bytes:
 # --------------------------------------------------------------------------- imported keys
 
 
-def create_object(session: Session, template: dict[Any, Any]) -> Any:
-    """C_CreateObject of a token object. SoftHSM2 now and then fails one with
-    CKR_GENERAL_ERROR while another session of the process uses the token (it re-reads
-    its object files then): when nothing of that label and class was created, the
-    create is made once more."""
+def once_more_if_nothing_made(session: Session, made: dict[Any, Any],
+                              make: Callable[[], T]) -> T:
+    """Make token objects. SoftHSM2 now and then fails C_CreateObject / C_GenerateKey
+    with CKR_GENERAL_ERROR while another session uses the token (it re-reads its object
+    files then): when no object matching ``made`` exists after the failure, it is made
+    once more; otherwise the error stands."""
     try:
-        return session.create_object(template)
+        return make()
     except p11e.GeneralError:
-        same = {Attribute.LABEL: template[Attribute.LABEL],
-                Attribute.CLASS: template[Attribute.CLASS]}
-        if list(session.get_objects(same)):
+        if list(session.get_objects(made)):
             raise
         time.sleep(0.01)
-        return session.create_object(template)
+        return make()
+
+
+def create_object(session: Session, template: dict[Any, Any]) -> Any:
+    """C_CreateObject of a token object (made once more after a spurious failure)."""
+    same = {Attribute.LABEL: template[Attribute.LABEL], Attribute.CLASS: template[Attribute.CLASS]}
+    return once_more_if_nothing_made(session, same, lambda: session.create_object(template))
 
 
 def import_secret(session: Session, spec: KeySpec, label: str, key_id: bytes,

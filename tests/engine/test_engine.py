@@ -113,6 +113,7 @@ async def test_plain_arq_clients_sign_with_the_helper(
     await wait_for(lambda: client.store.get_task("plain-1"), timeout=20)
     done = await client.wait("plain-1", timeout=20)
     assert (done.status, done.result, done.name) == ("succeeded", 0.01, "engine.sleep")
+    await wait_for(lambda: client.store.get_task("plain-2"), timeout=20)
     done = await client.wait("plain-2", timeout=20)
     assert done.status == "failed" and done.error is not None
     assert done.error["code"] == "secret_not_sealed"
