@@ -66,6 +66,8 @@ from handlers.kms.interface import (
 log = get_logger("dew.csms")
 ROTATE_JOB = "csms.rotate_secret"
 DELETE_JOB = "csms.delete_due_secrets"
+# The audit chain's operation for a read of a secret value (`dew audit list --secret`).
+READ_OPERATION = "csms.get_value"
 # Test hook: seconds to pause after step 2 (set) is recorded, so a test can
 # kill the worker between steps 2 and 4. Not a setting: DEW_TEST_* is ignored there.
 PAUSE_AFTER_SET_ENV = "DEW_TEST_CSMS_PAUSE_AFTER_SET"
@@ -236,26 +238,59 @@ class SecretsService:
         account = check_account(account)
         return [await self._info(s) for s in await self.store.list_secrets(account)]
 
+    @property
+    def principal(self) -> str:
+        """Who this service acts for, as the audit names them: ``cli:alice@host``, or
+        the API's ``api:...`` actor string (``self.actor`` without its ``csms:``)."""
+        return self.actor.removeprefix("csms:")
+
     async def get_value(
         self, name: str, *, account: str = DEFAULT_ACCOUNT, stage: str | None = None,
         version_id: str | None = None,
     ) -> SecretValue:
+        """A version's value in clear. Every read past the input checks is audited in
+        the KMS audit chain as ``csms.get_value`` (secret, version, account; the
+        principal; success or failure), written before the value is returned."""
         if stage is not None and version_id is not None:
             raise InvalidInput("give --stage or --version-id, not both")
         if stage is not None:
             m.check_stage(stage)
         if version_id is not None:
             m.check_version_id(version_id)
-        secret = await self._live(account, name, "read")
-        stages = await self.store.stages(secret.secret_id)
-        if version_id is None:
-            wanted = stage or m.CURRENT
-            version_id = stages.get(wanted)
+        detail: dict[str, Any] = {"secret": name, "version": version_id, "account": account,
+                                  "stage": stage if version_id is None else None}
+        key_id: str | None = None
+        try:
+            secret = await self._live(account, name, "read")
+            stages = await self.store.stages(secret.secret_id)
             if version_id is None:
-                raise VersionNotFound(f"no version of secret {name!r} has the stage {wanted}")
-        version = await self._version(secret, version_id)
-        value = await self._decrypt(secret, version)
+                wanted = stage or m.CURRENT
+                version_id = stages.get(wanted)
+                if version_id is None:
+                    raise VersionNotFound(
+                        f"no version of secret {name!r} has the stage {wanted}")
+            detail["version"] = version_id
+            version = await self._version(secret, version_id)
+            key_id = version.kms_key_id
+            value = await self._decrypt(secret, version)
+        except InvalidInput:
+            raise  # a malformed name or account: nothing was looked up, nothing to audit
+        except DewError as exc:
+            try:
+                await self._audit_read("failure", {**detail, "code": exc.code}, key_id)
+            except DewError as audit_error:  # the read's own error is the one to report
+                log.warning("failed secret read not audited", secret=name,
+                            error=audit_error.message)
+            raise
+        await self._audit_read("success", detail, key_id)
         return SecretValue(name, version_id, m.stages_of(stages, version_id), value)
+
+    async def _audit_read(self, outcome: str, detail: dict[str, Any], key_id: str | None
+                          ) -> None:
+        await self.kms.record_audit(READ_OPERATION, account=str(detail["account"]),
+                                    actor=self.principal, outcome=outcome,
+                                    detail={k: v for k, v in detail.items() if v is not None},
+                                    key_id=key_id)
 
     async def put_version(
         self, name: str, value: bytes, *, account: str = DEFAULT_ACCOUNT,

@@ -10,7 +10,9 @@ command gives up after ``--timeout`` seconds (default 30, exit 1); the task
 still runs when a worker starts. ``--no-wait`` only enqueues.
 
 ``dew audit verify`` exits 0 when the chain is intact and 1 with the first
-broken entry otherwise.
+broken entry otherwise. ``dew audit list`` filters by ``--key``, ``--project``,
+``--secret`` (reads of a CSMS secret's values), ``--operation``, ``--actor``
+(substring), ``--outcome`` and ``--since`` / ``--until``.
 
 Secrets are read from a file or stdin (``--plain-text-file FILE``,
 ``--private-hex-file FILE``, ``-`` for stdin), so they never appear in
@@ -25,7 +27,7 @@ import json
 import re
 import sys
 from collections.abc import Callable
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -250,11 +252,27 @@ def register(subparsers: Any, commands: dict[str, Any]) -> None:
     audit = subparsers.add_parser("audit", help="the hash-chained audit log of key operations")
     asub = audit.add_subparsers(dest="action", metavar="ACTION", required=True,
                                 parser_class=type(audit))
-    p = asub.add_parser("list", help="audit entries, oldest first (the newest --limit)")
+    p = asub.add_parser(
+        "list", help="audit entries, oldest first (the newest --limit); the filters combine",
+        description="Audit entries, oldest first (the newest --limit that match). Who read "
+        "secret db.app, and when: `dew audit list --secret db.app`.")
     p.add_argument("--key", help="only this key (id, or alias in --project)")
     p.add_argument("--project", "--account", dest="account", metavar="PROJECT",
                    help="only this project (name or id)")
-    p.add_argument("--limit", type=int, default=100)
+    p.add_argument("--secret", metavar="NAME",
+                   help="only reads of this CSMS secret's values (csms.get_value)")
+    p.add_argument("--operation", metavar="OP",
+                   help="only this operation (e.g. decrypt_datakey, csms.get_value)")
+    p.add_argument("--actor", metavar="TEXT",
+                   help="only entries whose actor (principal) contains TEXT")
+    p.add_argument("--outcome", choices=("success", "failure"),
+                   help="only entries with this outcome")
+    p.add_argument("--since", metavar="TIME",
+                   help="only entries at or after TIME (ISO 8601, UTC when no offset: "
+                   "2026-12-01 or 2026-12-01T08:00:00Z)")
+    p.add_argument("--until", metavar="TIME",
+                   help="only entries at or before TIME (ISO 8601, as --since)")
+    p.add_argument("--limit", type=int, default=100, help="at most this many (1..100000)")
     p.add_argument("--json", action="store_true")
     p = asub.add_parser("verify", help="check the chain; exit 1 at the first broken entry")
     p.add_argument("--json", action="store_true")
@@ -651,14 +669,43 @@ async def cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
             check_account(args.account)
         if args.key is not None:
             check_key_ref(args.key)
+        where = audit_filter(args)
     async with open_kms(settings) as kms:
         if args.action == "list":
-            entries = await kms.audit_list(args.key, account=args.account, limit=args.limit)
+            entries = await kms.audit_list(args.key, account=args.account, limit=args.limit,
+                                           where=where)
             print_result([e.to_json() for e in entries], args.json, _audit_table)
             return 0
         verdict = await kms.audit_verify()
     print_result(verdict.to_json(), args.json, _verdict)
     return 0 if verdict.intact else 1
+
+
+def audit_filter(args: argparse.Namespace) -> Any:
+    """``dew audit list``'s filters, checked (bad input: exit 2, naming the flag)."""
+    from handlers.kms.store import AuditFilter
+
+    for flag in ("secret", "operation", "actor"):
+        value = getattr(args, flag)
+        if value is not None and (not value or len(value) > 255 or "\0" in value):
+            raise InvalidInput(f"--{flag} must be 1-255 characters")
+    since, until = parse_utc(args.since, "--since"), parse_utc(args.until, "--until")
+    if since is not None and until is not None and since > until:
+        raise InvalidInput("--since is after --until", fix="Swap them.")
+    return AuditFilter(secret=args.secret, operation=args.operation, actor=args.actor,
+                       outcome=args.outcome, since=since, until=until)
+
+
+def parse_utc(text: str | None, flag: str) -> datetime | None:
+    """ISO 8601; no offset means UTC; ``Z`` is accepted; a date alone is its midnight."""
+    if text is None:
+        return None
+    try:
+        when = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise InvalidInput(f"{flag} must be an ISO 8601 time, got {text[:40]!r}",
+                           fix=f"For example {flag} 2026-12-01T08:00:00Z.") from None
+    return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
 
 
 # --------------------------------------------------------------------------- output
@@ -718,8 +765,16 @@ def _audit_table(entries: list[dict[str, Any]]) -> str:
         lines.append(
             f"{e['seq']:>6}  {e['time'][:19].replace('T', ' '):19}  {_cut(e['account'], 12):12} "
             f"{e['operation']:32} {e['outcome']:9} {_text(e['key_id'])[:36]:36}  {e['actor']}"
+            + _subject(e.get("detail"))
         )
     return "\n".join(lines)
+
+
+def _subject(detail: Any) -> str:
+    """A secret read's secret and version, after the actor."""
+    if not isinstance(detail, dict) or "secret" not in detail:
+        return ""
+    return f"  secret {detail['secret']} {detail.get('version') or '-'}"
 
 
 def _verdict(v: dict[str, Any]) -> str:

@@ -1,7 +1,8 @@
 """What other services may use of the KMS, and nothing more.
 
 CSMS and KPS need "encrypt under a KMS key" (data keys, random bytes) and
-"seal/open" job arguments; they reach the KMS only through this module (an
+"seal/open" job arguments, and CSMS "record an audit entry" (who read a secret
+value); they reach the KMS only through this module (an
 import contract in ``pyproject.toml`` checks it). In a worker the KMS is the
 resource ``kms`` (a :class:`KeyCipher`) and the sealer the resource ``sealer``.
 """
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_ACCOUNT",
     "SEAL_KEY",
+    "AuditRecorder",
     "KeyCipher",
     "KmsSealer",
     "check_account",
@@ -36,8 +38,24 @@ SEAL_KEY = "kps/default"
 SEALING_ACTOR = "engine.sealing"
 
 
-class KeyCipher(Protocol):
-    """Data keys, encrypt-data and random bytes under a KMS key (``KmsService`` is one)."""
+class AuditRecorder(Protocol):
+    """An entry in the KMS's hash-chained audit log for another service's operation.
+
+    ``operation`` is ``SERVICE.NAME`` (``csms.get_value``); ``actor`` the principal
+    (``cli:alice@host``, or the API's ``api:...`` actor string); ``outcome`` ``success``
+    or ``failure``; ``detail`` what ``dew audit list`` shows and filters on (``secret``
+    is matched by ``--secret``); ``key_id`` the KMS key involved, if any. Written before
+    it returns (it raises if the entry cannot be written)."""
+
+    async def record_audit(
+        self, operation: str, *, account: str, actor: str, outcome: str,
+        detail: dict[str, Any], key_id: str | None = ...,
+    ) -> None: ...
+
+
+class KeyCipher(AuditRecorder, Protocol):
+    """Data keys, encrypt-data and random bytes under a KMS key (``KmsService`` is one),
+    and :class:`AuditRecorder`."""
 
     async def create_datakey(
         self, key: str, length_bits: int = ..., *, account: str = ..., actor: str | None = ...,

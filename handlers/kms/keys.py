@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
+from typing import Any
 
 from engine.crypto import KeySpec
 from engine.crypto.model import KeyFamily
@@ -10,7 +12,7 @@ from engine.errors import DewError, InvalidInput
 from engine.logs import get_logger
 from engine.models import iso
 from handlers.kms.byok_ops import KeyImport
-from handlers.kms.core import AuditOp, KmsCore, not_found
+from handlers.kms.core import AuditOp, KmsCore, _short, not_found
 from handlers.kms.errors import AliasExists, DefaultKeyProtected, ImportInProgress
 from handlers.kms.format import (
     DEFAULT_ACCOUNT,
@@ -36,9 +38,12 @@ from handlers.kms.results import (
     KeyMetadata,
     KeyPage,
 )
-from handlers.kms.store import AuditEntry, AuditEvent, AuditVerdict, KeyRecord
+from handlers.kms.store import AuditEntry, AuditEvent, AuditFilter, AuditVerdict, KeyRecord
 
 log = get_logger("dew.kms")
+
+# Another service's audited operation: ``csms.get_value`` (never a bare KMS word).
+OTHER_OPERATION = re.compile(r"^[a-z][a-z0-9_]{0,31}\.[a-z][a-z0-9_.]{0,63}$")
 
 # The states in which a key's alias, description, tags and grants may change.
 CHANGEABLE = (KeyState.ENABLED.value, KeyState.DISABLED.value, KeyState.PENDING_IMPORT.value)
@@ -306,10 +311,31 @@ class KeyManagement:
                 count += 1
         return count
 
+    async def record_audit(
+        self, operation: str, *, account: str, actor: str, outcome: str,
+        detail: dict[str, Any], key_id: str | None = None,
+    ) -> None:
+        """An entry in the audit chain for another service's operation (``csms.get_value``:
+        who read which secret version). Written before returning: an operation whose
+        audit cannot be written fails (a value is not handed out unaudited)."""
+        service, _, name = operation.partition(".")
+        if not (service and name and OTHER_OPERATION.match(operation)):
+            raise InvalidInput(f"an audited operation of another service is SERVICE.NAME, "
+                               f"got {operation[:60]!r}")
+        if outcome not in ("success", "failure"):
+            raise InvalidInput(f"outcome must be success or failure, got {outcome[:20]!r}")
+        await self.core.record(AuditEvent(
+            self.core.clock(), _short(account) or "", _short(actor) or self.core.actor,
+            operation, _short(key_id), outcome,
+            {k: _short(v) if isinstance(v, str) else v for k, v in detail.items()}))
+        await self.core.flush_audit()
+
     async def audit_list(
-        self, key: str | None = None, *, account: str | None = None, limit: int = 100
+        self, key: str | None = None, *, account: str | None = None, limit: int = 100,
+        where: AuditFilter | None = None,
     ) -> list[AuditEntry]:
-        """Audit entries, oldest first (the newest ``limit``); ``key`` is an id or an alias."""
+        """Audit entries, oldest first (the newest ``limit``); ``key`` is an id or an alias;
+        ``where`` narrows them further (secret, operation, actor, outcome, time range)."""
         if not 1 <= limit <= 100_000:
             raise InvalidInput(f"limit must be between 1 and 100000, got {limit}")
         if account is not None:
@@ -327,7 +353,8 @@ class KeyManagement:
                     raise not_found(ref, account or DEFAULT_ACCOUNT)
                 key_id = found.key_id
         await self.core.flush_audit()
-        return await self.core.store.list_audit(key_id=key_id, account=account, limit=limit)
+        return await self.core.store.list_audit(key_id=key_id, account=account, limit=limit,
+                                                where=where)
 
     async def audit_verify(self) -> AuditVerdict:
         await self.core.flush_audit()

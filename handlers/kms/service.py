@@ -63,6 +63,7 @@ class KmsService:
         self.delete_due_keys = keys.delete_due_keys
         self.audit_list = keys.audit_list
         self.audit_verify = keys.audit_verify
+        self.record_audit = keys.record_audit
 
         self.create_datakey = data.create_datakey
         self.create_datakey_without_plaintext = data.create_datakey_without_plaintext

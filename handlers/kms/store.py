@@ -214,6 +214,42 @@ class AuditEntry:
 
 
 @dataclass(frozen=True)
+class AuditFilter:
+    """What ``dew audit list`` narrows the entries to (every field optional, all ANDed):
+    ``secret`` (a CSMS secret's name, ``detail.secret``), ``operation`` (exact),
+    ``actor`` (a substring), ``outcome`` (exact), ``since`` / ``until`` (inclusive)."""
+
+    secret: str | None = None
+    operation: str | None = None
+    actor: str | None = None
+    outcome: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+
+    def sql(self) -> tuple[list[str], list[Any]]:
+        clauses: list[str] = []
+        params: list[Any] = []
+        if self.secret is not None:
+            clauses.append("json_extract(detail, '$.secret') = ?")
+            params.append(self.secret)
+        for column, value in (("operation", self.operation), ("outcome", self.outcome)):
+            if value is not None:
+                clauses.append(f"{column} = ?")
+                params.append(value)
+        if self.actor is not None:
+            clauses.append("instr(actor, ?) > 0")
+            params.append(self.actor)
+        # Times are stored as ISO 8601 UTC with microseconds: text order is time order.
+        if self.since is not None:
+            clauses.append("time >= ?")
+            params.append(iso(self.since))
+        if self.until is not None:
+            clauses.append("time <= ?")
+            params.append(iso(self.until))
+        return clauses, params
+
+
+@dataclass(frozen=True)
 class AuditVerdict:
     intact: bool
     entries: int
@@ -434,7 +470,8 @@ class KmsStore(Protocol):
         one transaction."""
 
     async def list_audit(
-        self, key_id: str | None = None, account: str | None = None, limit: int = 100
+        self, key_id: str | None = None, account: str | None = None, limit: int = 100,
+        *, where: AuditFilter | None = None,
     ) -> list[AuditEntry]: ...
 
     async def verify_audit(self) -> AuditVerdict:
@@ -1234,17 +1271,23 @@ class SqliteKmsStore(SqliteDb):
                 await self._append(events, batch)
 
     async def list_audit(
-        self, key_id: str | None = None, account: str | None = None, limit: int = 100
+        self, key_id: str | None = None, account: str | None = None, limit: int = 100,
+        *, where: AuditFilter | None = None,
     ) -> list[AuditEntry]:
-        clauses, params = [], []
+        clauses: list[str] = []
+        params: list[Any] = []
         for column, value in (("key_id", key_id), ("account", account)):
             if value is not None:
                 clauses.append(f"{column} = ?")
                 params.append(value)
-        where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
+        if where is not None:
+            more, values = where.sql()
+            clauses += more
+            params += values
+        sql_where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
         async with self._locked():
             rows = await self._fetchall(
-                f"SELECT {AUDIT_COLUMNS} FROM (SELECT {AUDIT_COLUMNS} FROM audit {where} "
+                f"SELECT {AUDIT_COLUMNS} FROM (SELECT {AUDIT_COLUMNS} FROM audit {sql_where} "
                 "ORDER BY seq DESC LIMIT ?) ORDER BY seq", (*params, limit),
             )
         return [_entry(r) for r in rows]

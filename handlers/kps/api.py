@@ -32,6 +32,7 @@ from engine.store import TaskStore, open_store
 from handlers.kms.interface import SEAL_KEY
 from handlers.kps import keys as ssh_keys
 from handlers.kps.service import (
+    ALL_FAILED,
     INCONSISTENT,
     TOO_MANY,
     BatchError,
@@ -503,6 +504,8 @@ async def disassociate_keypair(call: Call) -> Any:
 
 
 def _task_status(task: TaskRecord) -> str:
+    """FAILED_* when the task failed (every server failed, or the batch was refused)
+    and when some of its servers failed (``partially_failed``); SUCCESS_* otherwise."""
     word = STATUS_WORD[task.status]
     if task.status == "succeeded" and isinstance(task.result, Mapping) \
             and task.result.get("failed"):
@@ -591,7 +594,11 @@ async def _failures(call: Call) -> list[tuple[FailureRecord, TaskRecord]]:
 async def list_failed_tasks(call: Call) -> Any:
     limit, offset = _page(call)
     kps = await _kps(call)
-    failures = await _failures(call)
+    # One row per failed server: the task-level summary of a batch whose every server
+    # failed (code kps_all_servers_failed, no target) repeats them, so it is left out
+    # (DeleteFailedTask by task id still deletes it with the others).
+    failures = [(failure, task) for failure, task in await _failures(call)
+                if failure.code != ALL_FAILED]
     rows = []
     for failure, task in failures[offset:offset + limit]:
         servers = _servers_of(task)

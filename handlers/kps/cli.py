@@ -7,7 +7,9 @@ on stderr and exit 2, and stores nothing. ``bind``, ``replace``, ``reset`` and
 ``unbind`` seal the credential under ``kps/default``, enqueue the job, wait
 for a worker (a progress bar on a terminal) and print one line per server;
 they exit 0 when every server succeeded and 1 otherwise (each failed server
-has a failure record: ``dew failures list --operation kps.bind``).
+has a failure record: ``dew failures list --operation kps.bind``). A batch whose
+every server failed is a ``failed`` task; one where some failed ``succeeded`` with
+``partially_failed: true``; both print one line per server (docs/kps.md).
 """
 
 from __future__ import annotations
@@ -362,7 +364,7 @@ def _convert(args: argparse.Namespace, convert: Callable[..., bytes]) -> int:
 async def _run_job(args: argparse.Namespace, settings: Settings, who: dict[str, str]) -> int:
     from engine.client import Client
     from engine.registry import default_registry
-    from handlers.kps.service import check_name, open_kps
+    from handlers.kps.service import ALL_FAILED, check_name, open_kps
 
     for server in args.server:
         check_name(server, "server")
@@ -398,27 +400,41 @@ async def _run_job(args: argparse.Namespace, settings: Settings, who: dict[str, 
                 return 0
             task = await _wait(client, kps, task.task_id, len(set(args.server)), args)
         failures = await client_failures(settings, task.task_id)
+        record = await kps.get(args.name, **who)
+    servers = {name: row for name, row in failures.items() if name}
     if task.status != "succeeded":
+        if task.status == "failed" and (task.error or {}).get("code") == ALL_FAILED:
+            # Every server failed: the task failed; each server has its failure record.
+            result = {"operation": args.action, "keypair": record.name,
+                      "fingerprint": record.fingerprint, "task_id": task.task_id,
+                      "status": "failed", "error": task.error,
+                      "servers": [{"server": name, "status": "failed", **row}
+                                  for name, row in servers.items()],
+                      "succeeded": 0, "failed": len(servers), "partially_failed": False}
+            print_result(result, args.json, _result_text)
+            return 1
         error = DewError.from_dict(task.error or {"message": f"task {task.task_id} failed"})
         if args.json:
             print_result({"task_id": task.task_id, "status": task.status, "error": task.error},
                    True, str)
             return 1
         raise error
-    result = {**(task.result or {}), "task_id": task.task_id}
+    result = {**(task.result or {}), "task_id": task.task_id, "status": task.status}
     for row in result.get("servers", []):
-        if row["status"] == "failed" and row["server"] in failures:
-            row["failure_id"] = failures[row["server"]]
+        if row["status"] == "failed" and row["server"] in servers:
+            row["failure_id"] = servers[row["server"]]["failure_id"]
     print_result(result, args.json, _result_text)
     return 0 if result.get("failed", 0) == 0 else 1
 
 
-async def client_failures(settings: Settings, task_id: str) -> dict[str, str]:
+async def client_failures(settings: Settings, task_id: str) -> dict[str, dict[str, str]]:
+    """The task's failure records by target ("" for the task-level one)."""
     from engine.store import open_store
 
     store = await open_store(settings)
     try:
-        return {f.target or "": f.failure_id for f in await store.list_failures(task_id=task_id)}
+        return {f.target or "": {"failure_id": f.failure_id, "code": f.code, "error": f.error}
+                for f in await store.list_failures(task_id=task_id)}
     finally:
         await store.close()
 
@@ -465,6 +481,13 @@ def _result_text(d: dict[str, Any]) -> str:
             lines.append(f"  {row['server']:24} FAILED  {row['error']} "
                          f"(dew failures show {row.get('failure_id', '?')})")
     lines.append(f"{d['succeeded']} succeeded, {d['failed']} failed")
+    if d.get("status") == "failed":
+        lines.append(f"task {d['task_id']} FAILED: every server failed "
+                     f"(dew failures list --task-id {d['task_id']})")
+    elif d.get("partially_failed"):
+        lines.append(f"task {d['task_id']} PARTIALLY FAILED: {d['failed']} of "
+                     f"{d['succeeded'] + d['failed']} servers failed "
+                     f"(retry them: dew tasks retry {d['task_id']})")
     return "\n".join(lines)
 
 

@@ -37,9 +37,14 @@ async def run(settings: Settings, say: Callable[[str], None]) -> None:
         async with await Client.open(settings) as client:
             task = await client.enqueue("kps.bind", args)
             done = await client.wait(task.task_id, timeout=60)
-            result = done.result or {}
-            say(f"  task {done.task_id}: {result.get('succeeded')} succeeded, "
-                f"{result.get('failed')} failed")
+            if done.status == "failed":
+                # Its only server failed: the task failed (docs/kps.md, "Task states").
+                say(f"  task {done.task_id}: failed: "
+                    f"{(done.error or {}).get('message', 'failed')}")
+            else:
+                result = done.result or {}
+                say(f"  task {done.task_id}: {done.status}, {result.get('succeeded')} "
+                    f"succeeded, {result.get('failed')} failed")
             records = await client.store.list_failures(task_id=done.task_id)
             say("\n== dew failures list --operation kps.bind (this run)")
             say(render.failure_table([r.to_json() for r in records]))

@@ -27,9 +27,16 @@ proves it before the key goes, and counts the key gone only once it read the fil
 again; password login on/off is proven from what sshd offers and from ``sshd -T``.
 Every file written is journaled (:class:`Journal`) and put back if any later step
 fails. A server that fails gets its own failure record and leaves the others going.
-The task itself succeeds with a per-server result (``pw_login_state``: not named like
-a password, which the engine's redaction would hide) unless the batch is refused as
-a whole (bad input, batch over the limit, inconsistent batch).
+The task's state tells the truth about the batch (docs/kps.md, "Task states"):
+
+- every server succeeded: ``succeeded``, ``partially_failed: false``;
+- some failed: ``succeeded`` with ``partially_failed: true``, ``failed`` > 0 and the
+  per-server results (``pw_login_state``: not named like a password, which the
+  engine's redaction would hide);
+- every server failed: ``failed``, with a :class:`BatchFailed` summary ("all N servers
+  failed", code ``kps_all_servers_failed``, target None) beside the per-server records;
+- the batch refused as a whole (bad input, batch over the limit, inconsistent batch):
+  ``failed``, one record with target None.
 """
 
 from __future__ import annotations
@@ -104,6 +111,8 @@ TOO_MANY = "Too many key pairs to be bound in batches."
 INCONSISTENT = "Key pairs to be bound in batches are inconsistent."
 OS_NOT_SUPPORTED = "ECS OS not supported."
 RELOAD_SETTLE_ATTEMPTS = 4
+# The code of the task-level failure record of a batch whose every server failed.
+ALL_FAILED = "kps_all_servers_failed"
 
 
 def invalid(cause: str, fix: str = "Check the call.") -> InvalidInput:
@@ -128,6 +137,14 @@ class ServerNotFound(NotFound):
 
 
 class BatchError(PermanentError):
+    category = "batch"
+
+
+class BatchFailed(PermanentError):
+    """Every server of a batch failed: the task fails with this summary (target None);
+    the per-server failure records carry the product messages."""
+
+    code = ALL_FAILED
     category = "batch"
 
 
@@ -592,8 +609,25 @@ async def run_operation(ctx: JobContext, args: dict[str, Any], op: str) -> dict[
         raise errors.exceptions[0] from None  # e.g. a store error: the engine retries it
     results = [t.result() for t in running]
     failed = sum(1 for r in results if r["status"] == "failed")
+    if results and failed == len(results):
+        raise all_failed(op, results)
     return {"operation": op, "keypair": record.name, "fingerprint": record.fingerprint,
-            "servers": list(results), "succeeded": len(results) - failed, "failed": failed}
+            "servers": list(results), "succeeded": len(results) - failed, "failed": failed,
+            "partially_failed": failed > 0}
+
+
+def all_failed(op: str, results: list[dict[str, Any]]) -> BatchFailed:
+    """The task-level error of a batch whose every server failed (the task ends
+    ``failed``); each server keeps its own failure record with the product message."""
+    n = len(results)
+    what = "the server" if n == 1 else f"all {n} servers"
+    detail = "; ".join(f"{r['server']}: {r['error']}" for r in results[:5])
+    if n > 5:
+        detail += f"; ... ({n - 5} more)"
+    return BatchFailed(f"kps.{op}: {what} failed ({n} of {n})",
+                       cause=detail,
+                       fix="See each server's failure record (`dew failures list --task-id "
+                       "TASK`), fix the cause, then `dew tasks retry TASK`.")
 
 
 async def _with_retries(ctx: JobContext, config: KpsSettings,

@@ -81,7 +81,8 @@ def test_cli_round_trip(settings: Settings, tmp_path: Path) -> None:
     gone = run_dew(settings, "secrets", "delete", "cli.s", "--recovery-days", "7")
     assert gone.returncode == 0 and "pending_deletion" in gone.stdout
     blocked = run_dew(settings, "secrets", "get", "cli.s")
-    assert blocked.returncode == 2 and "pending deletion" in blocked.stderr
+    # Refused by the secret's state: exit 1 in the exit-code table (docs/cli.md).
+    assert blocked.returncode == 1 and "pending deletion" in blocked.stderr
     assert run_dew(settings, "secrets", "restore", "cli.s").returncode == 0
     assert run_dew(settings, "secrets", "get", "cli.s").stdout == data["value"]
 

@@ -23,6 +23,7 @@ from engine.redis_server import RedisServer
 from tests.api_process import ApiStack as Stack
 from tests.api_process import api_stack
 from tests.csms.conftest import PgCluster, pg_login
+from tests.helpers import run_dew
 
 pytestmark = pytest.mark.slow
 
@@ -333,3 +334,28 @@ def test_bad_input_is_400_naming_the_field_and_writes_nothing(stack: Stack) -> N
     assert [v.id for v in versions.version_metadatas] == ["v1"]
     # A taken name is a conflict.
     assert _refused(lambda: _create(c, name)).status_code == 409
+
+
+def test_a_value_read_through_the_api_is_audited_with_the_caller(stack: Stack) -> None:
+    """ShowSecretVersion with a value: `dew audit list --secret NAME` names the API
+    caller (user, project, access key, request id) and the version; a refused read
+    (the read-only user: 403 before any value is touched) is not a read."""
+    admin = stack.client("admin")
+    name = _name("audited")
+    _create(admin, name)
+    assert _value(admin, name).secret_string == "hunter2-value"
+    assert _refused(lambda: _value(admin, name, "v7")).status_code == 404
+    _refused(lambda: _value(stack.client("reader"), name))
+    done = run_dew(stack.settings, "audit", "list", "--secret", name, "--json")
+    assert done.returncode == 0, done.stderr
+    entries = json.loads(done.stdout)
+    ident = stack.identities["admin"]
+    assert [(e["operation"], e["outcome"], e["detail"].get("version")) for e in entries] == [
+        ("csms.get_value", "success", "v1"), ("csms.get_value", "failure", "v7")]
+    for entry in entries:
+        assert entry["actor"].startswith(f"api:{ident.user}@{ident.project} ak={ident.ak}")
+        assert " request=" in entry["actor"], entry
+        assert entry["detail"]["secret"] == name and entry["account"] == ident.project
+    mine = run_dew(stack.settings, "audit", "list", "--secret", name, "--actor",
+                   f"api:{ident.user}@", "--outcome", "success", "--json")
+    assert [e["detail"]["version"] for e in json.loads(mine.stdout)] == ["v1"]

@@ -110,7 +110,10 @@ def test_password_off_only_with_a_proven_key(
     assert not b.authorized_keys.exists()
     failures = json.loads(run_dew(s, "failures", "list", "--task-id", str(result["task_id"]),
                                   "--json").stdout)
-    assert "private key" in failures[0]["cause"], failures
+    # The server's record (the task failed too: its task-level record only summarises).
+    server_records = [f for f in failures if f["target"] == "b"]
+    assert len(server_records) == 1, failures
+    assert "private key" in server_records[0]["cause"], failures
 
     # The engine writes ~/.ssh/authorized_keys; this sshd reads authorized_keys_<port>.
     key = tmp_path / "m"
