@@ -1,9 +1,12 @@
-"""The ``dew`` command line.
+"""The ``dew`` command line (docs/cli.md).
 
-Exit codes: 0 success; 1 the operation failed (a task failed, a backend is
-down); 2 bad input (unknown job, bad JSON, unknown id, unreadable config), in
-which case nothing was written. Errors are one line on stderr, never a
-traceback; ``--json`` prints machine-readable output on stdout.
+Exit codes (``engine.errors.exit_code``, the one mapping): 0 success; 1 the
+operation failed or its target's state refused it (a task failed, a name is
+taken, a backend is down); 2 bad input or an unknown object (unknown job, bad
+JSON, unknown id, unreadable config), in which case nothing was written; 130
+interrupted. Errors are one line on stderr (two with a ``fix:``), never a
+traceback; with ``--json`` they are one JSON line ``{"error": {"code", "message",
+"fix"}}`` on stderr, and results are JSON on stdout.
 """
 
 from __future__ import annotations
@@ -15,7 +18,15 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 
 from engine import render
-from engine.errors import DewError, InvalidInput, NotFound
+from engine.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_INTERRUPTED,
+    ConfigError,
+    DewError,
+    InvalidInput,
+    NotFound,
+    exit_code,
+)
 from engine.private import private_umask
 from engine.services import ServiceSpec, configured_packages, load_part, load_specs
 
@@ -25,11 +36,12 @@ if TYPE_CHECKING:
     from typing import Any, NoReturn
 
     from engine.settings import Settings
+    from engine.store import TaskStore
 
 Command = Callable[[argparse.Namespace, "Settings"], Awaitable[int] | int]
 # Kept in step with engine.models.TASK_STATUSES (a test checks): importing the
 # models here would cost every `dew --help` the dataclasses machinery.
-TASK_STATUSES = ("queued", "running", "succeeded", "failed")
+TASK_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 # Engine command groups declared like a service's commands: their parsers are built
 # (and their modules imported) only when they run, so `dew --help` stays cheap.
 ENGINE_GROUPS = (
@@ -38,12 +50,35 @@ ENGINE_GROUPS = (
 )
 
 
+# Whether errors are printed as JSON (``--json`` anywhere on the command line); set
+# by ``main`` before parsing, so that usage errors follow it too.
+_json_errors = False
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse that reports bad usage as one line and exit code 2."""
 
     def error(self, message: str) -> NoReturn:
-        sys.stderr.write(f"dew: error: {message} (see `{self.prog} --help`)\n")
-        sys.exit(2)
+        report_error(InvalidInput(message, code="usage", fix=f"See `{self.prog} --help`."),
+                     _json_errors, usage_of=self.prog)
+        sys.exit(EXIT_BAD_INPUT)
+
+
+def report_error(exc: DewError, as_json: bool, usage_of: str | None = None) -> None:
+    """An error on stderr: one line (two with a specific ``fix:``), or with
+    ``as_json`` one line ``{"error": {"code", "message", "fix"}}``."""
+    if as_json:
+        sys.stderr.write(json.dumps({"error": {"code": exc.code, "message": exc.message,
+                                               "fix": exc.fix}}) + "\n")
+        return
+    if usage_of is not None:
+        sys.stderr.write(f"dew: error: {exc.message} (see `{usage_of} --help`)\n")
+        return
+    sys.stderr.write(f"dew: error: {exc.message}\n")
+    # Bad input is one line (its message says what to do instead); an operational
+    # error also says what to do.
+    if exc.fix and exit_code(exc) != EXIT_BAD_INPUT:
+        sys.stderr.write(f"dew: fix: {exc.fix}\n")
 
 
 def _project_names(args: argparse.Namespace, settings: Settings) -> None:
@@ -56,6 +91,21 @@ def _project_names(args: argparse.Namespace, settings: Settings) -> None:
         from engine.iam.service import resolve_project
 
         args.account = asyncio.run(resolve_project(settings, ref))
+
+
+ID_PREFIX = 6  # the shortest id prefix accepted for a whole id
+TASK_ID_HELP = f"the task's id, or a unique prefix of it (at least {ID_PREFIX} characters)"
+FAILURE_ID_HELP = (f"the failure record's id, or a unique prefix of it (at least {ID_PREFIX} "
+                   "characters)")
+
+
+def _json_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true",
+                        help="print JSON (errors too: one JSON line on stderr)")
+
+
+def _task_id_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("task_id", metavar="TASK", help=TASK_ID_HELP)
 
 
 def _project_option(parser: argparse.ArgumentParser) -> None:
@@ -93,7 +143,7 @@ def build_parser(
     p = sub.add_parser("worker", help="run a worker in the foreground")
     p.add_argument("--burst", action="store_true", help="stop when the queue is empty")
     p = sub.add_parser("jobs", help="list the job names this engine knows, with their arguments")
-    p.add_argument("--json", action="store_true", help="print JSON")
+    _json_option(p)
 
     p = sub.add_parser("enqueue", help="enqueue a job")
     p.add_argument("name", help="job name, e.g. engine.echo")
@@ -105,51 +155,56 @@ def build_parser(
     p.add_argument("--defer", type=float, metavar="SECONDS", help="run no earlier than this")
     p.add_argument("--wait", action="store_true", help="wait and print the final task")
     p.add_argument("--timeout", type=float, metavar="S", help="with --wait: give up after S s")
-    p.add_argument("--json", action="store_true")
+    _json_option(p)
 
-    tasks = sub.add_parser("tasks", help="inspect tasks").add_subparsers(
+    tasks = sub.add_parser("tasks", help="inspect, retry and cancel tasks").add_subparsers(
         dest="action", metavar="ACTION", required=True, parser_class=ArgumentParser)
     p = tasks.add_parser("list", help="list tasks, newest first")
-    p.add_argument("--status", choices=TASK_STATUSES)
-    p.add_argument("--name")
+    p.add_argument("--status", choices=TASK_STATUSES, help="only tasks in this state")
+    p.add_argument("--name", help="only tasks of this job name, e.g. engine.echo")
     _project_option(p)
-    p.add_argument("--limit", type=int, default=50)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--limit", type=int, default=50, help="at most this many (default: 50)")
+    _json_option(p)
     p = tasks.add_parser("show", help="show one task")
-    p.add_argument("task_id")
+    _task_id_argument(p)
     _project_option(p)
-    p.add_argument("--json", action="store_true")
+    _json_option(p)
     p = tasks.add_parser("retry", help="run a failed task again (as a new task), once its "
                          "cause is fixed")
-    p.add_argument("task_id")
+    _task_id_argument(p)
     _project_option(p)
-    p.add_argument("--json", action="store_true")
+    _json_option(p)
+    p = tasks.add_parser("cancel", help="cancel a queued or deferred task: it never runs "
+                         "(a running task cannot be cancelled)")
+    _task_id_argument(p)
+    _project_option(p)
+    _json_option(p)
 
     failures = sub.add_parser("failures", help="inspect and clear failed-task reports")
     fsub = failures.add_subparsers(dest="action", metavar="ACTION", required=True,
                                    parser_class=ArgumentParser)
     p = fsub.add_parser("list", help="list failure records, newest first")
-    p.add_argument("--operation")
-    p.add_argument("--task-id")
+    p.add_argument("--operation", help="only the records of this job, e.g. kps.bind")
+    p.add_argument("--task-id", help="only the records of this task (its full id)")
     _project_option(p)
-    p.add_argument("--limit", type=int, default=100)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--limit", type=int, default=100, help="at most this many (default: 100)")
+    _json_option(p)
     p = fsub.add_parser("show", help="show one failure record")
-    p.add_argument("failure_id")
+    p.add_argument("failure_id", help=FAILURE_ID_HELP)
     _project_option(p)
-    p.add_argument("--json", action="store_true")
+    _json_option(p)
     p = fsub.add_parser("delete", help="delete one failure record, or all of them")
-    p.add_argument("failure_id", nargs="?")
-    p.add_argument("--all", action="store_true")
+    p.add_argument("failure_id", nargs="?", help=FAILURE_ID_HELP)
+    p.add_argument("--all", action="store_true", help="every failure record (of --project)")
     _project_option(p)
-    p.add_argument("--json", action="store_true")
+    _json_option(p)
     p = fsub.add_parser("retry", help="retry the failed task of a failure record (or of "
                         "all records not retried yet), once the cause is fixed")
-    p.add_argument("failure_id", nargs="?")
-    p.add_argument("--all", action="store_true")
+    p.add_argument("failure_id", nargs="?", help=FAILURE_ID_HELP)
+    p.add_argument("--all", action="store_true", help="every record not retried yet")
     p.add_argument("--operation", help="with --all: only the records of this job")
     _project_option(p)
-    p.add_argument("--json", action="store_true")
+    _json_option(p)
 
     stack = sub.add_parser("stack", help="the local stack: private Redis, a worker, the API")
     ssub = stack.add_subparsers(dest="action", metavar="ACTION", required=True,
@@ -271,9 +326,50 @@ async def cmd_enqueue(args: argparse.Namespace, settings: Settings) -> int:
         if not args.wait:
             print(json.dumps({"task_id": task.task_id}) if args.json else task.task_id)
             return 0
-        task = await client.wait(task.task_id, timeout=args.timeout)
+        task = await client.wait(task.task_id, timeout=args.timeout, require_worker=True)
     _print(task.to_json(), args.json, render.task)
     return 0 if task.status == "succeeded" else 1
+
+
+async def resolve_id(kind: str, ref: str, exists: Callable[[str], Awaitable[bool]],
+                     by_prefix: Callable[[str], Awaitable[list[str]]], hint: str) -> str:
+    """The whole id ``ref`` names: itself when it exists, else the one id it is a
+    prefix of (at least ``ID_PREFIX`` characters). NotFound when none; InvalidInput
+    (listing the candidates) when several."""
+    if await exists(ref):
+        return ref
+    if len(ref) >= ID_PREFIX:
+        found = await by_prefix(ref)
+        if len(found) == 1:
+            return found[0]
+        if found:
+            shown = ", ".join(found[:5]) + (", ..." if len(found) > 5 else "")
+            raise InvalidInput(f"{kind} id prefix {ref!r} is ambiguous: it starts {shown} "
+                               "(give more characters)", code="ambiguous_id", target=ref)
+        raise NotFound(f"no {kind} with id {ref!r} or an id starting so ({hint})", target=ref)
+    raise NotFound(f"no {kind} with id {ref!r} ({hint}; a prefix needs at least {ID_PREFIX} "
+                   "characters)", target=ref)
+
+
+async def resolve_task(store: TaskStore, ref: str, project: str | None) -> str:
+    async def exists(task_id: str) -> bool:
+        return await store.get_task(task_id, project) is not None
+
+    async def by_prefix(prefix: str) -> list[str]:
+        return await store.task_ids_by_prefix(prefix, project, limit=6)
+
+    return await resolve_id("task", ref, exists, by_prefix, "`dew tasks list` lists them")
+
+
+async def resolve_failure(store: TaskStore, ref: str, project: str | None) -> str:
+    async def exists(failure_id: str) -> bool:
+        return await store.get_failure(failure_id, project) is not None
+
+    async def by_prefix(prefix: str) -> list[str]:
+        return await store.failure_ids_by_prefix(prefix, project, limit=6)
+
+    return await resolve_id("failure record", ref, exists, by_prefix,
+                            "`dew failures list` lists them")
 
 
 async def cmd_tasks(args: argparse.Namespace, settings: Settings) -> int:
@@ -285,9 +381,10 @@ async def cmd_tasks(args: argparse.Namespace, settings: Settings) -> int:
         from engine.client import Client
 
         async with await Client.open(settings) as client:
-            retry = await client.retry(args.task_id, retried_by(), args.account)
+            task_id = await resolve_task(client.store, args.task_id, args.account)
+            retry = await client.retry(task_id, retried_by(), args.account)
         _print(retry.to_json(), args.json,
-               lambda t: f"task {args.task_id} retried as task {t['task_id']}")
+               lambda t: f"task {task_id} retried as task {t['task_id']}")
         return 0
     store = await open_store(settings)
     try:
@@ -295,12 +392,22 @@ async def cmd_tasks(args: argparse.Namespace, settings: Settings) -> int:
             tasks = await store.list_tasks(args.status, args.name, args.limit,
                                            project=args.account)
             _print([t.to_json() for t in tasks], args.json, render.task_table)
+        elif args.action == "cancel":
+            from engine.models import utcnow
+
+            task_id = await resolve_task(store, args.task_id, args.account)
+            error = {"code": "cancelled", "category": "state",
+                     "message": f"task {task_id} was cancelled by {retried_by()}",
+                     "cause": "", "fix": "", "retryable": False}
+            cancelled = await store.cancel_task(task_id, error, utcnow(), args.account)
+            _print(cancelled.to_json(), args.json, lambda t: f"task {t['task_id']} cancelled")
         else:
-            task = await store.get_task(args.task_id, args.account)
-            if task is None:
+            task_id = await resolve_task(store, args.task_id, args.account)
+            found = await store.get_task(task_id, args.account)
+            if found is None:
                 raise NotFound(f"no task with id {args.task_id!r}")
-            failures = await store.list_failures(task_id=task.task_id)
-            shown = task.to_json()
+            failures = await store.list_failures(task_id=found.task_id)
+            shown = found.to_json()
             if not args.json:
                 shown["failures"] = [f.to_json() for f in failures]
             _print(shown, args.json, render.task)
@@ -327,7 +434,8 @@ async def cmd_failures(args: argparse.Namespace, settings: Settings) -> int:
                                                 project=args.account)
             _print([f.to_json() for f in records], args.json, render.failure_table)
         elif args.action == "show":
-            record = await store.get_failure(args.failure_id, args.account)
+            failure_id = await resolve_failure(store, args.failure_id, args.account)
+            record = await store.get_failure(failure_id, args.account)
             if record is None:
                 raise NotFound(f"no failure record with id {args.failure_id!r}")
             _print(record.to_json(), args.json, render.failure)
@@ -335,9 +443,10 @@ async def cmd_failures(args: argparse.Namespace, settings: Settings) -> int:
             count = await store.delete_all_failures(args.account)
             _print({"deleted": count}, args.json, lambda d: f"deleted {d['deleted']} record(s)")
         else:
-            if not await store.delete_failure(args.failure_id, args.account):
+            failure_id = await resolve_failure(store, args.failure_id, args.account)
+            if not await store.delete_failure(failure_id, args.account):
                 raise NotFound(f"no failure record with id {args.failure_id!r}")
-            _print({"deleted": 1}, args.json, lambda d: f"deleted {args.failure_id}")
+            _print({"deleted": 1}, args.json, lambda d: f"deleted {failure_id}")
     finally:
         await store.close()
     return 0
@@ -358,7 +467,8 @@ async def _retry_failures(args: argparse.Namespace, settings: Settings) -> int:
             records = [r for r in await client.store.list_failures(
                 args.operation, None, 10_000, project=args.account) if r.retried_at is None]
         else:
-            record = await client.store.get_failure(args.failure_id, args.account)
+            failure_id = await resolve_failure(client.store, args.failure_id, args.account)
+            record = await client.store.get_failure(failure_id, args.account)
             if record is None:
                 raise NotFound(f"no failure record with id {args.failure_id!r}")
             records = [record]
@@ -452,8 +562,50 @@ def _print(data: Any, as_json: bool, human: Callable[[Any], str]) -> None:
     print(json.dumps(data, indent=2) if as_json else human(data))
 
 
+def hoist_config(argv: Sequence[str]) -> list[str]:
+    """``--config FILE`` (or ``--config=FILE``) moved to the front, wherever it was
+    given: before or after the sub-command (not after ``--``)."""
+    front: list[str] = []
+    rest: list[str] = []
+    words = iter(argv)
+    for word in words:
+        if word == "--":
+            rest.append(word)
+            rest.extend(words)
+            break
+        if word == "--config":
+            front.append(word)
+            value = next(words, None)
+            if value is not None:
+                front.append(value)
+        elif word.startswith("--config="):
+            front.append(word)
+        else:
+            rest.append(word)
+    return [*front, *rest]
+
+
+# Commands that may run before the state directory exists: they create it.
+CREATES_STATE_DIR = {("init", None), ("stack", "up")}
+
+
+def check_state_dir(args: argparse.Namespace, settings: Settings) -> None:
+    """Refuse a state directory that does not exist (a typo in DEW_STATE_DIR would
+    otherwise answer from a new, empty store) unless the command creates it."""
+    state_dir = settings.state_dir
+    if (args.command, getattr(args, "action", None)) in CREATES_STATE_DIR:
+        return
+    if not state_dir.is_dir():
+        raise ConfigError(
+            f"state directory {state_dir} does not exist (DEW_STATE_DIR or "
+            "engine.state_dir): check its spelling, or create it with `dew init`",
+            fix="Run `dew init` to create it, or correct DEW_STATE_DIR / engine.state_dir.")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    global _json_errors
+    argv = hoist_config(sys.argv[1:] if argv is None else argv)
+    _json_errors = "--json" in argv[: argv.index("--")] if "--" in argv else "--json" in argv
     private_umask()
     try:
         for position, word in enumerate(argv, 1):
@@ -469,6 +621,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         from engine.settings import load_settings
 
         settings = load_settings(args.config)
+        if args.command == "stack" and args.action in ("down", "status") and (
+                not settings.state_dir.is_dir()):
+            # `make down` / `make clean` on a fresh checkout: nothing ran, nothing to write.
+            print(f"nothing is running (no state directory {settings.state_dir})")
+            return 0
+        # Before anything is written (the log file is in the state directory).
+        check_state_dir(args, settings)
         _project_names(args, settings)
         worker = args.command == "worker"
         configure_logging(
@@ -477,6 +636,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             # Commands other than the worker keep the terminal for their output.
             console_level=None if worker else "warning",
         )
+        if not worker:
+            import logging
+
+            # arq's connection warnings name its RedisSettings' host and port
+            # (localhost:6379 even for a unix socket); the engine's own warning names
+            # the configured URL (engine.queue.unavailable, password hidden).
+            logging.getLogger("arq.connections").setLevel(logging.ERROR)
         outcome = COMMANDS[args.command](args, settings)
         if isinstance(outcome, int):
             return outcome
@@ -484,13 +650,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return int(asyncio.run(outcome))  # type: ignore[arg-type]
     except DewError as exc:
-        sys.stderr.write(f"dew: error: {exc.message}\n")
-        # Bad input (exit 2) is one line; an operational error also says what to do.
-        if exc.exit_code != 2 and exc.fix:
-            sys.stderr.write(f"dew: fix: {exc.fix}\n")
-        return exc.exit_code
+        report_error(exc, _json_errors)
+        return exit_code(exc)
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

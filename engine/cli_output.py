@@ -71,7 +71,7 @@ async def run_job(
         if not wait:
             print_result({"task_id": task.task_id}, as_json, lambda d: str(d["task_id"]))
             return 0
-        task = await client.wait(task.task_id, timeout=timeout)
+        task = await client.wait(task.task_id, timeout=timeout, require_worker=True)
     if task.status != "succeeded":
         raise DewError.from_dict(task.error or {"message": f"task {task.task_id} failed"})
     result = dict(task.result or {})

@@ -247,21 +247,45 @@ class Client:
         return retry
 
     async def wait(
-        self, task_id: str, timeout: float | None = None, poll: float = 0.05
+        self, task_id: str, timeout: float | None = None, poll: float = 0.05,
+        require_worker: bool = False,
     ) -> TaskRecord:
-        """Wait until the task succeeded or failed; return its final record.
+        """Wait until the task ended; return its final record.
 
         Raises NotFound for an unknown id and TransientError (code ``wait_timeout``)
-        when ``timeout`` passes; the task goes on.
+        when ``timeout`` passes; the task goes on. With ``require_worker`` (the CLI),
+        a task not running while no worker has had a heartbeat for
+        ``worker.heartbeat_timeout`` seconds (or at the timeout) raises
+        BackendUnavailable (code ``no_worker``): nothing would run it.
         """
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         delay = poll
+        grace = self.settings.worker.heartbeat_timeout
+        no_worker_since: float | None = None
+        next_check = loop.time()
         while True:
             task = await self.get(task_id)
             if task.final:
                 return task
-            if deadline is not None and loop.time() >= deadline:
+            now = loop.time()
+            timed_out = deadline is not None and now >= deadline
+            if require_worker and (timed_out or now >= next_check):
+                next_check = now + 1.0
+                if await self.live_worker():
+                    no_worker_since = None
+                elif no_worker_since is None:
+                    no_worker_since = now
+                idle = no_worker_since is not None and task.status != "running"
+                if idle and (timed_out or now - (no_worker_since or now) >= grace):
+                    waited = f" after {timeout} s" if timed_out else ""
+                    raise BackendUnavailable(
+                        f"task {task_id} is still {task.status}{waited}: no worker is "
+                        "running: start one with `make up` (or `dew worker`)",
+                        code="no_worker", target=task_id,
+                        fix=f"The task is kept: once a worker runs it, `dew tasks show "
+                            f"{task_id}` shows how it ended.")
+            if timed_out:
                 raise TransientError(
                     f"task {task_id} is still {task.status} after {timeout} s",
                     code="wait_timeout",
@@ -269,6 +293,11 @@ class Client:
                 )
             await asyncio.sleep(delay)
             delay = min(delay * 1.5, 0.5)
+
+    async def live_worker(self) -> bool:
+        """Whether some worker had a heartbeat within ``worker.heartbeat_timeout``."""
+        since = utcnow() - timedelta(seconds=self.settings.worker.heartbeat_timeout)
+        return bool(await self.store.live_workers(since))
 
     async def list_tasks(
         self, status: TaskStatus | None = None, name: str | None = None, limit: int = 100,

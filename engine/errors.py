@@ -3,8 +3,8 @@
 Errors are data: every error carries a stable ``code``, a ``category``, the
 user-facing ``message``, the ``cause`` and the ``fix`` to show, and whether a
 retry can help (``retryable``). The worker decides retries from ``retryable``
-alone, the CLI decides its exit code from ``exit_code``, and failure records
-are written from the same fields.
+alone, the CLI decides its exit code from the class alone (``exit_code``, the
+table of docs/cli.md), and failure records are written from the same fields.
 
     DewError                        (code, category, message, cause, fix, retryable)
     ├── PermanentError              retryable=False: fails at once, never retried
@@ -12,7 +12,8 @@ are written from the same fields.
     │   │   ├── UnknownJob          a job name no handler is registered for
     │   │   └── ConfigError         an unreadable or invalid configuration
     │   ├── NotFound                no such task / failure record / key; CLI exit 2
-    │   ├── Conflict                the target's state forbids the operation
+    │   ├── Conflict                the target's state forbids the operation (a name
+    │   │                           taken, a key disabled); CLI exit 1
     │   ├── SecurityError           an integrity or identity check failed
     │   │   ├── AuthenticationFailed  an API caller's signature, key, date or IP was refused
     │   │   └── PermissionDenied      an identity lacks the action (names the action)
@@ -40,7 +41,6 @@ class DewError(Exception):
     code: ClassVar[str] = "error"
     category: ClassVar[str] = "engine"
     retryable: ClassVar[bool] = False
-    exit_code: ClassVar[int] = 1
     default_fix: ClassVar[str] = ""
 
     def __init__(
@@ -105,7 +105,6 @@ class InvalidInput(PermanentError):
 
     code = "invalid_parameter"
     category = "parameters"
-    exit_code = 2
     default_fix = "Check the call."
 
 
@@ -123,7 +122,6 @@ class ConfigError(InvalidInput):
 class NotFound(PermanentError):
     code = "not_found"
     category = "parameters"
-    exit_code = 2
     default_fix = "Check the identifier."
 
 
@@ -178,6 +176,22 @@ class Throttled(TransientError):
     code = "throttled"
     category = "limits"
     default_fix = "Slow down and retry; the limits are [api] rate_* in the configuration."
+
+
+# The exit codes of `dew` (docs/cli.md, "Exit codes").
+EXIT_OK = 0
+EXIT_FAILED = 1  # the operation failed or its target's state refused it; maybe it changed
+EXIT_BAD_INPUT = 2  # bad input or an unknown object: nothing was changed
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, as shells report it)
+
+
+def exit_code(error: DewError) -> int:
+    """The one mapping of errors to `dew` exit codes, by class alone: 2 for bad
+    input (InvalidInput, so also ConfigError and UnknownJob) and unknown objects
+    (NotFound); 1 for everything else (Conflict and its subclasses such as a name
+    already taken, a security refusal, a failed task, a backend down). A subclass
+    cannot choose otherwise: an ``exit_code`` attribute on it is not read."""
+    return EXIT_BAD_INPUT if isinstance(error, InvalidInput | NotFound) else EXIT_FAILED
 
 
 def _subclasses(kind: type[DewError]) -> list[type[DewError]]:

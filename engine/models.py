@@ -12,9 +12,10 @@ from typing import Any, Literal
 
 from engine.redaction import redact
 
-TaskStatus = Literal["queued", "running", "succeeded", "failed"]
-TASK_STATUSES: tuple[TaskStatus, ...] = ("queued", "running", "succeeded", "failed")
-FINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed"})
+TaskStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+TASK_STATUSES: tuple[TaskStatus, ...] = ("queued", "running", "succeeded", "failed", "cancelled")
+# A cancelled task (``dew tasks cancel``) never runs: a worker it is delivered to skips it.
+FINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
 # The project of a task enqueued without one and whose arguments name no account.
 DEFAULT_PROJECT = "default"
 
@@ -95,6 +96,9 @@ class TaskRecord:
             "status": self.status,
             "attempts": self.attempts,
             "enqueued_at": iso(self.enqueued_at),
+            # When it runs (or ran) at the earliest: later than enqueued_at when
+            # deferred, or when waiting for its next retry.
+            "due_at": iso(self.due_at),
             "started_at": iso(self.started_at),
             "finished_at": iso(self.finished_at),
             "result": self.result,

@@ -78,7 +78,8 @@ class Registry:
             return self._jobs[name]
         except KeyError:
             missing = "".join(f"; {e.message}" for e in self.unavailable.values())
-            raise UnknownJob(f"unknown job name {name!r}{missing}") from None
+            raise UnknownJob(f"unknown job name {name!r}{missing} (`dew jobs` lists the job "
+                             "names)") from None
 
     def check_args(self, name: str, args: Any) -> JobSpec:
         """The spec of job ``name`` after checking ``args`` (InvalidInput if bad)."""

@@ -19,6 +19,12 @@ def _time(value: str | None) -> str:
     return "-" if not value else value[:19].replace("T", " ")
 
 
+def _deferred(t: dict[str, Any]) -> bool:
+    """Whether a task waits for a time later than its enqueueing (``--defer``, a retry)."""
+    due, enqueued = t.get("due_at"), t.get("enqueued_at")
+    return bool(due and enqueued and due > enqueued)
+
+
 def task_table(tasks: list[dict[str, Any]]) -> str:
     if not tasks:
         return "no tasks"
@@ -26,6 +32,8 @@ def task_table(tasks: list[dict[str, Any]]) -> str:
     for t in tasks:
         outcome = t["result"] if t["status"] == "succeeded" else (t["error"] or {}).get(
             "message", "")
+        if t["status"] == "queued" and _deferred(t):
+            outcome = f"runs at {_time(t['due_at'])}"
         lines.append(
             f"{_short(t['task_id'], 34):34} {_short(t['name'], 24):24} {t['status']:9} "
             f"{t['attempts']:>5}  {_time(t['enqueued_at']):19}  {_short(outcome, 40)}"
@@ -42,6 +50,8 @@ def task(t: dict[str, Any]) -> str:
         f"attempts  {t['attempts']}",
         f"args      {json.dumps(t['args'])}",
         f"enqueued  {_time(t['enqueued_at'])}",
+        *([f"runs at   {_time(t['due_at'])}"] if t["status"] == "queued" and _deferred(t)
+          else []),
         f"started   {_time(t['started_at'])}",
         f"finished  {_time(t['finished_at'])}",
     ]
@@ -51,7 +61,7 @@ def task(t: dict[str, Any]) -> str:
         lines.append(f"result    {json.dumps(t['result'])}")
     if t.get("error"):
         err = t["error"]
-        label = "error" if t["status"] == "failed" else "last error"
+        label = "error" if t["status"] in ("failed", "cancelled") else "last error"
         lines.append(f"{label:9} {err.get('message')} [{err.get('code')}]")
     for f in t.get("failures", []):
         lines.append(f"failure   {f['failure_id']}  {f['target'] or '-'}: {f['error']}")

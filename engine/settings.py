@@ -25,6 +25,11 @@ S = TypeVar("S")
 SHORTCUTS = {"DEW_STATE_DIR": ("engine", "state_dir"), "DEW_REDIS_URL": ("redis", "url")}
 # Secrets are never settings (settings get printed); the crypto core reads these itself.
 SECRET_VARIABLES = frozenset({"DEW_HSM_PIN", "DEW_REDIS_PASSWORD"})
+# DEW_* variables that are not settings but read where they are used: the CLI's
+# default key-pair user (handlers/kps/cli.py), a test switch (tests/kps).
+DIRECT_VARIABLES = frozenset({"DEW_USER", "DEW_KEEP_TEST_USER"})
+# Test hooks (e.g. DEW_TEST_CSMS_PAUSE_AFTER_SET): never settings, never refused.
+DIRECT_PREFIXES = ("DEW_TEST_",)
 
 
 @dataclass(frozen=True)
@@ -207,7 +212,32 @@ def build_settings(
             # The defaults file also holds the sections of services not configured here.
             data = {k: v for k, v in data.items() if k in known}
         settings = _apply(settings, data, origin)
+    check_environment(environ, settings, layers[0][1])
     return _apply(settings, env_overrides(environ, known), "environment")
+
+
+def check_environment(environ: Mapping[str, str], settings: Settings,
+                      defaults: Mapping[str, Any]) -> None:
+    """Refuse a ``DEW_*`` variable that names no setting (a typo would otherwise be
+    ignored), like an unknown key of a TOML file. Not refused: the secrets and the
+    variables read where they are used (``DIRECT_VARIABLES``), and the variables of
+    a service section the defaults know but this engine does not run."""
+    sections = settings.sections()
+    for var in sorted(environ):
+        if (not var.startswith("DEW_") or var in SECRET_VARIABLES or var in SHORTCUTS
+                or var in DIRECT_VARIABLES or var.startswith(DIRECT_PREFIXES)):
+            continue
+        section, _, key = var[4:].lower().partition("_")
+        if section in sections:
+            if key in {f.name for f in dataclasses.fields(sections[section])}:
+                continue
+            raise ConfigError(f"environment: unknown variable {var} (no setting "
+                              f"{section}.{key or '?'})",
+                              fix=f"Correct or unset {var}.")
+        if section in defaults and key:
+            continue  # a section of a service not configured here
+        raise ConfigError(f"environment: unknown variable {var} (no settings section "
+                          f"[{section}])", fix=f"Correct or unset {var}.")
 
 
 def service_sections(packages: Iterable[str]) -> dict[str, Any]:

@@ -104,6 +104,41 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE failures ADD COLUMN retried_by TEXT;
     ALTER TABLE failures ADD COLUMN retry_task_id TEXT;
     """,
+    # 4: status 'cancelled' (`dew tasks cancel`): SQLite changes a CHECK constraint
+    # only by rebuilding the table (same columns, same rows, same indexes).
+    """
+    DROP TABLE IF EXISTS tasks_v4;
+    CREATE TABLE tasks_v4 (
+        task_id     TEXT PRIMARY KEY,
+        name        TEXT NOT NULL,
+        args        TEXT NOT NULL,
+        status      TEXT NOT NULL CHECK (status IN ('queued','running','succeeded','failed',
+                                                    'cancelled')),
+        attempts    INTEGER NOT NULL DEFAULT 0,
+        enqueued_at TEXT NOT NULL,
+        due_at      TEXT NOT NULL,
+        started_at  TEXT,
+        finished_at TEXT,
+        result      TEXT,
+        error       TEXT,
+        worker_id   TEXT,
+        signature   TEXT,
+        project     TEXT NOT NULL DEFAULT 'default',
+        retry_of    TEXT
+    );
+    INSERT INTO tasks_v4 (task_id, name, args, status, attempts, enqueued_at, due_at,
+        started_at, finished_at, result, error, worker_id, signature, project, retry_of)
+        SELECT task_id, name, args, status, attempts, enqueued_at, due_at, started_at,
+            finished_at, result, error, worker_id, signature, project, retry_of FROM tasks;
+    DROP TABLE tasks;
+    ALTER TABLE tasks_v4 RENAME TO tasks;
+    CREATE INDEX IF NOT EXISTS tasks_status_enqueued ON tasks (status, enqueued_at);
+    CREATE INDEX IF NOT EXISTS tasks_name_enqueued ON tasks (name, enqueued_at);
+    CREATE INDEX IF NOT EXISTS tasks_enqueued ON tasks (enqueued_at);
+    CREATE UNIQUE INDEX IF NOT EXISTS tasks_retry_of ON tasks (retry_of)
+        WHERE retry_of IS NOT NULL;
+    CREATE INDEX IF NOT EXISTS tasks_project_enqueued ON tasks (project, enqueued_at);
+    """,
 )
 
 Row = tuple[str | None, ...]  # statement parameters of one batched write
@@ -268,7 +303,7 @@ class SqliteTaskStore(SqliteDb):
                     status = 'running', attempts = attempts + 1,
                     started_at = excluded.started_at, worker_id = excluded.worker_id,
                     signature = COALESCE(tasks.signature, excluded.signature)
-                WHERE status NOT IN ('succeeded', 'failed') AND (
+                WHERE status NOT IN {_FINAL} AND (
                     status = 'queued' OR tasks.worker_id IS NULL
                     OR tasks.worker_id NOT IN (
                         SELECT worker_id FROM workers WHERE heartbeat_at >= ?))
@@ -296,7 +331,7 @@ class SqliteTaskStore(SqliteDb):
                     result = done.column2, error = NULL,
                     args = COALESCE(done.column3, tasks.args)
                 FROM (VALUES {_rows("(?, ?, ?, ?, ?, ?)", len(items))}) AS done
-                WHERE tasks.task_id = done.column4 AND tasks.status NOT IN ('succeeded', 'failed')
+                WHERE tasks.task_id = done.column4 AND tasks.status NOT IN {_FINAL}
                     AND (done.column5 IS NULL OR (tasks.worker_id = done.column5
                                                   AND tasks.attempts = CAST(done.column6
                                                                             AS INTEGER)))
@@ -313,7 +348,7 @@ class SqliteTaskStore(SqliteDb):
     ) -> bool:
         return await self._execute(
             f"""UPDATE tasks SET status = 'queued', error = ?, due_at = ?, worker_id = NULL
-            WHERE task_id = ? AND status NOT IN ('succeeded', 'failed') {_FENCED}""",
+            WHERE task_id = ? AND status NOT IN {_FINAL} {_FENCED}""",
             (_dump(error), iso(due_at), task_id, *_fence_params(fence)),
         ) == 1
 
@@ -325,7 +360,7 @@ class SqliteTaskStore(SqliteDb):
             cursor = await self._conn.execute(
                 f"""UPDATE tasks SET status = 'failed', finished_at = ?, error = ?,
                     args = COALESCE(?, args)
-                WHERE task_id = ? AND status NOT IN ('succeeded', 'failed') {_FENCED}""",
+                WHERE task_id = ? AND status NOT IN {_FINAL} {_FENCED}""",
                 (iso(now), _dump(error), None if args is None else _dump(args), task_id,
                  *_fence_params(fence)),
             )
@@ -334,6 +369,56 @@ class SqliteTaskStore(SqliteDb):
             if failure is not None and cursor.rowcount == 1:
                 await self._insert_failure(failure)
             return cursor.rowcount == 1
+
+    async def cancel_task(
+        self, task_id: str, error: dict[str, Any], now: datetime, project: str | None = None,
+    ) -> TaskRecord:
+        """Mark a queued (or deferred, or waiting for a retry) task cancelled; a worker
+        it is delivered to skips it. NotFound: no such task (in ``project``).
+        Conflict: it is running or has ended."""
+        where, params = _where(task_id=task_id, project=project)
+        async with self._transaction():
+            row = await self._fetchone(f"SELECT status FROM tasks {where}", params)
+            if row is None:
+                raise NotFound(f"no task with id {task_id!r} (`dew tasks list` lists them)",
+                               target=task_id)
+            if row["status"] != "queued":
+                raise Conflict(_not_cancellable(task_id, row["status"]),
+                               code="task_not_cancellable", target=task_id)
+            updated = await self._fetchone(
+                f"""UPDATE tasks SET status = 'cancelled', finished_at = ?, error = ?,
+                    worker_id = NULL WHERE task_id = ? AND status = 'queued'
+                RETURNING {TASK_COLUMNS}""", (iso(now), _dump(error), task_id))
+            await self._forget_sealed([task_id])
+        assert updated is not None
+        return _task(updated)
+
+    async def task_ids_by_prefix(
+        self, prefix: str, project: str | None = None, limit: int = 10,
+    ) -> list[str]:
+        """Up to ``limit`` task ids that start with ``prefix`` (in ``project``)."""
+        return await self._ids_by_prefix("tasks", "task_id", prefix, project, limit)
+
+    async def failure_ids_by_prefix(
+        self, prefix: str, project: str | None = None, limit: int = 10,
+    ) -> list[str]:
+        """Up to ``limit`` failure record ids that start with ``prefix`` (in ``project``)."""
+        return await self._ids_by_prefix("failures", "failure_id", prefix, project, limit)
+
+    async def _ids_by_prefix(
+        self, table: str, column: str, prefix: str, project: str | None, limit: int,
+    ) -> list[str]:
+        # A range, not LIKE: ids may hold '_' and the primary key index serves it.
+        clauses = [f"{column} >= ?", f"{column} < ?"]
+        params: list[Any] = [prefix, prefix + "\U0010ffff"]
+        if project is not None:
+            clauses.append("project = ?" if table == "tasks" else _FAILURE_PROJECT)
+            params.append(project)
+        async with self._locked():
+            rows = await self._fetchall(
+                f"SELECT {column} FROM {table} WHERE {' AND '.join(clauses)} "
+                f"ORDER BY {column} LIMIT ?", (*params, limit))
+        return [str(r[0]) for r in rows]
 
     async def release_claim(self, task_id: str, fence: Fence) -> bool:
         """Put a run's task back to queued (its run was cancelled), if it still holds it."""
@@ -418,7 +503,7 @@ class SqliteTaskStore(SqliteDb):
         """Drop the sealed values a failed task kept for a retry (inside a transaction)."""
         for task_id in task_ids:
             row = await self._fetchone(
-                "SELECT args FROM tasks WHERE task_id = ? AND status IN ('failed', 'succeeded')",
+                f"SELECT args FROM tasks WHERE task_id = ? AND status IN {_FINAL}",
                 (task_id,))
             if row is not None and has_sealed(args := json.loads(row[0])):
                 await self._conn.execute("UPDATE tasks SET args = ? WHERE task_id = ?",
@@ -470,10 +555,20 @@ class SqliteTaskStore(SqliteDb):
 
 
 
+def _not_cancellable(task_id: str, status: str) -> str:
+    if status == "running":
+        return (f"task {task_id} is running: only a queued or deferred task can be "
+                "cancelled (a running one ends by itself; `dew tasks show` follows it)")
+    return f"task {task_id} is {status}: it has ended, there is nothing to cancel"
+
+
 def _rows(template: str, count: int) -> str:
     """``(?, ?), (?, ?), ...``: one statement writes a whole batch."""
     return ", ".join([template] * count)
 
+
+# The statuses of a task that ended (engine.models.FINAL_STATUSES): nothing runs it again.
+_FINAL = "('succeeded', 'failed', 'cancelled')"
 
 # Writes of one run: they hold only while the row still shows that run's claim.
 _FENCED = "AND (? IS NULL OR (worker_id = ? AND attempts = ?))"

@@ -53,6 +53,22 @@ class TaskStore(Protocol):
 
     async def unfinished_tasks(self, limit: int = 10_000) -> list[TaskRecord]: ...
 
+    async def cancel_task(
+        self, task_id: str, error: dict[str, Any], now: datetime, project: str | None = None,
+    ) -> TaskRecord:
+        """Mark a queued (or deferred) task cancelled: it never runs. NotFound: no such
+        task (in ``project``); Conflict: it is running or has ended."""
+
+    async def task_ids_by_prefix(
+        self, prefix: str, project: str | None = None, limit: int = 10,
+    ) -> list[str]:
+        """Up to ``limit`` task ids starting with ``prefix`` (``dew tasks show PREFIX``)."""
+
+    async def failure_ids_by_prefix(
+        self, prefix: str, project: str | None = None, limit: int = 10,
+    ) -> list[str]:
+        """Up to ``limit`` failure record ids starting with ``prefix``."""
+
     async def mark_running(
         self,
         task_id: str,

@@ -46,7 +46,6 @@ class IdentityConflict(Conflict):
     """A taken name, a role still held, the access-key limit: nothing was changed."""
 
     code = "iam_conflict"
-    exit_code = 2  # bad input for the caller: nothing was written
 
 
 # --------------------------------------------------------------------------- ids and keys

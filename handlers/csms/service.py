@@ -86,12 +86,10 @@ class SecretNotFound(NotFound):
 
 class SecretExists(Conflict):
     code = "secret_exists"
-    exit_code = 2  # nothing was changed: bad input for the caller
 
 
 class SecretStateError(Conflict):
     code = "secret_state"
-    exit_code = 2
 
 
 class VersionNotFound(NotFound):

@@ -23,6 +23,7 @@ from tests.helpers import ROOT, dew_env
 @pytest.fixture
 def plain(tmp_path: Path) -> Settings:
     """Settings in a temp state dir (no Redis, no HSM needed)."""
+    (tmp_path / "var").mkdir()  # `dew` refuses a state directory that does not exist
     return load_settings().replace(engine={"state_dir": tmp_path / "var"},
                                    log={"console": "off"})
 

@@ -95,7 +95,7 @@ def test_enqueue_wait_tasks_and_failures(settings: Settings, worker: WorkerProce
     assert ok.returncode == 0, ok.stderr
     task = json.loads(ok.stdout)
     assert set(task) == {"task_id", "name", "args", "status", "attempts", "enqueued_at",
-                         "started_at", "finished_at", "result", "error", "project",
+                         "due_at", "started_at", "finished_at", "result", "error", "project",
                          "retry_of"}
     # engine.echo's value is a declared secret: its result is kept redacted.
     assert (task["task_id"], task["status"], task["result"]) == (

@@ -36,12 +36,23 @@ def dew_json(settings: Settings, *args: str) -> Any:
 
 
 def refused(settings: Settings, *args: str) -> str:
-    """The one line of a refused call (exit 2)."""
+    """The one line of a call refused as bad input (exit 2)."""
     done = dew(settings, *args)
     assert done.returncode == 2, (done.stdout, done.stderr)
     assert done.stdout == ""
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
+    return lines[0]
+
+
+def in_conflict(settings: Settings, *args: str) -> str:
+    """The error line of a call refused by the state (a name taken, a role held: exit 1,
+    docs/cli.md), which also says what to do."""
+    done = dew(settings, *args)
+    assert done.returncode == 1, (done.stdout, done.stderr)
+    assert done.stdout == ""
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) in (1, 2), done.stderr
     return lines[0]
 
 
@@ -106,7 +117,7 @@ async def test_the_verbs_end_to_end(iam_settings: Settings, core: CryptoCore) ->
         caller = await ids.caller(key["access_key"])
         assert caller is not None and not caller.active
 
-        assert "held by users (alice)" in refused(s, "delete-role", "Key Keeper")
+        assert "held by users (alice)" in in_conflict(s, "delete-role", "Key Keeper")
         dew_json(s, "set-roles", "alice")  # none
         assert dew_json(s, "delete-role", "Key Keeper") == {"deleted": "Key Keeper"}
 
@@ -139,20 +150,17 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(iam_settings: Settings)
               dew_json(s, "list-roles"))
     cases = [
         (("create-project", "bad name"), "invalid project name 'bad name'"),
-        (("create-project", "default"), "a project named 'default' exists"),
         (("create-user", "erin", "--project", "nope"), "no project 'nope'"),
         (("create-user", "erin", "--project", "default", "--allow-cidr", "10.0.0.1/8"),
          "invalid CIDR '10.0.0.1/8': it has host bits set (the network is 10.0.0.0/8)"),
         (("create-user", "erin", "--project", "default", "--role", "Nope"),
          "unknown role 'Nope'"),
-        (("create-user", "dave", "--project", "default"), "a user named 'dave' exists"),
         (("create-user", "erin"), "the following arguments are required: --project"),
         (("set-roles", "dave", "Nope"), "unknown role 'Nope'"),
         (("set-roles", "nobody", "Test Reader"), "no user 'nobody'"),
         (("disable-user", "nobody"), "no user 'nobody'"),
         (("create-role", "Mine", "test:key:destroy"), "unknown action 'test:key:destroy'"),
         (("create-role", "Mine", "kms:*"), "unknown action 'kms:*': it matches no action"),
-        (("create-role", "Test Reader", "test:key:list"), "'Test Reader' is a built-in role"),
         (("delete-role", "Mine"), "no custom role 'Mine'"),
         (("delete-access-key", "AAAAAAAAAAAAAAAAAAAA"), "no access key 'AAAAAAAAAAAAAAAAAAAA'"),
         (("delete-access-key", "short"), "invalid access key 'short'"),
@@ -164,12 +172,21 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(iam_settings: Settings)
     for args, message in cases:
         line = refused(s, *args)
         assert line.startswith("dew: error: ") and message in line, (args, line)
+    # Refused by the state (a Conflict): exit 1, nothing written either.
+    conflicts = [
+        (("create-project", "default"), "a project named 'default' exists"),
+        (("create-user", "dave", "--project", "default"), "a user named 'dave' exists"),
+        (("create-role", "Test Reader", "test:key:list"), "'Test Reader' is a built-in role"),
+    ]
+    for args, message in conflicts:
+        line = in_conflict(s, *args)
+        assert line.startswith("dew: error: ") and message in line, (args, line)
     assert (dew_json(s, "list-projects"), dew_json(s, "list-users"),
             dew_json(s, "list-roles")) == before
 
     dew_json(s, "create-access-key", "dave")
     dew_json(s, "create-access-key", "dave")
-    assert "2 access keys already" in refused(s, "create-access-key", "dave", "--json")
+    assert "2 access keys already" in in_conflict(s, "create-access-key", "dave", "--json")
     assert len(dew_json(s, "list-access-keys", "dave")) == 2
 
 
