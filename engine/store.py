@@ -19,6 +19,7 @@ from engine.models import (
     TaskStatus,
     WorkerRecord,
 )
+from engine.resources import Closer, Resources, resource
 from engine.settings import Settings
 
 
@@ -144,3 +145,11 @@ async def open_store(settings: Settings) -> TaskStore:
     from engine.sqlite_store import SqliteTaskStore
 
     return await SqliteTaskStore.open(settings.db_path)
+
+
+@resource("task_store")
+async def _task_store_resource(resources: Resources) -> tuple[TaskStore, Closer]:
+    """A task-store connection of the process's own, for services that read tasks and
+    failure records (the API's task lists, a schedule's firings)."""
+    store = await open_store(resources.settings)
+    return store, store.close

@@ -2,8 +2,8 @@
 
 - ``schedules.fire_due {}``: one firing tick by hand (the cron entry of the same
   name runs the same function every minute without a task row).
-- resources ``schedule_store`` (the schedules' SQLite store) and
-  ``schedule_tasks`` (a task store connection, to show the firings' statuses).
+- the resource ``schedule_store`` (the schedules' SQLite store); the firings' task
+  statuses are read through the engine's ``task_store`` resource.
 """
 
 from __future__ import annotations
@@ -14,19 +14,13 @@ from engine.context import JobContext
 from engine.errors import InvalidInput
 from engine.registry import JOBS, default_registry
 from engine.resources import Closer, Resources, resource
-from engine.store import TaskStore, open_store
+from engine.store import TaskStore
 from schedules.store import SqliteScheduleStore
 
 
 @resource("schedule_store")
 async def _schedule_store(resources: Resources) -> tuple[SqliteScheduleStore, Closer]:
     store = await SqliteScheduleStore.open(resources.settings.db_path)
-    return store, store.close
-
-
-@resource("schedule_tasks")
-async def _schedule_tasks(resources: Resources) -> tuple[TaskStore, Closer]:
-    store = await open_store(resources.settings)
     return store, store.close
 
 
@@ -59,5 +53,5 @@ async def schedule_store(resources: Resources) -> SqliteScheduleStore:
 
 
 async def schedule_tasks(resources: Resources) -> TaskStore:
-    tasks: TaskStore = await resources.get("schedule_tasks")
+    tasks: TaskStore = await resources.get("task_store")  # engine.store's resource
     return tasks

@@ -27,8 +27,7 @@ from engine.api import fields as f
 from engine.api.operations import CRYPTO, MANAGE, Call, Operation, Reply
 from engine.errors import InvalidInput, NotFound
 from engine.models import TaskRecord
-from engine.resources import Closer, Resources, resource
-from engine.store import TaskStore, open_store
+from engine.store import TaskStore
 from handlers.csms import model as m
 from handlers.csms.service import ROTATE_JOB, SecretInfo, SecretsService, VersionInfo
 
@@ -46,13 +45,6 @@ FG_TYPES = ("RDS-FG", "RDS", "GaussDB-FG")
 OUR_TYPES = tuple(t.value for t in m.SecretType)
 TASK_STATUSES = {"queued": "WAITING", "running": "RUNNING", "succeeded": "SUCCESS",
                  "failed": "FAILED"}
-
-
-@resource("csms_tasks")
-async def _task_store_resource(resources: Resources) -> tuple[TaskStore, Closer]:
-    """The task store, read by ListSecretTask (rotation tasks of the caller's project)."""
-    store = await open_store(resources.settings)
-    return store, store.close
 
 
 async def _csms(call: Call) -> SecretsService:
@@ -436,14 +428,13 @@ async def list_secret_task(call: Call) -> Any:
     task_id = f.text(q, "task_id", required=False, max_len=128)
     limit = _limit(call)
     marker = f.text(q, "marker", required=False, max_len=128)
-    store: TaskStore = await call.resources.get("csms_tasks")
+    store: TaskStore = await call.resources.get("task_store")
     if task_id:
-        one = await store.get_task(task_id)
+        one = await store.get_task(task_id, project=call.account)
         tasks = [] if one is None or one.name != ROTATE_JOB else [one]
     else:
-        tasks = await store.list_tasks(name=ROTATE_JOB, limit=10_000)
-    tasks = [t for t in tasks if t.args.get("account") == call.account
-             and (not secret_name or t.args.get("name") == secret_name)
+        tasks = await store.list_tasks(name=ROTATE_JOB, limit=10_000, project=call.account)
+    tasks = [t for t in tasks if (not secret_name or t.args.get("name") == secret_name)
              and (not status or TASK_STATUSES.get(t.status) == status)]
     total = len(tasks)
     if marker:

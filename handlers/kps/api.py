@@ -27,8 +27,7 @@ from engine.api import fields as f
 from engine.api.operations import MANAGE, Call, Operation, Reply
 from engine.errors import Conflict, DewError, InvalidInput, NotFound
 from engine.models import FailureRecord, TaskRecord
-from engine.resources import Closer, Resources, resource
-from engine.store import TaskStore, open_store
+from engine.store import TaskStore
 from handlers.kms.interface import SEAL_KEY
 from handlers.kps import keys as ssh_keys
 from handlers.kps.service import (
@@ -53,12 +52,6 @@ OPERATE = {"kps.bind": "RESET", "kps.reset": "RESET", "kps.replace": "REPLACE",
 STATUS_WORD = {"queued": "READY", "running": "RUNNING", "failed": "FAILED",
                "succeeded": "SUCCESS"}
 SCAN_LIMIT = 10_000  # tasks / failure records read per job name (see docs/kps.md)
-
-
-@resource("kps_task_store")
-async def _task_store_resource(resources: Resources) -> tuple[TaskStore, Closer]:
-    store = await open_store(resources.settings)
-    return store, store.close
 
 
 Handler = Callable[[Call], Awaitable[Any]]
@@ -87,7 +80,7 @@ async def _kps(call: Call) -> KpsService:
 
 
 async def _tasks(call: Call) -> TaskStore:
-    store: TaskStore = await call.resources.get("kps_task_store")
+    store: TaskStore = await call.resources.get("task_store")
     return store
 
 
@@ -513,9 +506,8 @@ def _task_status(task: TaskRecord) -> str:
     return f"{word}_{OPERATE.get(task.name, 'RESET')}"
 
 
-def _ours(call: Call, task: TaskRecord | None) -> bool:
-    return (task is not None and task.name in OPERATE
-            and task.args.get("account") == call.account)
+def _ours(task: TaskRecord | None) -> bool:
+    return task is not None and task.name in OPERATE
 
 
 def _servers_of(task: TaskRecord) -> list[str]:
@@ -542,8 +534,8 @@ def _page(call: Call) -> tuple[int, int]:
 @_explained
 async def show_task(call: Call) -> Any:
     store = await _tasks(call)
-    task = await store.get_task(call.params["task_id"])
-    if task is None or not _ours(call, task):
+    task = await store.get_task(call.params["task_id"], project=call.account)
+    if task is None or not _ours(task):
         raise NotFound(f"no key pair task {call.params['task_id'][:64]!r}",
                        code="task_not_found")
     servers = _servers_of(task)
@@ -560,9 +552,8 @@ async def list_running_tasks(call: Call) -> Any:
     tasks: list[TaskRecord] = []
     for name in OPERATE:
         for status in ("queued", "running"):
-            tasks += [t for t in await store.list_tasks(status=status, name=name,
-                                                          limit=SCAN_LIMIT)
-                      if _ours(call, t)]
+            tasks += await store.list_tasks(status=status, name=name, limit=SCAN_LIMIT,
+                                            project=call.account)
     tasks.sort(key=lambda t: t.enqueued_at, reverse=True)
     rows = []
     for task in tasks:
@@ -580,11 +571,12 @@ async def _failures(call: Call) -> list[tuple[FailureRecord, TaskRecord]]:
     tasks: dict[str, TaskRecord | None] = {}
     out = []
     for name in OPERATE:
-        for failure in await store.list_failures(operation=name, limit=SCAN_LIMIT):
+        for failure in await store.list_failures(operation=name, limit=SCAN_LIMIT,
+                                                 project=call.account):
             if failure.task_id not in tasks:
                 tasks[failure.task_id] = await store.get_task(failure.task_id)
             task = tasks[failure.task_id]
-            if task is not None and _ours(call, task):
+            if task is not None:
                 out.append((failure, task))
     out.sort(key=lambda pair: pair[0].created_at, reverse=True)
     return out
