@@ -174,8 +174,9 @@ def build_parser(
     _task_id_argument(p)
     _project_option(p)
     _json_option(p)
-    p = tasks.add_parser("cancel", help="cancel a queued or deferred task: it never runs "
-                         "(a running task cannot be cancelled)")
+    p = tasks.add_parser("cancel", help="cancel a task: a queued or deferred one never "
+                         "runs; a running one stops at its next safe point, if its job "
+                         "has any")
     _task_id_argument(p)
     _project_option(p)
     _json_option(p)
@@ -386,21 +387,14 @@ async def cmd_tasks(args: argparse.Namespace, settings: Settings) -> int:
         _print(retry.to_json(), args.json,
                lambda t: f"task {task_id} retried as task {t['task_id']}")
         return 0
+    if args.action == "cancel":
+        return await _cancel_task(args, settings)
     store = await open_store(settings)
     try:
         if args.action == "list":
             tasks = await store.list_tasks(args.status, args.name, args.limit,
                                            project=args.account)
             _print([t.to_json() for t in tasks], args.json, render.task_table)
-        elif args.action == "cancel":
-            from engine.models import utcnow
-
-            task_id = await resolve_task(store, args.task_id, args.account)
-            error = {"code": "cancelled", "category": "state",
-                     "message": f"task {task_id} was cancelled by {retried_by()}",
-                     "cause": "", "fix": "", "retryable": False}
-            cancelled = await store.cancel_task(task_id, error, utcnow(), args.account)
-            _print(cancelled.to_json(), args.json, lambda t: f"task {t['task_id']} cancelled")
         else:
             task_id = await resolve_task(store, args.task_id, args.account)
             found = await store.get_task(task_id, args.account)
@@ -413,6 +407,26 @@ async def cmd_tasks(args: argparse.Namespace, settings: Settings) -> int:
             _print(shown, args.json, render.task)
     finally:
         await store.close()
+    return 0
+
+
+async def _cancel_task(args: argparse.Namespace, settings: Settings) -> int:
+    """A queued task is cancelled at once; a running one of a job with safe points is
+    asked to stop (the registry, imported only then, says which jobs have them)."""
+    from engine.store import cancel_task, open_store
+
+    def cancellable() -> frozenset[str]:
+        from engine.registry import default_registry
+
+        return default_registry(settings).cancellable()
+
+    store = await open_store(settings)
+    try:
+        task_id = await resolve_task(store, args.task_id, args.account)
+        task = await cancel_task(store, task_id, retried_by(), args.account, cancellable)
+    finally:
+        await store.close()
+    _print(task.to_json(), args.json, render.cancelled)
     return 0
 
 

@@ -4,9 +4,11 @@ stdin, so that secrets stay off the command line), JSON with ``--json``, aligned
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from engine.errors import DewError, InvalidInput
@@ -16,9 +18,64 @@ from engine.settings import Settings
 def add_project_option(parser: Any) -> None:
     """``--project`` (a project's name or id, as the API names it; ``--account`` is
     the older spelling). A project id is turned into its name before the command runs."""
-    parser.add_argument("--project", "--account", dest="account", default="default",
-                        metavar="PROJECT",
-                        help="the project: its name or 32-hex id (default: default)")
+    add_option(parser, "--project", "--account", dest="account", default="default",
+               metavar="PROJECT", help="the project: its name or 32-hex id (default: default)")
+
+
+def deprecated(old: str, new: str) -> None:
+    """One line on stderr for an old spelling; a JSON line when ``--json`` is on the
+    command line, so that stderr stays machine-readable there."""
+    message = f"{old} is deprecated and will be removed in the next release; use {new}"
+    if "--json" in sys.argv[1:]:
+        sys.stderr.write(json.dumps({"warning": {"code": "deprecated", "message": message}})
+                         + "\n")
+    else:
+        sys.stderr.write(f"dew: warning: {message}\n")
+
+
+def _warning(parser: Any, action: Any, olds: frozenset[str], new: str) -> type[argparse.Action]:
+    """``action`` (an argparse action name or class) that first prints the deprecation
+    line when given under one of ``olds``."""
+    base: type[argparse.Action] = parser._registry_get("action", action, action)
+
+    def warn_then_act(self: argparse.Action, parser: argparse.ArgumentParser,
+                      namespace: argparse.Namespace, values: Any,
+                      option_string: str | None = None) -> None:
+        if option_string in olds:
+            deprecated(option_string, new)
+        base.__call__(self, parser, namespace, values, option_string)
+
+    return type(f"Deprecated{base.__name__}", (base,), {"__call__": warn_then_act})
+
+
+def add_option(parser: Any, name: str, *old: str, **kwargs: Any) -> argparse.Action:
+    """Add option ``name`` (the spelling docs/cli.md's grammar wants), also accepted
+    under its ``old`` spellings, which work for one release and print a deprecation
+    line on stderr. ``kwargs`` are ``add_argument``'s (``action=`` included)."""
+    if old:
+        kwargs["action"] = _warning(parser, kwargs.get("action"), frozenset(old), name)
+    added: argparse.Action = parser.add_argument(name, *old, **kwargs)
+    return added
+
+
+def add_deprecated(parser: Any, old: str, instead: str, **kwargs: Any) -> argparse.Action:
+    """An old option replaced by something other than a renamed option (a positional,
+    or another option with a value, e.g. ``--der`` by ``--format der``: pass
+    ``action="store_const", const="der", dest="format"``); it works for one release
+    and prints the deprecation line naming ``instead``."""
+    kwargs["action"] = _warning(parser, kwargs.get("action"), frozenset({old}), instead)
+    added: argparse.Action = parser.add_argument(old, **kwargs)
+    return added
+
+
+def write_out(path: str, payload: bytes, what: str) -> str:
+    """Write ``payload`` to ``--out`` PATH; return the one-line summary to print
+    instead of the payload (docs/cli.md: ``--out`` prints no payload)."""
+    try:
+        Path(path).write_bytes(payload)
+    except OSError as exc:
+        raise InvalidInput(f"cannot write --out {path}: {exc.strerror}") from None
+    return f"wrote {what} ({len(payload)} bytes) to {path}"
 
 
 def read_file(option: str, name: str, limit: int) -> bytes:

@@ -39,7 +39,7 @@ from engine.sealing import (
     unseal_args,
 )
 from engine.settings import Settings, load_settings
-from engine.store import TaskStore, open_store
+from engine.store import TaskStore, cancel_task, open_store
 
 TASK_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 MAX_DEFER = 366 * 24 * 3600
@@ -245,6 +245,20 @@ class Client:
             log.warning("job not pushed to Redis; the sweeper will deliver it",
                         task_id=new_id, job=task.name, error=exc.message)
         return retry
+
+    async def cancel(self, task_id: str, by: str, project: str | None = None) -> TaskRecord:
+        """Cancel a task for ``by``. A queued or deferred one is ``cancelled`` at once
+        (it never runs). A running one of a job registered ``cancellable`` gets a cancel
+        request (``cancel_requested_at``/``_by``) and is returned still running: its
+        handler stops at its next safe point, and the task ends ``cancelled``.
+
+        NotFound: no such task (in ``project``). Conflict: running a job without safe
+        points (it ends by itself), or ended."""
+        task = await cancel_task(self.store, task_id, by, project,
+                                 lambda: self.registry.cancellable())
+        log.info("task cancelled" if task.final else "task cancel requested",
+                 task_id=task_id, job=task.name, by=by)
+        return task
 
     async def wait(
         self, task_id: str, timeout: float | None = None, poll: float = 0.05,

@@ -14,6 +14,7 @@ table of docs/cli.md), and failure records are written from the same fields.
     │   ├── NotFound                no such task / failure record / key; CLI exit 2
     │   ├── Conflict                the target's state forbids the operation (a name
     │   │                           taken, a key disabled); CLI exit 1
+    │   ├── TaskCancelled           a running task stopped at a safe point on request
     │   ├── SecurityError           an integrity or identity check failed
     │   │   ├── AuthenticationFailed  an API caller's signature, key, date or IP was refused
     │   │   └── PermissionDenied      an identity lacks the action (names the action)
@@ -128,6 +129,22 @@ class NotFound(PermanentError):
 class Conflict(PermanentError):
     code = "conflict"
     category = "state"
+
+
+class TaskCancelled(PermanentError):
+    """A running task stopped at a safe point of its handler because someone asked
+    (``dew tasks cancel``): the task ends ``cancelled``, never retried. ``result``
+    says what it did before it stopped (a batch: which targets were done)."""
+
+    code = "cancelled"
+    category = "state"
+
+    def __init__(self, message: str, *, result: Any = None, cause: str = "", fix: str = "",
+                 code: str | None = None, category: str | None = None,
+                 target: str | None = None) -> None:
+        super().__init__(message, cause=cause, fix=fix, code=code, category=category,
+                         target=target)
+        self.result = result
 
 
 class SecurityError(PermanentError):

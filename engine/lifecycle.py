@@ -3,7 +3,9 @@
     queued ──► running ──► succeeded
        ▲          │
        └──retry───┤ (transient error, tries left: back to queued after a backoff)
-                  └──► failed (permanent error, or transient with no tries left)
+       │          ├──► failed (permanent error, or transient with no tries left)
+       │          └──► cancelled (`dew tasks cancel` seen at a safe point of the handler)
+       └────────────► cancelled (`dew tasks cancel` of a queued or deferred task)
 
 The worker and the sweeper call these functions and carry out what they say.
 """

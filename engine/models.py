@@ -14,7 +14,8 @@ from engine.redaction import redact
 
 TaskStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 TASK_STATUSES: tuple[TaskStatus, ...] = ("queued", "running", "succeeded", "failed", "cancelled")
-# A cancelled task (``dew tasks cancel``) never runs: a worker it is delivered to skips it.
+# A cancelled task (``dew tasks cancel``) never runs again: a worker it is delivered to
+# skips it. A running one is cancelled at its handler's next safe point, if it has any.
 FINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
 # The project of a task enqueued without one and whose arguments name no account.
 DEFAULT_PROJECT = "default"
@@ -66,6 +67,15 @@ class Fence:
 
 
 @dataclass(frozen=True)
+class CancelRequest:
+    """Someone asked a running task to stop at its handler's next safe point (``dew
+    tasks cancel``): when, and who. Kept on the task row, so every worker sees it."""
+
+    at: datetime
+    by: str
+
+
+@dataclass(frozen=True)
 class TaskRecord:
     task_id: str
     name: str
@@ -83,10 +93,19 @@ class TaskRecord:
     # The project (name) that enqueued it: the API shows a task to that project only.
     project: str = DEFAULT_PROJECT
     retry_of: str | None = None  # the failed task this one retries (``dew tasks retry``)
+    # ``dew tasks cancel``: when and by whom (a running task stops at its next safe point).
+    cancel_requested_at: datetime | None = None
+    cancel_requested_by: str | None = None
 
     @property
     def final(self) -> bool:
         return self.status in FINAL_STATUSES
+
+    @property
+    def cancel_request(self) -> CancelRequest | None:
+        if self.cancel_requested_at is None:
+            return None
+        return CancelRequest(self.cancel_requested_at, self.cancel_requested_by or "")
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -105,6 +124,8 @@ class TaskRecord:
             "error": self.error,
             "project": self.project,
             "retry_of": self.retry_of,
+            "cancel_requested_at": iso(self.cancel_requested_at),
+            "cancel_requested_by": self.cancel_requested_by,
         }
 
 

@@ -37,6 +37,9 @@ class JobSpec:
     # The arguments it takes: name -> "type: meaning" (optional ones say so); shown by
     # `dew jobs` and the API's ListJobs.
     fields: Mapping[str, str] = field(default_factory=dict)
+    # Its handler calls ``ctx.check_cancelled()`` at safe points, so ``dew tasks cancel``
+    # may stop it while it runs; a job without safe points is left to end by itself.
+    cancellable: bool = False
 
 
 class Registry:
@@ -54,10 +57,12 @@ class Registry:
         description: str = "",
         secret_result: bool = False,
         fields: Mapping[str, str] | None = None,
+        cancellable: bool = False,
     ) -> Callable[[Handler], Handler]:
         """Decorator registering ``handler`` as the job ``name``. ``secret_fields``: the
         arguments sealed whole (whatever they hold, at any depth); ``fields``: every
-        argument it takes, name -> "type: meaning"."""
+        argument it takes, name -> "type: meaning"; ``cancellable``: the handler has
+        safe points (``ctx.check_cancelled()``), so a running task may be cancelled."""
         if not JOB_NAME.match(name):
             raise ValueError(f"job name {name!r} must look like 'domain.operation'")
 
@@ -67,7 +72,7 @@ class Registry:
             doc = (handler.__doc__ or "").strip().splitlines()
             self._jobs[name] = JobSpec(
                 name, handler, validate, frozenset(secret_fields), description or
-                (doc[0] if doc else ""), secret_result, dict(fields or {}),
+                (doc[0] if doc else ""), secret_result, dict(fields or {}), cancellable,
             )
             return handler
 
@@ -89,6 +94,10 @@ class Registry:
         if spec.validate is not None:
             spec.validate(args)
         return spec
+
+    def cancellable(self) -> frozenset[str]:
+        """The names of the jobs whose running tasks may be cancelled."""
+        return frozenset(spec.name for spec in self._jobs.values() if spec.cancellable)
 
     def __iter__(self) -> Iterator[JobSpec]:
         return iter(sorted(self._jobs.values(), key=lambda s: s.name))

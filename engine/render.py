@@ -57,7 +57,12 @@ def task(t: dict[str, Any]) -> str:
     ]
     if t.get("retry_of"):
         lines.append(f"retry of  {t['retry_of']}")
-    if t["status"] == "succeeded":
+    if t.get("cancel_requested_at"):
+        pending = " (stops at its next safe point)" if t["status"] == "running" else ""
+        lines.append(f"cancel    requested {_time(t['cancel_requested_at'])} by "
+                     f"{t.get('cancel_requested_by') or '-'}{pending}")
+    # A task cancelled while it ran keeps what it did before it stopped.
+    if t["status"] == "succeeded" or (t["status"] == "cancelled" and t["result"] is not None):
         lines.append(f"result    {json.dumps(t['result'])}")
     if t.get("error"):
         err = t["error"]
@@ -66,6 +71,13 @@ def task(t: dict[str, Any]) -> str:
     for f in t.get("failures", []):
         lines.append(f"failure   {f['failure_id']}  {f['target'] or '-'}: {f['error']}")
     return "\n".join(lines)
+
+
+def cancelled(t: dict[str, Any]) -> str:
+    """What ``dew tasks cancel`` did: cancelled at once, or asked a running task to stop."""
+    if t["status"] == "cancelled":
+        return f"task {t['task_id']} cancelled"
+    return f"task {t['task_id']}: cancel requested; the task stops at its next safe point"
 
 
 def failure_table(records: list[dict[str, Any]]) -> str:

@@ -3,7 +3,9 @@
 This is the task lifecycle of ARCHITECTURE.md, kept out of arq so it is tested
 on its own: ``TaskRunner.run`` returns a ``RunOutcome`` and the arq glue in
 ``engine.worker`` turns a retry into ``arq.Retry``. A task that already ended
-(arq ran the job twice) is not run again.
+(arq ran the job twice) is not run again. A handler that stops at a safe point on
+request (``TaskCancelled``) ends its task ``cancelled``, never retried; so does a run
+that would be retried, or would start, once a cancel was requested.
 """
 
 from __future__ import annotations
@@ -21,7 +23,14 @@ from typing import Any
 import structlog
 
 from engine.context import JobContext, failure_record
-from engine.errors import DewError, InternalError, InvalidInput, PermanentError, SecurityError
+from engine.errors import (
+    DewError,
+    InternalError,
+    InvalidInput,
+    PermanentError,
+    SecurityError,
+    TaskCancelled,
+)
 from engine.job_signing import JobSigner
 from engine.lifecycle import decide_outcome
 from engine.logs import get_logger
@@ -39,7 +48,7 @@ job_log = get_logger("dew.job")
 
 @dataclass(frozen=True)
 class RunOutcome:
-    status: str  # succeeded | failed | retry | skipped | refused
+    status: str  # succeeded | failed | cancelled | retry | skipped | refused
     retry_in: float = 0.0
 
     def summary(self, task_id: str) -> dict[str, Any]:
@@ -93,11 +102,15 @@ class TaskRunner:
             ctx = JobContext(
                 task_id=task_id, name=spec.name, attempt=task.attempts, settings=self.settings,
                 store=self.store, log=job_log, clock=self.clock, resources=self.resources,
-                fence=fence,
+                fence=fence, cancel=task.cancel_request, cancel_read_at=time.monotonic(),
             )
             result: Any = None
             error: DewError | None = None
             try:
+                if ctx.cancel is not None:
+                    # Asked to stop before this run began (a re-run after a crash or
+                    # a shutdown, or a retry): nothing of it starts.
+                    raise ctx.cancelled()
                 self._check(spec, args, task.attempts)
                 if has_sealed(args):
                     binding = SealBinding(task_id, spec.name, job_account(args))
@@ -120,10 +133,15 @@ class TaskRunner:
                 )
             else:
                 error = _not_json(spec.name, result)
-            # A row that succeeded keeps no sealed value: nothing will deliver it again.
-            # One that failed, or reported failed targets, keeps them, still bound to
-            # this task, for a retry (dropped once retried or its failure records deleted).
-            retryable = error is not None or bool(ctx.failures)
+            if (error is not None and error.retryable
+                    and task.attempts < self.settings.retry.max_tries):
+                error = await _cancel_instead_of_retry(ctx, error)
+            # A row that succeeded or was cancelled keeps no sealed value: nothing will
+            # deliver it again. One that failed, or reported failed targets, keeps them,
+            # still bound to this task, for a retry (dropped once retried or its failure
+            # records deleted).
+            retryable = not isinstance(error, TaskCancelled) and (
+                error is not None or bool(ctx.failures))
             final_args = (redact(stored_args) if not retryable and has_sealed(stored_args)
                           else None)
             return await self._finish(
@@ -196,6 +214,8 @@ class TaskRunner:
         took: float,
         final_args: dict[str, Any] | None = None,
     ) -> RunOutcome:
+        if isinstance(error, TaskCancelled):
+            return await self._cancelled(spec, task_id, fence, error, took, final_args)
         attempts = fence.attempt
         retry = self.settings.retry
         outcome = decide_outcome(
@@ -227,6 +247,33 @@ class TaskRunner:
                       error=error.message,
                       retryable=error.retryable)
         return RunOutcome("failed")
+
+    async def _cancelled(
+        self, spec: JobSpec, task_id: str, fence: Fence, error: TaskCancelled, took: float,
+        final_args: dict[str, Any] | None,
+    ) -> RunOutcome:
+        """The handler stopped at a safe point on request: ``cancelled``, with what it
+        did before (its per-target results), and no failure record: a cancel is no
+        failure, and any target that failed before it has its own record."""
+        result = None if _not_json(spec.name, error.result) else error.result
+        shown = REDACTED if spec.secret_result and result is not None else redact(
+            result, spec.secret_fields)
+        if not await self.store.mark_cancelled(task_id, error.to_dict(), shown, self.clock(),
+                                               final_args, fence):
+            return self._taken_over(fence.attempt)
+        job_log.info("job cancelled at a safe point", attempt=fence.attempt,
+                     ms=round(took * 1000, 1), error=error.message)
+        return RunOutcome("cancelled")
+
+
+async def _cancel_instead_of_retry(ctx: JobContext, error: DewError) -> DewError:
+    """A run that would be retried after a cancel was requested ends cancelled instead:
+    nobody wants a task they cancelled to come back."""
+    if not await ctx.cancel_requested(max_age=0):
+        return error
+    cancelled = ctx.cancelled()
+    cancelled.cause = f"{cancelled.cause}; its last try failed: {error.message}"
+    return cancelled
 
 
 def stored_form(spec: JobSpec, args: Any) -> dict[str, Any]:

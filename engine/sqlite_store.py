@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from engine.batching import Batcher
 from engine.errors import Conflict, InvalidInput, NotFound
 from engine.models import (
     DEFAULT_PROJECT,
+    CancelRequest,
     FailureRecord,
     Fence,
     TaskRecord,
@@ -139,13 +140,21 @@ MIGRATIONS: tuple[str, ...] = (
         WHERE retry_of IS NOT NULL;
     CREATE INDEX IF NOT EXISTS tasks_project_enqueued ON tasks (project, enqueued_at);
     """,
+    # 5: a cancel request on a running task (`dew tasks cancel` of a job with safe
+    # points): when and by whom. On the task row, not in Redis, so it outlives a Redis
+    # or worker restart: the run that takes the task over after a crash sees it too.
+    """
+    ALTER TABLE tasks ADD COLUMN cancel_requested_at TEXT;
+    ALTER TABLE tasks ADD COLUMN cancel_requested_by TEXT;
+    """,
 )
 
 Row = tuple[str | None, ...]  # statement parameters of one batched write
 
 TASK_COLUMNS = (
     "task_id, name, args, status, attempts, enqueued_at, due_at, started_at, finished_at, "
-    "result, error, worker_id, signature, project, retry_of"
+    "result, error, worker_id, signature, project, retry_of, cancel_requested_at, "
+    "cancel_requested_by"
 )
 FAILURE_COLUMNS = (
     "failure_id, task_id, operation, target, category, code, error, cause, fix, created_at, "
@@ -372,26 +381,62 @@ class SqliteTaskStore(SqliteDb):
 
     async def cancel_task(
         self, task_id: str, error: dict[str, Any], now: datetime, project: str | None = None,
+        by: str = "", cancellable: Collection[str] = (),
     ) -> TaskRecord:
-        """Mark a queued (or deferred, or waiting for a retry) task cancelled; a worker
-        it is delivered to skips it. NotFound: no such task (in ``project``).
-        Conflict: it is running or has ended."""
+        """Queued (or deferred, or waiting for a retry): cancelled at once, a worker it is
+        delivered to skips it. Running a job in ``cancellable``: a cancel request is
+        recorded (the first one stands) and the task is returned still running.
+        NotFound: no such task (in ``project``). Conflict: running a job without safe
+        points, or ended."""
         where, params = _where(task_id=task_id, project=project)
         async with self._transaction():
-            row = await self._fetchone(f"SELECT status FROM tasks {where}", params)
+            row = await self._fetchone(f"SELECT name, status FROM tasks {where}", params)
             if row is None:
                 raise NotFound(f"no task with id {task_id!r} (`dew tasks list` lists them)",
                                target=task_id)
-            if row["status"] != "queued":
-                raise Conflict(_not_cancellable(task_id, row["status"]),
+            if row["status"] == "running" and row["name"] in cancellable:
+                await self._conn.execute(
+                    "UPDATE tasks SET cancel_requested_at = ?, cancel_requested_by = ? "
+                    "WHERE task_id = ? AND cancel_requested_at IS NULL",
+                    (iso(now), by, task_id))
+                updated = await self._fetchone(
+                    f"SELECT {TASK_COLUMNS} FROM tasks WHERE task_id = ?", (task_id,))
+            elif row["status"] != "queued":
+                raise Conflict(_not_cancellable(task_id, row["status"], row["name"]),
                                code="task_not_cancellable", target=task_id)
-            updated = await self._fetchone(
-                f"""UPDATE tasks SET status = 'cancelled', finished_at = ?, error = ?,
-                    worker_id = NULL WHERE task_id = ? AND status = 'queued'
-                RETURNING {TASK_COLUMNS}""", (iso(now), _dump(error), task_id))
-            await self._forget_sealed([task_id])
+            else:
+                # A request made while it ran (it went back to queued since) stands.
+                updated = await self._fetchone(
+                    f"""UPDATE tasks SET status = 'cancelled', finished_at = ?, error = ?,
+                        worker_id = NULL, cancel_requested_at = COALESCE(cancel_requested_at, ?),
+                        cancel_requested_by = CASE WHEN cancel_requested_at IS NULL THEN ?
+                                              ELSE cancel_requested_by END
+                    WHERE task_id = ? AND status = 'queued' RETURNING {TASK_COLUMNS}""",
+                    (iso(now), _dump(error), iso(now), by, task_id))
+                await self._forget_sealed([task_id])
         assert updated is not None
         return _task(updated)
+
+    async def cancel_request(self, task_id: str) -> CancelRequest | None:
+        async with self._locked():
+            row = await self._fetchone(
+                "SELECT cancel_requested_at, cancel_requested_by FROM tasks "
+                "WHERE task_id = ? AND cancel_requested_at IS NOT NULL", (task_id,))
+        if row is None:
+            return None
+        return CancelRequest(_required_ts(row[0]), row[1] or "")
+
+    async def mark_cancelled(
+        self, task_id: str, error: dict[str, Any], result: Any, now: datetime,
+        args: dict[str, Any] | None = None, fence: Fence | None = None,
+    ) -> bool:
+        return await self._execute(
+            f"""UPDATE tasks SET status = 'cancelled', finished_at = ?, error = ?, result = ?,
+                args = COALESCE(?, args)
+            WHERE task_id = ? AND status NOT IN {_FINAL} {_FENCED}""",
+            (iso(now), _dump(error), _dump(result), None if args is None else _dump(args),
+             task_id, *_fence_params(fence)),
+        ) == 1
 
     async def task_ids_by_prefix(
         self, prefix: str, project: str | None = None, limit: int = 10,
@@ -555,10 +600,10 @@ class SqliteTaskStore(SqliteDb):
 
 
 
-def _not_cancellable(task_id: str, status: str) -> str:
+def _not_cancellable(task_id: str, status: str, name: str) -> str:
     if status == "running":
-        return (f"task {task_id} is running: only a queued or deferred task can be "
-                "cancelled (a running one ends by itself; `dew tasks show` follows it)")
+        return (f"task {task_id} is running, and its job {name} has no safe point to stop "
+                "at: it ends by itself (`dew tasks show` follows it)")
     return f"task {task_id} is {status}: it has ended, there is nothing to cancel"
 
 
@@ -625,6 +670,8 @@ def _task(row: sqlite3.Row) -> TaskRecord:
         signature=row["signature"],
         project=row["project"],
         retry_of=row["retry_of"],
+        cancel_requested_at=parse_iso(row["cancel_requested_at"]),
+        cancel_requested_by=row["cancel_requested_by"],
     )
 
 

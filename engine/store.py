@@ -8,16 +8,20 @@ moving to PostgreSQL (the scale-out path) is a new backend, not a rewrite.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Collection
 from datetime import datetime
 from typing import Any, Protocol
 
+from engine.errors import Conflict, TaskCancelled
 from engine.models import (
     DEFAULT_PROJECT,
+    CancelRequest,
     FailureRecord,
     Fence,
     TaskRecord,
     TaskStatus,
     WorkerRecord,
+    utcnow,
 )
 from engine.resources import Closer, Resources, resource
 from engine.settings import Settings
@@ -56,9 +60,24 @@ class TaskStore(Protocol):
 
     async def cancel_task(
         self, task_id: str, error: dict[str, Any], now: datetime, project: str | None = None,
+        by: str = "", cancellable: Collection[str] = (),
     ) -> TaskRecord:
-        """Mark a queued (or deferred) task cancelled: it never runs. NotFound: no such
-        task (in ``project``); Conflict: it is running or has ended."""
+        """Cancel a task for ``by``. Queued (or deferred): marked cancelled with
+        ``error``, it never runs. Running a job named in ``cancellable`` (one whose
+        handler has safe points): a cancel request (``now``, ``by``) is recorded and the
+        task is returned still running; it stops at its next safe point. NotFound: no
+        such task (in ``project``); Conflict: running a job without safe points, or ended."""
+
+    async def cancel_request(self, task_id: str) -> CancelRequest | None:
+        """Whether someone asked the task to stop (a handler's safe point reads it)."""
+
+    async def mark_cancelled(
+        self, task_id: str, error: dict[str, Any], result: Any, now: datetime,
+        args: dict[str, Any] | None = None, fence: Fence | None = None,
+    ) -> bool:
+        """End a run that stopped at a safe point on request: ``cancelled``, keeping
+        ``result`` (what it did before it stopped); no failure record. Fenced like
+        ``mark_succeeded``."""
 
     async def task_ids_by_prefix(
         self, prefix: str, project: str | None = None, limit: int = 10,
@@ -138,6 +157,29 @@ class TaskStore(Protocol):
     async def remove_worker(self, worker_id: str) -> None: ...
 
     async def live_workers(self, since: datetime) -> set[str]: ...
+
+
+async def cancel_task(
+    store: TaskStore, task_id: str, by: str, project: str | None,
+    cancellable: Callable[[], Collection[str]],
+) -> TaskRecord:
+    """``dew tasks cancel``: a queued task is cancelled at once; a running one of a job
+    with safe points is asked to stop (``TaskStore.cancel_task``). ``cancellable``
+    names those jobs; it loads the job registry, so it is called only for a running
+    task (a queued one is cancelled without importing every service)."""
+    error = TaskCancelled(f"task {task_id} was cancelled by {by}").to_dict()
+    task = await store.get_task(task_id, project)
+    running = task is not None and task.status == "running"
+    try:
+        return await store.cancel_task(task_id, error, utcnow(), project, by=by,
+                                       cancellable=cancellable() if running else ())
+    except Conflict:
+        now = await store.get_task(task_id, project)
+        if running or now is None or now.status != "running":
+            raise
+        # It started between the two reads: ask again, knowing the jobs.
+        return await store.cancel_task(task_id, error, utcnow(), project, by=by,
+                                       cancellable=cancellable())
 
 
 async def open_store(settings: Settings) -> TaskStore:

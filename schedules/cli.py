@@ -1,9 +1,11 @@
-"""``dew schedules``: the cron table and the users' schedules.
+"""``dew schedules``: the cron table and the users' schedules (docs/schedules.md).
 
 ``list`` prints the built-in cron table (every entry, when it runs and when it is
-next due) and the project's schedules with their next run; ``add``, ``show``,
-``pause``, ``resume``, ``run-now`` and ``delete`` manage user schedules
-(``schedules/service.py``). Bad input exits 2 and writes nothing.
+next due) and the project's schedules with their next run (``--kind``: only one of
+them); ``add``, ``show``, ``pause``, ``resume``, ``run-now`` and ``delete`` manage
+user schedules (``schedules/service.py``), the schedule being the positional
+SCHEDULE. Bad input exits 2 and writes nothing. Text output prints times as
+ISO 8601 UTC and booleans as yes/no.
 """
 
 from __future__ import annotations
@@ -13,11 +15,14 @@ import itertools
 import json
 from typing import Any
 
-from engine.cli_output import add_project_option, lines, print_result, read_input
+from engine.cli_output import add_deprecated, add_project_option, lines, print_result, read_input
 from engine.errors import InvalidInput
 from engine.settings import Settings
 
 MAX_ARGS_FILE = 256 * 1024
+KINDS = ("builtin", "user")
+JSON_HELP = "print JSON (errors too: one JSON line on stderr)"
+SCHEDULE_HELP = "the schedule's name (unique in its project)"
 
 
 def register(subparsers: Any, commands: dict[str, Any]) -> None:
@@ -27,19 +32,25 @@ def register(subparsers: Any, commands: dict[str, Any]) -> None:
     p = sub.add_parser("list", help="the cron table, then the project's schedules, with "
                        "their next run")
     which = p.add_mutually_exclusive_group()
-    which.add_argument("--builtin", action="store_true", help="only the built-in cron table")
-    which.add_argument("--user", action="store_true", help="only the project's schedules")
+    which.add_argument("--kind", choices=KINDS,
+                       help="only the built-in cron table (builtin) or only the project's "
+                            "schedules (user)")
+    for kind in KINDS:
+        add_deprecated(which, f"--{kind}", f"--kind {kind}", dest="kind",
+                       action="store_const", const=kind, help=f"deprecated: use --kind {kind}")
     _common(p)
 
     p = sub.add_parser("add", help="add a schedule: run a job on a cron expression")
-    p.add_argument("name", help="the schedule's name (unique in its project)")
+    p.add_argument("name", metavar="SCHEDULE", help=SCHEDULE_HELP)
     p.add_argument("--cron", required=True, metavar="EXPR",
                    help='five fields: minute hour day month weekday, e.g. "0 3 * * *"')
     p.add_argument("--timezone", default="UTC", metavar="ZONE",
                    help="the IANA time zone of the expression (default: UTC)")
     p.add_argument("--job", required=True, help="the job name, e.g. engine.sleep")
-    p.add_argument("--args", default=None, help="the job's arguments as a JSON object")
-    p.add_argument("--args-file", metavar="FILE", help="the arguments from a file, - for stdin")
+    p.add_argument("--args", default=None, metavar="JSON",
+                   help="the job's arguments as a JSON object (default {})")
+    p.add_argument("--args-file", metavar="FILE",
+                   help="the job's arguments from FILE (- reads standard input)")
     p.add_argument("--catch-up", action="store_true",
                    help="run once for slots missed while no worker ran (default: skip them)")
     p.add_argument("--paused", action="store_true", help="create it paused")
@@ -51,14 +62,14 @@ def register(subparsers: Any, commands: dict[str, Any]) -> None:
                        ("run-now", "enqueue the schedule's job now"),
                        ("delete", "delete a schedule")):
         p = sub.add_parser(verb, help=text)
-        p.add_argument("name")
+        p.add_argument("name", metavar="SCHEDULE", help=SCHEDULE_HELP)
         _common(p)
     commands["schedules"] = cmd_schedules
 
 
 def _common(p: Any) -> None:
     add_project_option(p)
-    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
 
 
 def when(second: frozenset[int] | None, minute: frozenset[int] | None) -> str:
@@ -105,9 +116,9 @@ async def _list(args: argparse.Namespace, settings: Settings, now: Any) -> int:
     from schedules import service
     from schedules.store import SqliteScheduleStore
 
-    builtin = [] if args.user else _builtin_rows(settings, now)
+    builtin = [] if args.kind == "user" else _builtin_rows(settings, now)
     user: list[dict[str, Any]] = []
-    if not args.builtin:
+    if args.kind != "builtin":
         store = await SqliteScheduleStore.open(settings.db_path)
         try:
             user = [{"kind": "user", **service.to_json(r, now)}
@@ -201,8 +212,9 @@ def _show_text(data: dict[str, Any]) -> str:
     firings = data["firings"]
     if not firings:
         return out + "\n\nno firings yet"
-    rows = [f"{'SLOT (UTC)':20}  {'KIND':8}  {'STATUS':9}  TASK"]
-    rows += [f"{f['slot'][:19]:20}  {f['kind']:8}  {f['status']:9}  "
+    slot = max(len(f["slot"]) for f in firings)
+    rows = [f"{'SLOT (UTC)':{slot}}  {'KIND':8}  {'STATUS':9}  TASK"]
+    rows += [f"{f['slot']:{slot}}  {f['kind']:8}  {f['status']:9}  "
              f"{f['task_id'] or '-'}{'  (' + f['error'] + ')' if f['error'] else ''}"
              for f in firings]
     return out + "\n\nlast firings, newest first:\n" + "\n".join(rows)
@@ -215,16 +227,19 @@ def _table(rows: list[dict[str, Any]]) -> str:
     if builtin:
         name = max(len(r["name"]) for r in builtin)
         every = max(len(r["when"]) for r in builtin)
-        parts.append(f"{'NAME':{name}}  {'RUNS':{every}}  NEXT (UTC)  WHAT")
-        parts += [f"{r['name']:{name}}  {r['when']:{every}}  {r['next_run'][11:19]:10}  "
+        due = max(len(r["next_run"]) for r in builtin)
+        parts.append(f"{'NAME':{name}}  {'RUNS':{every}}  {'NEXT (UTC)':{due}}  WHAT")
+        parts += [f"{r['name']:{name}}  {r['when']:{every}}  {r['next_run']:{due}}  "
                   f"{r['description']}" for r in builtin]
     if user:
         if parts:
             parts.append("")
         name = max(4, *(len(r["name"]) for r in user))
         cron = max(4, *(len(r["cron"]) for r in user))
-        parts.append(f"{'NAME':{name}}  {'CRON':{cron}}  {'TIMEZONE':16}  {'NEXT (UTC)':20}  "
-                     "JOB")
-        parts += [f"{r['name']:{name}}  {r['cron']:{cron}}  {r['timezone']:16}  "
-                  f"{(r['next_run'] or 'paused')[:19]:20}  {r['job']}" for r in user]
+        zone = max(8, *(len(r["timezone"]) for r in user))
+        due = max(10, *(len(r["next_run"] or "paused") for r in user))
+        parts.append(f"{'NAME':{name}}  {'CRON':{cron}}  {'TIMEZONE':{zone}}  "
+                     f"{'NEXT (UTC)':{due}}  JOB")
+        parts += [f"{r['name']:{name}}  {r['cron']:{cron}}  {r['timezone']:{zone}}  "
+                  f"{r['next_run'] or 'paused':{due}}  {r['job']}" for r in user]
     return "\n".join(parts) if parts else "no schedules"

@@ -857,7 +857,7 @@ def _still_due(secret: SecretRecord, due: int) -> bool:
 def _not_found(account: str, name: str) -> SecretNotFound:
     # The same words whether it never existed or belongs to another account.
     return SecretNotFound(f"no secret {name!r} in account {account!r}",
-                          fix="Check the name and --account (dew secrets list).")
+                          fix="Check the name and --project (dew secrets list).")
 
 
 def _exists(account: str, name: str) -> SecretExists:

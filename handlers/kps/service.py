@@ -589,6 +589,11 @@ async def run_operation(ctx: JobContext, args: dict[str, Any], op: str) -> dict[
 
     async def one(server: ServerRecord) -> dict[str, Any]:
         async with limit:
+            # The safe point of `dew tasks cancel`: before a server starts, never in the
+            # middle of one (a half-changed authorized_keys could lock its users out).
+            if await ctx.cancel_requested():
+                await progress(server, "skipped", "cancelled")
+                return {"server": server.name, "status": "skipped", "reason": "cancelled"}
             await progress(server, "running")
             try:
                 result = await _with_retries(ctx, config, lambda: _apply(ctx, kps, plan, server))
@@ -609,11 +614,17 @@ async def run_operation(ctx: JobContext, args: dict[str, Any], op: str) -> dict[
         raise errors.exceptions[0] from None  # e.g. a store error: the engine retries it
     results = [t.result() for t in running]
     failed = sum(1 for r in results if r["status"] == "failed")
+    skipped = sum(1 for r in results if r["status"] == "skipped")
+    summary = {"operation": op, "keypair": record.name, "fingerprint": record.fingerprint,
+               "servers": list(results), "succeeded": len(results) - failed - skipped,
+               "failed": failed, "partially_failed": failed > 0}
+    if skipped:
+        # Cancelled part-way: the task ends cancelled, its result saying which servers
+        # were done (each one whole) and which never started.
+        raise ctx.cancelled({**summary, "skipped": skipped})
     if results and failed == len(results):
         raise all_failed(op, results)
-    return {"operation": op, "keypair": record.name, "fingerprint": record.fingerprint,
-            "servers": list(results), "succeeded": len(results) - failed, "failed": failed,
-            "partially_failed": failed > 0}
+    return summary
 
 
 def all_failed(op: str, results: list[dict[str, Any]]) -> BatchFailed:
@@ -1057,8 +1068,9 @@ def _job(op: str) -> None:
         "reset": "Install a key pair when the old private key is lost (auth: password).",
         "unbind": "Remove a key pair from servers (optionally turn password login on).",
     }[op]
+    # Cancellable: run_operation stops between servers (never inside one) on request.
     JOBS.job(f"kps.{op}", validate=_validator(op), secret_fields=("auth",),
-             fields=JOB_FIELDS[op])(handler)
+             fields=JOB_FIELDS[op], cancellable=True)(handler)
 
 
 for _op in OPERATIONS:

@@ -29,10 +29,11 @@ def _secret_rows(settings: Settings) -> int:
     ["create", "ok", "--generate", "--charset", "emoji"],
     ["create", "ok", "--value-file", "/nonexistent/file"],
     ["create", "ok", "--generate", "--type", "ORACLE"],
-    ["create", "ok", "--value-stdin", "--type", "RDS_POSTGRESQL"],
-    ["create", "ok", "--value-stdin", "--length", "9"],
-    ["create", "ok", "--generate", "--account", "bad account"],
-    ["create", "ok", "--value-stdin", "--generate"],
+    ["create", "ok", "--value-file", "-", "--type", "RDS_POSTGRESQL"],
+    ["create", "ok", "--value-file", "-", "--length", "9"],
+    ["create", "ok", "--generate", "--project", "bad account"],
+    ["create", "ok", "--value-file", "-", "--generate"],
+    ["get", "ok", "--out", "/nonexistent/dir/value"],
     ["delete", "ok", "--recovery-days", "31"],
     ["set-rotation", "ok", "--period", "5h"],
     ["remove-stage", "ok", "--stage", "SYSPREVIOUS"],
@@ -76,7 +77,7 @@ def test_cli_round_trip(settings: Settings, tmp_path: Path) -> None:
     assert json.loads(rot.stdout)["rotation"]["period_hours"] == 24
     listed = json.loads(run_dew(settings, "secrets", "list", "--json").stdout)
     assert [s["name"] for s in listed] == ["cli.s"]
-    other = run_dew(settings, "secrets", "list", "--account", "other", "--json")
+    other = run_dew(settings, "secrets", "list", "--project", "other", "--json")
     assert json.loads(other.stdout) == []
     gone = run_dew(settings, "secrets", "delete", "cli.s", "--recovery-days", "7")
     assert gone.returncode == 0 and "pending_deletion" in gone.stdout
@@ -88,8 +89,8 @@ def test_cli_round_trip(settings: Settings, tmp_path: Path) -> None:
 
 
 def test_no_option_takes_a_secret_value_on_the_command_line() -> None:
-    """Audit L2: values come from --value-file, --value-stdin or --generate; every
-    other option that takes an argument is a name, a label or a number."""
+    """Audit L2: values come from --value-file (- for stdin) or --generate; every
+    other option that takes an argument is a name, a label, a number or a path."""
     import argparse
 
     from handlers.csms.cli import register
@@ -98,7 +99,7 @@ def test_no_option_takes_a_secret_value_on_the_command_line() -> None:
     register(commands, {})
     not_secret = {"--project", "--stage", "--version-id", "--kms-key", "--description",
                   "--type", "--length", "--charset", "--recovery-days", "--timeout",
-                  "--period", "--value-file", "name"}
+                  "--period", "--value-file", "--out", "name"}
     top = commands.choices["secrets"]
     [actions] = [a for a in top._actions if isinstance(a, argparse._SubParsersAction)]
     for action_name, sub in actions.choices.items():
@@ -109,4 +110,4 @@ def test_no_option_takes_a_secret_value_on_the_command_line() -> None:
             assert label in not_secret, f"dew secrets {action_name} {label}"
         if action_name in ("create", "put-version"):
             options = {o for a in sub._actions for o in a.option_strings}
-            assert {"--value-file", "--value-stdin", "--generate"} <= options
+            assert {"--value-file", "--generate"} <= options

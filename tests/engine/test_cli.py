@@ -96,7 +96,7 @@ def test_enqueue_wait_tasks_and_failures(settings: Settings, worker: WorkerProce
     task = json.loads(ok.stdout)
     assert set(task) == {"task_id", "name", "args", "status", "attempts", "enqueued_at",
                          "due_at", "started_at", "finished_at", "result", "error", "project",
-                         "retry_of"}
+                         "retry_of", "cancel_requested_at", "cancel_requested_by"}
     # engine.echo's value is a declared secret: its result is kept redacted.
     assert (task["task_id"], task["status"], task["result"]) == (
         "cli-ok", "succeeded", "***redacted***")

@@ -43,7 +43,7 @@ def test_kms_commands_end_to_end(kms_settings: Settings, tmp_path: Path) -> None
     dk = _ok(kms_settings, "create-datakey", "cli/key", "--length-bits", "512")
     assert len(bytes.fromhex(str(dk["plain_text"]))) == 64
     back = _ok(kms_settings, "decrypt-datakey", "cli/key", "--cipher-text", str(dk["cipher_text"]))
-    assert back["plain_text"] == dk["plain_text"]
+    assert back == {"key_id": key["key_id"], "plain_text": dk["plain_text"]}  # no echo
     assert len(bytes.fromhex(str(_ok(kms_settings, "gen-random", "--bytes", "16")
                                  ["random_data"]))) == 16
 
@@ -65,7 +65,7 @@ def test_bad_input_exits_2_with_one_line(kms_settings: Settings, tmp_path: Path)
         (("schedule-key-deletion", "k", "--pending-days", "6"), "between 7 and 1096"),
         (("schedule-key-deletion", "k", "--pending-days", "1097"), "between 7 and 1096"),
         (("gen-random", "--bytes", "0"), "1..1024"),
-        (("describe-key", "k", "--account", "bad account"), "invalid account"),
+        (("describe-key", "k", "--project", "bad account"), "--project: invalid account"),
         (("decrypt-data", "--cipher-text", "%%%"), "Base64"),
     ):
         _refused(run_dew(kms_settings, "kms", *args), 2, text)
@@ -106,6 +106,7 @@ def test_project_by_name_or_id_and_the_account_alias(kms_settings: Settings) -> 
     for option in (("--project", "shop"), ("--account", "shop"), ("--project", project_id)):
         listed = run_dew(kms_settings, "kms", "list-keys", *option, "--json")
         assert listed.returncode == 0, listed.stderr
+        assert ("deprecated" in listed.stderr) == (option[0] == "--account")
         assert [k["key_id"] for k in json.loads(listed.stdout)] == [key["key_id"]]
     # Another project does not see it; an id that is no project is refused.
     assert json.loads(run_dew(kms_settings, "kms", "list-keys", "--json").stdout) == []

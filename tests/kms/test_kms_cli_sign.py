@@ -1,5 +1,7 @@
 """``dew kms sign|verify|get-public-key|generate-mac|verify-mac`` and RSA decrypt-data
-as users run them: exit 0 valid, 1 invalid, 2 bad input (one line, nothing opened)."""
+as users run them: exit 0 valid, 1 invalid, 2 bad input (one line, nothing opened).
+``--out`` prints no payload; decrypt-data's old ``--key`` still works, with one
+deprecation line."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding
 from engine.cli import build_parser
 from engine.errors import InvalidInput
 from engine.settings import Settings
-from handlers.kms.cli import _checked
+from handlers.kms.cli_checks import checked
 from tests.helpers import run_dew
 
 
@@ -34,7 +36,9 @@ def test_sign_verify_public_key_mac_and_rsa_decrypt(kms_settings: Settings,
     _ok(kms_settings, "create-key", "--alias", "cli/ec", "--spec", "EC_P256")
     signed = _ok(kms_settings, "sign", "cli/ec", "--message-file", str(msg), "--algorithm",
                  "ECDSA_SHA_256", "--out", str(sig))
-    assert base64.b64decode(str(signed["signature"])) == sig.read_bytes()
+    assert "signature" not in signed  # --out: the JSON without the payload
+    assert signed["out"] == str(sig) and signed["bytes"] == len(sig.read_bytes()) > 0
+    signature_b64 = base64.b64encode(sig.read_bytes()).decode()
     pem = run_dew(kms_settings, "kms", "get-public-key", "cli/ec")
     assert pem.returncode == 0 and pem.stdout.startswith("-----BEGIN PUBLIC KEY-----")
     public = serialization.load_pem_public_key(pem.stdout.encode())
@@ -45,7 +49,7 @@ def test_sign_verify_public_key_mac_and_rsa_decrypt(kms_settings: Settings,
     good = run_dew(kms_settings, "kms", *verify, "--signature-file", str(sig), "--json")
     assert good.returncode == 0 and json.loads(good.stdout)["signature_valid"] is True
     msg.write_bytes(b"sign me!")
-    bad = run_dew(kms_settings, "kms", *verify, "--signature", str(signed["signature"]))
+    bad = run_dew(kms_settings, "kms", *verify, "--signature", signature_b64)
     assert bad.returncode == 1 and "no" in bad.stdout and bad.stderr == ""
 
     _ok(kms_settings, "create-key", "--alias", "cli/mac", "--spec", "HMAC_384")
@@ -62,13 +66,17 @@ def test_sign_verify_public_key_mac_and_rsa_decrypt(kms_settings: Settings,
     rsa_public = serialization.load_pem_public_key(rsa_pem.encode())
     h = hashes.SHA256()
     ct = rsa_public.encrypt(b"offline", padding.OAEP(padding.MGF1(h), h, None))  # type: ignore[union-attr]
-    out = _ok(kms_settings, "decrypt-data", "--key", "cli/rsa", "--encryption-algorithm",
-              "RSAES_OAEP_SHA_256", "--cipher-text", base64.b64encode(ct).decode())
+    out = _ok(kms_settings, "decrypt-data", "cli/rsa", "--algorithm", "RSAES_OAEP_SHA_256",
+              "--cipher-text", base64.b64encode(ct).decode())
     assert base64.b64decode(str(out["plain_text_base64"])) == b"offline"
+    # The old spelling (KEY as --key) still works, with exactly one deprecation line.
     flipped = base64.b64encode(bytes([ct[0] ^ 1]) + ct[1:]).decode()
     failed = run_dew(kms_settings, "kms", "decrypt-data", "--key", "cli/rsa",
-                     "--encryption-algorithm", "RSAES_OAEP_SHA_256", "--cipher-text", flipped)
+                     "--algorithm", "RSAES_OAEP_SHA_256", "--cipher-text", flipped)
     assert failed.returncode == 1 and "decryption failed" in failed.stderr
+    warnings = [line for line in failed.stderr.splitlines() if "deprecated" in line]
+    assert warnings == ["dew: warning: --key is deprecated and will be removed in the next "
+                        "release; use the positional KEY"]
 
 
 def _refused(done: subprocess.CompletedProcess[str], text: str) -> None:
@@ -97,26 +105,39 @@ def test_bad_sign_input_is_refused_before_anything_opens(kms_settings: Settings,
         (("generate-mac", "k", "--message-file", str(msg), "--algorithm", "HMAC_MD5"),
          "--algorithm"),
         (("verify-mac", "k", "--message-file", str(big), "--mac", "AAAA"), "at most 4096"),
-        (("decrypt-data", "--cipher-text", "AAAA", "--encryption-algorithm",
-          "RSAES_OAEP_SHA_256"), "needs --key"),
-        (("decrypt-data", "--cipher-text", "AAAA", "--key", "k", "--encryption-algorithm",
-          "RSA_OAEP"), "encryption algorithm"),
+        (("decrypt-data", "--cipher-text", "AAAA", "--algorithm", "RSAES_OAEP_SHA_256"),
+         "KEY is missing"),
+        (("decrypt-data", "k", "--cipher-text", "AAAA", "--algorithm", "RSA_OAEP"),
+         "--algorithm: invalid encryption algorithm"),
+        (("decrypt-data", "k", "--cipher-text", "AAAA"), "KEY is only for RSA"),
         (("enable-key-rotation", "k", "--interval-days", "29"), "30..365"),
         (("decrypt-file", str(msg), str(tmp_path / "out")), "not a file made by"),
         (("encrypt-file", "k", str(msg), str(tmp_path / "no" / "out")), "does not exist"),
         (("create-key", "--alias", "a", "--origin", "aws"), "invalid origin"),
-        (("get-parameters-for-import", "k", "--wrapping-algorithm", "RSA_OAEP"),
-         "wrapping algorithm"),
+        (("get-parameters-for-import", "k", "--algorithm", "RSA_OAEP"),
+         "--algorithm: invalid wrapping algorithm"),
         (("import-key-material", "k", "--import-token", "t", "--encrypted-key-material-base64",
-          "AAAA", "--expiration-time", "tomorrow"), "ISO 8601"),
-        (("import-key-material", "k", "--import-token", "t", "--encrypted-key-material-base64",
-          "AAAA", "--expiration-time", "2030-01-01T00:00:00"), "time zone"),
-        (("ec-raw-to-pkcs8", "--curve", "curve25519", "--private-hex", "01"), "unknown curve"),
-        (("wrap-key-material", "--public-key", str(msg), "--material", str(msg), "--algorithm",
-          "RSAES_OAEP_SHA_256", "--out", str(tmp_path / "w")), "not a PEM public key"),
+          "AAAA", "--expiration-time", "tomorrow"), "--expiration-time must be an ISO 8601"),
+        (("import-key-material", "k", "--import-token", "t", "--encrypted-key-material-file",
+          str(tmp_path / "none")), "cannot read --encrypted-key-material-file"),
+        (("ec-raw-to-pkcs8", "--curve", "curve25519", "--private-hex", "01"),
+         "--curve: unknown curve"),
+        (("ec-raw-to-pkcs8", "--curve", "secp256k1", "--private-hex", "zz"),
+         "--private-hex is not hexadecimal"),
+        (("wrap-key-material", "--public-key-file", str(msg), "--material-file", str(msg),
+          "--algorithm", "RSAES_OAEP_SHA_256", "--out", str(tmp_path / "w")),
+         "--public-key-file: the wrapping public key is not a PEM public key"),
+        (("sign", "k", "--message-file", str(msg), "--algorithm", "ECDSA_SHA_256", "--out",
+          str(tmp_path / "no" / "sig")), "cannot write --out"),
     ):
         with pytest.raises(InvalidInput, match=re.escape(text)):
-            _checked(parser.parse_args(["kms", *args]))
+            checked(parser.parse_args(["kms", *args]))
+    # Times are ISO 8601 UTC everywhere: no offset means UTC, as in `dew audit list`.
+    expires = checked(parser.parse_args(
+        ["kms", "import-key-material", "k", "--import-token", "t",
+         "--encrypted-key-material-base64", "AAAA", "--expiration-time", "2030-01-01T00:00:00"]
+    ))["expires"]
+    assert expires.isoformat() == "2030-01-01T00:00:00+00:00"
     # And as a user sees it: exit 2, one line, nothing opened.
     _refused(run_dew(kms_settings, "kms", "sign", "k", "--message-file", str(big),
                      "--algorithm", "ECDSA_SHA_256"), "at most 4096")

@@ -80,13 +80,13 @@ def test_cli_helpers_need_no_store(kms_settings: Settings, tmp_path: Path) -> No
     pem.write_bytes(PUBLIC_PEM)
     raw = subprocess.run(
         [sys.executable, "-m", "engine.cli", "kms", "ec-raw-to-pkcs8", "--curve",
-         "secp256k1", "--private-hex", SECP256K1_D, "--der"],
+         "secp256k1", "--private-hex", SECP256K1_D, "--format", "der"],
         capture_output=True, env=dew_env(kms_settings), cwd=ROOT, timeout=60)
     assert raw.returncode == 0 and raw.stdout == ec_raw_to_pkcs8("secp256k1", SECP256K1_D)
     material = tmp_path / "k.der"
     material.write_bytes(raw.stdout)
-    done = run_dew(kms_settings, "kms", "wrap-key-material", "--public-key", str(pem),
-                   "--material", str(material), "--algorithm", "RSA_AES_KEY_WRAP_SHA_256",
+    done = run_dew(kms_settings, "kms", "wrap-key-material", "--public-key-file", str(pem),
+                   "--material-file", str(material), "--algorithm", "RSA_AES_KEY_WRAP_SHA_256",
                    "--out", str(out), "--json")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["bytes"] == out.stat().st_size > 256

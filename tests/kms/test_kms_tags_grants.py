@@ -393,8 +393,8 @@ def test_cli_tags_grants_and_updates(kms_settings: Settings) -> None:
         "changed"] is True
     for args, text in ((("tag", "k", "--tag", "novalue"), "KEY=VALUE"),
                        (("create-grant", "k", "--grantee", "x", "--operation", "encrypt-data"),
-                        "grantee_principal"),
-                       (("revoke-grant", "k", "abc"), "grant_id"),
+                        "--grantee"),
+                       (("revoke-grant", "k", "abc"), "GRANT_ID"),
                        (("update-key-rotation-interval", "k", "--interval-days", "7"),
                         "30..365")):
         bad = run_dew(kms_settings, "kms", *args)

@@ -158,10 +158,10 @@ async def test_cli_usage_json(kms_settings: Settings, shared_kms: KmsService,
     assert day in {r["day"] for r in rows}
     assert rows[0]["key_alias"] == "cli/used"
 
-    every = json.loads(run_dew(kms_settings, "kms", "usage", "--all-accounts",
+    every = json.loads(run_dew(kms_settings, "kms", "usage", "--all-projects",
                                "--json").stdout)
     assert {r["account"] for r in every} == {"default", "acme"}
-    acme = json.loads(run_dew(kms_settings, "kms", "usage", "--account", "acme",
+    acme = json.loads(run_dew(kms_settings, "kms", "usage", "--project", "acme",
                               "--key", "cli/other", "--json").stdout)
     assert [r["count"] for r in acme] == [1]
     later = json.loads(run_dew(kms_settings, "kms", "usage", "--since", "2999-01-01",
@@ -173,7 +173,7 @@ async def test_cli_usage_json(kms_settings: Settings, shared_kms: KmsService,
     for args, text in ((("--since", "2026-1-1"), "YYYY-MM-DD"),
                        (("--since", "2026-02-30"), "YYYY-MM-DD"),
                        (("--key", "has space"), "invalid key"),
-                       (("--account", "bad account"), "invalid account")):
+                       (("--project", "bad account"), "invalid account")):
         bad = run_dew(kms_settings, "kms", "usage", *args)
         assert bad.returncode == 2, bad.stderr
         lines = bad.stderr.strip().splitlines()

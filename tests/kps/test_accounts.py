@@ -18,7 +18,7 @@ def test_bind_and_unbind_for_account_acme(
     kps_settings: Settings, kps_worker: WorkerProcess, sshds: list[Sshd], tmp_path: Path
 ) -> None:
     s, server = kps_settings, sshds[0]
-    acme = ("--account", "acme")
+    acme = ("--project", "acme")
     key = tmp_path / "ka"
     dew_ok(s, "keypairs", "create", "ka", "--managed", "--out", str(key), *acme)
     add_server(s, "s-acme", server, *acme)

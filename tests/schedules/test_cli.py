@@ -53,7 +53,7 @@ def test_bad_input_exits_2_naming_the_problem_and_writes_nothing(
     assert done.returncode == 2, done.stdout
     assert message in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
-    assert dew_json(settings, "list", "--user") == []
+    assert dew_json(settings, "list", "--kind", "user") == []
 
 
 def test_the_verbs_end_to_end(settings: Settings) -> None:
@@ -82,7 +82,7 @@ def test_the_verbs_end_to_end(settings: Settings) -> None:
         "engine.sweep_outbox", "schedules.fire_due"]
     assert [(r["name"], r["schedule_id"]) for r in rows if r["kind"] == "user"] == [
         ("nightly", sid)]
-    text = run_dew(settings, "schedules", "list", "--user")
+    text = run_dew(settings, "schedules", "list", "--kind", "user")
     assert re.search(r"nightly\s+0 3 \* \* \*\s+Europe/Berlin\s+\S+\s+engine.sleep", text.stdout)
 
     paused = dew_json(settings, "pause", "nightly")
@@ -106,6 +106,6 @@ def test_the_verbs_end_to_end(settings: Settings) -> None:
     assert gone == {"deleted": "nightly", "schedule_id": sid, "project": "default"}
     missing = run_dew(settings, "schedules", "show", "nightly")
     assert missing.returncode == 2 and "no schedule named 'nightly'" in missing.stderr
-    assert dew_json(settings, "list", "--user") == []
-    assert [r["name"] for r in dew_json(settings, "list", "--user", "--project",  # type: ignore[union-attr]
+    assert dew_json(settings, "list", "--kind", "user") == []
+    assert [r["name"] for r in dew_json(settings, "list", "--kind", "user", "--project",  # type: ignore[union-attr]
                                         "shop")] == ["nightly"]
