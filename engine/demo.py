@@ -10,6 +10,7 @@ step (found through ``engine.services``), then stops what it started.
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -53,6 +54,43 @@ async def engine_part(settings: Settings) -> None:
             say(render.failure(records[0].to_json()))
 
 
+DEMO_USER = "demo"
+DEMO_ROLES = ("DEW TaskOperator", "KMS Administrator", "CSMS FullAccess",
+              "DEW KeypairFullAccess", "DEW ScheduleFullAccess")
+
+
+async def console_part(settings: Settings) -> None:
+    """The web console's address and a sign-in: the user ``demo`` (made once, with the
+    built-in roles of the configured services), its password in a 0600 file under the
+    state directory, made on the first demo and kept."""
+    import secrets
+
+    from engine.api.tls import tls_dir
+    from engine.iam.service import Identities
+    from engine.settings import parse_listen
+
+    path = settings.state_dir / "console-demo-password"
+    async with await Identities.open(settings) as ids:
+        if await ids.user(DEMO_USER) is None:
+            roles = [r for r in DEMO_ROLES if r in ids.catalog.roles]
+            await ids.create_user(DEMO_USER, "default", roles)
+        if not path.exists():
+            password = secrets.token_urlsafe(12)
+            await ids.set_password(DEMO_USER, password)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(password + "\n")
+    host, port = parse_listen(settings.api.listen)
+    scheme = "https" if settings.api.tls else "http"
+    shown = f"[{host}]" if ":" in host else host
+    say("\n== the web console (served by dew api: `make up` keeps it running)")
+    say(f"  address:  {scheme}://{shown}:{port}/console/")
+    if settings.api.tls and not settings.api.cert_file:
+        say(f"  CA:       {tls_dir(settings) / 'ca.pem'} (trust it, or accept the browser's "
+            "warning once)")
+    say(f"  sign in:  user {DEMO_USER}, password: the first line of {path} (mode 0600)")
+
+
 def run_service_demos(settings: Settings, out: Callable[[str], None]) -> None:
     """Each configured service's demo step (``async def run(settings, say)``), in order."""
     for spec in load_specs(settings.engine.services):
@@ -70,6 +108,7 @@ def main() -> int:
         say("\n".join("  " + line for line in stack.up(settings).lines()))
         asyncio.run(engine_part(settings))
         run_service_demos(settings, say)
+        asyncio.run(console_part(settings))
         say(f"\nThe full log is {settings.log_file}; tasks stay in {settings.db_path}.")
         return 0
     except DewError as exc:

@@ -24,10 +24,12 @@ from engine.services import default_config_text
 S = TypeVar("S")
 SHORTCUTS = {"DEW_STATE_DIR": ("engine", "state_dir"), "DEW_REDIS_URL": ("redis", "url")}
 # Secrets are never settings (settings get printed); the crypto core reads these itself.
-SECRET_VARIABLES = frozenset({"DEW_HSM_PIN", "DEW_REDIS_PASSWORD"})
+SECRET_VARIABLES = frozenset({"DEW_HSM_PIN", "DEW_REDIS_PASSWORD", "DEW_CLI_SECRET_KEY"})
 # DEW_* variables that are not settings but read where they are used: the CLI's
-# default key-pair user (handlers/kps/cli.py), a test switch (tests/kps).
-DIRECT_VARIABLES = frozenset({"DEW_USER", "DEW_KEEP_TEST_USER"})
+# default key-pair user (handlers/kps/cli.py), a test switch (tests/kps), the CLI's
+# API identity (engine/api/client.py; its secret key is in SECRET_VARIABLES).
+DIRECT_VARIABLES = frozenset({"DEW_USER", "DEW_KEEP_TEST_USER", "DEW_CLI_ACCESS_KEY",
+                              "DEW_CLI_PROJECT_ID"})
 # Test hooks (e.g. DEW_TEST_CSMS_PAUSE_AFTER_SET): never settings, never refused.
 DIRECT_PREFIXES = ("DEW_TEST_",)
 
@@ -102,6 +104,27 @@ class ApiSection:
 
 
 @dataclass(frozen=True)
+class ConsoleSection:
+    """The web console under ``/console`` on the API server (engine/console/)."""
+
+    enabled: bool = True
+    idle_minutes: int = 30  # a session unused this long is over
+    lockout_after: int = 5  # wrong passwords in a row before a user name is slowed down
+    lockout_seconds: float = 30.0  # the first wait; it doubles with each wrong one after
+    lockout_max_seconds: float = 900.0
+
+
+@dataclass(frozen=True)
+class CliSection:
+    """How ``dew`` reaches a running ``dew api`` (engine/api/client.py, docs/cli.md)."""
+
+    api_url: str = ""  # empty: the CLI works on the local token and store
+    credentials_file: str = ""  # empty: STATE_DIR/cli-credentials (mode 0600)
+    ca_file: str = ""  # empty: STATE_DIR/tls/ca.pem when it exists, else the system's CAs
+    timeout: float = 30.0  # seconds
+
+
+@dataclass(frozen=True)
 class Settings:
     """The engine's own sections, and those of the configured services."""
 
@@ -113,6 +136,8 @@ class Settings:
     log: LogSection = field(default_factory=LogSection)
     hsm: HsmSection = field(default_factory=HsmSection)
     api: ApiSection = field(default_factory=ApiSection)
+    console: ConsoleSection = field(default_factory=ConsoleSection)
+    cli: CliSection = field(default_factory=CliSection)
     # The sections the services declare, by name (``section(KmsSettings)`` reads one).
     services: Mapping[str, Any] = field(default_factory=dict)
 
@@ -173,7 +198,7 @@ def env_overrides(
     known = set(sections)
     out: dict[str, dict[str, str]] = {}
     for var, value in environ.items():
-        if var in SECRET_VARIABLES:
+        if var in SECRET_VARIABLES or var in DIRECT_VARIABLES:
             continue
         if var in SHORTCUTS:
             section, key = SHORTCUTS[var]
@@ -415,6 +440,16 @@ def _validate(s: Settings, origin: str) -> None:
             valid_rate(s.api.rate_crypto),
             f"api.rate_crypto must be a rate like \"1000/second\", got {s.api.rate_crypto!r}",
         ),
+        (1 <= s.console.idle_minutes <= 10080,
+         "console.idle_minutes must be between 1 and 10080 (a week)"),
+        (s.console.lockout_after >= 1, "console.lockout_after must be at least 1"),
+        (s.console.lockout_seconds > 0, "console.lockout_seconds must be above 0"),
+        (s.console.lockout_max_seconds >= s.console.lockout_seconds,
+         "console.lockout_max_seconds must be >= console.lockout_seconds"),
+        (not s.cli.api_url or s.cli.api_url.startswith(("https://", "http://")),
+         f"cli.api_url must start with https:// (or http:// on loopback), got "
+         f"{s.cli.api_url[:80]!r}"),
+        (0 < s.cli.timeout <= 3600, "cli.timeout must be above 0 and at most 3600 seconds"),
     ]
     for ok, message in checks:
         if not ok:

@@ -14,6 +14,9 @@ For every request the dispatcher, in this order:
 7. counts the call against its project's rate (429);
 8. parses the JSON body (400 naming ``body``) and runs the handler.
 
+Steps 6-8 are :func:`invoke`, which the web console (``/console``, engine/console)
+calls too for a signed-in user: one permission check, not two.
+
 The dispatcher is a plain ASGI app (Starlette's router would route on the
 decoded path, and the signature covers the raw one); Starlette runs the
 lifespan (resources, the job client, the limiter) and any ``extra_routes``.
@@ -26,7 +29,7 @@ import ipaddress
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -42,7 +45,7 @@ from starlette.types import Receive, Scope, Send
 from engine.api import signing
 from engine.api.errors import BodyTooLarge, MethodNotAllowed, UnknownPath, error_reply
 from engine.api.jobs import TASK_HEADER, JobPending, ProcessJobs
-from engine.api.operations import Call, Operation, Reply
+from engine.api.operations import Call, Operation, Reply, authorize
 from engine.api.principal import Principal
 from engine.api.ratelimit import RateLimits
 from engine.api.routing import Router
@@ -64,7 +67,6 @@ IDENTITIES_MODULE = "engine.iam.service"
 JSON_TYPE = b"application/json;charset=UTF-8"
 
 log = get_logger("dew.api")
-
 
 
 @dataclass(frozen=True)
@@ -148,6 +150,25 @@ def _import_identities() -> None:
                     module=IDENTITIES_MODULE)
 
 
+async def invoke(state: ApiState, operation: Operation, principal: Principal, *, body: bytes,
+                 params: Mapping[str, str], query: Mapping[str, str], request_id: str,
+                 headers: dict[str, str]) -> Any:
+    """One operation for an authenticated ``principal``, as the API runs it: the
+    permission check (:func:`~engine.api.operations.authorize`), the project's rate,
+    the JSON body parsed, then the handler with its :class:`Call`. The dispatcher
+    calls it for a signed request and the console for a signed-in user, so both do
+    exactly the same thing. ``headers`` collects what the reply adds (the task id)."""
+    authorize(principal, operation)
+    assert state.limits is not None and state.jobs is not None and state.resources is not None
+    await state.limits.check(principal.project_id, operation.limit)
+    call = Call(
+        principal=principal, body=_json_body(body), params=params, query=query,
+        request_id=request_id, settings=state.settings, resources=state.resources,
+        jobs=state.jobs.for_call(principal, headers), headers=headers,
+    )
+    return await operation.handler(call)
+
+
 # --- one request ----------------------------------------------------------------------
 
 
@@ -215,19 +236,10 @@ class Dispatcher:
                 signing.SignedRequest(method, raw_path, raw_query, headers, body),
                 repeated, _source_ip(scope), outcome)
             self._check_project(principal, params, headers)
-            operation = route.operation
-            if operation.action is not None:
-                principal.require(operation.action)
-            assert self.state.limits is not None and self.state.jobs is not None
-            await self.state.limits.check(principal.project_id, operation.limit)
-            call = Call(
-                principal=principal, body=_json_body(body), params=params,
-                query=dict(signing.query_pairs(raw_query)), request_id=request_id,
-                settings=self.settings, resources=self.state.resources,
-                jobs=self.state.jobs.for_call(principal, extra), headers=extra,
-            )
-            result = await operation.handler(call)
-            await self._reply(send, result, call.headers, request_id, outcome)
+            result = await invoke(self.state, route.operation, principal, body=body,
+                                  params=params, query=dict(signing.query_pairs(raw_query)),
+                                  request_id=request_id, headers=extra)
+            await self._reply(send, result, extra, request_id, outcome)
         except ClientGone:
             raise
         except JobPending as pending:
@@ -422,6 +434,8 @@ def build_app(
     - ``limits``: the rate limiter (default: on the engine's Redis);
     - ``extra_routes``: plain Starlette routes served first, beside the operations,
       without authentication (e.g. :func:`bare_echo_route` for benchmarks).
+
+    The web console is mounted at ``/console`` unless ``[console] enabled`` is false.
     """
     from engine.registry import default_registry
 
@@ -442,7 +456,12 @@ def build_app(
         finally:
             await state.close()
 
-    app = Starlette(routes=list(extra_routes), lifespan=lifespan)
+    routes = list(extra_routes)
+    if settings.console.enabled:
+        from engine.console.app import console_mount, root_redirect
+
+        routes += [root_redirect(), console_mount(state)]
+    app = Starlette(routes=routes, lifespan=lifespan)
     app.router.redirect_slashes = False
     app.router.default = Dispatcher(state)
     app.state.api = state

@@ -89,3 +89,18 @@ class Operation:
     handler: Handler
     action: str | None
     limit: str = MANAGE
+
+
+def authorize(principal: Principal, operation: Operation) -> None:
+    """The permission check of an operation, before its handler runs: the one check
+    the API's dispatcher and the console both make. PermissionDenied (403) naming the
+    action unless one of the caller's roles allows it; an operation whose ``action``
+    is None checks inside its handler (KMS grants, the job-named enqueue action)."""
+    if operation.action is not None:
+        principal.require(operation.action)
+
+
+def permitted(principal: Principal, operation: Operation) -> bool:
+    """Whether :func:`authorize` lets ``principal`` call ``operation`` (what the
+    console asks before it shows a button; the handler may still refuse)."""
+    return operation.action is None or principal.allows(operation.action)

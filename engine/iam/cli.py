@@ -5,11 +5,16 @@ Every verb takes ``--json``. Input is checked before anything is written: bad
 input (a bad name, network or action, an unknown user, project or role, a taken
 name, a role still held, a third access key) is one line on stderr and exit 2.
 ``create-access-key`` prints the secret key this once; it is kept only sealed.
+``set-password`` reads the console password from ``--password-file`` or standard
+input (asked twice on a terminal) and stores only its argon2id hash.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import stat
+import sys
 from typing import Any
 
 from engine.cli_output import lines, print_result
@@ -28,10 +33,14 @@ def register(subparsers: Any, commands: dict[str, Any]) -> None:
         p.add_argument("--json", action="store_true", help="print JSON")
         return p
 
-    verb("create-project", "create a project (the services' account)").add_argument("name")
+    def user_arg(p: argparse.ArgumentParser) -> None:
+        p.add_argument("user", help="the user's name or 32-hex id")
+
+    verb("create-project", "create a project (the services' account)").add_argument(
+        "name", help="the project's name: 1-64 letters, digits, '_', '.', '@' or '-'")
     verb("list-projects", "list the projects")
     p = verb("create-user", "create a user of a project")
-    p.add_argument("name")
+    p.add_argument("name", help="the user's name: 1-64 letters, digits, '_', '.', '@' or '-'")
     p.add_argument("--project", required=True, metavar="P", help="project name or id")
     p.add_argument("--role", action="append", default=[], metavar="ROLE",
                    help="a role to give (repeat for more)")
@@ -40,26 +49,76 @@ def register(subparsers: Any, commands: dict[str, Any]) -> None:
     p = verb("list-users", "list the users")
     p.add_argument("--project", metavar="P", help="only this project's (name or id)")
     p = verb("set-roles", "replace a user's roles (none: take them all)")
-    p.add_argument("user")
-    p.add_argument("roles", nargs="*", metavar="ROLE")
-    verb("disable-user", "disable a user: its access keys stop working").add_argument("user")
-    verb("enable-user", "enable a user again").add_argument("user")
-    verb("create-access-key", "create an access key (AK/SK); the SK is shown once"
-         ).add_argument("user")
-    verb("list-access-keys", "list a user's access keys").add_argument("user")
-    verb("delete-access-key", "delete an access key").add_argument("access_key", metavar="AK")
+    user_arg(p)
+    p.add_argument("roles", nargs="*", metavar="ROLE",
+                   help="the roles it holds from now on (dew iam list-roles)")
+    user_arg(verb("disable-user", "disable a user: its access keys and console sessions "
+                  "stop working"))
+    user_arg(verb("enable-user", "enable a user again"))
+    p = verb("set-password", "set a user's web console password (stored as argon2id); "
+             "its console sessions end")
+    user_arg(p)
+    p.add_argument("--password-file", metavar="FILE",
+                   help="read the password from the first line of FILE (mode 0600) instead "
+                   "of standard input")
+    user_arg(verb("create-access-key", "create an access key (AK/SK); the SK is shown once"))
+    user_arg(verb("list-access-keys", "list a user's access keys"))
+    verb("delete-access-key", "delete an access key").add_argument(
+        "access_key", metavar="AK", help="the access key (20 letters or digits)")
     p = verb("set-access-key-status", "make an access key active or inactive")
-    p.add_argument("access_key", metavar="AK")
-    p.add_argument("status", choices=("active", "inactive"))
+    p.add_argument("access_key", metavar="AK", help="the access key (20 letters or digits)")
+    p.add_argument("status", choices=("active", "inactive"),
+                   help="active (it authenticates) or inactive (it does not)")
     p = verb("create-role", "create a custom role from actions or wildcards (kms:*)")
-    p.add_argument("name")
-    p.add_argument("actions", nargs="+", metavar="ACTION")
-    p.add_argument("--description", default="")
+    p.add_argument("name", help="the role's name (letters, digits, spaces, '_.@:/-')")
+    p.add_argument("actions", nargs="+", metavar="ACTION",
+                   help="an action or wildcard it allows (dew iam list-actions)")
+    p.add_argument("--description", default="", help="one line saying what the role is for")
     verb("delete-role", "delete a custom role (refused while a user holds it)"
-         ).add_argument("name")
+         ).add_argument("name", help="the custom role's name")
     verb("list-roles", "list the built-in and custom roles with their actions")
     verb("list-actions", "list the actions the configured services check")
     commands["iam"] = cmd_iam
+
+
+def read_password(path: str | None) -> str:
+    """The new password: the first line of ``--password-file`` (mode 0600), else
+    standard input (on a terminal asked twice, unechoed, and the two must match)."""
+    from engine.errors import InvalidInput
+
+    if path is not None:
+        return _password_file(path)
+    if sys.stdin.isatty():
+        import getpass
+
+        first = getpass.getpass("New console password: ")
+        if getpass.getpass("The same again: ") != first:
+            raise InvalidInput("the two passwords differ; nothing was changed",
+                               code="invalid_password", target="password")
+        return first
+    line = sys.stdin.readline()
+    if not line:
+        raise InvalidInput("no password on standard input (or give --password-file FILE)",
+                           code="invalid_password", target="password")
+    return line.rstrip("\r\n")
+
+
+def _password_file(path: str) -> str:
+    from engine.errors import InvalidInput
+
+    try:
+        mode = os.stat(path).st_mode
+        with open(path, encoding="utf-8") as f:
+            line = f.readline()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise InvalidInput(f"--password-file: cannot read {path}: {reason}",
+                           code="invalid_password", target="--password-file") from None
+    if mode & 0o077:
+        raise InvalidInput(f"--password-file: {path} is readable by others (mode "
+                           f"{stat.S_IMODE(mode):04o})", code="invalid_password",
+                           target="--password-file", fix=f"chmod 600 {path}")
+    return line.rstrip("\r\n")
 
 
 async def cmd_iam(args: argparse.Namespace, settings: Settings) -> int:
@@ -85,6 +144,10 @@ async def cmd_iam(args: argparse.Namespace, settings: Settings) -> int:
             _show((await ids.disable_user(args.user)).to_json(), args)
         elif action == "enable-user":
             _show((await ids.enable_user(args.user)).to_json(), args)
+        elif action == "set-password":
+            user = await ids.set_password(args.user, read_password(args.password_file))
+            print_result({"user": user.name, "user_id": user.user_id, "password": "set"},
+                         args.json, lambda d: f"console password of {d['user']} set")
         elif action == "create-access-key":
             record, secret = await ids.create_access_key(args.user)
             shown = {"access_key": record.access_key, "secret_key": secret,

@@ -28,12 +28,20 @@ from datetime import datetime
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from engine.api.principal import RoleCatalog, merge_catalogs
-from engine.errors import AuthenticationFailed, ConfigError, DewError, InvalidInput, NotFound
+from engine.api.principal import Principal, RoleCatalog, merge_catalogs
+from engine.errors import (
+    AuthenticationFailed,
+    ConfigError,
+    DewError,
+    InvalidInput,
+    NotFound,
+    Throttled,
+)
 from engine.iam.model import (
     ACTIVE,
     MAX_ACCESS_KEYS,
     MAX_ROLES,
+    NAME,
     SECRET_KEY,
     AccessKey,
     Caller,
@@ -53,7 +61,9 @@ from engine.iam.model import (
     new_id,
     new_secret_key,
     parse_cidrs,
+    source_allowed,
 )
+from engine.iam.passwords import check_new_password, hash_password, locked_until, verify_password
 from engine.iam.store import SqliteIamStore
 from engine.logs import get_logger
 from engine.models import utcnow
@@ -72,6 +82,31 @@ UNSEALED_MEMO = 10_000
 CryptoProvider = Callable[[], Awaitable["CryptoCore"]]
 
 log = get_logger("dew.iam")
+
+
+WRONG_SIGN_IN = "Wrong user name or password."
+
+
+class SignInRefused(AuthenticationFailed):
+    """A console sign-in refused: one message whatever was wrong (the name unknown,
+    the password wrong or never set, the user disabled), so it tells nothing."""
+
+    code = "sign_in_refused"
+
+    def __init__(self) -> None:
+        super().__init__(WRONG_SIGN_IN)
+
+
+class SignInThrottled(Throttled):
+    """Too many wrong passwords in a row for one user name: it waits before the next."""
+
+    code = "sign_in_throttled"
+
+    def __init__(self, wait: float) -> None:
+        self.retry_after = max(1, int(wait + 0.999))
+        super().__init__(
+            f"Too many wrong passwords for this user name: try again in "
+            f"{self.retry_after} seconds.", fix="Wait, then sign in with the right password.")
 
 
 def secret_key_aad(access_key: str) -> bytes:
@@ -386,6 +421,57 @@ class Identities:
             raise NotFound(f"no access key {access_key!r}", code="access_key_not_found",
                            target=access_key)
         return record
+
+    # --- console passwords and principals ---------------------------------------------
+
+    async def set_password(self, user_ref: str, password: str) -> User:
+        """Set the user's console password (stored as an argon2id hash); the user's
+        console sessions end. Checked first: nothing is written on bad input."""
+        check_new_password(password)
+        user = await self._user_of(user_ref)
+        hashed = await asyncio.to_thread(hash_password, password)
+        if not await self.store.set_password(user.user_id, hashed):
+            raise NotFound(f"no user {user_ref!r}", code="user_not_found", target=user_ref)
+        log.info("iam.password_set", user=user.name, user_id=user.user_id)
+        return user
+
+    async def sign_in(self, name: str, password: str) -> str:
+        """The id of the user ``name`` whose ``password`` this is, enabled. Otherwise
+        one generic refusal, whether the name is unknown, the password wrong, none set
+        or the user disabled (:class:`SignInRefused`); after ``[console] lockout_after``
+        wrong ones in a row the name must wait (:class:`SignInThrottled`), counted in the
+        store so that every API process applies it."""
+        console = self.settings.console
+        now = self.clock()
+        failures, last = await self.store.sign_in_failures(name)
+        until = locked_until(failures, last, console.lockout_after, console.lockout_seconds,
+                             console.lockout_max_seconds)
+        if until is not None and now < until:
+            raise SignInThrottled((until - now).total_seconds())
+        found = await self.store.password_of(name) if NAME.fullmatch(name) else None
+        stored = found[1] if found is not None else None
+        right = await asyncio.to_thread(verify_password, stored, password)
+        if found is None or not right or not found[2]:
+            count = await self.store.add_sign_in_failure(name[:64], now)
+            log.info("iam.sign_in_refused", user=name[:64], failures=count)
+            raise SignInRefused()
+        await self.store.clear_sign_in_failures(name)
+        log.info("iam.signed_in", user=name, user_id=found[0])
+        return found[0]
+
+    async def principal_for(self, user_id: str, source_ip: str, via: str) -> Principal | None:
+        """The :class:`Principal` of a console user, read now (a changed role or a
+        disabled user applies to the next request); None when the user is gone or
+        disabled, or ``source_ip`` is outside the user's allowed networks."""
+        row = await self.store.user_principal_row(user_id)
+        if row is None or not row["enabled"]:
+            return None
+        cidrs = tuple(json.loads(row["cidrs"]))
+        if not source_allowed(cidrs, source_ip):
+            return None
+        return Principal(project_id=str(row["project_id"]), project=str(row["project"]),
+                         user_id=str(row["user_id"]), user=str(row["user"]), access_key=via,
+                         source_ip=source_ip, actions=self._actions(row["roles"]))
 
     # --- roles -----------------------------------------------------------------------
 

@@ -71,7 +71,36 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX IF NOT EXISTS iam_access_keys_user ON iam_access_keys (user_id);
     """,
+    # 2: the web console: a user's password (argon2id), its sessions (by the hash of
+    # the cookie's token: reading the file gives no live session) and the count of
+    # wrong passwords in a row per user name (known or not: the slow-down tells nothing)
+    """
+    ALTER TABLE iam_users ADD COLUMN password_hash TEXT;
+    CREATE TABLE IF NOT EXISTS iam_console_sessions (
+        token_hash  TEXT PRIMARY KEY,
+        user_id     TEXT NOT NULL REFERENCES iam_users (user_id),
+        csrf        TEXT NOT NULL,
+        created_at  TEXT NOT NULL,
+        last_seen   TEXT NOT NULL
+    );
+    CREATE INDEX IF NOT EXISTS iam_console_sessions_user ON iam_console_sessions (user_id);
+    CREATE TABLE IF NOT EXISTS iam_sign_in_failures (
+        name          TEXT PRIMARY KEY,
+        failures      INTEGER NOT NULL,
+        last_failure  TEXT NOT NULL
+    );
+    """,
 )
+
+# A user's roles, each with its custom actions (JSON; null for a built-in role), and
+# what the console's Principal needs: read anew on every console request.
+USER_PRINCIPAL_SQL = """
+    SELECT u.user_id, u.name AS user, u.enabled, u.cidrs, p.project_id, p.name AS project,
+           (SELECT json_group_array(json_array(r.role, c.actions))
+            FROM iam_user_roles r LEFT JOIN iam_roles c ON c.name = r.role
+            WHERE r.user_id = u.user_id) AS roles
+    FROM iam_users u JOIN iam_projects p ON p.project_id = u.project_id
+    WHERE u.user_id = ?"""
 
 CALLER_SQL = """
     SELECT k.access_key, k.secret_sealed, k.status, u.user_id, u.name AS user,
@@ -285,6 +314,95 @@ class SqliteIamStore(SqliteDb):
             self._reader_conn.close()
             self._reader_conn = None
         await super().close()
+
+    # --- console: passwords, sessions, wrong passwords ----------------------------
+
+    async def set_password(self, user_id: str, password_hash: str) -> bool:
+        """Store the user's password hash and end its console sessions (False: no user)."""
+        async with self._transaction():
+            cursor = await self._conn.execute(
+                "UPDATE iam_users SET password_hash = ? WHERE user_id = ?",
+                (password_hash, user_id))
+            if cursor.rowcount == 0:
+                return False
+            await self._conn.execute("DELETE FROM iam_console_sessions WHERE user_id = ?",
+                                     (user_id,))
+        return True
+
+    async def password_of(self, name: str) -> tuple[str, str | None, bool] | None:
+        """(user id, password hash or None, enabled) of the user named ``name``."""
+        async with self._locked():
+            row = await self._fetchone(
+                "SELECT user_id, password_hash, enabled FROM iam_users WHERE name = ?", (name,))
+        if row is None:
+            return None
+        return str(row[0]), None if row[1] is None else str(row[1]), bool(row[2])
+
+    async def user_principal_row(self, user_id: str) -> sqlite3.Row | None:
+        async with self._locked():
+            row = await self._fetchone(USER_PRINCIPAL_SQL, (user_id,))
+        return row
+
+    async def create_session(self, token_hash: str, user_id: str, csrf: str,
+                             now: datetime) -> None:
+        async with self._transaction():
+            await self._conn.execute(
+                "INSERT INTO iam_console_sessions (token_hash, user_id, csrf, created_at, "
+                "last_seen) VALUES (?, ?, ?, ?, ?)",
+                (token_hash, user_id, csrf, iso(now), iso(now)))
+
+    async def get_session(self, token_hash: str) -> tuple[str, str, datetime] | None:
+        """(user id, CSRF token, last seen) of a session."""
+        async with self._locked():
+            row = await self._fetchone(
+                "SELECT user_id, csrf, last_seen FROM iam_console_sessions "
+                "WHERE token_hash = ?", (token_hash,))
+        if row is None:
+            return None
+        seen = parse_iso(row[2])
+        assert seen is not None
+        return str(row[0]), str(row[1]), seen
+
+    async def touch_session(self, token_hash: str, now: datetime) -> None:
+        await self._execute("UPDATE iam_console_sessions SET last_seen = ? WHERE token_hash = ?",
+                            (iso(now), token_hash))
+
+    async def delete_session(self, token_hash: str) -> bool:
+        return await self._execute("DELETE FROM iam_console_sessions WHERE token_hash = ?",
+                                   (token_hash,)) > 0
+
+    async def delete_idle_sessions(self, seen_before: datetime) -> int:
+        return await self._execute("DELETE FROM iam_console_sessions WHERE last_seen < ?",
+                                   (iso(seen_before),))
+
+    async def count_sessions(self, user_id: str) -> int:
+        async with self._locked():
+            row = await self._fetchone(
+                "SELECT COUNT(*) FROM iam_console_sessions WHERE user_id = ?", (user_id,))
+        return 0 if row is None else int(row[0])
+
+    async def sign_in_failures(self, name: str) -> tuple[int, datetime | None]:
+        """Wrong passwords in a row for ``name`` and when the last one came."""
+        async with self._locked():
+            row = await self._fetchone(
+                "SELECT failures, last_failure FROM iam_sign_in_failures WHERE name = ?",
+                (name,))
+        return (0, None) if row is None else (int(row[0]), parse_iso(row[1]))
+
+    async def add_sign_in_failure(self, name: str, now: datetime) -> int:
+        """One more wrong password for ``name``; the count now (every process sees it)."""
+        async with self._transaction():
+            await self._conn.execute(
+                "INSERT INTO iam_sign_in_failures (name, failures, last_failure) "
+                "VALUES (?, 1, ?) ON CONFLICT (name) DO UPDATE SET "
+                "failures = failures + 1, last_failure = excluded.last_failure",
+                (name, iso(now)))
+            row = await self._fetchone(
+                "SELECT failures FROM iam_sign_in_failures WHERE name = ?", (name,))
+        return 0 if row is None else int(row[0])
+
+    async def clear_sign_in_failures(self, name: str) -> None:
+        await self._execute("DELETE FROM iam_sign_in_failures WHERE name = ?", (name,))
 
     # --- custom roles ----------------------------------------------------------------
 

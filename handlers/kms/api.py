@@ -38,6 +38,7 @@ from handlers.kms.api_views import (
 from handlers.kms.errors import UnknownKey
 from handlers.kms.format import CipherHeader, Purpose, is_key_id, unpack_ciphertext
 from handlers.kms.service import KmsService
+from handlers.kms.store import AuditFilter
 
 ERROR_PREFIX = "KMS"
 PREFIX = "/v1.0/{project_id}/kms"
@@ -653,6 +654,41 @@ async def retire_grant(call: Call) -> Any:
     return {}
 
 
+# --------------------------------------------------------------------------- audit (dew's own)
+
+def _query_time(query: Mapping[str, str], name: str) -> datetime | None:
+    value = f.text(query, name, required=False, max_len=64)
+    if not value:
+        return None
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise InvalidInput(f"{name}: must be an ISO 8601 time such as 2026-12-01T00:00:00Z, "
+                           f"got {value!r}", code="invalid_parameter", target=name) from None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+async def list_audit(call: Call) -> Any:
+    """The caller's project's audit entries, newest ``limit`` (``dew audit list``'s filters)."""
+    q = {name: value for name, value in call.query.items() if value}  # empty: not given
+    where = AuditFilter(
+        secret=f.text(q, "secret", required=False, max_len=255) or None,
+        operation=f.text(q, "operation", required=False, max_len=64) or None,
+        actor=f.text(q, "actor", required=False, max_len=255) or None,
+        outcome=f.text(q, "outcome", required=False, choices=("success", "failure")) or None,
+        since=_query_time(q, "since"), until=_query_time(q, "until"))
+    limit = f.integer(q, "limit", required=False, default=100, low=1, high=10_000)
+    entries = await (await _kms(call)).audit_list(
+        f.text(q, "key", required=False, max_len=255) or None, account=call.account,
+        limit=limit or 100, where=where)
+    return {"entries": [entry.to_json() for entry in entries], "total": len(entries)}
+
+
+async def verify_audit(call: Call) -> Any:
+    """The whole hash chain checked (its verdict names the first broken entry, if any)."""
+    return (await (await _kms(call)).audit_verify()).to_json()
+
+
 # --------------------------------------------------------------------------- the table
 
 def _op(name: str, method: str, path: str, handler: Any, action: str | None,
@@ -717,4 +753,7 @@ def operations() -> list[Operation]:
         _op("CancelGrant", "POST", "/revoke-grant", revoke_grant, "kms:grant:revoke"),
         # Retiring is the grantee's or the retiring principal's right, checked on the grant.
         _op("CancelSelfGrant", "POST", "/retire-grant", retire_grant, None),
+        # dew's own (no SDK operation): the audit log, as `dew audit list/verify` show it.
+        _op("DewListAudit", "GET", "/dew/audit", list_audit, "kms:audit:list"),
+        _op("DewVerifyAudit", "POST", "/dew/audit/verify", verify_audit, "kms:audit:verify"),
     ]

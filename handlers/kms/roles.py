@@ -24,9 +24,12 @@ ACTIONS = {
     "kms:grant:list": "list a key's grants",
     "kms:grant:revoke": "revoke a grant",
     "kms:quota:get": "show the project's quotas",
+    "kms:audit:list": "read the project's audit entries (dew's own DewListAudit)",
+    "kms:audit:verify": "check the audit log's hash chain (dew's own DewVerifyAudit)",
 }
 
-READ_ONLY = ("kms:cmk:list", "kms:cmk:get", "kms:grant:list", "kms:quota:get")
+READ_ONLY = ("kms:cmk:list", "kms:cmk:get", "kms:grant:list", "kms:quota:get",
+             "kms:audit:list", "kms:audit:verify")
 
 CATALOG = RoleCatalog(
     roles={

@@ -99,7 +99,7 @@ async def test_the_default_project_exists_from_the_first_open(
     assert await other.project(default.project_id) == default  # made once, seen by both
     assert [p.name for p in await ids.list_projects()] == ["default"]
     assert db_rows(iam_settings, "SELECT version FROM schema_migrations WHERE component = 'iam'"
-                   ) == [(1,)]
+                   ) == [(2,)]
     assert db_rows(iam_settings, "PRAGMA journal_mode") == [("wal",)]
 
 

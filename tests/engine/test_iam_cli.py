@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -201,3 +202,27 @@ def test_help_lists_iam_without_importing_it(settings: Settings) -> None:
     assert done.stdout.strip().splitlines()[-1] == "[]"
     done = dew(settings, "--help")
     assert done.returncode == 0 and "create-access-key" in done.stdout
+
+
+async def test_set_password_from_stdin_or_a_private_file(iam_settings: Settings,
+                                                         tmp_path: Path) -> None:
+    from engine.iam.passwords import verify_password
+
+    s = iam_settings
+    dew_json(s, "create-user", "pia", "--project", "default")
+    done = run_dew(s, "iam", "set-password", "pia", input="first-password\n")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "console password of pia set"
+    loose = tmp_path / "pw"
+    loose.write_text("second-password\n")
+    loose.chmod(0o644)
+    line = refused(s, "set-password", "pia", "--password-file", str(loose))
+    assert line == f"dew: error: --password-file: {loose} is readable by others (mode 0644)"
+    loose.chmod(0o600)
+    assert dew_json(s, "set-password", "pia", "--password-file", str(loose))["user"] == "pia"
+    short = run_dew(s, "iam", "set-password", "pia", input="short\n")
+    assert short.returncode == 2 and "password: use 8 to 1024 characters" in short.stderr
+    async with await Identities.open(s) as ids:
+        found = await ids.store.password_of("pia")
+    assert found is not None and found[1] is not None and found[1].startswith("$argon2id$")
+    assert verify_password(found[1], "second-password")  # the short one changed nothing
