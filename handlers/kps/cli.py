@@ -1,245 +1,303 @@
 """``dew keypairs ...`` and ``dew servers ...``: KPS from the command line.
 
-Every command takes ``--project`` (alias ``--account``; default ``default``),
-``--user`` (default ``$DEW_USER`` or the login name: whose ``user``-scope key pairs you see) and
-``--json``. Input is checked before anything is written: bad input is one line
-on stderr and exit 2, and stores nothing. ``bind``, ``replace``, ``reset`` and
-``unbind`` seal the credential under ``kps/default``, enqueue the job, wait
-for a worker (a progress bar on a terminal) and print one line per server;
-they exit 0 when every server succeeded and 1 otherwise (each failed server
-has a failure record: ``dew failures list --operation kps.bind``). A batch whose
-every server failed is a ``failed`` task; one where some failed ``succeeded`` with
-``partially_failed: true``; both print one line per server (docs/kps.md).
+The grammar is docs/cli.md's: the object is positional (``KEYPAIR``, ``SERVER``;
+``bind KEYPAIR SERVER...``), inputs are ``--<name>-file`` (``-`` reads stdin),
+``--owner`` is a key pair's owner (default ``$DEW_USER`` or the login name: whose
+``user``-scope key pairs you see), ``--login-user`` a server's SSH login,
+``--format`` a private-key format, ``--project`` the project (default ``default``),
+and every verb takes ``--json``. The older spellings (``--user``, ``--to``,
+``--public-key``, ``--private-key``, ``--host-key``, ``--server``, ``convert IN``,
+``--account``) work for one release with a deprecation line on stderr. Input is
+checked before anything is written: bad input is one line on stderr and exit 2, and
+stores nothing.
+``bind``, ``replace``, ``reset`` and ``unbind`` run as jobs (handlers/kps/cli_jobs.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
 import getpass
 import os
-import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-from engine.cli_output import add_project_option, print_result
-from engine.errors import DewError, InvalidInput
+from engine.cli_output import (
+    add_option,
+    add_project_option,
+    deprecated,
+    lines,
+    print_result,
+    text,
+)
+from engine.errors import InvalidInput
 from engine.settings import Settings
+from handlers.kps.cli_io import NewFiles, one_stdin, read_bounded, read_secret_line, wrote
+from handlers.kps.cli_jobs import DEFAULT_JOB_TIMEOUT, JOB_ACTIONS, missing_servers, run_job
 
-DEFAULT_JOB_TIMEOUT = 600.0
-MAX_JOB_TIMEOUT = 86400.0
-MAX_INPUT_BYTES = 64 * 1024  # keys, certificates, passwords: far below this
 ALGORITHMS = ("SSH_ED25519", "ECDSA_NISTP256", "ECDSA_NISTP384", "ECDSA_NISTP521",
               "SSH_RSA_2048", "SSH_RSA_3072", "SSH_RSA_4096")
-JOB_ACTIONS = ("bind", "replace", "reset", "unbind")
+# handlers.kps.keys.PRIVATE_FORMATS (a test keeps them equal): importing the key
+# formats here would cost every `dew keypairs --help` the cryptography import.
+FORMATS = ("openssh", "pem", "pkcs8", "ppk")
+SCOPES = ("user", "account")
+KEY_TYPES = ("ssh", "x509")
+JOB_HELP = {
+    "bind": "install the key pair on servers",
+    "replace": "swap the servers' key for this one (--private-key-file: the old one)",
+    "reset": "install the key pair when the old private key is lost (password)",
+    "unbind": "remove the key pair from servers (--private-key-file: its own)",
+}
 
 
-def _default_user() -> str:
+def default_owner() -> str:
     try:
         return os.environ.get("DEW_USER") or getpass.getuser()
     except (KeyError, OSError):
         return str(os.getuid())
 
 
+# --------------------------------------------------------------------------- parser
+
+
+class _Intermixed(argparse.ArgumentParser):
+    """Positionals may follow options (``bind KEYPAIR --password-file F SERVER``):
+    argparse alone would take ``SERVER...`` as empty at ``KEYPAIR`` and refuse the rest."""
+
+    _parsing = False
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        if self._parsing:  # parse_known_intermixed_args calls back in, twice
+            return super().parse_known_args(args, namespace)
+        self._parsing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._parsing = False
+
+
+def _verbs(group: argparse.ArgumentParser) -> Any:
+    parser_class = type("KpsParser", (_Intermixed, type(group)), {})
+    return group.add_subparsers(dest="action", metavar="ACTION", required=True,
+                                parser_class=parser_class)
+
+
+def _verb(sub: Any, name: str, help_text: str, owner: bool = True,
+          project: bool = True) -> argparse.ArgumentParser:
+    p: argparse.ArgumentParser = sub.add_parser(name, help=help_text, description=help_text)
+    if project:
+        add_project_option(p)
+    if owner:
+        add_option(p, "--owner", "--user", dest="owner", metavar="OWNER",
+                   help="whose user-scope key pairs (default: $DEW_USER or your login name)")
+    p.add_argument("--json", action="store_true",
+                   help="print JSON (errors too: one JSON line on stderr)")
+    return p
+
+
+def _keypair(p: argparse.ArgumentParser) -> None:
+    p.add_argument("keypair", metavar="KEYPAIR", help="the key pair's name")
+
+
+def _private_key_file(p: Any, help_text: str, **kwargs: Any) -> None:
+    add_option(p, "--private-key-file", "--private-key", dest="private_key_file",
+               metavar="FILE", help=f"{help_text} (- reads stdin)", **kwargs)
+
+
 def register(subparsers: Any, commands: dict[str, Any]) -> None:
     kp = subparsers.add_parser("keypairs", help="KPS: SSH key pairs, bound to servers")
-    ksub = kp.add_subparsers(dest="action", metavar="ACTION", required=True,
-                             parser_class=type(kp))
-
-    def command(sub: Any, name: str, help_text: str, identity: bool = True
-                ) -> argparse.ArgumentParser:
-        p: argparse.ArgumentParser = sub.add_parser(name, help=help_text)
-        add_project_option(p)
-        if identity:
-            p.add_argument("--user", default=None, help="whose user-scope key pairs "
-                           "(default: $DEW_USER or your login name)")
-        p.add_argument("--json", action="store_true", help="print JSON")
-        return p
-
-    p = command(ksub, "create", "create a key pair; the private key is handed out once")
-    p.add_argument("name")
-    p.add_argument("--algorithm", default="SSH_ED25519", help=", ".join(ALGORITHMS))
-    p.add_argument("--managed", action="store_true",
-                   help="also keep the private key (encrypted under kps/default)")
-    p.add_argument("--scope", default="user", help="user (default) or account")
-    p.add_argument("--out", metavar="FILE", help="private key file (0600; FILE.pub beside "
-                   "it); default ./NAME")
-    p = command(ksub, "import", "import a public key (OpenSSH, RFC 4716, PEM, x509)")
-    p.add_argument("name")
-    p.add_argument("--public-key", required=True, metavar="FILE")
-    p.add_argument("--type", default="ssh", help="ssh (default) or x509")
-    p.add_argument("--private-key", metavar="FILE", help="its private key, kept managed")
-    p.add_argument("--passphrase-file", metavar="FILE")
-    p.add_argument("--scope", default="user")
-    command(ksub, "list", "list the key pairs you can see")
-    for name, text in (("show", "show one key pair"), ("delete", "delete a key pair "
-                       "(refused while bound)"), ("upgrade", "user scope -> account scope")):
-        command(ksub, name, text).add_argument("name")
-    p = command(ksub, "export-private", "write a managed private key again")
-    p.add_argument("name")
-    p.add_argument("--out", required=True, metavar="FILE")
-    p.add_argument("--format", default="openssh", help="openssh, pem, pkcs8 or ppk")
-    p = command(ksub, "convert", "convert a private key: OpenSSH, PEM, PKCS#8, PuTTY .ppk")
-    p.add_argument("input", metavar="IN")
-    p.add_argument("--to", required=True, help="openssh, pem, pkcs8 or ppk (v3)")
-    p.add_argument("--out", metavar="FILE", help="default: stdout")
-    p.add_argument("--passphrase-file", metavar="FILE", help="passphrase of IN")
-    p.add_argument("--new-passphrase-file", metavar="FILE", help="encrypt the output")
+    ksub = _verbs(kp)
+    _keypair_verbs(ksub)
+    _convert_verb(ksub)
     for action in JOB_ACTIONS:
-        p = command(ksub, action, {
-            "bind": "install the key pair on servers",
-            "replace": "swap the servers' key for this one (--private-key: the old one)",
-            "reset": "install the key pair when the old private key is lost (password)",
-            "unbind": "remove the key pair from servers (--private-key: its own)"}[action])
-        p.add_argument("name")
-        p.add_argument("--server", action="append", required=True, metavar="S")
-        if action in ("bind", "reset"):
-            p.add_argument("--password-file", metavar="FILE")
-        if action in ("bind", "replace", "unbind"):
-            p.add_argument("--private-key", metavar="FILE")
-        if action in ("bind", "reset"):
-            p.add_argument("--disable-password", action="store_true")
-        if action == "unbind":
-            p.add_argument("--enable-password", action="store_true")
-        p.add_argument("--timeout", type=float, default=DEFAULT_JOB_TIMEOUT, metavar="S")
-        p.add_argument("--no-wait", action="store_true", help="only enqueue")
-
+        _job_verb(ksub, action)
     sv = subparsers.add_parser("servers", help="KPS: servers key pairs are bound to")
-    ssub = sv.add_subparsers(dest="action", metavar="ACTION", required=True,
-                             parser_class=type(sv))
-    p = command(ssub, "add", "add a server (its host key is pinned)", identity=False)
-    p.add_argument("name")
-    p.add_argument("--host", required=True)
-    p.add_argument("--port", type=int, default=22)
-    p.add_argument("--user", dest="login", default="root", help="the login user (default root)")
-    pin = p.add_mutually_exclusive_group(required=True)
-    pin.add_argument("--host-key", metavar="FILE", help="the server's public host key")
-    pin.add_argument("--trust-first-use", action="store_true",
-                     help="pin the key the server shows on the first connection")
-    p.add_argument("--sshd-config", metavar="PATH", help="default /etc/ssh/sshd_config")
-    p.add_argument("--reload-command", metavar="CMD", help="default by OS")
-    p.add_argument("--authorized-keys", metavar="PATH",
-                   help="default ~/.ssh/authorized_keys of the login user")
-    p.add_argument("--sudo", action="store_true",
-                   help="the login user is not root: run the privileged steps (sshd_config, "
-                   "the reload, sshd -T) through passwordless `sudo -n`")
-    command(ssub, "list", "list servers", identity=False)
-    command(ssub, "show", "show one server", identity=False).add_argument("name")
-    command(ssub, "remove", "remove a server (refused while key pairs are bound)",
-            identity=False).add_argument("name")
+    _server_verbs(_verbs(sv))
     commands["keypairs"] = cmd_keypairs
     commands["servers"] = cmd_servers
 
 
-# --------------------------------------------------------------------------- helpers
+def _keypair_verbs(ksub: Any) -> None:
+    p = _verb(ksub, "create", "create a key pair; the private key is handed out once")
+    _keypair(p)
+    p.add_argument("--algorithm", default="SSH_ED25519", choices=ALGORITHMS,
+                   metavar="ALGORITHM", help=f"one of {', '.join(ALGORITHMS)} "
+                   "(default SSH_ED25519)")
+    p.add_argument("--managed", action="store_true",
+                   help="also keep the private key (encrypted under kps/default)")
+    p.add_argument("--scope", default="user", choices=SCOPES,
+                   help="user (default: the owner's only) or account (the project's)")
+    p.add_argument("--out", metavar="FILE", help="the private key file, created 0600 "
+                   "(FILE.pub beside it); default ./KEYPAIR")
+    p = _verb(ksub, "import", "import a public key (OpenSSH, RFC 4716, PEM, x509)")
+    _keypair(p)
+    add_option(p, "--public-key-file", "--public-key", dest="public_key_file",
+               required=True, metavar="FILE", help="the public key (- reads stdin)")
+    p.add_argument("--type", default="ssh", choices=KEY_TYPES,
+                   help="ssh (default) or x509 (a PEM certificate)")
+    _private_key_file(p, "its private key, kept managed (encrypted under kps/default)")
+    p.add_argument("--passphrase-file", metavar="FILE",
+                   help="the passphrase of --private-key-file (- reads stdin)")
+    p.add_argument("--scope", default="user", choices=SCOPES,
+                   help="user (default: the owner's only) or account (the project's)")
+    _verb(ksub, "list", "list the key pairs you can see")
+    for name, help_text in (("show", "show one key pair"),
+                            ("delete", "delete a key pair (refused while bound)"),
+                            ("upgrade", "user scope -> account scope")):
+        _keypair(_verb(ksub, name, help_text))
+    p = _verb(ksub, "export-private", "write a managed private key to a file again")
+    _keypair(p)
+    p.add_argument("--out", required=True, metavar="FILE",
+                   help="the file to create (0600; never overwritten)")
+    p.add_argument("--format", default="openssh", choices=FORMATS, metavar="FORMAT",
+                   help="openssh (default), pem, pkcs8 or ppk (PuTTY v3)")
 
 
-def _read(path: str, what: str, limit: int = MAX_INPUT_BYTES) -> bytes:
-    """A user-named file, at most ``limit`` bytes (``/dev/zero`` is refused, not read)."""
-    try:
-        with open(path, "rb") as fh:
-            data = fh.read(limit + 1)
-    except OSError as exc:
-        raise InvalidInput("Invalid parameter.", cause=f"cannot read {what} {path}: "
-                           f"{exc.strerror}") from None
-    if len(data) > limit:
-        raise InvalidInput("Invalid parameter.", cause=f"{what} {path} is over {limit} bytes")
-    return data
+def _convert_verb(ksub: Any) -> None:
+    p = _verb(ksub, "convert", "convert a private key: OpenSSH, PEM, PKCS#8, PuTTY .ppk",
+              owner=False, project=False)
+    p.add_argument("input", nargs="?", metavar="IN",
+                   help="deprecated: use --private-key-file")
+    _private_key_file(p, "the private key to convert")
+    add_option(p, "--format", "--to", dest="format", required=True, choices=FORMATS,
+               metavar="FORMAT",
+               help="the output format: openssh, pem, pkcs8 or ppk (PuTTY v3)")
+    p.add_argument("--out", metavar="FILE",
+                   help="create FILE (0600; never overwritten) instead of printing the key")
+    p.add_argument("--passphrase-file", metavar="FILE",
+                   help="the passphrase of --private-key-file (- reads stdin)")
+    p.add_argument("--new-passphrase-file", metavar="FILE",
+                   help="encrypt the output with this passphrase (- reads stdin)")
 
 
-def _check_timeout(timeout: float) -> None:
-    if not 0 < timeout <= MAX_JOB_TIMEOUT:  # also false for nan
-        raise InvalidInput("Invalid parameter.", cause=f"--timeout must be above 0 and at "
-                           f"most {MAX_JOB_TIMEOUT:.0f} seconds, got {timeout}")
+def _job_verb(ksub: Any, action: str) -> None:
+    p = _verb(ksub, action, JOB_HELP[action])
+    _keypair(p)
+    p.add_argument("servers", nargs="*", metavar="SERVER",
+                   help="a registered server (dew servers list); one or more")
+    p.add_argument("--server", dest="server_flag", action="append", metavar="SERVER",
+                   help="deprecated: use the positional SERVER")
+    password_help = "the login user's password (- reads stdin)"
+    if action == "bind":
+        auth = p.add_mutually_exclusive_group(required=True)
+        auth.add_argument("--password-file", metavar="FILE", help=password_help)
+        _private_key_file(auth, "a private key the server accepts now")
+    elif action == "reset":
+        p.add_argument("--password-file", required=True, metavar="FILE", help=password_help)
+    else:
+        _private_key_file(p, "the old key pair's private key" if action == "replace"
+                          else "this key pair's private key", required=True)
+    if action in ("bind", "reset"):
+        p.add_argument("--disable-password", action="store_true",
+                       help="turn password login off once a fresh key login proved the key")
+    if action == "unbind":
+        p.add_argument("--enable-password", action="store_true",
+                       help="turn password login on (and prove it) before the key is removed")
+    p.add_argument("--timeout", type=float, default=DEFAULT_JOB_TIMEOUT, metavar="S",
+                   help=f"give up waiting after S seconds (default {DEFAULT_JOB_TIMEOUT:g}); "
+                   "the task goes on")
+    p.add_argument("--no-wait", action="store_true",
+                   help="only enqueue: print the task id (follow it with dew tasks show)")
 
 
-def _secret_line(path: str, what: str) -> str:
-    text = _read(path, what).decode("utf-8", errors="replace")
-    return text[:-1] if text.endswith("\n") else text
+def _server_verbs(ssub: Any) -> None:
+    p = _verb(ssub, "add", "add a server (its host key is pinned)", owner=False)
+    p.add_argument("server", metavar="SERVER", help="a name for the server")
+    p.add_argument("--host", required=True, help="its address or DNS name")
+    p.add_argument("--port", type=int, default=22, help="its SSH port (default 22)")
+    add_option(p, "--login-user", "--user", dest="login", default="root",
+               metavar="LOGIN", help="the SSH login user (default root)")
+    pin = p.add_mutually_exclusive_group(required=True)
+    add_option(pin, "--host-key-file", "--host-key", dest="host_key_file", metavar="FILE",
+               help="the server's public host key (- reads stdin)")
+    pin.add_argument("--trust-first-use", action="store_true",
+                     help="pin the key the server shows on the first connection")
+    p.add_argument("--sshd-config", metavar="PATH",
+                   help="sshd's config on the server (default by OS: /etc/ssh/sshd_config)")
+    p.add_argument("--reload-command", metavar="CMD",
+                   help="how to reload sshd on the server (default by OS)")
+    p.add_argument("--authorized-keys", metavar="PATH",
+                   help="on the server (default ~/.ssh/authorized_keys of the login user)")
+    p.add_argument("--sudo", action="store_true",
+                   help="the login user is not root: run the privileged steps (sshd_config, "
+                   "the reload, sshd -T) through passwordless `sudo -n`")
+    _verb(ssub, "list", "list servers", owner=False)
+    _server(_verb(ssub, "show", "show one server and the key pairs bound to it", owner=False))
+    _server(_verb(ssub, "remove", "remove a server (refused while key pairs are bound)",
+                  owner=False))
 
 
-def _refuse_existing(path: str) -> None:
-    if Path(path).exists():
-        raise InvalidInput("Invalid parameter.", cause=f"{path} exists; it is not overwritten")
+def _server(p: argparse.ArgumentParser) -> None:
+    p.add_argument("server", metavar="SERVER", help="the server's name")
 
 
-def _write_private(path: str, data: bytes) -> None:
-    """Create ``path`` with mode 0600 from the first byte (never overwrite)."""
-    fd = _open_new(path)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
+# --------------------------------------------------------------------------- old spellings
 
 
-def _open_new(path: str) -> int:
-    """``path`` created 0600 (O_EXCL); bad paths are bad input (exit 2)."""
-    try:
-        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    except OSError as exc:
-        raise InvalidInput("Invalid parameter.",
-                           cause=f"cannot create {path}: {exc.strerror}") from None
+def merge_old_spellings(args: argparse.Namespace) -> None:
+    """The old spellings argparse cannot alias: ``--server S`` (now the positional
+    SERVER) and ``convert IN`` (now ``--private-key-file``); one warning line each."""
+    if getattr(args, "server_flag", None):
+        deprecated("--server", "the positional SERVER")
+        args.servers = [*args.servers, *args.server_flag]
+    if args.action in JOB_ACTIONS and not args.servers:
+        raise missing_servers(args.action)
+    if args.action == "convert":
+        if args.input is not None:
+            deprecated("the positional IN", "--private-key-file")
+            if args.private_key_file is not None:
+                raise InvalidInput("give the private key once: --private-key-file, not "
+                                   "also IN", code="usage")
+            args.private_key_file = args.input
+        if args.private_key_file is None:
+            raise InvalidInput("the following arguments are required: --private-key-file "
+                               "(see `dew keypairs convert --help`)", code="usage")
 
 
-class _NewFiles:
-    """Output files opened (O_EXCL, 0600) before anything is generated or stored, so a
-    bad path costs nothing; removed again unless :meth:`keep` is called."""
-
-    def __init__(self, *paths: str) -> None:
-        self.paths = list(paths)
-        self.fds: list[int] = []
-        try:
-            for path in self.paths:
-                self.fds.append(_open_new(path))
-        except BaseException:
-            self.discard()
-            raise
-
-    def write(self, index: int, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self.fds[index], view):]
-
-    def keep(self) -> None:
-        for fd in self.fds:
-            os.fsync(fd)
-            os.close(fd)
-        self.fds = []
-
-    def discard(self) -> None:
-        for fd, path in zip(self.fds, self.paths, strict=False):
-            os.close(fd)
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-        self.fds = []
-
-
-def _who(args: argparse.Namespace) -> dict[str, str]:
-    return {"account": args.account, "user": args.user or _default_user()}
+# --------------------------------------------------------------------------- rendering
 
 
 def _pair_text(d: dict[str, Any]) -> str:
     rows = [("name", d["name"]), ("algorithm", d["algorithm"]), ("type", d["type"]),
-            ("fingerprint", d["fingerprint"]), ("scope", d["scope"]),
-            ("managed", "yes" if d["managed"] else "no"),
-            ("servers", ", ".join(d["servers"]) or "-"), ("public key", d["public_key"])]
+            ("fingerprint", d["fingerprint"]), ("scope", d["scope"]), ("owner", d["owner"]),
+            ("managed", text(d["managed"])), ("servers", ", ".join(d["servers"]) or "-"),
+            ("created at", d["created_at"]), ("public key", d["public_key"])]
+    if "out" in d:
+        rows.append(("files", wrote("private key", d["bytes"], d["out"]) +
+                     f", public key to {d['public_key_file']}"))
     return "\n".join(f"{k:12} {v}" for k, v in rows)
 
 
 def _pair_table(pairs: list[dict[str, Any]]) -> str:
     if not pairs:
         return "no key pairs"
-    lines = [f"{'NAME':24} {'ALGORITHM':15} {'SCOPE':8} {'MANAGED':8} FINGERPRINT"]
-    lines += [f"{p['name']:24} {p['algorithm']:15} {p['scope']:8} "
-              f"{'yes' if p['managed'] else 'no':8} {p['fingerprint']}" for p in pairs]
-    return "\n".join(lines)
+    out = [f"{'NAME':24} {'ALGORITHM':15} {'SCOPE':8} {'MANAGED':8} FINGERPRINT"]
+    out += [f"{p['name']:24} {p['algorithm']:15} {p['scope']:8} "
+            f"{text(p['managed']):8} {p['fingerprint']}" for p in pairs]
+    return "\n".join(out)
 
 
-def _lines(d: dict[str, Any]) -> str:
-    return "\n".join(f"{k:16} {v}" for k, v in d.items())
+def _server_text(d: dict[str, Any]) -> str:
+    # The JSON's "user" is the SSH login (the API's field name); the text says which.
+    shown = {("login_user" if k == "user" else k): v for k, v in d.items()}
+    if "keypairs" in shown:
+        shown["keypairs"] = ", ".join(shown["keypairs"]) or None
+    return lines(shown)
 
 
-# --------------------------------------------------------------------------- keypairs
+def _server_table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "no servers"
+    out = [f"{'NAME':24} {'ADDRESS':30} {'LOGIN USER':12} HOST KEY"]
+    out += [f"{r['name']:24} {r['host'] + ':' + str(r['port']):30} {r['user']:12} "
+            f"{'pinned' if r['host_key_pinned'] else 'trust on first use'}" for r in rows]
+    return "\n".join(out)
+
+
+def _summary(d: dict[str, Any]) -> str:
+    return wrote("private key", d["bytes"], d["out"])
+
+
+# --------------------------------------------------------------------------- commands
 
 
 def _explained(error: InvalidInput) -> InvalidInput:
@@ -251,6 +309,7 @@ def _explained(error: InvalidInput) -> InvalidInput:
 
 async def cmd_keypairs(args: argparse.Namespace, settings: Settings) -> int:
     try:
+        merge_old_spellings(args)
         return await _keypairs(args, settings)
     except InvalidInput as exc:
         raise _explained(exc) from None
@@ -264,33 +323,34 @@ async def cmd_servers(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _keypairs(args: argparse.Namespace, settings: Settings) -> int:
-    from handlers.kps.service import check_name, convert_private_key
+    from handlers.kps.service import check_name
 
     if args.action == "convert":
-        return _convert(args, convert_private_key)
-    who = _who(args)
+        return _convert(args)
+    who = {"account": args.account, "user": args.owner or default_owner()}
     if args.action != "list":
-        check_name(args.name)
+        check_name(args.keypair)
     if args.action in JOB_ACTIONS:
-        return await _run_job(args, settings, who)
+        return await run_job(args, settings, who)
     if args.action == "create":
         return await _create(args, settings, who)
+    if args.action == "import":
+        return await _import(args, settings, who)
+    if args.action == "export-private":
+        return await _export(args, settings, who)
     return await _other(args, settings, who)
 
 
 async def _create(args: argparse.Namespace, settings: Settings, who: dict[str, str]) -> int:
     from handlers.kps.service import open_kps
 
-    if args.algorithm not in ALGORITHMS:
-        raise InvalidInput("Invalid parameter.", cause=f"unknown algorithm "
-                           f"{args.algorithm[:40]!r}; use one of {', '.join(ALGORITHMS)}")
-    out = args.out or args.name
+    out = args.out or args.keypair
     # Opened before the key pair is generated and stored (audit L1): a missing folder
     # or an unwritable path leaves nothing behind.
-    outputs = _NewFiles(out, out + ".pub")
+    outputs = NewFiles("--out", out, out + ".pub")
     try:
         async with open_kps(settings) as kps:
-            created = await kps.create(args.name, args.algorithm, managed=args.managed,
+            created = await kps.create(args.keypair, args.algorithm, managed=args.managed,
                                        scope=args.scope, **who)
     except BaseException:
         outputs.discard()
@@ -298,229 +358,127 @@ async def _create(args: argparse.Namespace, settings: Settings, who: dict[str, s
     outputs.write(0, created.private_key)
     outputs.write(1, (created.view.record.public_key + "\n").encode())
     outputs.keep()
-    data = {**created.view.to_json(), "private_key_file": out, "public_key_file": out + ".pub"}
+    data = {**created.view.to_json(), "out": out, "bytes": len(created.private_key),
+            "private_key_file": out, "public_key_file": out + ".pub"}
     print_result(data, args.json, _pair_text)
+    return 0
+
+
+async def _import(args: argparse.Namespace, settings: Settings, who: dict[str, str]) -> int:
+    from handlers.kps.service import open_kps
+
+    one_stdin({"--public-key-file": args.public_key_file,
+               "--private-key-file": args.private_key_file,
+               "--passphrase-file": args.passphrase_file})
+    public = read_bounded("--public-key-file", args.public_key_file)
+    private = read_bounded("--private-key-file", args.private_key_file) \
+        if args.private_key_file else None
+    passphrase = read_secret_line("--passphrase-file", args.passphrase_file).encode() \
+        if args.passphrase_file else None
+    async with open_kps(settings) as kps:
+        view = await kps.import_(args.keypair, public.decode("utf-8", "replace"), args.type,
+                                 private_key=private, passphrase=passphrase,
+                                 scope=args.scope, **who)
+    print_result(view.to_json(), args.json, _pair_text)
+    return 0
+
+
+async def _export(args: argparse.Namespace, settings: Settings, who: dict[str, str]) -> int:
+    from handlers.kps.keys import dump_private_key, load_private_key
+    from handlers.kps.service import open_kps
+
+    output = NewFiles("--out", args.out)
+    try:
+        async with open_kps(settings) as kps:
+            record = await kps.get(args.keypair, **who)
+            pem = await kps.private_key(record)
+        if args.format != "openssh":
+            pem = dump_private_key(load_private_key(pem).key, args.format, record.name)
+        output.write(0, pem)
+    except BaseException:
+        output.discard()
+        raise
+    output.keep()
+    data = {"name": record.name, "format": args.format, "out": args.out, "bytes": len(pem),
+            "private_key_file": args.out}
+    print_result(data, args.json, _summary)
     return 0
 
 
 async def _other(args: argparse.Namespace, settings: Settings, who: dict[str, str]) -> int:
     from handlers.kps.service import open_kps
 
-    public_text = private = passphrase = None
-    if args.action == "import":
-        public_text = _read(args.public_key, "the public key").decode("utf-8", "replace")
-        private = _read(args.private_key, "the private key") if args.private_key else None
-        if args.passphrase_file:
-            passphrase = _secret_line(args.passphrase_file, "the passphrase").encode()
-    if args.action == "export-private":
-        _refuse_existing(args.out)
     async with open_kps(settings) as kps:
         data: Any
         human: Callable[[Any], str] = _pair_text
-        if args.action == "import":
-            assert public_text is not None
-            data = (await kps.import_(args.name, public_text, args.type, private_key=private,
-                                      passphrase=passphrase, scope=args.scope, **who)).to_json()
-        elif args.action == "list":
+        if args.action == "list":
             data = [v.to_json() for v in await kps.list(**who)]
             human = _pair_table
         elif args.action == "show":
-            data = (await kps.show(args.name, **who)).to_json()
+            data = (await kps.show(args.keypair, **who)).to_json()
         elif args.action == "delete":
-            await kps.delete(args.name, **who)
-            data, human = {"deleted": args.name}, _lines
-        elif args.action == "upgrade":
-            data = (await kps.upgrade(args.name, **who)).to_json()
-        else:  # export-private
-            from handlers.kps.keys import dump_private_key, load_private_key
-
-            record = await kps.get(args.name, **who)
-            pem = await kps.private_key(record)
-            if args.format != "openssh":
-                pem = dump_private_key(load_private_key(pem).key, args.format, record.name)
-            _write_private(args.out, pem)
-            data, human = {"name": record.name, "private_key_file": args.out}, _lines
+            await kps.delete(args.keypair, **who)
+            data, human = {"deleted": args.keypair}, lines
+        else:  # upgrade
+            data = (await kps.upgrade(args.keypair, **who)).to_json()
     print_result(data, args.json, human)
     return 0
 
 
-def _convert(args: argparse.Namespace, convert: Callable[..., bytes]) -> int:
-    data = _read(args.input, "the private key")
-    old = _secret_line(args.passphrase_file, "the passphrase").encode() \
+def _convert(args: argparse.Namespace) -> int:
+    from handlers.kps.service import convert_private_key
+
+    one_stdin({"--private-key-file": args.private_key_file,
+               "--passphrase-file": args.passphrase_file,
+               "--new-passphrase-file": args.new_passphrase_file})
+    data = read_bounded("--private-key-file", args.private_key_file)
+    old = read_secret_line("--passphrase-file", args.passphrase_file).encode() \
         if args.passphrase_file else None
-    new = _secret_line(args.new_passphrase_file, "the passphrase").encode() \
+    new = read_secret_line("--new-passphrase-file", args.new_passphrase_file).encode() \
         if args.new_passphrase_file else None
-    if args.out:
-        _refuse_existing(args.out)
-    out = convert(data, args.to, passphrase=old, new_passphrase=new)
-    if args.out:
-        _write_private(args.out, out)
-        print_result({"private_key_file": args.out, "format": args.to}, args.json, _lines)
-    else:
-        sys.stdout.write(out.decode())
-    return 0
-
-
-async def _run_job(args: argparse.Namespace, settings: Settings, who: dict[str, str]) -> int:
-    from engine.client import Client
-    from engine.registry import default_registry
-    from handlers.kps.service import ALL_FAILED, check_name, open_kps
-
-    for server in args.server:
-        check_name(server, "server")
-    _check_timeout(args.timeout)
-    password = getattr(args, "password_file", None)
-    key = getattr(args, "private_key", None)
-    if (password is None) == (key is None):
-        raise InvalidInput("Invalid parameter.", cause="give exactly one of --password-file "
-                           "and --private-key" if args.action == "bind" else
-                           "the credential option is required")
-    if password is not None:
-        auth = {"password": _secret_line(password, "the password")}
-    else:
-        assert key is not None
-        auth = {"private_key": _read(key, "the private key").decode("utf-8", "replace")}
-    name = f"kps.{args.action}"
-    job_args: dict[str, Any] = {"keypair": args.name, "servers": list(args.server), **who}
-    if getattr(args, "disable_password", False):
-        job_args["disable_pw_login"] = True
-    if getattr(args, "enable_password", False):
-        job_args["enable_pw_login"] = True
-    async with open_kps(settings) as kps:
-        # Unknown names are bad input (exit 2, nothing enqueued), not failed tasks.
-        await kps.get(args.name, **who)
-        for server in dict.fromkeys(args.server):
-            await kps.server(server, who["account"])
-        job_args["auth"] = auth  # the client seals it (the job declares it secret)
-        default_registry(settings).check_args(name, job_args)
-        async with await Client.open(settings) as client:
-            task = await client.enqueue(name, job_args)
-            if args.no_wait:
-                print_result({"task_id": task.task_id}, args.json, lambda d: str(d["task_id"]))
-                return 0
-            task = await _wait(client, kps, task.task_id, len(set(args.server)), args)
-        failures = await client_failures(settings, task.task_id)
-        record = await kps.get(args.name, **who)
-    servers = {name: row for name, row in failures.items() if name}
-    if task.status != "succeeded":
-        if task.status == "failed" and (task.error or {}).get("code") == ALL_FAILED:
-            # Every server failed: the task failed; each server has its failure record.
-            result = {"operation": args.action, "keypair": record.name,
-                      "fingerprint": record.fingerprint, "task_id": task.task_id,
-                      "status": "failed", "error": task.error,
-                      "servers": [{"server": name, "status": "failed", **row}
-                                  for name, row in servers.items()],
-                      "succeeded": 0, "failed": len(servers), "partially_failed": False}
-            print_result(result, args.json, _result_text)
-            return 1
-        error = DewError.from_dict(task.error or {"message": f"task {task.task_id} failed"})
-        if args.json:
-            print_result({"task_id": task.task_id, "status": task.status, "error": task.error},
-                   True, str)
-            return 1
-        raise error
-    result = {**(task.result or {}), "task_id": task.task_id, "status": task.status}
-    for row in result.get("servers", []):
-        if row["status"] == "failed" and row["server"] in servers:
-            row["failure_id"] = servers[row["server"]]["failure_id"]
-    print_result(result, args.json, _result_text)
-    return 0 if result.get("failed", 0) == 0 else 1
-
-
-async def client_failures(settings: Settings, task_id: str) -> dict[str, dict[str, str]]:
-    """The task's failure records by target ("" for the task-level one)."""
-    from engine.store import open_store
-
-    store = await open_store(settings)
+    if not args.out:
+        key = convert_private_key(data, args.format, passphrase=old, new_passphrase=new)
+        print_result({"format": args.format, "private_key": key.decode()}, args.json,
+                     lambda d: str(d["private_key"]).rstrip("\n"))
+        return 0
+    output = NewFiles("--out", args.out)
     try:
-        return {f.target or "": {"failure_id": f.failure_id, "code": f.code, "error": f.error}
-                for f in await store.list_failures(task_id=task_id)}
-    finally:
-        await store.close()
-
-
-async def _wait(client: Any, kps: Any, task_id: str, total: int,
-                args: argparse.Namespace) -> Any:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + args.timeout
-    bar = sys.stderr.isatty() and not args.json
-    while True:
-        task = await client.get(task_id)
-        if bar:
-            progress = await kps.store.progress(task_id)
-            done = sum(1 for s in progress.values() if s != "running")
-            width = 30
-            filled = width * done // max(total, 1)
-            sys.stderr.write(f"\r{args.action} [{'#' * filled}{'.' * (width - filled)}] "
-                             f"{done}/{total} servers")
-            sys.stderr.flush()
-        if task.final:
-            if bar:
-                sys.stderr.write("\n")
-            return task
-        if loop.time() >= deadline:
-            from engine.errors import TransientError
-
-            raise TransientError(f"task {task_id} is still {task.status} after "
-                                 f"{args.timeout} s", code="wait_timeout",
-                                 fix=f"Look later with `dew tasks show {task_id}`.")
-        await asyncio.sleep(0.2)
-
-
-def _result_text(d: dict[str, Any]) -> str:
-    lines = [f"{d['operation']} {d['keypair']} ({d['fingerprint']}), task {d['task_id']}"]
-    for row in d.get("servers", []):
-        if row["status"] == "succeeded":
-            notes = ["changed" if row.get("changed") else "already in place"]
-            if row.get("verified"):
-                notes.append("login checked")
-            if row.get("pw_login_state"):
-                notes.append(f"password login {row['pw_login_state']}")
-            lines.append(f"  {row['server']:24} ok      {', '.join(notes)}")
-        else:
-            lines.append(f"  {row['server']:24} FAILED  {row['error']} "
-                         f"(dew failures show {row.get('failure_id', '?')})")
-    lines.append(f"{d['succeeded']} succeeded, {d['failed']} failed")
-    if d.get("status") == "failed":
-        lines.append(f"task {d['task_id']} FAILED: every server failed "
-                     f"(dew failures list --task-id {d['task_id']})")
-    elif d.get("partially_failed"):
-        lines.append(f"task {d['task_id']} PARTIALLY FAILED: {d['failed']} of "
-                     f"{d['succeeded'] + d['failed']} servers failed "
-                     f"(retry them: dew tasks retry {d['task_id']})")
-    return "\n".join(lines)
+        out = convert_private_key(data, args.format, passphrase=old, new_passphrase=new)
+        output.write(0, out)
+    except BaseException:
+        output.discard()
+        raise
+    output.keep()
+    print_result({"format": args.format, "out": args.out, "bytes": len(out),
+                  "private_key_file": args.out}, args.json, _summary)
+    return 0
 
 
 # --------------------------------------------------------------------------- servers
 
 
-def _server_text(d: dict[str, Any]) -> str:
-    return "\n".join(f"{k:16} {'-' if v is None else v}" for k, v in d.items())
-
-
-def _server_table(rows: list[dict[str, Any]]) -> str:
-    if not rows:
-        return "no servers"
-    lines = [f"{'NAME':24} {'ADDRESS':30} {'USER':12} HOST KEY"]
-    lines += [f"{r['name']:24} {r['host'] + ':' + str(r['port']):30} {r['user']:12} "
-              f"{'pinned' if r['host_key_pinned'] else 'trust on first use'}" for r in rows]
-    return "\n".join(lines)
+def _check_port(port: int) -> None:
+    if not 1 <= port <= 65535:
+        raise InvalidInput(f"--port must be 1..65535, got {port}")
 
 
 async def _servers(args: argparse.Namespace, settings: Settings) -> int:
     from handlers.kps.service import check_name, open_kps
 
     if args.action != "list":
-        check_name(args.name, "server")
+        check_name(args.server, "server")
     host_key = None
-    if args.action == "add" and args.host_key:
-        host_key = _read(args.host_key, "the host key").decode("utf-8", "replace")
+    if args.action == "add":
+        _check_port(args.port)
+        if args.host_key_file:
+            host_key = read_bounded("--host-key-file", args.host_key_file).decode(
+                "utf-8", "replace")
     async with open_kps(settings) as kps:
         data: Any
         human: Callable[[Any], str] = _server_text
         if args.action == "add":
             data = (await kps.add_server(
-                args.name, args.host, port=args.port, user=args.login, host_key=host_key,
+                args.server, args.host, port=args.port, user=args.login, host_key=host_key,
                 trust_first_use=args.trust_first_use, sshd_config=args.sshd_config,
                 reload_command=args.reload_command, authorized_keys=args.authorized_keys,
                 sudo=args.sudo, account=args.account)).to_json()
@@ -528,11 +486,12 @@ async def _servers(args: argparse.Namespace, settings: Settings) -> int:
             data = [s.to_json() for s in await kps.store.list_servers(args.account)]
             human = _server_table
         elif args.action == "show":
-            server = await kps.server(args.name, args.account)
+            server = await kps.server(args.server, args.account)
             data = {**server.to_json(),
                     "keypairs": await kps.store.keypairs_on(server.server_id)}
         else:
-            await kps.remove_server(args.name, args.account)
-            data, human = {"removed": args.name}, _lines
+            await kps.remove_server(args.server, args.account)
+            data, human = {"removed": args.server}, lines
     print_result(data, args.json, human)
     return 0
+

@@ -30,7 +30,7 @@ async def run(settings: Settings, say: Callable[[str], None]) -> None:
         port = _closed_port()
         await kps.add_server(f"unreachable-{tag}", "127.0.0.1", port=port, user="root",
                              trust_first_use=True)
-        say(f"== dew keypairs bind {view['name']} --server unreachable-{tag} (127.0.0.1:{port},"
+        say(f"== dew keypairs bind {view['name']} unreachable-{tag} (127.0.0.1:{port},"
             " closed)")
         args = {"keypair": view["name"], "servers": [f"unreachable-{tag}"], "user": "demo",
                 "auth": {"password": "demo-only"}}  # the client seals auth

@@ -379,7 +379,7 @@ class KpsService:
         if not LOGIN.match(user):
             raise invalid(f"invalid login user {user[:40]!r}")
         if (host_key is None) == (not trust_first_use):
-            raise invalid("give either a host key (--host-key FILE) or --trust-first-use",
+            raise invalid("give either a host key (--host-key-file FILE) or --trust-first-use",
                           "Pin the server's host key, or accept the first one it shows.")
         pinned = None
         if host_key is not None:

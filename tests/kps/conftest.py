@@ -124,9 +124,10 @@ def dew_ok(settings: Settings, *args: str) -> dict[str, object]:
 
 
 def add_server(settings: Settings, name: str, sshd: Sshd, *extra: str) -> None:
-    host_key = [] if "--trust-first-use" in extra else ["--host-key", str(sshd.host_key_pub)]
+    host_key = [] if "--trust-first-use" in extra else ["--host-key-file",
+                                                        str(sshd.host_key_pub)]
     dew_ok(settings, "servers", "add", name, "--host", "127.0.0.1", "--port", str(sshd.port),
-           "--user", sshd.user.name, *host_key, "--authorized-keys",
+           "--login-user", sshd.user.name, *host_key, "--authorized-keys",
            sshd.authorized_keys_setting, "--sshd-config", str(sshd.config),
            "--reload-command", sshd.reload_command, *extra)
 
