@@ -324,7 +324,4 @@ def test_every_engine_option_has_help_text() -> None:
 def test_every_service_option_has_help_text() -> None:
     missing = [(path, option) for path, option in _missing_help()
                if path != "dew" and path.split()[1] not in ENGINE_COMMANDS]
-    if missing:
-        # The services' CLI modules (handlers/*/cli.py, schedules/cli.py, engine/iam/cli.py)
-        # are being reworked for one grammar (issue 16); this turns into a pass then.
-        pytest.xfail(f"{len(missing)} service options lack help: {missing}")
+    assert missing == []
