@@ -55,6 +55,11 @@ ENGINE_GROUPS = (
 _json_errors = False
 
 
+# argparse asks gettext for a translation of each of its ~200 strings (a file search
+# each, ~10 ms of a `dew kms` start); Python ships no catalogue for them.
+setattr(argparse, "_", str)  # noqa: B010
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse that reports bad usage as one line and exit code 2."""
 
@@ -139,7 +144,7 @@ def build_parser(
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
                                 parser_class=ArgumentParser)
 
-    sub.add_parser("init", help="create the state directory and the task store")
+    _json_option(sub.add_parser("init", help="create the state directory and the task store"))
     p = sub.add_parser("worker", help="run a worker in the foreground")
     p.add_argument("--burst", action="store_true", help="stop when the queue is empty")
     p = sub.add_parser("jobs", help="list the job names this engine knows, with their arguments")
@@ -210,9 +215,9 @@ def build_parser(
     stack = sub.add_parser("stack", help="the local stack: private Redis, a worker, the API")
     ssub = stack.add_subparsers(dest="action", metavar="ACTION", required=True,
                                 parser_class=ArgumentParser)
-    ssub.add_parser("up", help="start what is not running")
-    ssub.add_parser("down", help="stop what `up` started")
-    ssub.add_parser("status", help="show what is running")
+    for name, text in (("up", "start what is not running"), ("down", "stop what `up` started"),
+                       ("status", "show what is running")):
+        _json_option(ssub.add_parser(name, help=text))
 
     p = sub.add_parser("api", help="serve the HTTPS API (the official DEW SDKs' protocol)")
     p.add_argument("--listen", metavar="HOST:PORT", help="override [api] listen "
@@ -265,8 +270,11 @@ async def cmd_init(args: argparse.Namespace, settings: Settings) -> int:
     store = await open_store(settings)
     await store.close()
     created = await asyncio.to_thread(ensure_token, settings)
-    print(f"state directory {settings.state_dir} ready (task store {settings.db_path})")
-    print(f"HSM token {settings.hsm.token_label!r} " + ("created" if created else "present"))
+    _print({"state_dir": str(settings.state_dir), "task_store": str(settings.db_path),
+            "hsm_token": settings.hsm.token_label, "hsm_token_created": created}, args.json,
+           lambda d: f"state directory {d['state_dir']} ready (task store {d['task_store']})\n"
+                     f"HSM token {d['hsm_token']!r} "
+                     + ("created" if d["hsm_token_created"] else "present"))
     return 0
 
 
@@ -525,7 +533,7 @@ def cmd_stack(args: argparse.Namespace, settings: Settings) -> int:
         state = stack.down(settings)
     else:
         state = stack.status(settings)
-    print("\n".join(state.lines()))
+    _print(state.to_json(), args.json, lambda _: "\n".join(state.lines()))
     return 0
 
 
@@ -616,7 +624,56 @@ def check_state_dir(args: argparse.Namespace, settings: Settings) -> None:
             fix="Run `dew init` to create it, or correct DEW_STATE_DIR / engine.state_dir.")
 
 
+# Processes that run for long and may print tracebacks on a terminal.
+LONG_RUNNING = ("worker", "api")
+
+
+def _prepare(args: argparse.Namespace, settings: Settings) -> None:
+    """What a command may rely on: project ids turned into names, and logging."""
+    worker = args.command == "worker"
+    from engine.logs import configure_logging
+
+    _project_names(args, settings)
+    configure_logging(
+        settings.log_file, settings.log.level,
+        console=settings.log.console,
+        # Commands other than the worker keep the terminal for their output.
+        console_level=None if worker else "warning",
+    )
+    if not worker:
+        import logging
+
+        # arq's connection warnings name its RedisSettings' host and port
+        # (localhost:6379 even for a unix socket); the engine's own warning names
+        # the configured URL (engine.queue.unavailable, password hidden).
+        logging.getLogger("arq.connections").setLevel(logging.ERROR)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """The program (``argv`` None: ``sys.argv``, and the process ends after it), or
+    one command line run in this process (tests)."""
+    program = argv is None
+    if program and chosen_command(hoist_config(sys.argv[1:])) not in LONG_RUNNING:
+        # structlog renders a terminal's tracebacks with rich when it can import it
+        # (installed here only as a development tool's dependency): ~40 ms of every
+        # short command's start for a traceback it never prints (its terminal gets
+        # warnings only). The long-running processes keep it.
+        sys.modules.setdefault("rich", None)  # type: ignore[arg-type]
+    try:
+        return _main(argv)
+    finally:
+        if program:
+            # The process ends next: its last garbage collection would walk every
+            # object of every module loaded (the HSM library, asyncio, cryptography:
+            # ~1/3 of a `dew kms` run) only to free memory the exit frees anyway.
+            # Frozen objects are skipped; atexit handlers, logging's flush and module
+            # teardown still run.
+            import gc
+
+            gc.freeze()
+
+
+def _main(argv: Sequence[str] | None) -> int:
     global _json_errors
     argv = hoist_config(sys.argv[1:] if argv is None else argv)
     _json_errors = "--json" in argv[: argv.index("--")] if "--" in argv else "--json" in argv
@@ -631,35 +688,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         command = chosen_command(argv)
         load = [s for s in (*specs, *ENGINE_GROUPS) if command in s.commands]
         args = build_parser(specs, load).parse_args(argv)
-        from engine.logs import configure_logging
         from engine.settings import load_settings
 
         settings = load_settings(args.config)
         if args.command == "stack" and args.action in ("down", "status") and (
                 not settings.state_dir.is_dir()):
             # `make down` / `make clean` on a fresh checkout: nothing ran, nothing to write.
-            print(f"nothing is running (no state directory {settings.state_dir})")
+            nothing = {name: {"running": False, "pid": None} for name in ("redis", "worker", "api")}
+            _print(nothing, args.json,
+                   lambda _: f"nothing is running (no state directory {settings.state_dir})")
             return 0
         # Before anything is written (the log file is in the state directory).
         check_state_dir(args, settings)
-        _project_names(args, settings)
-        worker = args.command == "worker"
-        configure_logging(
-            settings.log_file, settings.log.level,
-            console=settings.log.console,
-            # Commands other than the worker keep the terminal for their output.
-            console_level=None if worker else "warning",
-        )
-        if not worker:
-            import logging
-
-            # arq's connection warnings name its RedisSettings' host and port
-            # (localhost:6379 even for a unix socket); the engine's own warning names
-            # the configured URL (engine.queue.unavailable, password hidden).
-            logging.getLogger("arq.connections").setLevel(logging.ERROR)
-        outcome = COMMANDS[args.command](args, settings)
+        handler = COMMANDS[args.command]
+        # A lean command (one that may answer through the running API) is called
+        # before logging is set up: structlog alone costs a start ~0.1 s. It returns
+        # an int when it is done, else the coroutine of its local path.
+        lean = getattr(handler, "lean_start", False)
+        if not lean:
+            _prepare(args, settings)
+        outcome = handler(args, settings)
         if isinstance(outcome, int):
             return outcome
+        try:
+            if lean:
+                _prepare(args, settings)
+        except BaseException:
+            close = getattr(outcome, "close", None)  # the coroutine never runs
+            if close is not None:
+                close()
+            raise
         import asyncio
 
         return int(asyncio.run(outcome))  # type: ignore[arg-type]

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 from engine.errors import BackendUnavailable
 from engine.models import utcnow
@@ -34,6 +35,10 @@ class StackStatus:
     redis_pid: int | None
     worker_pid: int | None
     api_pid: int | None = None
+
+    def to_json(self) -> dict[str, dict[str, Any]]:
+        return {name: {"running": pid is not None, "pid": pid} for name, pid in
+                (("redis", self.redis_pid), ("worker", self.worker_pid), ("api", self.api_pid))}
 
     def lines(self) -> list[str]:
         def show(pid: int | None) -> str:

@@ -40,6 +40,7 @@ from handlers.kms.cli_checks import (
     merge_key_flag,
     unknown_key_message,
 )
+from handlers.kms.cli_remote import ROUTED
 from handlers.kms.cli_render import Shown
 
 DEFAULT_JOB_TIMEOUT = 30.0
@@ -51,6 +52,10 @@ JOB_NOTE = (
 )
 KEY_HELP = "the key: its id, or its alias in --project"
 JSON_HELP = "print JSON (errors too: one JSON line on stderr)"
+ROUTED_PROJECT_HELP = ("the project: its name or 32-hex id (default: default; through "
+                       "[cli] api_url: the access key's project, and only that one)")
+LOCAL_HELP = ("use the local token and store even when [cli] api_url names a running "
+              "dew api")
 SIGNING_ALGORITHMS = ("RSASSA_PSS_SHA_256/384/512, RSASSA_PKCS1_V1_5_SHA_256/384/512, "
                       "ECDSA_SHA_256 (P-256), ECDSA_SHA_384 (P-384), ML_DSA_44/65/87 (RAW)")
 WRAPPING_ALGORITHMS = ("RSAES_OAEP_SHA_256 (default) or _SHA_1 for AES/HMAC material; "
@@ -75,6 +80,13 @@ def register(subparsers: Any, commands: dict[str, Any]) -> None:
             p.add_argument("key", metavar="KEY", help=KEY_HELP)
         add_project_option(p)
         p.add_argument("--json", action="store_true", help=JSON_HELP)
+        if name in ROUTED:
+            p.add_argument("--local", action="store_true", help=LOCAL_HELP)
+            # None: not given, so that through the API the access key's project applies.
+            p.set_defaults(account=None)
+            for action in p._actions:
+                if action.dest == "account":
+                    action.help = ROUTED_PROJECT_HELP
         return p
 
     _key_verbs(command)
@@ -84,7 +96,7 @@ def register(subparsers: Any, commands: dict[str, Any]) -> None:
     _lifecycle_verbs(command)
     _tag_grant_verbs(command)
     _audit_commands(subparsers)
-    commands["kms"] = cmd_kms
+    commands["kms"] = KmsCommand()
     commands["audit"] = cmd_audit
 
 
@@ -352,6 +364,25 @@ def _audit_commands(subparsers: Any) -> None:
 
 
 # --------------------------------------------------------------------------- kms
+
+
+class KmsCommand:
+    """``dew kms``: a data-plane verb goes to the running API when ``[cli] api_url`` is
+    set (``cli_remote``: done here, before the engine sets up logging, so that such a
+    call imports no service, HSM or database module); everything else returns the
+    local path's coroutine."""
+
+    lean_start = True  # engine.cli: call before logging and project ids are set up
+
+    def __call__(self, args: argparse.Namespace, settings: Settings) -> int | Awaitable[int]:
+        merge_key_flag(args)
+        from handlers.kms import cli_remote
+
+        if cli_remote.routed(args, settings):
+            return cli_remote.run(args, settings)
+        if args.account is None:
+            args.account = "default"
+        return cmd_kms(args, settings)
 
 
 async def cmd_kms(args: argparse.Namespace, settings: Settings) -> int:

@@ -147,7 +147,8 @@ def checked(args: argparse.Namespace) -> dict[str, Any]:
     from handlers.kms import format as f
 
     with as_flag("--project"):
-        f.check_account(args.account)
+        # None: a verb that may go to the API, --project not given (the default project).
+        f.check_account(f.DEFAULT_ACCOUNT if args.account is None else args.account)
     out: dict[str, Any] = {}
     if getattr(args, "key", None) is not None:
         f.check_key_ref(args.key)

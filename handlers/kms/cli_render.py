@@ -4,7 +4,6 @@ slow step on a terminal."""
 
 from __future__ import annotations
 
-import asyncio
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any, NamedTuple, TextIO, TypeVar
@@ -40,6 +39,7 @@ async def announce_if_slow(call: Awaitable[T], message: str, stream: TextIO | No
     out = sys.stderr if stream is None else stream
     if not _is_terminal(out):
         return await call
+    import asyncio  # here: every `dew kms` start would pay for it (~30 ms), the API path too
 
     async def later() -> None:
         await asyncio.sleep(delay)

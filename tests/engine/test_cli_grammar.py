@@ -325,3 +325,38 @@ def test_every_service_option_has_help_text() -> None:
     missing = [(path, option) for path, option in _missing_help()
                if path != "dew" and path.split()[1] not in ENGINE_COMMANDS]
     assert missing == []
+
+
+def _verbs(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()
+           ) -> list[tuple[tuple[str, ...], argparse.ArgumentParser]]:
+    """Every leaf command under ``parser`` with its parser."""
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        return [(path, parser)]
+    return [leaf for name, sub in subs[0].choices.items() for leaf in _verbs(sub, (*path, name))]
+
+
+# Long-running processes: they print logs, not a result.
+NO_JSON = {("worker",), ("api",)}
+
+
+def test_every_verb_accepts_json_and_its_usage_errors_are_json(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Walks `dew --help`: every verb has --json; a usage error with it is one JSON line
+    with a code, exit 2 (in-process: argparse refuses before anything runs)."""
+    monkeypatch.setenv("DEW_STATE_DIR", str(tmp_path / "none"))
+    verbs = _verbs(cli.build_parser())
+    assert len(verbs) > 80
+    for path, parser in verbs:
+        if path in NO_JSON:
+            continue
+        assert "--json" in parser._option_string_actions, f"dew {' '.join(path)}"
+        with pytest.raises(SystemExit) as refused:  # argparse's exit, as in the real CLI
+            cli.main([*path, "--json", "--no-such-option"])
+        assert refused.value.code == 2, path
+        captured = capsys.readouterr()
+        assert captured.out == "", path
+        error = json.loads(captured.err.strip().splitlines()[-1])["error"]
+        assert error["code"] == "usage" and error["message"], path
+    assert not (tmp_path / "none").exists()
