@@ -3,19 +3,25 @@ kind of tampering refused with a clear error and no plaintext file left behind."
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
+from typing import IO, Any
 
 import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from engine.crypto import IntegrityCheckFailed
 from engine.errors import InvalidInput
 from engine.settings import Settings
 from handlers.kms import stream as kms_stream
+from handlers.kms import stream_io
 from handlers.kms.service import KmsService
+from handlers.kms.stream_io import FileIOFailed, writeback_plan
 from tests.helpers import ROOT, dew_env, run_dew
 
 SEG = 1024  # small segments keep multi-segment cases small
@@ -84,13 +90,19 @@ async def _tampered_cases(kms: KmsService) -> dict[str, tuple[bytes, str]]:
     }
 
 
-async def test_tampering_is_detected(kms: KmsService) -> None:
+@pytest.mark.parametrize("segments_per_block", [2, None])
+async def test_tampering_is_detected(kms: KmsService, monkeypatch: pytest.MonkeyPatch,
+                                     segments_per_block: int | None) -> None:
+    if segments_per_block is not None:  # blocks of 2 segments: the cases cross blocks
+        monkeypatch.setattr(kms_stream, "BLOCK", segments_per_block * (SEG + TAG))
     for name, (blob, text) in (await _tampered_cases(kms)).items():
         with pytest.raises(IntegrityCheckFailed) as caught:
             await _decrypt(kms, blob)
         assert text in caught.value.message, (name, caught.value.message)
     with pytest.raises(InvalidInput, match="not a file made by"):
         await _decrypt(kms, b"plain text, not ours")
+    # A refused segment stops the reader and writer threads too.
+    assert not [t for t in threading.enumerate() if t.name.startswith("dew-file-")]
 
 
 async def test_no_plaintext_left_behind_on_failure(kms: KmsService, tmp_path: Path) -> None:
@@ -144,3 +156,146 @@ def test_cli_files_and_pipes(kms_settings: Settings, tmp_path: Path) -> None:
     assert failed.returncode == 1 and "integrity check failed" in failed.stderr
     assert not out.exists() and not list(tmp_path.glob(".out.*"))
     # Bad input (exit 2, before anything opens) is in test_kms_cli_sign.py.
+
+
+# --------------------------------------------------------------- the I/O pipeline
+
+
+def _reference(key: bytes, prefix: bytes, header: bytes, data: bytes) -> bytes:
+    """The body as docs/kms.md defines it, one segment after the other."""
+    aead, count = AESGCM(key), max(1, -(-len(data) // SEG))
+    return b"".join(
+        aead.encrypt(prefix + i.to_bytes(4, "big") + bytes([i == count - 1]),
+                     data[i * SEG : (i + 1) * SEG], header)
+        for i in range(count))
+
+
+def _through_a_pipe(data: bytes) -> IO[bytes]:
+    """A real pipe fed in 100-byte writes: the reader gets short reads."""
+    read_fd, write_fd = os.pipe()
+
+    def feed() -> None:
+        with open(write_fd, "wb", buffering=0) as pipe:
+            for at in range(0, len(data), 100):
+                pipe.write(data[at : at + 100])
+
+    threading.Thread(target=feed, daemon=True).start()
+    return open(read_fd, "rb", buffering=0)
+
+
+def _pipeline_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("dew-file-")]
+
+
+@pytest.mark.parametrize("segments_per_block", [1, 2])
+@pytest.mark.parametrize("size", [0, 1, SEG - 1, SEG, SEG + 1, 2 * SEG, 2 * SEG + 1, 3 * SEG,
+                                  4 * SEG])
+def test_pipeline_writes_the_documented_bytes(monkeypatch: pytest.MonkeyPatch, size: int,
+                                              segments_per_block: int) -> None:
+    # The pipeline hands blocks of whole segments between its threads: the segment and
+    # block edges must not show in the output.
+    monkeypatch.setattr(kms_stream, "BLOCK", segments_per_block * (SEG + TAG))
+    key, prefix, data = os.urandom(32), os.urandom(kms_stream.PREFIX), os.urandom(size)
+    header = kms_stream.pack_header(SEG, b"edk", prefix)
+    sealed = io.BytesIO()
+    with _through_a_pipe(data) as src:
+        done = kms_stream.encrypt_segments(AESGCM(key), prefix, header, SEG, src, sealed)
+    assert sealed.getvalue() == _reference(key, prefix, header, data)
+    assert done == (size, max(1, -(-size // SEG)))
+    opened = io.BytesIO()
+    with _through_a_pipe(sealed.getvalue()) as src:
+        kms_stream.decrypt_segments(AESGCM(key), prefix, header, SEG, src, opened)
+    assert opened.getvalue() == data
+    assert _pipeline_threads() == []
+
+
+class _FailingDisk(io.RawIOBase):
+    """A file whose disk fails (EIO) after ``good`` bytes."""
+
+    def __init__(self, data: bytes, good: int) -> None:
+        self._data, self._good, self._at = data, good, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if self._at >= self._good:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        n = min(len(buffer), self._good - self._at)
+        buffer[:n] = self._data[self._at : self._at + n]
+        self._at += n
+        return n
+
+
+def _failing_disk(data: bytes, good: int) -> IO[bytes]:
+    return io.BufferedReader(_FailingDisk(data, good))
+
+
+async def test_a_read_error_is_one_error_and_no_output(kms: KmsService, tmp_path: Path) -> None:
+    key = await kms.create_key("file/eio")
+    data = os.urandom(5 * SEG)
+    where = tmp_path / "files"
+    where.mkdir()
+    out = where / "out"
+    with (pytest.raises(FileIOFailed, match="cannot read the input: Input/output error"),
+          kms_stream.atomic_output(str(out)) as dst):
+        await kms_stream.encrypt_stream(kms, key.key_id, _failing_disk(data, 2 * SEG + 9),
+                                        dst, segment_size=SEG)
+    blob = await _encrypt(kms, key.key_id, data)
+    with (pytest.raises(FileIOFailed, match="cannot read the input"),
+          kms_stream.atomic_output(str(out)) as dst):
+        await kms_stream.decrypt_stream(kms, _failing_disk(blob, len(blob) - 40), dst)
+    assert list(where.iterdir()) == [] and _pipeline_threads() == []
+
+
+async def test_a_write_error_is_one_error(kms: KmsService) -> None:
+    key = await kms.create_key("file/enospc")
+    data = os.urandom(3 * SEG)
+    blob = await _encrypt(kms, key.key_id, data)
+    # /dev/full: every write fails with ENOSPC (here the header's, below a segment's).
+    with (open("/dev/full", "wb", buffering=0) as full,
+          pytest.raises(FileIOFailed, match="cannot write the output: No space left")):
+        await kms_stream.encrypt_stream(kms, key.key_id, io.BytesIO(data), full,
+                                        segment_size=SEG)
+    with (open("/dev/full", "wb", buffering=0) as full,
+          pytest.raises(FileIOFailed, match="cannot write the output: No space left")):
+        await kms_stream.decrypt_stream(kms, io.BytesIO(blob), full)
+    assert _pipeline_threads() == []
+
+
+def test_writeback_keeps_a_bounded_window_of_the_output_cached() -> None:
+    w = 16
+    # Below a window: nothing; each full window is started; once more than two were
+    # started, the oldest is waited for and dropped, in order, never beyond the start.
+    assert writeback_plan(100, 100, 100 + w - 1, w, kept=2) == []
+    assert writeback_plan(100, 100, 100 + 3 * w + 5, w, kept=2) == [
+        ("start", 100), ("start", 100 + w), ("start", 100 + 2 * w), ("drop", 100)]
+    started = dropped = 0
+    for end in range(0, 40 * w, 7):  # writes of odd sizes
+        for step, offset in writeback_plan(started, dropped, end, w, kept=2):
+            if step == "start":
+                started = offset + w
+            else:
+                assert offset == dropped and offset + 3 * w <= started
+                dropped = offset + w
+    assert started - dropped == 2 * w and started > 38 * w
+
+
+def test_writeback_to_real_files_changes_no_byte(monkeypatch: pytest.MonkeyPatch,
+                                                 tmp_path: Path) -> None:
+    # Small windows, so that a small file starts, waits for and drops many of them.
+    monkeypatch.setattr(stream_io, "WRITEBACK_WINDOW", 4096)
+    monkeypatch.setattr(stream_io, "WRITEBACK_KEPT", 2)
+    monkeypatch.setattr(kms_stream, "BLOCK", 2 * (SEG + TAG))
+    key, prefix, data = os.urandom(32), os.urandom(kms_stream.PREFIX), os.urandom(40 * SEG + 3)
+    header = kms_stream.pack_header(SEG, b"edk", prefix)
+    plain, sealed, opened = tmp_path / "plain", tmp_path / "sealed", tmp_path / "opened"
+    plain.write_bytes(data)
+    with kms_stream.open_input(str(plain)) as src, kms_stream.atomic_output(str(sealed)) as dst:
+        dst.write(header)
+        kms_stream.encrypt_segments(AESGCM(key), prefix, header, SEG, src, dst)
+    assert sealed.read_bytes() == header + _reference(key, prefix, header, data)
+    with kms_stream.open_input(str(sealed)) as src, kms_stream.atomic_output(str(opened)) as dst:
+        src.seek(len(header))
+        kms_stream.decrypt_segments(AESGCM(key), prefix, header, SEG, src, dst)
+    assert opened.read_bytes() == data
