@@ -7,6 +7,9 @@ BIN     := $(VENV)/bin
 DEW     := $(BIN)/dew
 STAMP   := $(VENV)/.installed
 PYTEST_ARGS ?=
+# Two test processes (each with its own Redis, SoftHSM token and API server); `make
+# test PYTEST_JOBS=0` runs them in this one process.
+PYTEST_JOBS ?= 2
 
 .PHONY: help setup system-packages venv bytecode init up down demo test lint bench clean
 
@@ -55,7 +58,7 @@ demo: setup
 
 test: setup bytecode
 	@sh .ci/services
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest -n $(PYTEST_JOBS) $(PYTEST_ARGS)
 
 lint: venv
 	$(BIN)/ruff check engine handlers schedules tests bench

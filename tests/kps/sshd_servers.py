@@ -54,9 +54,9 @@ def create_user(prefix: str = "dewkps") -> TestUser:
     """A new local user with a random password and ``~/.ssh`` (700). Needs root."""
     name = prefix + secrets.token_hex(3)
     password = "Pw-" + secrets.token_urlsafe(12)
-    subprocess.run(["useradd", "-m", "-s", "/bin/sh", name], check=True)
+    _account_tool(["useradd", "-m", "-s", "/bin/sh", name])
     try:
-        subprocess.run(["chpasswd"], input=f"{name}:{password}\n", text=True, check=True)
+        _account_tool(["chpasswd"], f"{name}:{password}\n")
         entry = pwd.getpwnam(name)
         home = Path(entry.pw_dir)
         (home / ".ssh").mkdir(mode=0o700, exist_ok=True)
@@ -72,7 +72,19 @@ def delete_user(name: str, keep: bool = False) -> None:
     """Kill every process of the user (its sshd and sessions), then remove it."""
     subprocess.run(["pkill", "-KILL", "-u", name], check=False)  # only this user's
     if not keep:
-        subprocess.run(["userdel", "-r", "-f", name], check=False, capture_output=True)
+        _account_tool(["userdel", "-r", "-f", name], check=False)
+
+
+def _account_tool(cmd: list[str], stdin: str | None = None, check: bool = True) -> None:
+    """useradd / chpasswd / userdel, tried again while another process (a second test
+    process, pytest-xdist) holds the lock on /etc/passwd or /etc/shadow."""
+    for _ in range(50):
+        done = subprocess.run(cmd, input=stdin, text=True, capture_output=True)
+        if done.returncode == 0 or "lock" not in done.stderr.lower():
+            break
+        time.sleep(0.1)
+    if check and done.returncode != 0:
+        raise subprocess.CalledProcessError(done.returncode, cmd, done.stdout, done.stderr)
 
 
 def free_ports(count: int) -> list[int]:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from handlers.kps import authorized_keys as ak
@@ -12,12 +10,14 @@ from handlers.kps.os_release import default_reload_command, parse_os_release
 from handlers.kps.sshd_config import effective, password_login_enabled, set_password_login
 
 
-def _key(comment: str = "") -> ssh_keys.PublicKey:
+def _key(comment: str = "", seed: int = 0) -> ssh_keys.PublicKey:
+    # Fixed seeds: the keys appear in parametrized test ids, which must be the same in
+    # every collecting process (pytest-xdist).
     return ssh_keys.public_key_of(
-        ssh_keys.generate_private_key("SSH_ED25519", os.urandom(96)), comment)
+        ssh_keys.generate_private_key("SSH_ED25519", bytes([seed]) * 96), comment)
 
 
-K, OTHER = _key("k"), _key("other")
+K, OTHER = _key("k", 1), _key("other", 2)
 FILES = [
     "",
     "\n",
