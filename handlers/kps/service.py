@@ -665,7 +665,8 @@ async def _apply(ctx: JobContext, kps: KpsService, plan: Plan, server: ServerRec
     """One server, under its lock: read, decide (pure), write, reload, prove."""
     async with server_lock(server.server_id):
         # The pin may have been taken by an earlier job since the plan was made.
-        server = await kps.store.get_server(server.server_id) or server
+        if server.host_key is None:
+            server = await kps.store.get_server(server.server_id) or server
         target = _target(server)
         try:
             session = await connect(target, plan.credential, plan.timeouts)
@@ -800,11 +801,13 @@ def _permission(server: ServerRecord, login: str, file: RemoteFile) -> None:
 
 
 async def _read(session: Session, server: ServerRecord, login: str, path: str,
-                privileged: bool) -> tuple[RemoteFile, bool]:
+                privileged: bool, read: RemoteFile | None = None) -> tuple[RemoteFile, bool]:
     """A file to edit and whether it needs sudo: the login user's own file is edited as
-    the user; through sudo when the server allows it and the user cannot."""
+    the user; through sudo when the server allows it and the user cannot. ``read``: the
+    file as the login user already read it (with the snapshot)."""
     use_sudo = server.sudo and privileged
-    file = (await session.read_files([path], privileged=use_sudo))[0]
+    file = (read if read is not None and not use_sudo
+            else (await session.read_files([path], privileged=use_sudo))[0])
     if not use_sudo and server.sudo and not (file.readable and file.writable):
         use_sudo = True
         file = (await session.read_files([path], privileged=True))[0]
@@ -817,7 +820,8 @@ async def _read(session: Session, server: ServerRecord, login: str, path: str,
 
 async def _change(ctx: JobContext, kps: KpsService, plan: Plan, server: ServerRecord,
                   target: Target, session: Session) -> dict[str, Any]:
-    snap = await session.snapshot()
+    # authorized_keys is first read as the login user: with the snapshot, one round trip.
+    snap = await session.snapshot(read=[server.authorized_keys or DEFAULT_AUTHORIZED_KEYS])
     system = parse_os_release(snap.os_release)
     if not system.supported:
         raise ServerStatusError(OS_NOT_SUPPORTED, code="os_not_supported",
@@ -832,8 +836,8 @@ async def _change(ctx: JobContext, kps: KpsService, plan: Plan, server: ServerRe
                                 fix="Bind with a managed key pair (--managed, or import its "
                                 "private key) to turn password login off, or bind without "
                                 "--disable-password.")
-    keys, keys_sudo = await _read(session, server, snap.login, absolute(
-        server.authorized_keys or DEFAULT_AUTHORIZED_KEYS, snap.home), privileged=False)
+    keys, keys_sudo = await _read(session, server, snap.login, snap.files[0].path,
+                                  privileged=False, read=snap.files[0])
     config = None
     if plan.password_change is not None:
         config, _ = await _read(session, server, snap.login,

@@ -33,9 +33,10 @@ from __future__ import annotations
 import asyncio
 import errno
 import hashlib
+import logging
 import secrets
 import shlex
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from types import TracebackType
@@ -179,8 +180,21 @@ class _Client(asyncssh.SSHClient):
         return self._tofu
 
 
+def quiet_asyncssh_log() -> None:
+    """asyncssh logs every connection, auth step and channel at INFO: some 17 lines a
+    server, each formatted, redacted and written by the worker: some 30 % of its CPU
+    in a 50-server bind. The adapter's errors and the jobs' per-server results say
+    what happened; asyncssh's own lines are kept when the engine logs at debug."""
+    debug = logging.getLogger().isEnabledFor(logging.DEBUG)
+    wanted = logging.NOTSET if debug else logging.WARNING
+    log = logging.getLogger("asyncssh")
+    if log.level != wanted:  # setLevel clears every logger's cache: only on a change
+        log.setLevel(wanted)
+
+
 def _options(target: Target, credential: Credential, timeouts: Timeouts,
              password_only: bool = False) -> dict[str, Any]:
+    quiet_asyncssh_log()  # here: the engine's log level is set by then, whatever imports ssh
     pinned = [asyncssh.import_public_key(target.host_key)] if target.host_key else []
     options: dict[str, Any] = {
         "port": target.port, "username": target.user,
@@ -302,17 +316,6 @@ def content_hash(content: bytes | None) -> str:
 
 
 @dataclass(frozen=True)
-class Snapshot:
-    """What the first read round trip brings back."""
-
-    os_release: str
-    home: str
-    systemd: bool
-    connection: str  # $SSH_CONNECTION: "client_ip client_port server_ip server_port"
-    login: str  # the user the session runs as (id -un)
-
-
-@dataclass(frozen=True)
 class RemoteFile:
     """One file as read: its real path (symlinks resolved), content or None when it
     does not exist, and whether the reader could read it and replace it."""
@@ -324,6 +327,18 @@ class RemoteFile:
     writable: bool  # its directory (or the nearest existing ancestor) is writable
 
 
+@dataclass(frozen=True)
+class Snapshot:
+    """What the first read round trip brings back."""
+
+    os_release: str
+    home: str
+    systemd: bool
+    connection: str  # $SSH_CONNECTION: "client_ip client_port server_ip server_port"
+    login: str  # the user the session runs as (id -un)
+    files: tuple[RemoteFile, ...] = ()  # read in the same round trip (``snapshot(read=)``)
+
+
 def absolute(path: str, home: str) -> str:
     """``path`` with ``~/`` and relative paths under the login user's home."""
     if path.startswith("~/"):
@@ -333,11 +348,12 @@ def absolute(path: str, home: str) -> str:
     return path
 
 
-def _read_script(paths: list[str], mark: str) -> str:
+def _read_script(words: list[str], mark: str) -> str:
+    """Read the files named by the shell ``words`` (quoted paths, or ``shell_path``)."""
     parts = []
-    for path in paths:
+    for word in words:
         parts.append(
-            f"f={shlex.quote(path)}; r=$(readlink -f -- \"$f\" 2>/dev/null) || r=$f; "
+            f"f={word}; r=$(readlink -f -- \"$f\" 2>/dev/null) || r=$f; "
             '[ -n "$r" ] || r=$f; a=$(dirname -- "$r"); '
             'while [ ! -d "$a" ]; do a=$(dirname -- "$a"); done; w=0; [ -w "$a" ] && w=1; '
             'if [ ! -e "$r" ]; then printf \'%s 0 %s\\n\' "$w" "$r"; '
@@ -409,22 +425,33 @@ class Session:
                 fix="Allow the login user passwordless sudo (NOPASSWD) on the server.")
         return status, out, err
 
-    async def snapshot(self) -> Snapshot:
-        """``/etc/os-release``, ``$HOME``, systemd or not, ``$SSH_CONNECTION``, login."""
-        mark = secrets.token_hex(12)
+    async def snapshot(self, read: Sequence[str] = ()) -> Snapshot:
+        """``/etc/os-release``, ``$HOME``, systemd or not, ``$SSH_CONNECTION``, login;
+        and the files ``read`` (as the login user; ``~/`` and relative paths under its
+        home), as :meth:`read_files` reads them, in the same round trip: every command
+        run on the server is a channel and a shell there, the cost a fan-out pays most."""
+        mark, files_mark = secrets.token_hex(12), secrets.token_hex(12)
         sep = f"printf '\\n%s\\n' {mark}"
         parts = ["cat /etc/os-release 2>/dev/null", sep, "printf %s \"$HOME\"", sep,
                  "[ -d /run/systemd/system ] && printf yes", sep,
                  "printf %s \"$SSH_CONNECTION\"", sep, "id -un", sep]
-        status, out, err = await self.run("; ".join(parts))
-        chunks = out.split(f"\n{mark}\n".encode())
-        if status not in (0, 1) or len(chunks) != 6:
+        script = "; ".join(parts)
+        if read:
+            script += "\n" + _read_script([shell_path(p) for p in read], files_mark)
+        status, out, err = await self.run(script)
+        # The state's five sections first: a file's bytes never split them.
+        chunks = out.split(f"\n{mark}\n".encode(), 5)
+        ok = len(chunks) == 6 and (status == 0 if read else status in (0, 1))
+        text = [c.decode(errors="replace") for c in chunks] if ok else []
+        files = (_parse_files([absolute(p, text[1]) for p in read], chunks[5], files_mark)
+                 if ok and read else [])
+        if not ok or files is None:
             raise ServerStatusError(STATUS_ERROR, target=self.target.name,
-                                    cause=f"reading the server's state failed (exit {status}): "
-                                    f"{err.decode(errors='replace')[:200]}")
-        text = [c.decode(errors="replace") for c in chunks]
+                                    cause=f"reading the server's state"
+                                    f"{' and ' + ', '.join(read) if read else ''} failed "
+                                    f"(exit {status}): {err.decode(errors='replace')[:200]}")
         return Snapshot(text[0], text[1], text[2] == "yes", text[3].strip(),
-                        text[4].strip() or self.target.user)
+                        text[4].strip() or self.target.user, tuple(files))
 
     async def read_files(self, paths: list[str], *, privileged: bool = False
                          ) -> list[RemoteFile]:
@@ -432,7 +459,8 @@ class Session:
         if not paths:
             return []
         mark = secrets.token_hex(12)
-        status, out, err = await self.run(_read_script(paths, mark), privileged=privileged)
+        status, out, err = await self.run(_read_script([shlex.quote(p) for p in paths], mark),
+                                          privileged=privileged)
         files = _parse_files(paths, out, mark) if status == 0 else None
         if files is None:
             raise ServerStatusError(STATUS_ERROR, target=self.target.name,

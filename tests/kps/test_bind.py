@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import sqlite3
 import subprocess
@@ -41,7 +42,6 @@ def test_bind_login_idempotent_unbind_and_password_switch(
     a.authorized_keys.write_text("# keep me\r\nssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0"
                                  "SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl other\n\nno-newline-junk")
     original = a.authorized_keys.read_bytes()
-    import os
     os.chown(a.authorized_keys, a.user.uid, a.user.gid)
     a.authorized_keys.chmod(0o600)
     key = tmp_path / "k1"
@@ -233,3 +233,63 @@ def test_secrets_never_in_clear(
     for where, blob in blobs.items():
         for secret in secrets_:
             assert secret.encode() not in blob, f"a secret is in clear in {where}"
+
+
+async def test_snapshot_reads_files_in_the_same_session(sshds: list[Sshd]) -> None:
+    """``snapshot(read=)`` brings the files back as ``read_files`` does (symlinks
+    resolved, absent files, home-relative paths), in one command on the server: a
+    fan-out pays for every command sshd starts."""
+    from handlers.kps.ssh import Credential, Target, Timeouts, connect
+
+    s = sshds[6]
+    ssh_dir = s.user.home / ".ssh"
+    real = ssh_dir / f"real_{s.port}"
+    # Bytes that look like the script's framing must not split anything.
+    real.write_bytes(b"ssh-ed25519 AAAA one\n\n0 1 /fake\nno-final-newline")
+    link = ssh_dir / f"link_{s.port}"
+    link.unlink(missing_ok=True)
+    link.symlink_to(real)
+    for path in (real, link):
+        os.chown(path, s.user.uid, s.user.gid, follow_symlinks=False)
+    target = Target("t", "127.0.0.1", s.port, s.user.name,
+                    " ".join(s.host_key_pub.read_text().split()[:2]))
+    wanted = [f".ssh/link_{s.port}", f"~/.ssh/absent_{s.port}", str(real)]
+    session = await connect(target, Credential(password=s.user.password), Timeouts())
+    try:
+        started = s.log().count("Starting session:")
+        snap = await session.snapshot(read=wanted)
+        assert s.log().count("Starting session:") == started + 1
+        assert snap.home == str(s.user.home) and snap.login == s.user.name
+        assert [f.path for f in snap.files] == [str(link), str(ssh_dir / f"absent_{s.port}"),
+                                                str(real)]
+        assert list(snap.files) == await session.read_files([f.path for f in snap.files])
+        assert snap.files[0].real == str(real) and snap.files[0].content == real.read_bytes()
+        assert snap.files[1].content is None and snap.files[1].writable
+        plain = await session.snapshot()
+        assert plain.files == () and plain.home == snap.home
+    finally:
+        await session.close()
+        link.unlink()
+        real.unlink()
+
+
+def test_asyncssh_steps_logged_only_at_debug() -> None:
+    """asyncssh's per-connection INFO lines cost the worker some 30 % of its CPU in a
+    fan-out: kept only when the engine logs at debug."""
+    import logging
+
+    from handlers.kps.ssh import quiet_asyncssh_log
+
+    root, asyncssh_log = logging.getLogger(), logging.getLogger("asyncssh")
+    levels = root.level, asyncssh_log.level
+    try:
+        root.setLevel(logging.INFO)
+        quiet_asyncssh_log()
+        assert not asyncssh_log.isEnabledFor(logging.INFO)
+        assert asyncssh_log.isEnabledFor(logging.WARNING)
+        root.setLevel(logging.DEBUG)
+        quiet_asyncssh_log()
+        assert asyncssh_log.isEnabledFor(logging.INFO)
+    finally:
+        root.setLevel(levels[0])
+        asyncssh_log.setLevel(levels[1])
