@@ -8,6 +8,12 @@ signature travels with the job (arq keyword ``dew_sig``) and in the task row
 else: an unsigned or altered job is refused and recorded, never run. Only
 holders of the HSM PIN (the engine's own processes) can sign; a plain arq
 client signs with :func:`arq_signature` (``docs/engine.md``).
+
+Signatures made or checked together go to the token together
+(``engine.batching``): the hundred jobs a worker claims in one poll are checked as
+one wave, and resume together, so their task-store writes after it are one
+group-committed batch instead of a trickle of one-row writes. Every job is still
+checked on its own, and each caller gets its own answer or error.
 """
 
 from __future__ import annotations
@@ -19,8 +25,10 @@ import fcntl
 import hashlib
 import json
 import os
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, TypeVar
 
+from engine.batching import Batcher
 from engine.crypto import CryptoCore, KeySpec, SignAlgorithm
 from engine.resources import Resources, resource
 from engine.settings import Settings
@@ -28,6 +36,7 @@ from engine.settings import Settings
 SIGNING_KEY = "engine:job-signing"
 SIGNATURE_ARG = "dew_sig"
 _DOMAIN = b"dew-job-v1\0"
+T = TypeVar("T")
 
 
 def job_digest(name: str, task_id: str, args: Any) -> bytes:
@@ -46,6 +55,9 @@ class JobSigner:
         self.lock_dir = lock_dir
         self._ready = False
         self._lock = asyncio.Lock()
+        self._signs: Batcher[bytes, bytes | BaseException] = Batcher(self._sign_wave)
+        self._verifies: Batcher[tuple[bytes, bytes], bool | BaseException] = Batcher(
+            self._verify_wave)
 
     async def ready(self) -> None:
         """Open the token and make the key if needed (a worker does it at start-up, so
@@ -72,8 +84,7 @@ class JobSigner:
 
     async def sign(self, name: str, task_id: str, args: Any) -> str:
         await self.ready()
-        tag = await self.core.sign(SIGNING_KEY, job_digest(name, task_id, args),
-                                   SignAlgorithm.HMAC_SHA256)
+        tag = _own(await self._signs.submit(job_digest(name, task_id, args)))
         return base64.b64encode(tag).decode()
 
     async def verify(self, name: str, task_id: str, args: Any, signature: Any) -> bool:
@@ -84,8 +95,27 @@ class JobSigner:
         except (binascii.Error, ValueError):
             return False
         await self.ready()
-        return await self.core.verify(SIGNING_KEY, job_digest(name, task_id, args), tag,
-                                      SignAlgorithm.HMAC_SHA256)
+        return _own(await self._verifies.submit((job_digest(name, task_id, args), tag)))
+
+    async def _sign_wave(self, digests: Sequence[bytes]) -> list[bytes | BaseException]:
+        return await asyncio.gather(
+            *(self.core.sign(SIGNING_KEY, d, SignAlgorithm.HMAC_SHA256) for d in digests),
+            return_exceptions=True)
+
+    async def _verify_wave(
+        self, items: Sequence[tuple[bytes, bytes]],
+    ) -> list[bool | BaseException]:
+        return await asyncio.gather(
+            *(self.core.verify(SIGNING_KEY, d, tag, SignAlgorithm.HMAC_SHA256)
+              for d, tag in items),
+            return_exceptions=True)
+
+
+def _own(outcome: T | BaseException) -> T:
+    """One caller's answer out of a wave: its result, or its own error raised."""
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return outcome
 
 
 @resource("job_signer")

@@ -3,6 +3,14 @@
 This is the one place redis/arq exceptions become engine errors. Jobs are
 always serialized with ``engine.serialization`` (JSON), never pickle. The job
 id in Redis is the task id of the task store.
+
+Jobs are written and claimed in arq's own layout (job key, queue sorted set,
+in-progress key), but by Lua scripts that each do a whole batch in one round
+trip: arq's ``enqueue_job`` costs three round trips a job (WATCH, EXISTS,
+MULTI/EXEC) and its worker four to start one (WATCH, EXISTS, ZSCORE, MULTI/EXEC),
+one job after the other. A script runs atomically in Redis, so each job is still
+checked and written as one step: a push never overwrites a job (or a result)
+Redis has, and a claim never takes a job that is running or not yet due.
 """
 
 from __future__ import annotations
@@ -11,19 +19,30 @@ import os
 import re
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from arq.connections import ArqRedis, RedisSettings, create_pool
-from arq.constants import in_progress_key_prefix, job_key_prefix, result_key_prefix
+from arq.constants import (
+    abort_jobs_ss,
+    in_progress_key_prefix,
+    job_key_prefix,
+    result_key_prefix,
+    retry_key_prefix,
+)
+from arq.jobs import serialize_job
+from arq.utils import timestamp_ms, to_unix_ms
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
+from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from engine import serialization
+from engine.batching import Batcher
 from engine.errors import BackendUnavailable, ConfigError
 from engine.job_signing import SIGNATURE_ARG
 from engine.lifecycle import RedisView
@@ -92,6 +111,133 @@ async def mapped_redis_errors(url: str) -> AsyncIterator[None]:
         raise unavailable(exc, url) from None
 
 
+# KEYS: the queue, then each job's job key and result key; ARGV: each job's id,
+# score, expiry (ms) and payload. Returns 1 per job written, 0 per job Redis had.
+PUSH_SCRIPT = """
+local pushed = {}
+for i = 0, (#KEYS - 1) / 2 - 1 do
+  if redis.call('EXISTS', KEYS[2 + 2 * i], KEYS[3 + 2 * i]) == 0 then
+    redis.call('PSETEX', KEYS[2 + 2 * i], ARGV[3 + 4 * i], ARGV[4 + 4 * i])
+    redis.call('ZADD', KEYS[1], ARGV[2 + 4 * i], ARGV[1 + 4 * i])
+    pushed[i + 1] = 1
+  else
+    pushed[i + 1] = 0
+  end
+end
+return pushed
+"""
+
+# KEYS: the queue, then per job its in-progress, job and retry keys; ARGV: now (ms),
+# the in-progress timeout (ms), how many jobs to take at most, then the job ids.
+# arq's start check, job by job (not running, still queued, due: then its
+# in-progress key), and the start of arq's run_job (read the job, count the try).
+# Returns id, score, payload (nil: expired), try, for each job taken.
+CLAIM_SCRIPT = """
+local claimed = {}
+local taken = 0
+local limit = tonumber(ARGV[3])
+local now = tonumber(ARGV[1])
+for j = 0, (#KEYS - 1) / 3 - 1 do
+  if taken >= limit then break end
+  if redis.call('EXISTS', KEYS[2 + 3 * j]) == 0 then
+    local id = ARGV[4 + j]
+    local score = redis.call('ZSCORE', KEYS[1], id)
+    if score and tonumber(score) <= now then
+      redis.call('PSETEX', KEYS[2 + 3 * j], ARGV[2], '1')
+      local job = redis.call('GET', KEYS[3 + 3 * j])
+      local try = redis.call('INCR', KEYS[4 + 3 * j])
+      redis.call('EXPIRE', KEYS[4 + 3 * j], 88400)
+      claimed[4 * taken + 1] = id
+      claimed[4 * taken + 2] = score
+      claimed[4 * taken + 3] = job
+      claimed[4 * taken + 4] = try
+      taken = taken + 1
+    end
+  end
+end
+return claimed
+"""
+
+# KEYS: a finished job's in-progress, retry and job keys, arq's abort set and the
+# queue; ARGV: the job id. arq's finish_job for a job that ended with no result kept.
+FINISH_SCRIPT = """
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+redis.call('ZREM', KEYS[4], ARGV[1])
+redis.call('ZREM', KEYS[5], ARGV[1])
+return 1
+"""
+
+# One job as the push script takes it: its id, score, expiry (ms) and payload.
+PushItem = tuple[str, int, int, bytes]
+
+
+def push_item(
+    task_id: str, name: str, args: dict[str, Any], due_at: datetime | None,
+    signature: str | None, expires_extra_ms: int,
+) -> PushItem:
+    """A job as arq's ``enqueue_job`` would write it (same payload, score and expiry)."""
+    kwargs: dict[str, Any] = {SIGNATURE_ARG: signature} if signature is not None else {}
+    enqueued = timestamp_ms()
+    score = to_unix_ms(due_at) if due_at is not None else enqueued
+    payload = serialize_job(name, (args,), kwargs, None, enqueued,
+                            serializer=serialization.dumps)
+    return task_id, score, score - enqueued + expires_extra_ms, payload
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """A job taken by ``JobClaimer``: its score, its payload (None: it expired) and
+    which try this is (arq's retry counter, already counted)."""
+
+    job_id: str
+    score: int
+    payload: bytes | None
+    job_try: int
+
+
+class JobClaimer:
+    """arq's start of the jobs of one poll, in one round trip (the worker's)."""
+
+    def __init__(self, pool: ArqRedis, queue_name: str, in_progress_ms: int) -> None:
+        self._script: AsyncScript = pool.register_script(CLAIM_SCRIPT)
+        self._queue_name = queue_name
+        self._in_progress_ms = in_progress_ms
+
+    async def claim(self, job_ids: Sequence[str], limit: int) -> list[Claimed]:
+        """Take up to ``limit`` of ``job_ids`` (in order) that are queued, due and not
+        running: their in-progress keys are set, their payloads read and their tries
+        counted, as arq's worker does before running a job."""
+        if not job_ids or limit <= 0:
+            return []
+        keys = [self._queue_name]
+        for i in job_ids:
+            keys += (in_progress_key_prefix + i, job_key_prefix + i, retry_key_prefix + i)
+        reply = await self._script(
+            keys=keys, args=[timestamp_ms(), self._in_progress_ms, limit, *job_ids])
+        return [Claimed(_text(reply[i]), int(float(reply[i + 1])), reply[i + 2],
+                        int(reply[i + 3]))
+                for i in range(0, len(reply), 4)]
+
+
+class JobFinisher:
+    """arq's end of a finished job that keeps no result (the worker's), as one
+    command instead of a MULTI/EXEC of five."""
+
+    def __init__(self, pool: ArqRedis, queue_name: str) -> None:
+        self._script: AsyncScript = pool.register_script(FINISH_SCRIPT)
+        self._queue_name = queue_name
+
+    async def finish(self, job_id: str) -> None:
+        await self._script(
+            keys=[in_progress_key_prefix + job_id, retry_key_prefix + job_id,
+                  job_key_prefix + job_id, abort_jobs_ss, self._queue_name],
+            args=[job_id])
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
 class Queue:
     """arq's queue on one Redis, for the client and the sweeper."""
 
@@ -99,6 +245,9 @@ class Queue:
         self.pool = pool
         self.queue_name = queue_name
         self.url = url
+        self._push_script: AsyncScript = pool.register_script(PUSH_SCRIPT)
+        # Pushes that arrive together (a client enqueueing many jobs) share a round trip.
+        self._pushes: Batcher[PushItem, bool] = Batcher(self._push_batch)
 
     @classmethod
     async def connect(cls, settings: Settings) -> Queue:
@@ -118,14 +267,20 @@ class Queue:
         self, task_id: str, name: str, args: dict[str, Any], due_at: datetime | None = None,
         signature: str | None = None,
     ) -> bool:
-        """Put the job, with its signature, on the queue; False if Redis already has it."""
-        signed: dict[str, Any] = {SIGNATURE_ARG: signature} if signature is not None else {}
+        """Put the job, with its signature, on the queue; False if Redis already has it
+        (queued, running, or finished with its result kept)."""
+        return await self._pushes.submit(
+            push_item(task_id, name, args, due_at, signature, self.pool.expires_extra_ms))
+
+    async def _push_batch(self, items: Sequence[PushItem]) -> list[bool]:
+        keys = [self.queue_name]
+        args: list[str | int | bytes] = []
+        for task_id, score, expires_ms, payload in items:
+            keys += (job_key_prefix + task_id, result_key_prefix + task_id)
+            args += (task_id, score, expires_ms, payload)
         async with mapped_redis_errors(self.url):
-            job = await self.pool.enqueue_job(
-                name, args, _job_id=task_id, _queue_name=self.queue_name, _defer_until=due_at,
-                **signed,
-            )
-        return job is not None
+            reply = await self._push_script(keys=keys, args=args)
+        return [bool(r) for r in reply]
 
     async def views(self, task_ids: Sequence[str]) -> dict[str, RedisView]:
         """What Redis knows of each job, in one round trip."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import random
 import time
 from collections.abc import Callable
@@ -33,7 +34,7 @@ from engine.errors import (
 )
 from engine.job_signing import JobSigner
 from engine.lifecycle import decide_outcome
-from engine.logs import get_logger
+from engine.logs import enabled, get_logger
 from engine.models import Fence, utcnow
 from engine.redaction import REDACTED, contains_redacted, is_sealed, keep_sealed, redact
 from engine.registry import JobSpec
@@ -98,7 +99,8 @@ class TaskRunner:
 
         with structlog.contextvars.bound_contextvars(task_id=task_id, job=spec.name):
             started = time.perf_counter()
-            job_log.debug("job started", attempt=task.attempts)
+            if enabled("dew.job", logging.DEBUG):
+                job_log.debug("job started", attempt=task.attempts)
             ctx = JobContext(
                 task_id=task_id, name=spec.name, attempt=task.attempts, settings=self.settings,
                 store=self.store, log=job_log, clock=self.clock, resources=self.resources,
@@ -228,7 +230,8 @@ class TaskRunner:
                     task_id, REDACTED if spec.secret_result else redact(
                         result, spec.secret_fields), now, final_args, fence):
                 return self._taken_over(attempts)
-            job_log.info("job succeeded", attempt=attempts, ms=round(took * 1000, 1))
+            if enabled("dew.job", logging.INFO):
+                job_log.info("job succeeded", attempt=attempts, ms=round(took * 1000, 1))
             return RunOutcome("succeeded")
         assert error is not None
         if outcome.action == "retry":

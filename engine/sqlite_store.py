@@ -3,10 +3,11 @@
 The connection, its lock discipline and the sqlite3 error mapping come from
 ``engine.sqlite_db`` (shared with the domain stores in the same file). The hot
 writes (enqueue, running, succeeded) are group-committed (``engine.batching``):
-a thread hand-off to aiosqlite costs more than the statement, so each batch is
-one multi-row statement (with RETURNING where the caller needs the rows)
-instead of one call per task. Its schema is ``MIGRATIONS`` below, applied on
-open (``SqliteDb.migrate``); each service's store in the same file has its own.
+each batch is one multi-row statement (with RETURNING where the caller needs the
+rows) instead of one call per task, run on the event loop's thread when the write
+lock is free (``SqliteDb._hot_fetchall``: a thread hand-off to aiosqlite costs more
+than the statement). Its schema is ``MIGRATIONS`` below, applied on open
+(``SqliteDb.migrate``); each service's store in the same file has its own.
 """
 
 from __future__ import annotations
@@ -187,15 +188,14 @@ class SqliteTaskStore(SqliteDb):
 
     async def _create_batch(self, items: Sequence[Row]) -> list[tuple[TaskRecord, bool]]:
         ids = [str(item[0]) for item in items]
-        async with self._locked():
-            created = await self._fetch_by_id(
-                f"""INSERT INTO tasks (task_id, name, args, status, attempts, enqueued_at, due_at,
-                    signature, project)
-                VALUES {_rows("(?, ?, ?, 'queued', 0, ?, ?, ?, ?)", len(items))}
-                ON CONFLICT (task_id) DO NOTHING RETURNING {TASK_COLUMNS}""",
-                [p for item in items for p in item],
-            )
-            existing = await self._rows_by_id([i for i in ids if i not in created])
+        created = await self._hot_by_id(
+            f"""INSERT INTO tasks (task_id, name, args, status, attempts, enqueued_at, due_at,
+                signature, project)
+            VALUES {_rows("(?, ?, ?, 'queued', 0, ?, ?, ?, ?)", len(items))}
+            ON CONFLICT (task_id) DO NOTHING RETURNING {TASK_COLUMNS}""",
+            [p for item in items for p in item],
+        )
+        existing = await self._hot_rows_by_id([i for i in ids if i not in created])
         results, seen = [], set(existing)
         for task_id in ids:
             row = created.get(task_id) or existing[task_id]
@@ -300,28 +300,27 @@ class SqliteTaskStore(SqliteDb):
     async def _running_batch(self, items: Sequence[Row]) -> list[tuple[TaskRecord, bool]]:
         ids = [str(item[0]) for item in items]
         live_since = min(str(item[9]) for item in items)
-        async with self._locked():
-            # A claim: a running task is taken over only from a worker whose heartbeat
-            # stopped (the sweeper freed its job); never from a live one, this one
-            # included (a second delivery while its run goes on).
-            rows = await self._fetch_by_id(
-                f"""INSERT INTO tasks (task_id, name, args, status, attempts, enqueued_at, due_at,
-                                       started_at, worker_id, signature, project)
-                VALUES {_rows("(?, ?, ?, 'running', 1, ?, ?, ?, ?, ?, ?)", len(items))}
-                ON CONFLICT (task_id) DO UPDATE SET
-                    status = 'running', attempts = attempts + 1,
-                    started_at = excluded.started_at, worker_id = excluded.worker_id,
-                    signature = COALESCE(tasks.signature, excluded.signature)
-                WHERE status NOT IN {_FINAL} AND (
-                    status = 'queued' OR tasks.worker_id IS NULL
-                    OR tasks.worker_id NOT IN (
-                        SELECT worker_id FROM workers WHERE heartbeat_at >= ?))
-                RETURNING {TASK_COLUMNS}""",
-                [p for item in items for p in item[:9]] + [live_since],
-            )
-            claimed = set(rows)
-            # Tasks that ended, or that a live run holds, are returned as they are.
-            rows |= await self._rows_by_id([i for i in ids if i not in rows])
+        # A claim: a running task is taken over only from a worker whose heartbeat
+        # stopped (the sweeper freed its job); never from a live one, this one
+        # included (a second delivery while its run goes on).
+        rows = await self._hot_by_id(
+            f"""INSERT INTO tasks (task_id, name, args, status, attempts, enqueued_at, due_at,
+                                   started_at, worker_id, signature, project)
+            VALUES {_rows("(?, ?, ?, 'running', 1, ?, ?, ?, ?, ?, ?)", len(items))}
+            ON CONFLICT (task_id) DO UPDATE SET
+                status = 'running', attempts = attempts + 1,
+                started_at = excluded.started_at, worker_id = excluded.worker_id,
+                signature = COALESCE(tasks.signature, excluded.signature)
+            WHERE status NOT IN {_FINAL} AND (
+                status = 'queued' OR tasks.worker_id IS NULL
+                OR tasks.worker_id NOT IN (
+                    SELECT worker_id FROM workers WHERE heartbeat_at >= ?))
+            RETURNING {TASK_COLUMNS}""",
+            [p for item in items for p in item[:9]] + [live_since],
+        )
+        claimed = set(rows)
+        # Tasks that ended, or that a live run holds, are returned as they are.
+        rows |= await self._hot_rows_by_id([i for i in ids if i not in rows])
         return [(_task(rows[i]), i in claimed) for i in ids]
 
     async def mark_succeeded(
@@ -334,21 +333,19 @@ class SqliteTaskStore(SqliteDb):
              attempt))
 
     async def _succeeded_batch(self, items: Sequence[Row]) -> list[bool]:
-        async with self._locked():
-            cursor = await self._conn.execute(
-                f"""UPDATE tasks SET status = 'succeeded', finished_at = done.column1,
-                    result = done.column2, error = NULL,
-                    args = COALESCE(done.column3, tasks.args)
-                FROM (VALUES {_rows("(?, ?, ?, ?, ?, ?)", len(items))}) AS done
-                WHERE tasks.task_id = done.column4 AND tasks.status NOT IN {_FINAL}
-                    AND (done.column5 IS NULL OR (tasks.worker_id = done.column5
-                                                  AND tasks.attempts = CAST(done.column6
-                                                                            AS INTEGER)))
-                RETURNING tasks.task_id""",
-                [p for item in items for p in item],
-            )
-            done = {str(r[0]) for r in await cursor.fetchall()}
-            await cursor.close()
+        rows = await self._hot_fetchall(
+            f"""UPDATE tasks SET status = 'succeeded', finished_at = done.column1,
+                result = done.column2, error = NULL,
+                args = COALESCE(done.column3, tasks.args)
+            FROM (VALUES {_rows("(?, ?, ?, ?, ?, ?)", len(items))}) AS done
+            WHERE tasks.task_id = done.column4 AND tasks.status NOT IN {_FINAL}
+                AND (done.column5 IS NULL OR (tasks.worker_id = done.column5
+                                              AND tasks.attempts = CAST(done.column6
+                                                                        AS INTEGER)))
+            RETURNING tasks.task_id""",
+            [p for item in items for p in item],
+        )
+        done = {str(r[0]) for r in rows}
         return [str(item[3]) in done for item in items]
 
     async def mark_retrying(
@@ -586,6 +583,15 @@ class SqliteTaskStore(SqliteDb):
              f.retry_task_id),
         )
 
+
+    async def _hot_by_id(self, sql: str, params: Sequence[Any]) -> dict[str, sqlite3.Row]:
+        return {row["task_id"]: row for row in await self._hot_fetchall(sql, params)}
+
+    async def _hot_rows_by_id(self, ids: Sequence[str]) -> dict[str, sqlite3.Row]:
+        if not ids:
+            return {}
+        return await self._hot_by_id(
+            f"SELECT {TASK_COLUMNS} FROM tasks WHERE task_id IN ({_rows('?', len(ids))})", ids)
 
     async def _rows_by_id(self, ids: Sequence[str]) -> dict[str, sqlite3.Row]:
         if not ids:

@@ -5,7 +5,9 @@ job to ``engine.runner.TaskRunner``, which owns the task lifecycle. arq is
 configured so that our code, not arq, decides retries (``max_tries`` is set
 out of reach and our runner counts attempts in the task store), with JSON as
 the only serializer, and with a heartbeat in the task store so the sweeper can
-tell a dead worker's job from a slow one.
+tell a dead worker's job from a slow one. ``DewWorker`` starts the jobs of one
+poll with one Redis round trip (``engine.queue.JobClaimer``) instead of arq's four
+a job, one job after the other.
 """
 
 from __future__ import annotations
@@ -19,17 +21,20 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from arq.cron import cron
-from arq.worker import Retry, Worker, func
+from arq.constants import keep_cronjob_progress, retry_key_prefix
+from arq.cron import CronJob, cron
+from arq.jobs import SerializationError, deserialize_job_raw, serialize_result
+from arq.utils import args_to_string, ms_to_datetime, timestamp_ms, truncate
+from arq.worker import Function, JobExecutionFailed, Retry, RetryJob, Worker, func
 
 from engine import serialization
 from engine.cron import ScheduleEntry, cron_table
-from engine.errors import DewError
+from engine.errors import ConfigError, DewError
 from engine.job_signing import SIGNATURE_ARG, JobSigner
 from engine.logs import get_logger
 from engine.models import WorkerRecord, utcnow
 from engine.private import private_umask
-from engine.queue import Queue, redis_settings
+from engine.queue import Claimed, JobClaimer, JobFinisher, Queue, redis_settings
 from engine.registry import JobSpec, Registry, default_registry
 from engine.resources import Resources
 from engine.runner import TaskRunner
@@ -37,6 +42,8 @@ from engine.settings import Settings
 from engine.store import TaskStore, open_store
 
 log = get_logger("dew.worker")
+arq_log = logging.getLogger("arq.worker")
+_NO_RESULT = object()
 ARQ_MAX_TRIES = 1_000_000
 HEARTBEAT_BUSY_TIMEOUT_MS = 1000  # out of reach: TaskRunner decides retries from the task store
 
@@ -64,6 +71,196 @@ class WorkerState:
 
 def new_worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+class DewWorker(Worker):
+    """arq's worker, with the jobs of each poll claimed and read in one round trip.
+
+    arq checks, claims and reads job after job (four round trips to start one, then
+    one more to read it, while the jobs it already runs wait for the loop);
+    ``JobClaimer`` does the same (not running, still queued, due; then the
+    in-progress key, the payload, the try count) for every id of the poll at once,
+    atomically in Redis. ``run_job`` is then arq 0.28's own from the read job on
+    (``_run_claimed``), and a finished job's keys go in one script call
+    (``JobFinisher``). Aborting jobs (``allow_abort_jobs``) is not supported.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.allow_abort_jobs:
+            raise ConfigError("the dew worker does not support arq's allow_abort_jobs")
+        self._claimer: JobClaimer | None = None
+        self._finisher: JobFinisher | None = None
+        self._claimed: dict[str, Claimed] = {}
+
+    async def start_jobs(self, job_ids: list[bytes]) -> None:
+        if self._claimer is None:
+            self._claimer = JobClaimer(self.pool, self.queue_name,
+                                       int(self.in_progress_timeout_s * 1000))
+            self._finisher = JobFinisher(self.pool, self.queue_name)
+        # Only this poll loop starts jobs; finished ones free slots meanwhile, never
+        # take them, so every claimed job gets one.
+        free = self.max_jobs - self.job_counter
+        for job in await self._claimer.claim([j.decode() for j in job_ids], free):
+            await self.sem.acquire()
+            self.job_counter += 1
+            self._claimed[job.job_id] = job
+            task = self.loop.create_task(self.run_job(job.job_id, job.score))
+            task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
+            self.tasks[job.job_id] = task
+
+    async def run_job(self, job_id: str, score: int) -> None:
+        job = self._claimed.pop(job_id, None)
+        if job is None:  # not started by start_jobs: arq reads it itself
+            await super().run_job(job_id, score)
+            return
+        await _run_claimed(self, job)
+
+    async def finish_job(
+        self, job_id: str, finish: bool, result_data: bytes | None,
+        result_timeout_s: float | None, keep_result_forever: bool, incr_score: int | None,
+        keep_in_progress: float | None,
+    ) -> None:
+        # The common end (done, no result kept: keep_result=0) in one command; every
+        # other (a retry, a cron job's kept lock, a result to keep) as arq does it.
+        if (finish and result_data is None and keep_in_progress is None
+                and self._finisher is not None):
+            await self._finisher.finish(job_id)
+            return
+        await super().finish_job(job_id, finish, result_data, result_timeout_s,
+                                 keep_result_forever, incr_score, keep_in_progress)
+
+
+async def _run_claimed(w: DewWorker, job: Claimed) -> None:
+    """arq 0.28.0's ``Worker.run_job`` after its first round trip (the claim made it):
+    the same steps, checks, logs and outcomes, with no abort check. Keep in step
+    with arq when its pin moves (tests/engine/test_queue_batching.py runs it)."""
+    job_id, score, v, job_try = job.job_id, job.score, job.payload, job.job_try
+    start_ms = timestamp_ms()
+    function_name, enqueue_time_ms = "<unknown>", 0
+    args: tuple[Any, ...] = ()
+    kwargs: dict[Any, Any] = {}
+
+    async def job_failed(exc: BaseException) -> None:
+        w.jobs_failed += 1
+        result_data_ = serialize_result(
+            function=function_name, args=args, kwargs=kwargs, job_try=job_try,
+            enqueue_time_ms=enqueue_time_ms, success=False, result=exc, start_ms=start_ms,
+            finished_ms=timestamp_ms(), ref=f"{job_id}:{function_name}",
+            serializer=w.job_serializer, queue_name=w.queue_name, job_id=job_id,
+        )
+        await asyncio.shield(w.finish_failed_job(job_id, result_data_))
+
+    if not v:
+        arq_log.warning("job %s expired", job_id)
+        return await job_failed(JobExecutionFailed("job expired"))
+    try:
+        function_name, args, kwargs, enqueue_job_try, enqueue_time_ms = deserialize_job_raw(
+            v, deserializer=w.job_deserializer)
+    except SerializationError as e:
+        arq_log.exception("deserializing job %s failed", job_id)
+        return await job_failed(e)
+    try:
+        function: Function | CronJob = w.functions[function_name]
+    except KeyError:
+        arq_log.warning("job %s, function %r not found", job_id, function_name)
+        return await job_failed(JobExecutionFailed(f"function {function_name!r} not found"))
+
+    if hasattr(function, "next_run"):  # a cron job
+        ref = function_name
+        keep_in_progress: float | None = keep_cronjob_progress
+    else:
+        ref = f"{job_id}:{function_name}"
+        keep_in_progress = None
+    if enqueue_job_try and enqueue_job_try > job_try:
+        job_try = enqueue_job_try
+        await w.pool.setex(retry_key_prefix + job_id, 88400, str(job_try))
+    max_tries = w.max_tries if function.max_tries is None else function.max_tries
+    if job_try > max_tries:
+        arq_log.warning("%6.2fs ! %s max retries %d exceeded",
+                        (timestamp_ms() - enqueue_time_ms) / 1000, ref, max_tries)
+        w.jobs_failed += 1
+        result_data = serialize_result(
+            function_name, args, kwargs, job_try, enqueue_time_ms, False,
+            JobExecutionFailed(f"max {max_tries} retries exceeded"), start_ms, timestamp_ms(),
+            ref, w.queue_name, job_id=job_id, serializer=w.job_serializer,
+        )
+        return await asyncio.shield(w.finish_failed_job(job_id, result_data))
+
+    result: Any = _NO_RESULT
+    exc_extra: Any = None
+    finish = False
+    timeout_s = w.job_timeout_s if function.timeout_s is None else function.timeout_s
+    incr_score: int | None = None
+    ctx = {**w.ctx, "job_id": job_id, "job_try": job_try,
+           "enqueue_time": ms_to_datetime(enqueue_time_ms), "score": score}
+    if w.on_job_start:
+        await w.on_job_start(ctx)
+    start_ms = timestamp_ms()
+    success = False
+    # arq's per-job info lines cost a repr of the arguments each: only when shown.
+    chatty = arq_log.isEnabledFor(logging.INFO)
+    try:
+        if chatty:
+            extra = f" try={job_try}" if job_try > 1 else ""
+            if (start_ms - score) > 1200:
+                extra += f" delayed={(start_ms - score) / 1000:0.2f}s"
+            arq_log.info("%6.2fs → %s(%s)%s", (start_ms - enqueue_time_ms) / 1000, ref,
+                         args_to_string(args, kwargs), extra)
+        w.job_tasks[job_id] = task = w.loop.create_task(function.coroutine(ctx, *args, **kwargs))
+        try:
+            result = await asyncio.wait_for(task, timeout_s)
+        except (Exception, asyncio.CancelledError) as e:
+            exc_extra = getattr(e, "extra", None)
+            if callable(exc_extra):
+                exc_extra = exc_extra()
+            raise
+        finally:
+            del w.job_tasks[job_id]
+    except (Exception, asyncio.CancelledError) as e:  # noqa: BLE001 - as arq: the job's end
+        finished_ms = timestamp_ms()
+        t = (finished_ms - start_ms) / 1000
+        if w.retry_jobs and isinstance(e, Retry):
+            incr_score = e.defer_score
+            arq_log.info("%6.2fs ↻ %s retrying job in %0.2fs", t, ref,
+                         (e.defer_score or 0) / 1000)
+            if e.defer_score:
+                incr_score = e.defer_score + (timestamp_ms() - score)
+            w.jobs_retried += 1
+        elif w.retry_jobs and isinstance(e, asyncio.CancelledError | RetryJob):
+            arq_log.info("%6.2fs ↻ %s cancelled, will be run again", t, ref)
+            w.jobs_retried += 1
+        else:
+            arq_log.exception("%6.2fs ! %s failed, %s: %s", t, ref, e.__class__.__name__, e,
+                              extra={"extra": exc_extra})
+            result = e
+            finish = True
+            w.jobs_failed += 1
+    else:
+        success = True
+        finished_ms = timestamp_ms()
+        if chatty:
+            arq_log.info("%6.2fs ← %s ● %s", (finished_ms - start_ms) / 1000, ref,
+                         "" if result is None or not w.log_results else truncate(repr(result)))
+        finish = True
+        w.jobs_complete += 1
+
+    keep_result_forever = (w.keep_result_forever if function.keep_result_forever is None
+                           else function.keep_result_forever)
+    result_timeout_s = w.keep_result_s if function.keep_result_s is None else function.keep_result_s
+    result_data = None
+    if result is not _NO_RESULT and (keep_result_forever or result_timeout_s > 0):
+        result_data = serialize_result(
+            function_name, args, kwargs, job_try, enqueue_time_ms, success, result, start_ms,
+            finished_ms, ref, w.queue_name, job_id=job_id, serializer=w.job_serializer,
+        )
+    if w.on_job_end:
+        await w.on_job_end(ctx)
+    await asyncio.shield(w.finish_job(job_id, finish, result_data, result_timeout_s,
+                                      keep_result_forever, incr_score, keep_in_progress))
+    if w.after_job_end:
+        await w.after_job_end(ctx)
+    return None
 
 
 def arq_function(spec: JobSpec) -> Any:
@@ -104,7 +301,7 @@ def arq_cron(entry: ScheduleEntry, settings: Settings) -> Any:
 def build_worker(
     settings: Settings, registry: Registry | None = None, burst: bool = False,
     handle_signals: bool = True,
-) -> Worker:
+) -> DewWorker:
     registry = registry or default_registry(settings)
     worker_id = new_worker_id()
 
@@ -133,7 +330,7 @@ def build_worker(
 
     # arq logs each job's arguments in its own lines; ours carry redacted ones.
     logging.getLogger("arq.worker").setLevel(logging.WARNING)
-    return Worker(
+    return DewWorker(
         functions=[arq_function(spec) for spec in registry],
         cron_jobs=[arq_cron(entry, settings) for entry in cron_table(settings)],
         redis_settings=redis_settings(settings),

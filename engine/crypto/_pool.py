@@ -2,18 +2,37 @@
 
 python-pkcs11 blocks (it releases the GIL inside the module), so every token
 call runs on one of ``size`` threads, never on the event loop. Each thread
-opens its own session on first use and keeps a cache of key objects found in
-it (finding an object by label is a search over the whole token; caching makes
-a seal one token call plus one RNG call). A generation counter, bumped when a
-key is generated or destroyed, empties every thread's cache; a handle that
-went stale anyway (another process destroyed the key) is looked up once more.
+opens its own session on first use and keeps a cache of the keys found in it
+(finding an object by label is a search over the whole token). A secret key is
+used through a session copy (``_pkcs11.session_copy``): SoftHSM re-reads a token
+object's file before every use, about half the cost of an AES-GCM call, and not
+a session object's. The cache is dropped, copies destroyed, in every thread when
+this process generates, imports or destroys a key (a generation counter checked
+before each call); a key destroyed by another process is noticed within
+``HsmConfig.key_recheck_seconds`` (1 s: each thread checks that the token object
+still exists before using a copy older than that), and a handle that went stale
+anyway is looked up once more.
 
 Calls are handed over in batches rather than through a ThreadPoolExecutor:
 the calls made during one turn of the event loop go to the threads together
-(split evenly), each thread runs its share back to back and wakes the event
-loop once for it. A SoftHSM AES-GCM call takes about 50 µs, and a
-``run_in_executor`` round trip costs about as much again in thread wake-ups
-and GIL hand-offs; batching pays that once per batch (bench/kms_ops.py).
+(split evenly), each thread runs its share back to back and hands the results
+back together. A SoftHSM AES-GCM call takes about 40 µs, and a thread hand-off
+costs about as much again (wake-ups, GIL hand-offs; a queue round trip between
+two threads costs ~13 µs of CPU on the development VM), so hand-offs are what
+this module saves, two ways beyond the batches themselves:
+
+- A thread that finds no other thread idle takes every batch queued behind its
+  own. Callers fall out of step (one waits for the registry, one writes the
+  audit batch) and each would then cost a hand-off per call; taken together,
+  they fall back into step.
+- Results go back through one outbox per event loop, which wakes the loop only
+  if no wake-up is on the way already: batches finished while the loop is busy
+  cost no wake-up of their own.
+
+Results are not handed back one by one, although that would let the loop work
+on the first while the thread is in the token with the next: measured, that
+cost 40-50 µs more CPU per call than it saved, since the thread must retake the
+GIL after each token call and the loop holds it (bench/kms_ops.py).
 
 When the module could not be initialised with OS locking, the pool has one
 thread, so one session serves every call in turn.
@@ -25,7 +44,9 @@ import asyncio
 import contextlib
 import queue
 import threading
-from collections.abc import Callable
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -36,46 +57,103 @@ T = TypeVar("T")
 
 
 @dataclass
+class _Key:
+    """A key a pool thread found: the token object, what its calls use (a session
+    copy of a secret key, else the token object) and when it last checked that
+    the token object still exists."""
+
+    token: Any
+    use: Any
+    checked: float
+
+
+@dataclass
 class Worker:
     """One pool thread's session and its key-object cache."""
 
     session: Any
     generation: int
-    keys: dict[tuple[str, str], Any] = field(default_factory=dict)
+    recheck: float = 1.0
+    keys: dict[tuple[str, str], _Key] = field(default_factory=dict)
 
     def key(self, label: str, kind: str) -> Any:
         cached = self.keys.get((label, kind))
-        if cached is None:
-            cached = _pkcs11.find_key(self.session, label, kind)
-            self.keys[(label, kind)] = cached
-        return cached
+        now = time.monotonic()
+        if cached is not None:
+            # A token object in use is checked by the module itself, at every use.
+            if cached.use is cached.token or now - cached.checked < self.recheck:
+                return cached.use
+            if _pkcs11.still_there(cached.token, label):
+                cached.checked = now
+                return cached.use
+            self.forget((label, kind))  # destroyed by another process
+        token = _pkcs11.find_key(self.session, label, kind)
+        # recheck 0: no copy; the module checks the token object on every use.
+        copy = kind == "secret" and self.recheck > 0
+        use = _pkcs11.session_copy(token) if copy else token
+        self.keys[(label, kind)] = _Key(token, use, now)
+        return use
+
+    def forget(self, which: tuple[str, str] | None = None) -> None:
+        """Drop one cached key (or all), destroying their session copies."""
+        for name in [which] if which is not None else list(self.keys):
+            cached = self.keys.pop(name, None)
+            if cached is not None and cached.use is not cached.token:
+                _pkcs11.destroy_copy(cached.use)
 
 
-@dataclass
-class _Call:
-    fn: Callable[[Worker], Any]
-    future: asyncio.Future[Any]
-    loop: asyncio.AbstractEventLoop
+class _Outbox:
+    """One event loop's finished calls, handed back from the pool threads.
+
+    ``put_all`` runs on a pool thread, ``deliver`` on the loop. ``signalled`` is
+    cleared *before* the loop drains, so a result appended while it drains is
+    either drained now or wakes the loop once more: none is left behind, and a
+    burst of results costs one wake-up (a write to the loop's self-pipe).
+    """
+
+    __slots__ = ("done", "loop", "signalled")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.done: deque[_Result] = deque()
+        self.signalled = False
+
+    def put_all(self, results: Iterable[_Result]) -> None:
+        self.done.extend(results)
+        if not self.signalled:
+            self.signalled = True
+            with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits
+                self.loop.call_soon_threadsafe(self.deliver)
+
+    def deliver(self) -> None:
+        self.signalled = False
+        done = self.done
+        while done:
+            future, result, error = done.popleft()
+            if future.cancelled():
+                continue
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(result)
 
 
-def _deliver(done: list[tuple[_Call, Any, BaseException | None]]) -> None:
-    """On the event loop: resolve the futures of a finished batch."""
-    for call, result, error in done:
-        if call.future.cancelled():
-            continue
-        if error is not None:
-            call.future.set_exception(error)
-        else:
-            call.future.set_result(result)
+# A queued call: the work, its future and where its result goes.
+_Call = tuple[Callable[[Worker], Any], asyncio.Future[Any], _Outbox]
+_Result = tuple[asyncio.Future[Any], Any, BaseException | None]
 
 
 class SessionPool:
-    def __init__(self, token: Any, size: int, *, per_thread_sessions: bool) -> None:
+    def __init__(self, token: Any, size: int, *, per_thread_sessions: bool,
+                 key_recheck: float = 1.0) -> None:
         self.per_thread_sessions = per_thread_sessions
+        self.key_recheck = key_recheck
         self.size = size if per_thread_sessions else 1
         self._token = token
         self._calls: queue.SimpleQueue[list[_Call] | None] = queue.SimpleQueue()
+        self._outboxes: dict[asyncio.AbstractEventLoop, _Outbox] = {}
         self._waiting: dict[asyncio.AbstractEventLoop, list[_Call]] = {}
+        self._idle = 0  # threads waiting for work (changed under the lock, read as a hint)
         self._local = threading.local()
         self._lock = threading.Lock()
         self._workers: list[Worker] = []
@@ -94,18 +172,21 @@ class SessionPool:
 
     async def run(self, fn: Callable[[Worker], T]) -> T:
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[T] = loop.create_future()
         if self._closed:
             raise BackendUnavailable("the crypto core is closed", code="hsm_closed",
                                      fix="Connect the crypto core before using it.")
+        future: asyncio.Future[T] = loop.create_future()
+        outbox = self._outboxes.get(loop)
+        if outbox is None:
+            outbox = self._outboxes.setdefault(loop, _Outbox(loop))
         # Calls made during one turn of the event loop travel together: when a
         # batch of results wakes many coroutines, their next calls go over as one.
         waiting = self._waiting.get(loop)
         if waiting is None:
-            self._waiting[loop] = [_Call(fn, future, loop)]
+            self._waiting[loop] = [(fn, future, outbox)]
             loop.call_soon(self._hand_over, loop)
         else:
-            waiting.append(_Call(fn, future, loop))
+            waiting.append((fn, future, outbox))
         return await future
 
     def _hand_over(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -119,21 +200,50 @@ class SessionPool:
                     self._calls.put(calls[i : i + share])
                 return
         closed = BackendUnavailable("the crypto core is closed", code="hsm_closed")
-        _deliver([(call, None, closed) for call in calls])
+        for _, future, _ in calls:
+            if not future.done():
+                future.set_exception(closed)
 
     def _serve(self) -> None:
         while True:
+            with self._lock:
+                self._idle += 1
             batch = self._calls.get()
+            with self._lock:
+                self._idle -= 1
             if batch is None:
                 return
-            done: list[tuple[_Call, Any, BaseException | None]] = []
-            for call in batch:
+            if not self._idle:
+                batch = self._take_queued(batch)
+            done: dict[_Outbox, list[_Result]] = {}
+            for fn, future, outbox in batch:
+                item: _Result
                 try:
-                    done.append((call, self._call(call.fn), None))
+                    item = (future, self._call(fn), None)
                 except Exception as exc:  # noqa: BLE001 - re-raised in the awaiting coroutine
-                    done.append((call, None, exc))
-            with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits
-                batch[0].loop.call_soon_threadsafe(_deliver, done)
+                    item = (future, None, exc)
+                results = done.get(outbox)
+                if results is None:
+                    done[outbox] = [item]
+                else:
+                    results.append(item)
+            for outbox, results in done.items():
+                outbox.put_all(results)
+
+    def _take_queued(self, batch: list[_Call]) -> list[_Call]:
+        """``batch`` and every batch queued behind it (no other thread is idle to take
+        them): calls whose callers fell out of step (one waited for the registry, say)
+        go with the others instead of costing a hand-over each, so the callers fall
+        back into step."""
+        while True:
+            try:
+                more = self._calls.get_nowait()
+            except queue.Empty:
+                return batch
+            if more is None:
+                self._calls.put(None)  # a stop mark: leave it for the next get()
+                return batch
+            batch = batch + more
 
     def invalidate(self) -> None:
         with self._lock:
@@ -144,7 +254,7 @@ class SessionPool:
         try:
             return fn(worker)
         except _pkcs11.StaleHandle:
-            worker.keys.clear()
+            worker.forget()
             return fn(worker)
         except _pkcs11.SessionLost:
             self._drop(worker)
@@ -155,12 +265,12 @@ class SessionPool:
         if worker is None:
             session = _pkcs11.open_session(self._token)
             with self._lock:
-                worker = Worker(session, self._generation)
+                worker = Worker(session, self._generation, self.key_recheck)
                 self._workers.append(worker)
                 self.sessions_opened += 1
             self._local.worker = worker
         if worker.generation != self._generation:
-            worker.keys.clear()
+            worker.forget()
             worker.generation = self._generation
         return worker
 

@@ -41,10 +41,17 @@ class HsmConfig:
     softhsm_conf: Path | None = None
     token_dir: Path | None = None
     pool_size: int = 2
+    # How long a pool thread uses its in-memory copy of a secret key before it checks
+    # that the token object still exists (another process may have destroyed it).
+    # 0: no copies; the token object is used, and checked by the module, every time.
+    key_recheck_seconds: float = 1.0
 
     def __post_init__(self) -> None:
         if not 1 <= self.pool_size <= 64:
             raise ConfigError(f"hsm pool_size must be 1..64, got {self.pool_size}")
+        if not 0 <= self.key_recheck_seconds <= 60:
+            raise ConfigError("hsm key_recheck_seconds must be 0..60, got "
+                              f"{self.key_recheck_seconds}")
         if not self.token_label or len(self.token_label.encode()) > 32:
             raise ConfigError("hsm token_label must be 1..32 bytes (a PKCS#11 token label)")
 

@@ -111,7 +111,8 @@ class CryptoCore:
             module, token = await asyncio.to_thread(self._login)
             self._module, self._token = module, token
             self._pool = SessionPool(
-                token, self.config.pool_size, per_thread_sessions=module.os_locking
+                token, self.config.pool_size, per_thread_sessions=module.os_locking,
+                key_recheck=self.config.key_recheck_seconds,
             )
 
     def _login(self) -> tuple[_pkcs11.Module, Any]:
@@ -262,9 +263,9 @@ class CryptoCore:
         aad = check_bytes("aad", aad, MAX_AAD_BYTES)
 
         def work(w: Worker) -> DataKey:
-            key = w.key(key_label, "secret")
-            dek = _pkcs11.random_bytes(w.session, length_bytes)
-            return DataKey(dek, pack_sealed(_pkcs11.gcm_seal(w.session, key, key_label, dek, aad)))
+            dek, sealed = _pkcs11.new_data_key(w.session, w.key(key_label, "secret"), key_label,
+                                               length_bytes, aad)
+            return DataKey(dek, pack_sealed(sealed))
 
         return await self._require().run(work)
 

@@ -132,9 +132,12 @@ class DataKey(NamedTuple):
         return f"DataKey(plaintext=<{len(self.plaintext)} bytes hidden>, wrapped={self.wrapped!r})"
 
 
+_VERSION_BYTE = bytes([BLOB_VERSION])
+
+
 def pack_sealed(sealed: Sealed) -> bytes:
     check_iv(sealed.iv)
-    return bytes([BLOB_VERSION]) + sealed.iv + sealed.ciphertext
+    return b"".join((_VERSION_BYTE, sealed.iv, sealed.ciphertext))
 
 
 def unpack_sealed(blob: bytes) -> Sealed:
@@ -151,8 +154,8 @@ def unpack_sealed(blob: bytes) -> Sealed:
             "integrity check failed: the wrapped blob is truncated",
             cause=f"{len(blob)} bytes, less than version + IV + tag",
         )
-    body = bytes(blob[1:])
-    return Sealed(body[:GCM_IV_BYTES], body[GCM_IV_BYTES:])
+    # Two slices, no copy of the whole blob first (bytes() of a bytes slice is itself).
+    return Sealed(bytes(blob[1 : 1 + GCM_IV_BYTES]), bytes(blob[1 + GCM_IV_BYTES :]))
 
 
 def check_iv(iv: bytes) -> None:

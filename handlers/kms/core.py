@@ -8,13 +8,13 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from types import TracebackType
 from typing import Any, TypeVar
 
-from engine.crypto import CryptoCore, KeyNotFound, KeySpec, KeyUsageError
+from engine.crypto import CryptoCore, KeyNotFound, KeySpec, KeyUsageError, unpack_sealed
 from engine.crypto.model import KeyFamily
 from engine.errors import ConfigError, Conflict, DewError, InvalidInput
 from engine.logs import get_logger
@@ -33,6 +33,7 @@ from handlers.kms.format import (
     KeyState,
     KeyUsage,
     Purpose,
+    canonical_context,
     check_account,
     check_key_ref,
     check_pending_days,
@@ -54,6 +55,7 @@ CryptoProvider = Callable[[], Awaitable[CryptoCore]]
 DEFAULT_CACHE_TTL = 1.0
 DEFAULT_AUDIT_FLUSH_INTERVAL = 0.2
 AUDIT_BATCH = 500
+AUDIT_BACKLOG = 4 * AUDIT_BATCH
 CACHE_MAX = 10_000
 # Operations that *use* a key: each success adds one to the key's count for the day
 # (kms_usage), written with the batch of audit entries that records it.
@@ -71,6 +73,51 @@ class AuditOp:
     detail: dict[str, Any] = field(default_factory=dict)
     outcome: str = "success"
     recorded: bool = False  # written already, inside the operation's own transaction
+
+
+class Audited:
+    """The context of one audited operation (``KmsCore.audit``).
+
+    A plain class rather than ``@asynccontextmanager``: this runs around every
+    data-plane call, and the generator machinery (async generator, its hooks,
+    ``anext``/``athrow``) cost several times what the two methods below do.
+    """
+
+    __slots__ = ("_account", "_actor", "_core", "_op", "_operation")
+
+    def __init__(self, core: KmsCore, operation: str, account: str, actor: str | None,
+                 key_ref: str | None) -> None:
+        self._core = core
+        self._operation = operation
+        self._account = account
+        self._actor = actor
+        self._op = AuditOp(key_id=_short(key_ref))
+
+    async def __aenter__(self) -> AuditOp:
+        return self._op
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        # Returns None, never True: an error always goes on to the caller.
+        op, core = self._op, self._core
+        if exc is None:
+            if not op.recorded:
+                await core.record(core._event(self._operation, self._account, self._actor, op,
+                                              op.outcome))
+            return
+        if isinstance(exc, DewError):
+            op.detail = {**op.detail, "code": exc.code}
+            if exc.target is not None and is_key_id(exc.target):
+                op.key_id = exc.target  # refused after the key was found: name it by id
+            await core.record(core._event(self._operation, self._account, self._actor, op,
+                                          "failure"))
+
+
+def _aad(prefix: bytes, ctx: dict[str, str]) -> bytes:
+    """The GCM additional data: the header's first 64 bytes, then the context."""
+    return prefix + canonical_context(ctx) if ctx else prefix
 
 
 def token_label(key_id: str, version: int) -> str:
@@ -167,6 +214,7 @@ class KmsCore:
         self.cache: dict[tuple[str, str], tuple[float, KeyRecord]] = {}
         self._pending: list[AuditEvent] = []
         self._usage: dict[tuple[str, str, str], int] = {}  # (account, key id, day) -> uses
+        self._day_text: tuple[int, str] = (0, "")
         self._flush_lock = asyncio.Lock()
         self._flusher: asyncio.TimerHandle | None = None
         self._flush_tasks: set[asyncio.Task[None]] = set()
@@ -204,21 +252,12 @@ class KmsCore:
 
     # ------------------------------------------------------------------ internals
 
-    @asynccontextmanager
-    async def audit(
+    def audit(
         self, operation: str, account: str, actor: str | None, key_ref: str | None
-    ) -> AsyncIterator[AuditOp]:
-        op = AuditOp(key_id=_short(key_ref))
-        try:
-            yield op
-        except DewError as exc:
-            op.detail = {**op.detail, "code": exc.code}
-            if exc.target is not None and is_key_id(exc.target):
-                op.key_id = exc.target  # refused after the key was found: name it by id
-            await self.record(self._event(operation, account, actor, op, "failure"))
-            raise
-        if not op.recorded:
-            await self.record(self._event(operation, account, actor, op, op.outcome))
+    ) -> Audited:
+        """``async with core.audit(...) as op``: the operation's audit entry, recorded when
+        the block ends (a failure with its error code)."""
+        return Audited(self, operation, account, actor, key_ref)
 
     def _event(
         self, operation: str, account: str, actor: str | None, op: AuditOp, outcome: str
@@ -228,15 +267,31 @@ class KmsCore:
 
     async def record(self, event: AuditEvent) -> None:
         self._pending.append(event)
-        if (event.operation in USE_OPERATIONS and event.outcome == "success"
-                and event.key_id is not None):
-            slot = (event.account, event.key_id, event.time.astimezone(UTC).date().isoformat())
-            self._usage[slot] = self._usage.get(slot, 0) + 1
-        if self.audit_flush_interval <= 0 or self._closed or len(self._pending) >= AUDIT_BATCH:
+        if (event.outcome == "success" and event.key_id is not None
+                and event.operation in USE_OPERATIONS):
+            slot = (event.account, event.key_id, self._day(event.time))
+            usage = self._usage
+            usage[slot] = usage.get(slot, 0) + 1
+        pending = len(self._pending)
+        if (self.audit_flush_interval <= 0 or self._closed or pending >= AUDIT_BACKLOG
+                or (pending >= AUDIT_BATCH and not self._flush_lock.locked())):
+            # A full batch is written by the call that filled it. While a batch is being
+            # written the other calls go on (they used to queue behind it, every one of
+            # them, leaving the token idle) up to AUDIT_BACKLOG entries; past that they
+            # wait, so a stalled disk cannot make the buffer grow without bound.
             await self.flush_audit()
         elif self._flusher is None:
             loop = asyncio.get_running_loop()
             self._flusher = loop.call_later(self.audit_flush_interval, self._flush_later)
+
+    def _day(self, when: datetime) -> str:
+        """The UTC day of ``when`` as ISO text; the same day's text is reused, not rebuilt."""
+        utc = when.astimezone(UTC)
+        ordinal = utc.toordinal()
+        cached = self._day_text
+        if cached[0] != ordinal:
+            cached = self._day_text = (ordinal, utc.date().isoformat())
+        return cached[1]
 
     def _flush_later(self) -> None:
         self._flusher = None
@@ -499,10 +554,25 @@ class KmsCore:
     ) -> bytes:
         header = CipherHeader(key.key_id, key.current_version, len(data), purpose,
                               context_digest(ctx))
-        core = await self.crypto()
+        prefix = header.aad_prefix()
+        core = self._crypto or await self.crypto()
         sealed = await self.in_token(key, core.seal(
-            token_label(key.key_id, key.current_version), pad(data), header.aad(ctx)))
-        return pack_ciphertext(header, sealed.iv, sealed.ciphertext)
+            token_label(key.key_id, key.current_version), pad(data), _aad(prefix, ctx)))
+        return pack_ciphertext(header, sealed.iv, sealed.ciphertext, prefix=prefix)
+
+    async def new_datakey(
+        self, key: KeyRecord, length: int, ctx: dict[str, str]
+    ) -> tuple[bytes, bytes]:
+        """A fresh data key of ``length`` bytes from the token RNG and its ciphertext under
+        ``key``'s current version: one token hop (random bytes and seal together)."""
+        header = CipherHeader(key.key_id, key.current_version, length, Purpose.DATA_KEY,
+                              context_digest(ctx))
+        prefix = header.aad_prefix()
+        core = self._crypto or await self.crypto()
+        dek = await self.in_token(key, core.generate_data_key(
+            token_label(key.key_id, key.current_version), length, _aad(prefix, ctx)))
+        iv, body = unpack_sealed(dek.wrapped)
+        return dek.plaintext, pack_ciphertext(header, iv, body, prefix=prefix)
 
     async def decrypt(
         self, key: KeyRecord, header: CipherHeader, iv: bytes, body: bytes, ctx: dict[str, str]
@@ -520,7 +590,7 @@ class KmsCore:
                 code="encryption_context_mismatch",
                 fix="Pass exactly the encryption context given when the data was encrypted.",
             )
-        core = await self.crypto()
+        core = self._crypto or await self.crypto()
         padded = await self.in_token(key, core.open(
             token_label(key.key_id, header.key_version), iv, body, header.aad(ctx)))
         return unpad(header, padded)

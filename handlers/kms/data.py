@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from engine.crypto import unpack_sealed
 from engine.errors import InvalidInput
 from engine.logs import get_logger
-from handlers.kms.core import KmsCore, key_name, token_label
+from handlers.kms.core import KmsCore, key_name
 from handlers.kms.format import (
     DEFAULT_ACCOUNT,
     MAX_DATA_BYTES,
-    CipherHeader,
     Purpose,
     check_account,
     check_context,
@@ -17,9 +15,7 @@ from handlers.kms.format import (
     check_plaintext,
     check_random_bytes,
     ciphertext_size,
-    context_digest,
     decode_base64,
-    pack_ciphertext,
     unpack_ciphertext,
 )
 from handlers.kms.results import (
@@ -68,15 +64,8 @@ class DataPlane:
             ctx = check_context(context)
             record = await self.core.usable(key, account)
             op.key_id, op.detail = record.key_id, {"length_bits": bits}
-            header = CipherHeader(record.key_id, record.current_version, bits // 8,
-                                  Purpose.DATA_KEY, context_digest(ctx))
-            core = await self.core.crypto()
-            label = token_label(record.key_id, record.current_version)
-            dek = await self.core.in_token(record, core.generate_data_key(
-                label, bits // 8, header.aad(ctx)))
-            iv, body = unpack_sealed(dek.wrapped)
-            blob = pack_ciphertext(header, iv, body)
-            return DataKeyResult(record.key_id, dek.plaintext if keep_plaintext else None, blob)
+            plain, blob = await self.core.new_datakey(record, bits // 8, ctx)
+            return DataKeyResult(record.key_id, plain if keep_plaintext else None, blob)
 
     async def encrypt_datakey(
         self, key: str, plain_text: bytes, *, account: str = DEFAULT_ACCOUNT,

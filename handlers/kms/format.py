@@ -36,9 +36,9 @@ import json
 import re
 import struct
 from collections.abc import Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import IntEnum, StrEnum
+from typing import NamedTuple
 
 from engine.crypto import IntegrityCheckFailed, KeySpec
 from engine.errors import InvalidInput
@@ -480,16 +480,23 @@ def canonical_context(context: Mapping[str, str]) -> bytes:
 
 
 def context_digest(context: Mapping[str, str]) -> bytes:
+    if not context:
+        return _EMPTY_CONTEXT_DIGEST
     return hashlib.sha256(canonical_context(context)).digest()[:CONTEXT_DIGEST_BYTES]
+
+
+_EMPTY_CONTEXT_DIGEST = hashlib.sha256(b"").digest()[:CONTEXT_DIGEST_BYTES]
 
 
 def pad(plaintext: bytes) -> bytes:
     return plaintext + bytes(padded_length(len(plaintext)) - len(plaintext))
 
 
-@dataclass(frozen=True)
-class CipherHeader:
-    """The authenticated fields of a ciphertext (everything but IV and body)."""
+class CipherHeader(NamedTuple):
+    """The authenticated fields of a ciphertext (everything but IV and body).
+
+    A NamedTuple, not a frozen dataclass: one is built for every data-plane call,
+    and a frozen dataclass's ``__init__`` cost more than packing the bytes."""
 
     key_id: str
     key_version: int
@@ -503,24 +510,29 @@ class CipherHeader:
         key_id = self.key_id.encode("ascii")
         if len(key_id) != KEY_ID_BYTES or len(self.context) != CONTEXT_DIGEST_BYTES:
             raise ValueError("key id must be a 36-character UUID and the digest 12 bytes")
-        return (
-            _FIXED.pack(MAGIC, FORMAT_VERSION, self.algorithm, self.purpose, 0,
-                        self.key_version, self.length)
-            + key_id + self.context
-        )
+        return b"".join((_FIXED.pack(MAGIC, FORMAT_VERSION, self.algorithm, self.purpose, 0,
+                                     self.key_version, self.length), key_id, self.context))
 
     def aad(self, context: Mapping[str, str]) -> bytes:
-        return self.aad_prefix() + canonical_context(context)
+        prefix = self.aad_prefix()
+        return prefix + canonical_context(context) if context else prefix
 
 
-def pack_ciphertext(header: CipherHeader, iv: bytes, body: bytes) -> bytes:
-    """header || IV || header digest || body (ciphertext of the padded plaintext, then tag)."""
+def pack_ciphertext(header: CipherHeader, iv: bytes, body: bytes, *,
+                    prefix: bytes | None = None) -> bytes:
+    """header || IV || header digest || body (ciphertext of the padded plaintext, then tag).
+
+    ``prefix``: ``header.aad_prefix()`` when the caller has it already (it made the
+    AAD from it). The result is built in one allocation."""
     if len(iv) != IV_BYTES:
         raise ValueError("the IV must be 12 bytes")
     if len(body) != padded_length(header.length) + TAG_BYTES:
         raise ValueError("the body does not match the plaintext length")
-    head = header.aad_prefix() + iv
-    return head + hashlib.sha256(head).digest() + body
+    if prefix is None:
+        prefix = header.aad_prefix()
+    digest = hashlib.sha256(prefix)
+    digest.update(iv)
+    return b"".join((prefix, iv, digest.digest(), body))
 
 
 def _broken(cause: str) -> IntegrityCheckFailed:
@@ -529,6 +541,10 @@ def _broken(cause: str) -> IntegrityCheckFailed:
         cause=cause,
         fix="Pass the ciphertext exactly as encrypt-data (or create-datakey) returned it.",
     )
+
+
+_ALGORITHMS = {a.value: a for a in Algorithm}
+_PURPOSES = {p.value: p for p in Purpose}
 
 
 def unpack_ciphertext(blob: bytes, purpose: Purpose) -> tuple[CipherHeader, bytes, bytes]:
@@ -551,7 +567,8 @@ def unpack_ciphertext(blob: bytes, purpose: Purpose) -> tuple[CipherHeader, byte
     if version != FORMAT_VERSION or flags != 0:
         raise InvalidInput(f"unsupported ciphertext format version {version}",
                            code="invalid_ciphertext")
-    if algorithm not in Algorithm.__members__.values():
+    algo = _ALGORITHMS.get(algorithm)
+    if algo is None:
         raise InvalidInput(f"unsupported ciphertext algorithm {algorithm}",
                            code="invalid_ciphertext")
     if kind != purpose:
@@ -570,8 +587,7 @@ def unpack_ciphertext(blob: bytes, purpose: Purpose) -> tuple[CipherHeader, byte
         raise _broken("the key id is not text") from None
     if not is_key_id(key_id):
         raise _broken("the key id is not a UUID")
-    header = CipherHeader(key_id, key_version, length, Purpose(kind), blob[52:64],
-                          Algorithm(algorithm))
+    header = CipherHeader(key_id, key_version, length, _PURPOSES[kind], blob[52:64], algo)
     return header, blob[64:76], blob[HEADER_BYTES:]
 
 

@@ -32,10 +32,10 @@ import asyncio
 import hashlib
 import json
 import sqlite3
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -271,14 +271,58 @@ def import_token_hash(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
+# What json.dumps(..., ensure_ascii=False) does to a string, in C. The chain body
+# below is assembled from it by hand: a JSONEncoder builds its C encoder (and
+# json.dumps with options a whole JSONEncoder) per call, most of what appending one
+# entry cost. tests/kms/test_kms_fast_path.py checks the bytes are json.dumps's.
+_json_str: Callable[[str], str] = json.encoder.encode_basestring
+_detail_json = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                                default=str).encode
+_detail_memo: dict[tuple[tuple[str, Any], ...], str] = {}
+DETAIL_MEMO_MAX = 1024
+_MEMO_SCALARS = frozenset({str, int, type(None)})
+
+
+def entry_body(
+    prev_hash: str, seq: int, time: str, account: str, actor: str, operation: str,
+    key_id: str | None, outcome: str, detail: str,
+) -> str:
+    """``json.dumps([prev_hash, seq, ...], separators=(",", ":"), ensure_ascii=False)``."""
+    q = _json_str
+    kid = "null" if key_id is None else q(key_id)
+    return (f"[{q(prev_hash)},{int.__repr__(seq)},{q(time)},{q(account)},{q(actor)},"
+            f"{q(operation)},{kid},{q(outcome)},{q(detail)}]")
+
+
 def entry_hash(
     prev_hash: str, seq: int, time: str, account: str, actor: str, operation: str,
     key_id: str | None, outcome: str, detail: str,
 ) -> str:
     """The chain's hash of one entry: SHA-256 of a JSON array of its stored fields."""
-    body = json.dumps([prev_hash, seq, time, account, actor, operation, key_id, outcome, detail],
-                      separators=(",", ":"), ensure_ascii=False)
+    body = entry_body(prev_hash, seq, time, account, actor, operation, key_id, outcome, detail)
     return hashlib.sha256(body.encode("utf-8")).hexdigest()
+
+
+def detail_text(detail: Mapping[str, Any]) -> str:
+    """An entry's stored detail: sorted, compact JSON. Uses of a key repeat the same few
+    details (``{"length_bits": 256}``), so their text is made once and reused."""
+    items = tuple(detail.items())
+    for key, value in items:
+        # Only text and whole-number values: 1 == True == 1.0 would share a memo slot.
+        if key.__class__ is not str or value.__class__ not in _MEMO_SCALARS:
+            return _detail_json(detail)
+    text = _detail_memo.get(items)
+    if text is None:
+        text = _detail_json(detail)
+        if len(_detail_memo) >= DETAIL_MEMO_MAX:
+            _detail_memo.clear()
+        _detail_memo[items] = text
+    return text
+
+
+def audit_time(when: datetime) -> str:
+    """An entry's stored time: :func:`engine.models.iso`, without its None case."""
+    return when.astimezone(UTC).isoformat(timespec="microseconds")
 
 
 class KmsStore(Protocol):
@@ -1434,10 +1478,8 @@ class SqliteKmsStore(SqliteDb):
         rows = []
         for event in events:
             seq += 1
-            time = iso(event.time)
-            assert time is not None
-            detail = json.dumps(event.detail, sort_keys=True, separators=(",", ":"),
-                                ensure_ascii=False, default=str)
+            time = audit_time(event.time)
+            detail = detail_text(event.detail)
             digest = entry_hash(prev, seq, time, event.account, event.actor, event.operation,
                                 event.key_id, event.outcome, detail)
             rows.append((seq, time, event.account, event.actor, event.operation, event.key_id,

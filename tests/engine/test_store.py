@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from engine import sqlite_db
 from engine.context import failure_record
-from engine.errors import ConfigError, PermanentError
-from engine.models import WorkerRecord, utcnow
+from engine.errors import ConfigError, DewError, PermanentError
+from engine.models import Fence, WorkerRecord, utcnow
 from engine.sqlite_store import MIGRATIONS, SqliteTaskStore
 
 
@@ -114,6 +115,46 @@ async def test_running_counts_attempts_and_creates_rows_for_plain_arq_jobs(
     t, claimed = await store.mark_running("plain", "engine.echo", {"value": 1}, "w3", now, now)
     assert (t.status, t.attempts, t.result) == ("succeeded", 2, {"ok": True})  # final: untouched
     assert not claimed
+
+
+async def test_finish_writes_of_one_batch_each_get_their_own_outcome(
+    store: SqliteTaskStore,
+) -> None:
+    now = utcnow()
+    for task_id in ("ok1", "done", "taken", "ok2"):
+        await store.mark_running(task_id, "engine.echo", {}, "w", now, now)
+    await store.mark_succeeded("done", "first", now)
+    await store.mark_running("taken", "engine.echo", {}, "w2", now, now)  # w is silent
+    fence = Fence("w", 1)
+    # Submitted together: one group-committed statement, and each its own outcome.
+    outcomes = await asyncio.gather(*(
+        store.mark_succeeded(task_id, task_id, now, fence=fence)
+        for task_id in ("ok1", "done", "taken", "ok2")))
+    assert outcomes == [True, False, False, True]
+    rows = {t.task_id: (t.status, t.result, t.worker_id)
+            for t in await store.list_tasks(limit=10)}
+    assert rows == {"ok1": ("succeeded", "ok1", "w"), "ok2": ("succeeded", "ok2", "w"),
+                    "done": ("succeeded", "first", "w"), "taken": ("running", None, "w2")}
+
+
+async def test_a_batch_that_fails_writes_none_of_its_members_and_tells_each(
+    store: SqliteTaskStore, tmp_path: Path,
+) -> None:
+    now = utcnow()
+    for task_id in ("a", "bad", "b"):
+        await store.mark_running(task_id, "engine.echo", {}, "w", now, now)
+    with sqlite3.connect(tmp_path / "state" / "dew.sqlite3") as db:
+        db.execute("CREATE TRIGGER refuse BEFORE UPDATE ON tasks WHEN NEW.task_id = 'bad' "
+                   "AND NEW.status = 'succeeded' BEGIN SELECT RAISE(ABORT, 'refused'); END")
+    results = await asyncio.gather(*(store.mark_succeeded(t, t, now) for t in ("a", "bad", "b")),
+                                   return_exceptions=True)
+    assert all(isinstance(r, DewError) for r in results)
+    # Nobody was told "recorded": every run is still running, to be finished again.
+    assert {t.status for t in await store.list_tasks(limit=10)} == {"running"}
+    with sqlite3.connect(tmp_path / "state" / "dew.sqlite3") as db:
+        db.execute("DROP TRIGGER refuse")
+    assert await asyncio.gather(*(store.mark_succeeded(t, t, now) for t in ("a", "bad", "b"))) \
+        == [True, True, True]
 
 
 async def test_retry_then_fail_writes_one_failure_record(store: SqliteTaskStore) -> None:
@@ -219,3 +260,36 @@ def test_concurrent_writer_processes(tmp_path: Path) -> None:
     with sqlite3.connect(path) as db:
         rows = db.execute("SELECT status, COUNT(*) FROM tasks GROUP BY status").fetchall()
     assert rows == [("succeeded", 600)]
+
+
+async def test_a_hot_write_waits_for_another_writer_off_the_loop(
+    store: SqliteTaskStore, tmp_path: Path,
+) -> None:
+    """The hot writes run on the loop's thread only when the write lock is free:
+    held by another process, the write waits in the thread (the loop goes on) and
+    is written once the lock is free."""
+    now = utcnow()
+    await store.mark_running("t", "engine.echo", {}, "w", now, now)
+    other = sqlite3.connect(tmp_path / "state" / "dew.sqlite3", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another writer holds the lock
+    pending = asyncio.ensure_future(store.mark_succeeded("t", "done", now))
+    await asyncio.sleep(0.3)  # the loop is not blocked meanwhile
+    assert not pending.done()
+    other.execute("COMMIT")
+    other.close()
+    assert await pending is True
+    task = await store.get_task("t")
+    assert task is not None and (task.status, task.result) == ("succeeded", "done")
+
+
+async def test_hot_writes_keep_the_wal_checkpointed(
+    store: SqliteTaskStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The loop's connection never checkpoints (fsyncs); the store does it in the
+    thread every so many of its writes, so the WAL does not grow without end."""
+    monkeypatch.setattr(sqlite_db, "CHECKPOINT_EVERY", 20)
+    now = utcnow()
+    for i in range(400):
+        await store.mark_running(f"t{i}", "engine.echo", {"pad": "x" * 2000}, "w", now, now)
+    wal = tmp_path / "state" / "dew.sqlite3-wal"
+    assert wal.stat().st_size < 1_000_000  # ~4 MB of frames without checkpoints

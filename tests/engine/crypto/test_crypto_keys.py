@@ -6,6 +6,7 @@ The token's refusals are proven with other people's tools: OpenSC's
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
@@ -205,28 +206,35 @@ async def test_public_key_of_a_secret_key_is_a_usage_error(
         await crypto_core.public_key_spki_der(aes_key)
 
 
+@pytest.mark.parametrize("recheck", [0.0, 0.2])
 async def test_key_destroyed_behind_the_cores_back(
-    crypto_core: CryptoCore, hsm_config: HsmConfig, key_label: Callable[[str], str]
+    hsm_config: HsmConfig, key_label: Callable[[str], str], recheck: float
 ) -> None:
     # Another process (here: a python-pkcs11 session) destroys and re-creates a
-    # key the pool has cached: the stale handle is looked up again, never used.
+    # key the pool has cached. With key_recheck_seconds 0 the pool uses the token
+    # object and the module notices at once; otherwise the pool's session copy is
+    # dropped within that bound. Either way the stale one is then never used.
     label = key_label("stale")
-    await crypto_core.generate_key(KeySpec.AES_256, label, b"s1")
-    first = await crypto_core.seal(label, b"one")
-    session = _python_pkcs11_session(hsm_config)
-    try:
-        for obj in session.get_objects({pkcs11.Attribute.LABEL: label}):
-            obj.destroy()
-        with pytest.raises(KeyNotFound):
-            await crypto_core.seal(label, b"two")
-        session.generate_key(pkcs11.KeyType.AES, 256, label=label, store=True)
-    finally:
-        session.close()
-    sealed = await crypto_core.seal(label, b"three")
-    assert await crypto_core.open(label, *sealed) == b"three"
-    with pytest.raises(IntegrityCheckFailed):
-        await crypto_core.open(label, *first)  # the old key's data: a different key now
-    await crypto_core.destroy_key(label)
+    async with CryptoCore(replace(hsm_config, key_recheck_seconds=recheck)) as core:
+        await core.generate_key(KeySpec.AES_256, label, b"s1")
+        first = await asyncio.gather(*(core.seal(label, b"one") for _ in range(8)))
+        session = _python_pkcs11_session(hsm_config)
+        try:
+            for obj in session.get_objects({pkcs11.Attribute.LABEL: label}):
+                obj.destroy()
+            await asyncio.sleep(recheck * 1.25)
+            for _ in range(4):  # each pool thread
+                with pytest.raises(KeyNotFound):
+                    await core.seal(label, b"two")
+            session.generate_key(pkcs11.KeyType.AES, 256, label=label, store=True)
+        finally:
+            session.close()
+        sealed = await core.seal(label, b"three")
+        assert await core.open(label, *sealed) == b"three"
+        for item in first:
+            with pytest.raises(IntegrityCheckFailed):
+                await core.open(label, *item)  # the old key's data: a different key now
+        await core.destroy_key(label)
 
 
 async def test_slot_and_pool_size_are_configuration(hsm_config: HsmConfig) -> None:

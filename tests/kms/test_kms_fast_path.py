@@ -1,0 +1,220 @@
+"""The data plane's fast path keeps every guarantee it had.
+
+What changed for speed (``handlers/kms/core.py``, ``store.py``, ``format.py``):
+the audit context is a plain class, the use entries' chain text is assembled
+by hand and their details memoised, the UTC day of a use is reused, the
+ciphertext is built in one allocation from the AAD prefix already made, and a
+data key and its IV come from one RNG call in one token hop. Each is checked
+here against what it replaced or against the guarantee it must keep: every use
+audited and counted, key state checked on every call, a disable or a rotation
+by another process seen within the metadata cache's bound (``cache_ttl``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import sqlite3
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from engine.crypto import CryptoCore
+from engine.errors import InvalidInput
+from handlers.kms import core as kms_core_module
+from handlers.kms.errors import KeyStateError
+from handlers.kms.format import (
+    CipherHeader,
+    Purpose,
+    context_digest,
+    pack_ciphertext,
+    unpack_ciphertext,
+)
+from handlers.kms.service import KmsService
+from handlers.kms.store import SqliteKmsStore, detail_text, entry_body, entry_hash
+from tests.helpers import FakeClock
+from tests.kms.conftest import _destroy_leftovers
+
+KEY_ID = "0b9f3c2e-1d4a-4e5b-8c6d-7e8f9a0b1c2d"
+AWKWARD = ["", "plain", 'quo"te', "back\\slash", "tab\there\nnewline\r", "\x00\x1f\x7f",
+           "é ü ß 雪", "\u2028\u2029", "\ud800 lone surrogate", "emoji \U0001f600", "</script>"]
+
+
+def _dumps(value: Any, **options: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, **options)
+
+
+def test_the_chain_body_is_json_dumps_byte_for_byte() -> None:
+    for i, text in enumerate(AWKWARD):
+        fields: list[Any] = ["f" * 64, 10**12 + i, "2026-01-01T00:00:00.000000+00:00", text,
+                             text[::-1], f"op{text}", None if i % 2 else text, "success",
+                             _dumps({"k": text})]
+        assert entry_body(*fields) == _dumps(fields)
+    # So every hash of a chain written before stays what verify recomputes.
+    fields = ["0" * 64, 1, "2026-01-01T00:00:00.000000+00:00", "default", "local",
+              "create_key", KEY_ID, "success", "{}"]
+    assert entry_hash(*fields) == hashlib.sha256(_dumps(fields).encode()).hexdigest()
+
+
+def test_memoised_details_are_json_dumps_and_keep_equal_values_of_other_types_apart() -> None:
+    details: list[dict[str, Any]] = [
+        {}, {"length_bits": 256}, {"b": 1, "a": "x"}, {"a": "x", "b": 1}, {"x": 1},
+        {"x": True}, {"x": 1.0}, {"x": None}, {"x": [1, 2]}, {"x": {"y": "é"}},
+        {"t": AWKWARD[4]},
+    ]
+    for _ in range(2):  # the second round is served from the memo
+        for detail in details:
+            assert detail_text(detail) == _dumps(detail, sort_keys=True, default=str)
+    assert len({detail_text(d) for d in ({"x": 1}, {"x": True}, {"x": 1.0})}) == 3
+
+
+def test_the_ciphertext_built_from_its_prefix_is_the_formats() -> None:
+    for ctx in ({}, {"purpose": "backup", "é": "x"}):
+        header = CipherHeader(KEY_ID, 7, 32, Purpose.DATA_KEY, context_digest(ctx))
+        iv, body = bytes(range(12)), bytes(range(48))
+        blob = pack_ciphertext(header, iv, body, prefix=header.aad_prefix())
+        assert blob == pack_ciphertext(header, iv, body)
+        parsed, parsed_iv, parsed_body = unpack_ciphertext(blob, Purpose.DATA_KEY)
+        assert (parsed, parsed_iv, parsed_body) == (header, iv, body)
+        assert blob[:64] == header.aad_prefix()
+        assert header.aad(ctx) == header.aad_prefix() + (
+            _dumps(ctx, sort_keys=True).encode() if ctx else b"")
+
+
+@pytest.fixture
+async def buffered(
+    kms_store: SqliteKmsStore, core: CryptoCore, clock: FakeClock
+) -> AsyncIterator[KmsService]:
+    """Use entries buffered as in production (flushed by the test), metadata cached."""
+    service = KmsService(kms_store, core, clock=clock, actor="test",
+                         audit_flush_interval=3600, cache_ttl=3600)
+    yield service
+    await service.close()
+    await _destroy_leftovers(kms_store, core)
+
+
+async def test_concurrent_uses_are_each_audited_and_counted(
+    buffered: KmsService, kms_store: SqliteKmsStore, clock: FakeClock
+) -> None:
+    kms = buffered
+    key = await kms.create_key("fast/aes")
+    sample = await kms.create_datakey(key.key_id, encryption_context={"n": "0"})
+
+    async def one(i: int) -> bytes | None:
+        if i % 2:
+            return (await kms.create_datakey(key.key_id, (128, 256, 512)[i % 3])).plain_text
+        ctx = {"n": "0" if i % 4 else "wrong"}  # every fourth one is refused
+        try:
+            got = await kms.decrypt_datakey(key.key_id, sample.cipher_text,
+                                            encryption_context=ctx)
+        except InvalidInput:
+            return None
+        return got.plain_text
+
+    first = await asyncio.gather(*(one(i) for i in range(120)))
+    clock.advance(days=1)  # the next uses fall on the next UTC day
+    second = await asyncio.gather(*(one(i) for i in range(40)))
+    for i, got in enumerate(first + second):
+        if i % 2:
+            assert got is not None and len(got) == (16, 32, 64)[i % 3]
+        else:
+            assert got == (None if i % 4 == 0 else sample.plain_text)
+    await kms.flush_audit()
+
+    entries = await kms_store.list_audit(key_id=key.key_id, limit=1000)
+    outcomes: dict[tuple[str, str], int] = {}
+    for entry in entries:
+        slot = (entry.operation, entry.outcome)
+        outcomes[slot] = outcomes.get(slot, 0) + 1
+    assert outcomes == {("create_key", "success"): 1, ("create_datakey", "success"): 81,
+                        ("decrypt_datakey", "success"): 40, ("decrypt_datakey", "failure"): 40}
+    refused = [e for e in entries if e.outcome == "failure"]
+    assert all('"code":"encryption_context_mismatch"' in e.detail for e in refused)
+    days = {(u.day, u.count) for u in await kms_store.usage(key_id=key.key_id)}
+    yesterday = (clock.now - timedelta(days=1)).date().isoformat()
+    assert days == {(yesterday, 1 + 60 + 30), (clock.now.date().isoformat(), 20 + 10)}
+    assert (await kms.audit_verify()).intact
+
+
+async def test_a_disabled_key_refuses_the_very_next_call_though_cached(
+    buffered: KmsService,
+) -> None:
+    key = await buffered.create_key("fast/disable")
+    for _ in range(3):  # its metadata is cached now, for an hour
+        await buffered.create_datakey(key.key_id)
+    await buffered.disable_key(key.key_id)
+    with pytest.raises(KeyStateError, match="is disabled"):
+        await buffered.create_datakey(key.key_id)
+
+
+@pytest.fixture
+async def other_process(
+    tmp_path: Path, core: CryptoCore, clock: FakeClock
+) -> AsyncIterator[KmsService]:
+    """Another process's service: its own connection to the same registry file."""
+    store = await SqliteKmsStore.open(tmp_path / "kms" / "dew.sqlite3")
+    other = KmsService(store, core, clock=clock, actor="other", audit_flush_interval=0)
+    yield other
+    await other.close()
+    await store.close()
+
+
+async def test_another_process_disable_and_rotation_are_seen_within_the_cache_bound(
+    kms_store: SqliteKmsStore, core: CryptoCore, clock: FakeClock, other_process: KmsService
+) -> None:
+    ttl = 0.3
+    kms = KmsService(kms_store, core, clock=clock, actor="test", audit_flush_interval=0,
+                     cache_ttl=ttl)
+    try:
+        key = await kms.create_key("fast/other")
+        old = await kms.create_datakey(key.key_id)  # cached here from now on
+        # Rotated there: a data key made there under version 2 opens here at once
+        # (a newer version than the cached one makes this process read the key again).
+        await other_process.rotate_key(key.key_id)
+        newer = await other_process.create_datakey(key.key_id)
+        assert unpack_ciphertext(newer.cipher_text, Purpose.DATA_KEY)[0].key_version == 2
+        assert (await kms.decrypt_datakey(key.key_id, newer.cipher_text)).plain_text == \
+            newer.plain_text
+        assert (await kms.decrypt_datakey(key.key_id, old.cipher_text)).plain_text == \
+            old.plain_text
+        # Disabled there: refused here once the cached metadata is older than cache_ttl.
+        await other_process.disable_key(key.key_id)
+        await asyncio.sleep(ttl * 1.5)
+        with pytest.raises(KeyStateError, match="is disabled"):
+            await kms.decrypt_datakey(key.key_id, old.cipher_text)
+        with pytest.raises(KeyStateError, match="is disabled"):
+            await kms.create_datakey(key.key_id)
+    finally:
+        await kms.close()
+        await _destroy_leftovers(kms_store, core)
+
+
+async def test_uses_go_on_while_a_full_batch_is_written_up_to_the_backlog(
+    buffered: KmsService, kms_store: SqliteKmsStore, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(kms_core_module, "AUDIT_BATCH", 5)
+    monkeypatch.setattr(kms_core_module, "AUDIT_BACKLOG", 20)
+    key = await buffered.create_key("fast/backlog")
+    # Another process holds the database's write lock: the batch write has to wait.
+    other = sqlite3.connect(tmp_path / "kms" / "dew.sqlite3", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        uses = [asyncio.create_task(buffered.create_datakey(key.key_id)) for _ in range(30)]
+        await asyncio.sleep(0.5)
+        # The 5th use to finish takes the batch to write (and waits); the next 19 go
+        # on while it waits; with 20 more buffered, the 25th and later wait too.
+        assert sum(task.done() for task in uses) == 4 + 19
+    finally:
+        other.execute("COMMIT")
+        other.close()
+    await asyncio.gather(*uses)
+    await buffered.flush_audit()
+    assert [u.count for u in await kms_store.usage(key_id=key.key_id)] == [30]
+    entries = await kms_store.list_audit(key_id=key.key_id, limit=100)
+    assert [e.operation for e in entries].count("create_datakey") == 30
+    assert (await buffered.audit_verify()).intact
