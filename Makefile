@@ -7,7 +7,8 @@ BIN     := $(VENV)/bin
 DEW     := $(BIN)/dew
 STAMP   := $(VENV)/.installed
 PYTEST_ARGS ?=
-# Two test processes (each with its own Redis, SoftHSM token and API server); `make
+# Two test processes (each with its own Redis, SoftHSM token and API server; a test
+# file stays in one process, with its module fixtures and order); `make
 # test PYTEST_JOBS=0` runs them in this one process.
 PYTEST_JOBS ?= 2
 
@@ -58,7 +59,7 @@ demo: setup
 
 test: setup bytecode
 	@sh .ci/services
-	$(BIN)/pytest -n $(PYTEST_JOBS) $(PYTEST_ARGS)
+	$(BIN)/pytest -n $(PYTEST_JOBS) --dist loadfile $(PYTEST_ARGS)
 
 lint: venv
 	$(BIN)/ruff check engine handlers schedules tests bench
