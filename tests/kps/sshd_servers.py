@@ -161,10 +161,13 @@ class Sshd:
     def start(self) -> None:
         self.config.write_text(self.base_config())
         os.chown(self.config, self.user.uid, self.user.gid)
-        self.proc = subprocess.Popen(
-            [SSHD, "-D", "-f", str(self.config), "-E", str(self.log_path)],
-            user=self.user.uid, group=self.user.gid, stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # What sshd says before its -E log is open (a fatal start-up error) goes to
+        # stderr: kept beside the log, so that a failed start can name its cause.
+        with (self.dir / "stderr").open("ab") as stderr:
+            self.proc = subprocess.Popen(
+                [SSHD, "-D", "-f", str(self.config), "-E", str(self.log_path)],
+                user=self.user.uid, group=self.user.gid, stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL, stderr=stderr)
 
     def log_size(self) -> int:
         return self.log_path.stat().st_size if self.log_path.exists() else 0
@@ -183,7 +186,8 @@ class Sshd:
             exited = self.proc.poll() is not None
             text = self._log_bytes(since)
             if exited:
-                if b"Address already in use" in text or b"Cannot bind any address" in text:
+                said = text + self.log().encode()  # stderr too: sshd may fail before -E
+                if b"Address already in use" in said or b"Cannot bind any address" in said:
                     raise PortLost(f"port {self.port} is taken")
                 raise RuntimeError(f"sshd on {self.port} exited: {self.log()[-1000:]}")
             if mark in text:
@@ -224,7 +228,10 @@ class Sshd:
         self.proc = None
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        """sshd's log, after what it wrote to stderr (if anything)."""
+        parts = [path.read_text(errors="replace") for path in (self.dir / "stderr", self.log_path)
+                 if path.exists()]
+        return "".join(parts)
 
     def reset(self) -> None:
         """Forget what earlier tests did: no key file, the original config (reloaded).
