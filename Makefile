@@ -7,10 +7,9 @@ BIN     := $(VENV)/bin
 DEW     := $(BIN)/dew
 STAMP   := $(VENV)/.installed
 PYTEST_ARGS ?=
-# The suite but the KPS tests in two processes (each with its own Redis, SoftHSM token
-# and API server; a test file stays in one process), then the KPS tests in one: their
-# session pool of real sshd lost instances beside a second test process in 3 of 3
-# runs, and passes alone (README). `make test PYTEST_JOBS=0`: all in one process.
+# Two test processes (each with its own Redis, SoftHSM token and API server; a test
+# file stays in one process, with its module fixtures and order); `make test
+# PYTEST_JOBS=0` runs them in this one process.
 PYTEST_JOBS ?= 2
 
 .PHONY: help setup system-packages venv bytecode init up down demo test lint bench clean
@@ -60,8 +59,7 @@ demo: setup
 
 test: setup bytecode
 	@sh .ci/services
-	$(BIN)/pytest -n $(PYTEST_JOBS) --dist loadfile --ignore=tests/kps $(PYTEST_ARGS)
-	$(BIN)/pytest tests/kps $(PYTEST_ARGS)
+	$(BIN)/pytest -n $(PYTEST_JOBS) --dist loadfile $(PYTEST_ARGS)
 
 lint: venv
 	$(BIN)/ruff check engine handlers schedules tests bench

@@ -3,6 +3,7 @@ a client, and ``dew worker`` subprocesses."""
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -25,6 +26,17 @@ TEST_SETTINGS = {
     "sweeper": {"interval": 1, "grace": 0.5},
     "log": {"console": "off", "level": "debug"},
 }
+
+
+@pytest.fixture(autouse=True)
+def _process_umask() -> Iterator[None]:
+    """A test that runs ``engine.cli.main`` in this process leaves the CLI's private
+    umask (077) behind; later tests' directories (a test sshd's, made by root for
+    another user) would then be closed to their users. Restore it after each test."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    yield
+    os.umask(umask)
 
 
 @pytest.fixture(scope="session")
