@@ -70,7 +70,7 @@ class KeyImport:
             der = await core.public_key_spki_der(label)
             pem = serialization.load_der_public_key(der).public_bytes(
                 serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-            token = ImportToken(secrets.token_urlsafe(32), record.key_id, account, algorithm,
+            token = ImportToken(_import_token(), record.key_id, account, algorithm,
                                 label, when, when + IMPORT_TOKEN_TTL)
             op.detail = {"wrapping_algorithm": algorithm, "expiration_time": iso(token.expires_at)}
             await self.core.flush_audit()
@@ -265,3 +265,11 @@ class KeyImport:
                 f"key {key_name(key)} had other key material: only the identical material can "
                 "be imported again", code="import_material_mismatch", target=key.key_id,
                 fix="Import the material imported first, or create a new key for new material.")
+
+
+def _import_token() -> str:
+    """A random import token that does not start with '-': a command line (``dew kms
+    import-key-material --import-token T``) would read such a token as an option."""
+    while (token := secrets.token_urlsafe(32)).startswith("-"):
+        pass
+    return token

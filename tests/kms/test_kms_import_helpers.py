@@ -91,3 +91,12 @@ def test_cli_helpers_need_no_store(kms_settings: Settings, tmp_path: Path) -> No
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["bytes"] == out.stat().st_size > 256
     assert not kms_settings.db_path.exists()  # client side: nothing opened
+
+
+def test_import_tokens_never_start_with_a_dash() -> None:
+    """One token in 64 would, and `--import-token -X...` reads as an option."""
+    from handlers.kms.byok_ops import _import_token
+
+    tokens = [_import_token() for _ in range(2000)]
+    assert not any(t.startswith("-") for t in tokens)
+    assert len(set(tokens)) == len(tokens) and all(len(t) == 43 for t in tokens)
