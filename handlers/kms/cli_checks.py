@@ -207,23 +207,16 @@ def _length_bits(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _encrypt_datakey(args: argparse.Namespace) -> dict[str, Any]:
-    from handlers.kms.data import DATA_KEY_BYTES
-    from handlers.kms.format import decode_hex
+    # The API path's check is the same and imports no HSM module: one copy of it.
+    from handlers.kms import cli_remote
 
-    low, high = DATA_KEY_BYTES
-    plain = (decode_hex("--plain-text", args.plain_text) if args.plain_text is not None
-             else read_input("--plain-text-file", args.plain_text_file, high + 1))
-    if not low <= len(plain) <= high:
-        got = f"more than {high}" if len(plain) > high else str(len(plain))
-        raise InvalidInput(f"a data key must be {low}..{high} bytes ({low * 8}..{high * 8} "
-                           f"bits), got {got}", code="invalid_datakey")
-    return {"plain": plain}
+    return cli_remote.CHECKS["encrypt-datakey"](args)
 
 
 def _decrypt_datakey(args: argparse.Namespace) -> dict[str, Any]:
-    from handlers.kms.format import decode_hex
+    from handlers.kms import cli_remote
 
-    return {"cipher": decode_hex("--cipher-text", args.cipher_text)}
+    return cli_remote.CHECKS["decrypt-datakey"](args)
 
 
 def _encrypt_data(args: argparse.Namespace) -> dict[str, Any]:
