@@ -14,6 +14,7 @@ table of docs/cli.md), and failure records are written from the same fields.
     │   ├── NotFound                no such task / failure record / key; CLI exit 2
     │   ├── Conflict                the target's state forbids the operation (a name
     │   │                           taken, a key disabled); CLI exit 1
+    │   ├── SchemaTooNew            the database's schema is newer than this engine; exit 1
     │   ├── TaskCancelled           a running task stopped at a safe point on request
     │   ├── SecurityError           an integrity or identity check failed
     │   │   ├── AuthenticationFailed  an API caller's signature, key, date or IP was refused
@@ -129,6 +130,14 @@ class NotFound(PermanentError):
 class Conflict(PermanentError):
     code = "conflict"
     category = "state"
+
+
+class SchemaTooNew(PermanentError):
+    """The database was upgraded by a newer dew-engine; this one changes nothing in it."""
+
+    code = "schema_too_new"
+    category = "config"
+    default_fix = "Upgrade dew-engine on this node."
 
 
 class TaskCancelled(PermanentError):

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 from engine.errors import ConfigError
 from engine.services import default_config_text
+from engine.sql_db import StoreTarget, check_store_url
 
 S = TypeVar("S")
 SHORTCUTS = {"DEW_STATE_DIR": ("engine", "state_dir"), "DEW_REDIS_URL": ("redis", "url")}
@@ -88,6 +89,16 @@ class HsmSection:
 
 
 @dataclass(frozen=True)
+class StoreSection:
+    """Where the stores live (engine/sql_db.py): empty url = the SQLite file."""
+
+    url: str = ""  # postgresql://USER@HOST:PORT/DATABASE: shared by several nodes
+    pool_min: int = 1  # PostgreSQL connections per process, kept open
+    pool_max: int = 10
+    connect_timeout: float = 10.0  # seconds
+
+
+@dataclass(frozen=True)
 class ApiSection:
     """``dew api``: the HTTPS API (engine/api/, docs/api.md)."""
 
@@ -135,6 +146,7 @@ class Settings:
     sweeper: SweeperSection = field(default_factory=SweeperSection)
     log: LogSection = field(default_factory=LogSection)
     hsm: HsmSection = field(default_factory=HsmSection)
+    store: StoreSection = field(default_factory=StoreSection)
     api: ApiSection = field(default_factory=ApiSection)
     console: ConsoleSection = field(default_factory=ConsoleSection)
     cli: CliSection = field(default_factory=CliSection)
@@ -160,6 +172,12 @@ class Settings:
     @property
     def db_path(self) -> Path:
         return self.state_dir / "dew.sqlite3"
+
+    @property
+    def store_target(self) -> StoreTarget:
+        """Where every store lives: the SQLite file, or ``[store] url``'s database."""
+        return StoreTarget(self.db_path, self.store.url, self.store.pool_min,
+                           self.store.pool_max, self.store.connect_timeout)
 
     @property
     def run_dir(self) -> Path:
@@ -391,8 +409,9 @@ def parse_listen(text: str) -> tuple[str, int]:
 def _validate(s: Settings, origin: str) -> None:
     try:
         parse_listen(s.api.listen)
+        check_store_url(s.store.url)
     except ConfigError as exc:
-        raise ConfigError(f"{origin}: {exc.message}") from None
+        raise ConfigError(f"{origin}: {exc.message}", fix=exc.fix) from None
     checks = [
         (s.worker.max_jobs >= 1, "worker.max_jobs must be at least 1"),
         (s.worker.poll_delay > 0, "worker.poll_delay must be above 0"),
@@ -425,6 +444,10 @@ def _validate(s: Settings, origin: str) -> None:
             not s.redis.url or s.redis.url.startswith(("redis://", "rediss://", "unix://")),
             "redis.url must start with redis://, rediss:// or unix://",
         ),
+        (1 <= s.store.pool_max <= 1000, "store.pool_max must be between 1 and 1000"),
+        (0 <= s.store.pool_min <= s.store.pool_max,
+         "store.pool_min must be between 0 and store.pool_max"),
+        (s.store.connect_timeout > 0, "store.connect_timeout must be above 0"),
         (s.api.max_body >= 1, "api.max_body must be at least 1 (bytes)"),
         (s.api.job_wait > 0, "api.job_wait must be above 0"),
         (1 <= s.api.clock_skew <= 86400, "api.clock_skew must be between 1 and 86400 seconds"),

@@ -1,4 +1,4 @@
-"""One SQLite connection as every store of the engine uses it.
+"""The SQLite backend of the stores (``engine.sql_db``): the embedded default.
 
 The task store and the domain stores (KMS keys, secrets, key pairs) share one
 database file, each with its own aiosqlite connection set up the same way: WAL,
@@ -27,15 +27,16 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
-from typing import Any, ClassVar, Self
+from typing import Any, Literal, Self
 
 import aiosqlite
 
-from engine.errors import BackendUnavailable, ConfigError, Conflict, DewError
+from engine.errors import BackendUnavailable, ConfigError, Conflict, DewError, SchemaTooNew
 from engine.private import private_dir, private_files
+from engine.sql_db import Dialects, Migration
 
 
 @asynccontextmanager
@@ -122,32 +123,27 @@ def _busy(exc: sqlite3.OperationalError) -> bool:
     return "locked" in text or "busy" in text
 
 
-class SqliteDb:
-    """Base of the SQLite stores: the connection, its lock and the plumbing."""
+class SqliteBackend:
+    """A store's aiosqlite connection, its lock and the plumbing (``engine.sql_db``)."""
 
-    what: ClassVar[str] = "the task store"
-    conflict_code: ClassVar[str] = "store_conflict"
-    conflict_fix: ClassVar[str] = "Retry; another process changed the same record."
-    # The store's schema: its component name and numbered scripts, applied on open.
-    schema: ClassVar[str] = ""
-    migrations: ClassVar[tuple[str, ...]] = ()
+    dialect: Literal["sqlite"] = "sqlite"
 
     def __init__(self, conn: aiosqlite.Connection, path: Path) -> None:
-        self._conn = conn
+        self.conn = conn
         self._path = path
+        self.location = str(path)
         self._tx_lock = asyncio.Lock()
         self._direct = DirectConnection(path)
         # Held by each hot write (they run without a pause) and across a checkpoint.
         self._hot_lock = asyncio.Lock()
 
     @classmethod
-    async def connect(cls, path: Path) -> Self:
+    async def connect(cls, path: Path, what: str, code: str, fix: str) -> Self:
         private_dir(path.parent)
-        errors = sqlite_errors(path, cls.what, cls.conflict_code, cls.conflict_fix)
-        async with errors:
+        async with sqlite_errors(path, what, code, fix):
             conn = await aiosqlite.connect(str(path), isolation_level=None)
         try:
-            async with sqlite_errors(path, cls.what, cls.conflict_code, cls.conflict_fix):
+            async with sqlite_errors(path, what, code, fix):
                 conn.row_factory = aiosqlite.Row
                 await conn.execute("PRAGMA busy_timeout = 15000")
                 await conn.execute("PRAGMA journal_mode = WAL")
@@ -158,60 +154,40 @@ class SqliteDb:
             await conn.close()  # its thread would keep the process alive
             raise
 
-    @classmethod
-    async def open(cls, path: Path) -> Self:
-        """The store's own connection, once its schema is current (created or upgraded)."""
-        store = await cls.connect(path)
-        try:
-            await store.migrate()
-        except BaseException:
-            await store.close()
-            raise
-        return store
-
-    async def migrate(self) -> None:
-        """Run this store's scripts the file has not had yet. Each store (the task
-        store, each service's) numbers its own, as a row of ``schema_migrations``;
-        one transaction, so two processes opening the file at once migrate once."""
-        if not self.schema:
-            return
-        async with self._transaction():
-            await self._conn.execute(
+    async def migrate(
+        self, component: str, migrations: Sequence[Migration], what: str, code: str, fix: str,
+    ) -> None:
+        async with self.transaction(what, code, fix, lock=component):
+            await self.conn.execute(
                 "CREATE TABLE IF NOT EXISTS schema_migrations ("
                 " component TEXT PRIMARY KEY, version INTEGER NOT NULL)")
-            row = await self._fetchone(
-                "SELECT version FROM schema_migrations WHERE component = ?", (self.schema,))
+            row = await self.fetchone(
+                "SELECT version FROM schema_migrations WHERE component = ?", (component,))
             current = int(row[0]) if row else 0
-            latest = len(self.migrations)
-            if current > latest:
-                raise ConfigError(
-                    f"{self._path} has {self.what} schema version {current}, newer than this "
-                    f"engine ({latest})",
-                    fix="Upgrade dew-engine, or point DEW_STATE_DIR at another directory.",
-                )
-            for script in self.migrations[current:]:
-                for statement in _statements(script):
-                    await self._conn.execute(statement)
-            if latest > current:
-                await self._conn.execute(
+            check_version(current, len(migrations), what, self.location)
+            for script in migrations[current:]:
+                text = script.for_dialect("sqlite") if isinstance(script, Dialects) else script
+                for statement in statements(text):
+                    await self.conn.execute(statement)
+            if len(migrations) > current:
+                await self.conn.execute(
                     "INSERT INTO schema_migrations (component, version) VALUES (?, ?) "
                     "ON CONFLICT (component) DO UPDATE SET version = excluded.version",
-                    (self.schema, latest))
+                    (component, len(migrations)))
 
     async def close(self) -> None:
         self._direct.close()
-        await self._conn.close()
+        await self.conn.close()
 
     async def set_busy_timeout(self, ms: int) -> None:
-        """How long a statement waits for another process's write lock."""
-        async with self._locked():
-            await self._conn.execute(f"PRAGMA busy_timeout = {int(ms)}")
+        async with self._tx_lock:
+            await self.conn.execute(f"PRAGMA busy_timeout = {int(ms)}")
 
-    def _mapped(self) -> AbstractAsyncContextManager[None]:
-        return sqlite_errors(self._path, self.what, self.conflict_code, self.conflict_fix)
+    def mapped(self, what: str, code: str, fix: str) -> AbstractAsyncContextManager[None]:
+        return sqlite_errors(self._path, what, code, fix)
 
     @asynccontextmanager
-    async def _locked(self) -> AsyncIterator[None]:
+    async def locked(self, what: str, code: str, fix: str) -> AsyncIterator[None]:
         """The connection's lock and the error mapping, around every statement.
 
         Reads hold the lock too: a read left open between its ``execute`` and
@@ -220,60 +196,76 @@ class SqliteDb:
         "database is locked" (SQLite does not wait on the busy timeout to upgrade
         a stale snapshot); a read run inside another coroutine's transaction would
         also see writes that may yet be rolled back."""
-        async with self._tx_lock, self._mapped():
+        async with self._tx_lock, self.mapped(what, code, fix):
             yield
 
-    async def _execute(self, sql: str, params: Iterable[Any]) -> int:
-        """One write statement; returns the number of rows it changed."""
-        async with self._locked():
-            cursor = await self._conn.execute(sql, tuple(params))
-            return int(cursor.rowcount)
-
-    async def _fetchone(self, sql: str, params: Iterable[Any] = ()) -> sqlite3.Row | None:
-        async with self._conn.execute(sql, tuple(params)) as cursor:
+    async def fetchone(self, sql: str, params: Sequence[Any]) -> sqlite3.Row | None:
+        async with self.conn.execute(sql, tuple(params)) as cursor:
             return await cursor.fetchone()
 
-    async def _fetchall(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
+    async def fetchall(self, sql: str, params: Sequence[Any]) -> list[sqlite3.Row]:
         # One hop to the connection's thread (execute, fetch and close there), not three.
-        return list(await self._conn.execute_fetchall(sql, tuple(params)))
+        return list(await self.conn.execute_fetchall(sql, tuple(params)))
 
-    async def _hot_fetchall(self, sql: str, params: Sequence[Any]) -> list[sqlite3.Row]:
+    async def hot_fetchall(
+        self, sql: str, params: Sequence[Any], what: str, code: str, fix: str,
+    ) -> list[sqlite3.Row]:
         """One statement of the hot path (a group-committed batch): on the loop's
         thread when the write lock is free, else in the thread once it is."""
         async with self._hot_lock:
             if self._direct.writes >= CHECKPOINT_EVERY:
                 self._direct.writes = 0
-                await self._checkpoint_wal()
-            async with self._mapped():
+                await self._checkpoint_wal(what, code, fix)
+            async with self.mapped(what, code, fix):
                 rows = self._direct.fetchall(sql, params)
         if rows is None:
-            async with self._locked():
-                return await self._fetchall(sql, params)
+            async with self.locked(what, code, fix):
+                return await self.fetchall(sql, params)
         return rows
 
-    async def _checkpoint_wal(self) -> None:
+    async def _checkpoint_wal(self, what: str, code: str, fix: str) -> None:
         """Copy the WAL back into the file, in the thread (its fsyncs block), as
         SQLite's own auto-checkpoint would after a commit: with no hot write in
         between, so that the next one starts the WAL over instead of growing it."""
         try:
-            async with self._locked():
+            async with self.locked(what, code, fix):
                 # Read to the end: a statement left open would hold a read snapshot,
                 # and with it the WAL, which could then never be reset.
-                await self._fetchall("PRAGMA wal_checkpoint(PASSIVE)")
+                await self.fetchall("PRAGMA wal_checkpoint(PASSIVE)", ())
         except DewError:
             pass  # the next one, or any other connection's commit, does it
 
     @asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[None]:
-        async with self._locked():
-            await self._conn.execute("BEGIN IMMEDIATE")
+    async def transaction(self, what: str, code: str, fix: str, lock: str) -> AsyncIterator[None]:
+        # ``lock`` names the store; SQLite has one write lock for the whole file.
+        async with self.locked(what, code, fix):
+            await self.conn.execute("BEGIN IMMEDIATE")
             try:
                 yield
             except BaseException:
-                await self._conn.execute("ROLLBACK")
+                await self.conn.execute("ROLLBACK")
                 raise
-            await self._conn.execute("COMMIT")
+            await self.conn.execute("COMMIT")
+
+    @asynccontextmanager
+    async def snapshot(self, what: str, code: str, fix: str) -> AsyncIterator[None]:
+        async with self.locked(what, code, fix):
+            await self.conn.execute("BEGIN")
+            try:
+                yield
+            finally:
+                await self.conn.execute("COMMIT")
 
 
-def _statements(script: str) -> list[str]:
+def check_version(current: int, latest: int, what: str, location: str) -> None:
+    """A database whose schema is newer than this engine's is refused, unchanged."""
+    if current > latest:
+        raise SchemaTooNew(
+            f"{location} has {what} schema version {current}, newer than this "
+            f"engine ({latest})",
+            fix="Upgrade dew-engine on this node, or point it at another database.",
+        )
+
+
+def statements(script: str) -> list[str]:
     return [s.strip() for s in script.split(";") if s.strip()]

@@ -19,8 +19,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import aiosqlite
-
 from engine.batching import Batcher
 from engine.errors import Conflict, InvalidInput, NotFound
 from engine.models import (
@@ -39,12 +37,12 @@ from engine.models import (
 )
 from engine.redaction import redact
 from engine.sealing import has_sealed
-from engine.sqlite_db import SqliteDb
+from engine.sql_db import Backend, Dialects, Migration, SqlDb, pg_ddl
 
 # Each script is idempotent (IF NOT EXISTS): a database made before the
 # per-component versions (one PRAGMA user_version for every store) is brought
 # under them by running them all once.
-MIGRATIONS: tuple[str, ...] = (
+MIGRATIONS: tuple[Migration, ...] = (
     # 1: tasks, failure records, workers
     """
     CREATE TABLE IF NOT EXISTS tasks (
@@ -94,7 +92,7 @@ MIGRATIONS: tuple[str, ...] = (
     # 3: the project that enqueued each task (existing rows: the job's `account`
     # argument, else 'default'); retries (a new task linked to the failed one, noted
     # on its failure records)
-    """
+    Dialects(sqlite="""
     ALTER TABLE tasks ADD COLUMN project TEXT NOT NULL DEFAULT 'default';
     UPDATE tasks SET project = json_extract(args, '$.account')
         WHERE json_type(args, '$.account') = 'text' AND json_extract(args, '$.account') != '';
@@ -106,6 +104,17 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE failures ADD COLUMN retried_by TEXT;
     ALTER TABLE failures ADD COLUMN retry_task_id TEXT;
     """,
+    # A PostgreSQL database starts at this engine's version: no old rows to fix.
+             postgresql=pg_ddl("""
+    ALTER TABLE tasks ADD COLUMN project TEXT NOT NULL DEFAULT 'default';
+    ALTER TABLE tasks ADD COLUMN retry_of TEXT;
+    CREATE UNIQUE INDEX IF NOT EXISTS tasks_retry_of ON tasks (retry_of)
+        WHERE retry_of IS NOT NULL;
+    CREATE INDEX IF NOT EXISTS tasks_project_enqueued ON tasks (project, enqueued_at);
+    ALTER TABLE failures ADD COLUMN retried_at TEXT;
+    ALTER TABLE failures ADD COLUMN retried_by TEXT;
+    ALTER TABLE failures ADD COLUMN retry_task_id TEXT;
+    """)),
     # 4: status 'cancelled' (`dew tasks cancel`): SQLite changes a CHECK constraint
     # only by rebuilding the table (same columns, same rows, same indexes).
     """
@@ -166,12 +175,12 @@ _FAILURE_PROJECT = ("EXISTS (SELECT 1 FROM tasks WHERE tasks.task_id = failures.
                     "AND tasks.project = ?)")
 
 
-class SqliteTaskStore(SqliteDb):
+class SqliteTaskStore(SqlDb):
     schema = "engine"
     migrations = MIGRATIONS
 
-    def __init__(self, conn: aiosqlite.Connection, path: Path) -> None:
-        super().__init__(conn, path)
+    def __init__(self, backend: Backend, path: Path) -> None:
+        super().__init__(backend, path)
         # The hot writes (one each per enqueue, run and success) are group-committed.
         self._creates = Batcher(self._create_batch)
         self._runs = Batcher(self._running_batch)
@@ -308,11 +317,11 @@ class SqliteTaskStore(SqliteDb):
                                    started_at, worker_id, signature, project)
             VALUES {_rows("(?, ?, ?, 'running', 1, ?, ?, ?, ?, ?, ?)", len(items))}
             ON CONFLICT (task_id) DO UPDATE SET
-                status = 'running', attempts = attempts + 1,
+                status = 'running', attempts = tasks.attempts + 1,
                 started_at = excluded.started_at, worker_id = excluded.worker_id,
                 signature = COALESCE(tasks.signature, excluded.signature)
-            WHERE status NOT IN {_FINAL} AND (
-                status = 'queued' OR tasks.worker_id IS NULL
+            WHERE tasks.status NOT IN {_FINAL} AND (
+                tasks.status = 'queued' OR tasks.worker_id IS NULL
                 OR tasks.worker_id NOT IN (
                     SELECT worker_id FROM workers WHERE heartbeat_at >= ?))
             RETURNING {TASK_COLUMNS}""",
@@ -374,7 +383,7 @@ class SqliteTaskStore(SqliteDb):
             # second failure record.
             if failure is not None and cursor.rowcount == 1:
                 await self._insert_failure(failure)
-            return cursor.rowcount == 1
+            return bool(cursor.rowcount == 1)
 
     async def cancel_task(
         self, task_id: str, error: dict[str, Any], now: datetime, project: str | None = None,
@@ -526,7 +535,7 @@ class SqliteTaskStore(SqliteDb):
         self, project: str | None = None, operation: str | None = None,
     ) -> int:
         clauses, params = _failure_clauses(project, operation=operation)
-        return await self._delete_failures(" AND ".join(clauses) or "1", params)
+        return await self._delete_failures(" AND ".join(clauses) or "TRUE", params)
 
     async def _delete_failures(self, where: str, params: Sequence[Any]) -> int:
         """Delete failure records; a failed task left with none keeps no sealed value
@@ -622,7 +631,7 @@ def _rows(template: str, count: int) -> str:
 _FINAL = "('succeeded', 'failed', 'cancelled')"
 
 # Writes of one run: they hold only while the row still shows that run's claim.
-_FENCED = "AND (? IS NULL OR (worker_id = ? AND attempts = ?))"
+_FENCED = "AND (CAST(? AS TEXT) IS NULL OR (worker_id = ? AND attempts = ?))"
 
 
 def _fence_params(fence: Fence | None) -> tuple[Any, ...]:

@@ -186,7 +186,7 @@ async def open_store(settings: Settings) -> TaskStore:
     """Open (and create or migrate) the task store named by the settings."""
     from engine.sqlite_store import SqliteTaskStore
 
-    return await SqliteTaskStore.open(settings.db_path)
+    return await SqliteTaskStore.open(settings.store_target)
 
 
 @resource("task_store")

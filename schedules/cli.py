@@ -119,7 +119,7 @@ async def _list(args: argparse.Namespace, settings: Settings, now: Any) -> int:
     builtin = [] if args.kind == "user" else _builtin_rows(settings, now)
     user: list[dict[str, Any]] = []
     if args.kind != "builtin":
-        store = await SqliteScheduleStore.open(settings.db_path)
+        store = await SqliteScheduleStore.open(settings.store_target)
         try:
             user = [{"kind": "user", **service.to_json(r, now)}
                     for r in await store.list_schedules(args.account)]
@@ -158,7 +158,7 @@ async def _add(args: argparse.Namespace, settings: Settings, now: Any) -> int:
     new = service.check_new(default_registry(settings), args.account, args.name, args.cron,
                             args.timezone, args.job, _job_args(args), now, args.catch_up,
                             args.paused)
-    store = await SqliteScheduleStore.open(settings.db_path)
+    store = await SqliteScheduleStore.open(settings.store_target)
     try:
         rec = await service.create(store, new, service.cli_actor(), now)
     finally:
@@ -174,7 +174,7 @@ async def _one(args: argparse.Namespace, settings: Settings, now: Any) -> int:
     from schedules.store import SqliteScheduleStore
 
     service.check_name(args.name)
-    store = await SqliteScheduleStore.open(settings.db_path)
+    store = await SqliteScheduleStore.open(settings.store_target)
     try:
         if args.action == "show":
             rec = await service.get(store, args.account, args.name)

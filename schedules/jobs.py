@@ -20,7 +20,7 @@ from schedules.store import SqliteScheduleStore
 
 @resource("schedule_store")
 async def _schedule_store(resources: Resources) -> tuple[SqliteScheduleStore, Closer]:
-    store = await SqliteScheduleStore.open(resources.settings.db_path)
+    store = await SqliteScheduleStore.open(resources.settings.store_target)
     return store, store.close
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from engine.errors import Conflict
 from engine.models import iso, parse_iso
-from engine.sqlite_db import SqliteDb
+from engine.sql_db import SqlDb
 
 COLUMNS = ("schedule_id, project, name, cron, timezone, job, args, paused, catch_up, "
            "created_by, created_at, updated_at, last_slot")
@@ -93,7 +93,7 @@ class FiringRecord:
     error: str | None = None
 
 
-class SqliteScheduleStore(SqliteDb):
+class SqliteScheduleStore(SqlDb):
     what = "the schedule store"
     conflict_code = "schedule_conflict"
     conflict_fix = "Retry; another process changed the same schedule."

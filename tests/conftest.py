@@ -16,7 +16,9 @@ from engine.crypto import HsmConfig
 from engine.crypto.testing import shared_softhsm_config
 from engine.redis_server import RedisServer, free_port
 from engine.settings import Settings, load_settings
+from engine.sql_db import StoreTarget
 from tests.helpers import WorkerProcess, link_shared_token
+from tests.pg_store import StoreCluster, on_postgresql
 
 # Short intervals so crash and loss recovery take seconds in tests.
 TEST_SETTINGS = {
@@ -53,11 +55,37 @@ def hsm_config() -> HsmConfig:
     return shared_softhsm_config()
 
 
+@pytest.fixture(scope="session")
+def store_cluster() -> Iterator[StoreCluster]:
+    """This test process's private PostgreSQL cluster (tests/pg_store.py)."""
+    cluster = StoreCluster.create(free_port())
+    yield cluster
+    cluster.remove()
+
+
 @pytest.fixture
-def settings(tmp_path: Path, redis_server: RedisServer, hsm_config: HsmConfig) -> Settings:
+def pg_store_url(store_cluster: StoreCluster) -> str:
+    """A fresh PostgreSQL database for this test's stores (``[store] url``)."""
+    return store_cluster.new_database()
+
+
+@pytest.fixture
+def store_target(tmp_path: Path, request: pytest.FixtureRequest) -> StoreTarget:
+    """Where a store test puts its store: a SQLite file, or (``DEW_TEST_STORE=
+    postgresql``) a fresh PostgreSQL database."""
+    url = request.getfixturevalue("pg_store_url") if on_postgresql() else ""
+    return StoreTarget(tmp_path / "state" / "dew.sqlite3", url)
+
+
+@pytest.fixture
+def settings(
+    tmp_path: Path, redis_server: RedisServer, hsm_config: HsmConfig,
+    request: pytest.FixtureRequest,
+) -> Settings:
     """A temp state dir, the session's Redis (emptied), short timeouts, and the
     shared HSM token linked in, so this process, ``dew`` subprocesses and workers
-    all use the same keys."""
+    all use the same keys. With ``DEW_TEST_STORE=postgresql`` the stores are in a
+    fresh PostgreSQL database."""
     if not redis_server.ping():  # a test killed it: bring it back for the next one
         redis_server.start()
     redis.Redis.from_url(redis_server.url).flushall()
@@ -68,6 +96,8 @@ def settings(tmp_path: Path, redis_server: RedisServer, hsm_config: HsmConfig) -
         engine={"state_dir": tmp_path / "var"}, redis={"url": redis_server.url, "queue": queue},
         **TEST_SETTINGS,
     )
+    if on_postgresql():
+        settings = settings.replace(store={"url": request.getfixturevalue("pg_store_url")})
     return link_shared_token(settings, hsm_config)
 
 

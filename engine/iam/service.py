@@ -161,7 +161,7 @@ class Identities:
         services' role catalogs loaded. ``crypto`` gives the process's crypto core;
         without it one is connected on first need and closed by :meth:`close`."""
         catalog, unavailable = load_role_catalog(settings)
-        store = await SqliteIamStore.open(settings.db_path)
+        store = await SqliteIamStore.open(settings.store_target)
         return cls(settings, store, catalog, crypto, unavailable=unavailable)
 
     async def close(self) -> None:
@@ -539,7 +539,7 @@ async def resolve_project(settings: Settings, ref: str) -> str:
     row or not, so free-form accounts keep working."""
     if not is_id(ref):
         return ref
-    store = await SqliteIamStore.open(settings.db_path)
+    store = await SqliteIamStore.open(settings.store_target)
     try:
         project = await store.get_project(ref)
     finally:

@@ -30,7 +30,7 @@ from engine.iam.model import (
     new_id,
 )
 from engine.models import iso, parse_iso, utcnow
-from engine.sqlite_db import SqliteDb
+from engine.sql_db import SqlDb
 
 # This store's schema, numbered from 1 and tracked as component "iam".
 MIGRATIONS: tuple[str, ...] = (
@@ -128,7 +128,7 @@ KEY_SELECT = """
 """
 
 
-class SqliteIamStore(SqliteDb):
+class SqliteIamStore(SqlDb):
     what = "the identity store"
     conflict_code = "iam_store_conflict"
     conflict_fix = "Retry; another process changed the same record."

@@ -911,7 +911,7 @@ async def enqueue_due_rotations(
 
 @resource("csms_store")
 async def _csms_store_resource(resources: Resources) -> tuple[SqliteCsmsStore, Closer]:
-    store = await SqliteCsmsStore.open(resources.settings.db_path)
+    store = await SqliteCsmsStore.open(resources.settings.store_target)
     return store, store.close
 
 
@@ -936,7 +936,7 @@ async def open_secrets(
     config = settings.section(CsmsSettings)
     async with AsyncExitStack() as stack:
         kms = await stack.enter_async_context(open_key_cipher(settings))
-        store = await SqliteCsmsStore.open(settings.db_path)
+        store = await SqliteCsmsStore.open(settings.store_target)
         stack.push_async_callback(store.close)
         yield SecretsService(store, kms, actor="csms:" + (actor or default_actor("cli")),
                              max_rotations=config.max_concurrent_rotations,

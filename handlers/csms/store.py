@@ -27,7 +27,7 @@ from typing import Any
 
 from engine.errors import Conflict
 from engine.models import iso, parse_iso
-from engine.sqlite_db import SqliteDb
+from engine.sql_db import SqlDb
 
 SECRET_COLUMNS = (
     "secret_id, account, name, secret_type, kms_key, description, state, created_at, "
@@ -154,7 +154,7 @@ MIGRATIONS: tuple[str, ...] = (
 )
 
 
-class SqliteCsmsStore(SqliteDb):
+class SqliteCsmsStore(SqlDb):
     what = "the secrets store"
     conflict_code = "csms_store_conflict"
     conflict_fix = "Retry; another process changed the same secret at the same time."

@@ -42,7 +42,7 @@ from typing import Any, Literal, Protocol
 from engine.errors import ConfigError, DewError
 from engine.logs import get_logger
 from engine.models import iso, parse_iso
-from engine.sqlite_db import SqliteDb
+from engine.sql_db import SqlDb
 from handlers.kms.audit_seal import (
     Anchor,
     AnchorDamaged,
@@ -688,7 +688,7 @@ class _Batch:
     anchor: Anchor | None = None
 
 
-class SqliteKmsStore(SqliteDb):
+class SqliteKmsStore(SqlDb):
     what = "the KMS registry"
     conflict_code = "kms_registry_conflict"
     conflict_fix = "Retry; another process changed the same key at the same time."

@@ -19,7 +19,7 @@ from handlers.kms.store import SqliteKmsStore
 
 @resource("kms_store")
 async def _kms_store_resource(resources: Resources) -> tuple[SqliteKmsStore, Closer]:
-    store = await SqliteKmsStore.open(resources.settings.db_path)
+    store = await SqliteKmsStore.open(resources.settings.store_target)
     return store, store.close
 
 
@@ -54,7 +54,7 @@ async def open_kms(
     operation needs it, so ``describe-key`` or ``audit list`` do not touch it.
     """
     async with AsyncExitStack() as stack:
-        store = await SqliteKmsStore.open(settings.db_path)
+        store = await SqliteKmsStore.open(settings.store_target)
         stack.push_async_callback(store.close)
         cores: list[CryptoCore] = []
 

@@ -436,7 +436,7 @@ def convert_private_key(data: bytes, to: str, *, passphrase: bytes | None = None
 
 @resource("kps_store")
 async def _kps_store_resource(resources: Resources) -> tuple[SqliteKpsStore, Closer]:
-    store = await SqliteKpsStore.open(resources.settings.db_path)
+    store = await SqliteKpsStore.open(resources.settings.store_target)
     return store, store.close
 
 
@@ -1090,7 +1090,7 @@ def settings_timeouts(settings: Settings) -> Timeouts:
 async def open_kps(settings: Settings) -> AsyncIterator[KpsService]:
     """A KPS service for one command or script (KMS opened lazily); closed on exit."""
     async with open_key_cipher(settings) as kms:
-        store = await SqliteKpsStore.open(settings.db_path)
+        store = await SqliteKpsStore.open(settings.store_target)
         try:
             yield KpsService(store, kms, settings.section(KpsSettings))
         finally:

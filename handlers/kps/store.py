@@ -17,7 +17,7 @@ from datetime import datetime
 from typing import Any, Literal
 
 from engine.models import iso, parse_iso
-from engine.sqlite_db import SqliteDb
+from engine.sql_db import SqlDb
 
 KEYPAIR_COLUMNS = (
     "keypair_id, account, owner, scope, name, algorithm, key_type, public_key, fingerprint, "
@@ -150,7 +150,7 @@ MIGRATIONS: tuple[str, ...] = (
 )
 
 
-class SqliteKpsStore(SqliteDb):
+class SqliteKpsStore(SqlDb):
     what = "the KPS registry"
     conflict_code = "kps_registry_conflict"
     conflict_fix = "Retry; another process changed the same record."

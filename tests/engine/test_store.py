@@ -13,18 +13,21 @@ import pytest
 
 from engine import sqlite_db
 from engine.context import failure_record
-from engine.errors import ConfigError, DewError, PermanentError
+from engine.errors import ConfigError, DewError, PermanentError, SchemaTooNew
 from engine.models import Fence, WorkerRecord, utcnow
+from engine.sql_db import StoreTarget
 from engine.sqlite_store import MIGRATIONS, SqliteTaskStore
+from tests.pg_store import admin_sql, sqlite_only
 
 
 @pytest.fixture
-async def store(tmp_path: Path):  # type: ignore[no-untyped-def]
-    s = await SqliteTaskStore.open(tmp_path / "state" / "dew.sqlite3")
+async def store(store_target: StoreTarget):  # type: ignore[no-untyped-def]
+    s = await SqliteTaskStore.open(store_target)
     yield s
     await s.close()
 
 
+@sqlite_only
 async def test_schema_is_versioned_and_in_wal_mode(tmp_path: Path) -> None:
     path = tmp_path / "dew.sqlite3"
     await (await SqliteTaskStore.open(path)).close()
@@ -37,6 +40,7 @@ async def test_schema_is_versioned_and_in_wal_mode(tmp_path: Path) -> None:
     assert {"tasks_status_enqueued", "tasks_name_enqueued", "failures_operation_created"} <= indexes
 
 
+@sqlite_only
 async def test_newer_schema_and_garbage_files_are_refused(tmp_path: Path) -> None:
     path = tmp_path / "dew.sqlite3"
     await (await SqliteTaskStore.open(path)).close()
@@ -44,7 +48,7 @@ async def test_newer_schema_and_garbage_files_are_refused(tmp_path: Path) -> Non
         db.execute("UPDATE schema_migrations SET version = ? WHERE component = 'engine'",
                    (len(MIGRATIONS) + 1,))
     newer = len(MIGRATIONS) + 1
-    with pytest.raises(ConfigError, match=f"task store schema version {newer}, newer than"):
+    with pytest.raises(SchemaTooNew, match=f"task store schema version {newer}, newer than"):
         await SqliteTaskStore.open(path)
     junk = tmp_path / "junk.sqlite3"
     junk.write_bytes(b"this is not a database" * 100)
@@ -52,6 +56,7 @@ async def test_newer_schema_and_garbage_files_are_refused(tmp_path: Path) -> Non
         await SqliteTaskStore.open(junk)
 
 
+@sqlite_only
 async def test_every_store_migrates_its_own_schema_and_old_files_upgrade(
     tmp_path: Path,
 ) -> None:
@@ -137,22 +142,31 @@ async def test_finish_writes_of_one_batch_each_get_their_own_outcome(
                     "done": ("succeeded", "first", "w"), "taken": ("running", None, "w2")}
 
 
+REFUSE_BAD = {
+    "sqlite": ["CREATE TRIGGER refuse BEFORE UPDATE ON tasks WHEN NEW.task_id = 'bad' "
+               "AND NEW.status = 'succeeded' BEGIN SELECT RAISE(ABORT, 'refused'); END"],
+    "postgresql": [
+        "CREATE FUNCTION refuse() RETURNS trigger AS $$ BEGIN IF NEW.task_id = 'bad' AND "
+        "NEW.status = 'succeeded' THEN RAISE EXCEPTION 'refused'; END IF; RETURN NEW; END "
+        "$$ LANGUAGE plpgsql",
+        "CREATE TRIGGER refuse BEFORE UPDATE ON tasks FOR EACH ROW EXECUTE FUNCTION refuse()"],
+}
+
+
 async def test_a_batch_that_fails_writes_none_of_its_members_and_tells_each(
-    store: SqliteTaskStore, tmp_path: Path,
+    store: SqliteTaskStore, store_target: StoreTarget,
 ) -> None:
     now = utcnow()
     for task_id in ("a", "bad", "b"):
         await store.mark_running(task_id, "engine.echo", {}, "w", now, now)
-    with sqlite3.connect(tmp_path / "state" / "dew.sqlite3") as db:
-        db.execute("CREATE TRIGGER refuse BEFORE UPDATE ON tasks WHEN NEW.task_id = 'bad' "
-                   "AND NEW.status = 'succeeded' BEGIN SELECT RAISE(ABORT, 'refused'); END")
+    await admin_sql(store_target, *REFUSE_BAD[store_target.dialect])
     results = await asyncio.gather(*(store.mark_succeeded(t, t, now) for t in ("a", "bad", "b")),
                                    return_exceptions=True)
     assert all(isinstance(r, DewError) for r in results)
     # Nobody was told "recorded": every run is still running, to be finished again.
     assert {t.status for t in await store.list_tasks(limit=10)} == {"running"}
-    with sqlite3.connect(tmp_path / "state" / "dew.sqlite3") as db:
-        db.execute("DROP TRIGGER refuse")
+    await admin_sql(store_target, "DROP TRIGGER refuse"
+                    + (" ON tasks" if store_target.url else ""))
     assert await asyncio.gather(*(store.mark_succeeded(t, t, now) for t in ("a", "bad", "b"))) \
         == [True, True, True]
 
@@ -234,10 +248,11 @@ WRITER = """
 import asyncio, sys
 from pathlib import Path
 from engine.models import utcnow
+from engine.sql_db import StoreTarget
 from engine.sqlite_store import SqliteTaskStore
 
 async def main(prefix):
-    store = await SqliteTaskStore.open(Path(sys.argv[1]))
+    store = await SqliteTaskStore.open(StoreTarget(Path(sys.argv[1]), sys.argv[3]))
     for i in range(150):
         now = utcnow()
         await store.create_task(f"{prefix}{i}", "engine.echo", {}, now, now)
@@ -249,19 +264,24 @@ asyncio.run(main(sys.argv[2]))
 """
 
 
-def test_concurrent_writer_processes(tmp_path: Path) -> None:
-    """Worker, CLI and sweeper are separate processes writing one file."""
-    path = tmp_path / "dew.sqlite3"
+async def test_concurrent_writer_processes(store_target: StoreTarget) -> None:
+    """Worker, CLI and sweeper are separate processes (or nodes) writing one store."""
+    await (await SqliteTaskStore.open(store_target)).close()  # migrated once, up front
     procs = [
-        subprocess.Popen([sys.executable, "-c", WRITER, str(path), f"p{n}-"])
+        subprocess.Popen([sys.executable, "-c", WRITER, str(store_target.path), f"p{n}-",
+                          store_target.url])
         for n in range(4)
     ]
     assert [p.wait(120) for p in procs] == [0, 0, 0, 0]
-    with sqlite3.connect(path) as db:
-        rows = db.execute("SELECT status, COUNT(*) FROM tasks GROUP BY status").fetchall()
-    assert rows == [("succeeded", 600)]
+    store = await SqliteTaskStore.open(store_target)
+    try:
+        tasks = await store.list_tasks(limit=1000)
+    finally:
+        await store.close()
+    assert len(tasks) == 600 and {t.status for t in tasks} == {"succeeded"}
 
 
+@sqlite_only
 async def test_a_hot_write_waits_for_another_writer_off_the_loop(
     store: SqliteTaskStore, tmp_path: Path,
 ) -> None:
@@ -282,6 +302,7 @@ async def test_a_hot_write_waits_for_another_writer_off_the_loop(
     assert task is not None and (task.status, task.result) == ("succeeded", "done")
 
 
+@sqlite_only
 async def test_hot_writes_keep_the_wal_checkpointed(
     store: SqliteTaskStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -1,0 +1,128 @@
+"""A private PostgreSQL cluster for the stores' PostgreSQL backend (``[store] url``).
+
+One cluster per test process (initdb in a temporary directory, run as the
+``postgres`` OS user when the tests run as root: initdb refuses root), password
+logins only (scram-sha-256), on 127.0.0.1 and a free port. Each test gets a database
+of its own, owned by the ``dew`` role the stores log in as.
+
+``DEW_TEST_STORE=postgresql`` makes the root ``settings`` fixture (tests/conftest.py)
+put every store of a test in such a database: the same tests, on the other backend.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import secrets
+import shutil
+import sqlite3
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from engine.sql_db import StoreTarget
+
+PG_BINS = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+PG_BIN = PG_BINS[-1].parent if PG_BINS else Path("/nonexistent")
+ROLE = "dew"
+
+
+def on_postgresql() -> bool:
+    """Whether this run puts the stores in PostgreSQL (``DEW_TEST_STORE``)."""
+    return os.environ.get("DEW_TEST_STORE", "sqlite") == "postgresql"
+
+
+def _as_postgres(args: list[str]) -> list[str]:
+    return ["runuser", "-u", "postgres", "--", *args] if os.geteuid() == 0 else args
+
+
+@dataclass
+class StoreCluster:
+    base: Path
+    port: int
+    password: str
+    _next: int = 0
+
+    @property
+    def data(self) -> Path:
+        return self.base / "data"
+
+    @classmethod
+    def create(cls, port: int) -> StoreCluster:
+        if not (PG_BIN / "initdb").exists():
+            raise RuntimeError("PostgreSQL is not installed (initdb): run `make setup`")
+        base = Path(tempfile.mkdtemp(prefix="dew-store-pg-"))
+        password = secrets.token_hex(12)
+        pwfile = base / "pw"
+        pwfile.write_text(password + "\n")
+        if os.geteuid() == 0:
+            pg = pwd.getpwnam("postgres")
+            for path in (base, pwfile):
+                os.chown(path, pg.pw_uid, pg.pw_gid)
+        subprocess.run(_as_postgres([
+            str(PG_BIN / "initdb"), "-D", str(base / "data"), "-U", "postgres",
+            "--pwfile", str(pwfile), "-A", "scram-sha-256", "--no-sync", "-E", "UTF8",
+            "--locale", "C.UTF-8"]), check=True, capture_output=True, timeout=120)
+        cluster = cls(base, port, password)
+        cluster.start()
+        cluster.psql(f"CREATE ROLE {ROLE} LOGIN CREATEDB PASSWORD '{password}'")
+        return cluster
+
+    def start(self) -> None:
+        subprocess.run(_as_postgres([
+            str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-l", str(self.base / "pg.log"),
+            "-w", "-t", "60", "-o",
+            f"-p {self.port} -k {self.data} -c listen_addresses=127.0.0.1 -c fsync=off "
+            "-c synchronous_commit=off -c full_page_writes=off -c max_connections=400",
+            "start"]), check=True, capture_output=True, timeout=90)
+
+    def stop(self, mode: str = "fast") -> None:
+        subprocess.run(_as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", mode,
+                                     "-w", "stop"]), capture_output=True, timeout=60)
+
+    def remove(self) -> None:
+        self.stop("immediate")
+        shutil.rmtree(self.base, ignore_errors=True)
+
+    def psql(self, sql: str, database: str = "postgres") -> str:
+        env = {**os.environ, "PGPASSWORD": self.password}
+        done = subprocess.run(
+            ["psql", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "-d", database,
+             "-v", "ON_ERROR_STOP=1", "-At", "-c", sql],
+            env=env, capture_output=True, text=True, timeout=60)
+        if done.returncode != 0:
+            raise RuntimeError(f"psql {sql!r}: {done.stderr.strip()}")
+        return done.stdout.strip()
+
+    def new_database(self) -> str:
+        """A fresh database of the ``dew`` role; its URL (password included)."""
+        self._next += 1
+        name = f"dew_{os.getpid()}_{self._next}"
+        self.psql(f"CREATE DATABASE {name} OWNER {ROLE}")
+        return self.url(name)
+
+    def url(self, database: str) -> str:
+        return f"postgresql://{ROLE}:{self.password}@127.0.0.1:{self.port}/{database}"
+
+
+sqlite_only = pytest.mark.skipif(
+    on_postgresql(), reason="a mechanism of the SQLite backend (DEW_TEST_STORE=postgresql)")
+
+
+async def admin_sql(target: StoreTarget, *statements: str) -> None:
+    """Statements a test runs on a store's database behind the store's back."""
+    if target.url:
+        conn = await asyncpg.connect(target.url)
+        try:
+            for statement in statements:
+                await conn.execute(statement)
+        finally:
+            await conn.close()
+        return
+    with sqlite3.connect(target.path) as db:
+        for statement in statements:
+            db.execute(statement)
