@@ -270,7 +270,7 @@ async def cmd_init(args: argparse.Namespace, settings: Settings) -> int:
     store = await open_store(settings)
     await store.close()
     created = await asyncio.to_thread(ensure_token, settings)
-    _print({"state_dir": str(settings.state_dir), "task_store": str(settings.db_path),
+    _print({"state_dir": str(settings.state_dir), "task_store": settings.store_target.location,
             "hsm_token": settings.hsm.token_label, "hsm_token_created": created}, args.json,
            lambda d: f"state directory {d['state_dir']} ready (task store {d['task_store']})\n"
                      f"HSM token {d['hsm_token']!r} "

@@ -109,7 +109,8 @@ def main() -> int:
         asyncio.run(engine_part(settings))
         run_service_demos(settings, say)
         asyncio.run(console_part(settings))
-        say(f"\nThe full log is {settings.log_file}; tasks stay in {settings.db_path}.")
+        say(f"\nThe full log is {settings.log_file}; tasks stay in "
+            f"{settings.store_target.location}.")
         return 0
     except DewError as exc:
         sys.stderr.write(f"demo: error: {exc.message}\n")

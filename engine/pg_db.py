@@ -223,7 +223,7 @@ class PgBackend:
         async with pools.lock:
             shared = pools.by_url.get(target.url)
             if shared is None:
-                async with pg_errors(location, "the store", "store_conflict", ""):
+                async with pg_errors(location, "the stores", "store_conflict", ""):
                     pool = await asyncpg.create_pool(
                         target.url, min_size=min(target.pool_min, target.pool_max),
                         max_size=target.pool_max, timeout=target.connect_timeout,

@@ -62,6 +62,11 @@ class StoreTarget:
     def dialect(self) -> Dialect:
         return "postgresql" if self.url else "sqlite"
 
+    @property
+    def location(self) -> str:
+        """What to print: the file, or the URL without its password."""
+        return redact_url(self.url) if self.url else str(self.path)
+
 
 SCHEMES = ("postgresql", "postgres")
 

@@ -7,7 +7,6 @@ import dataclasses
 import os
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from typing import Any
 
 from engine.crypto import HsmConfig
 from engine.settings import Settings
+from tests.pg_store import store_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -99,21 +99,16 @@ class WorkerProcess:
         return self.proc.pid
 
     def wait_beating(self, timeout: float = 20) -> None:
-        """Wait for the worker's first heartbeat (read with plain sqlite3: works in
-        sync and async tests alike)."""
+        """Wait for the worker's first heartbeat (read behind the store's back: works
+        in sync and async tests alike)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert self.proc is not None
             if self.proc.poll() is not None:
                 raise RuntimeError(f"worker exited: {self.log_path.read_text()[-2000:]}")
-            if self.settings.db_path.exists():
-                with sqlite3.connect(self.settings.db_path, timeout=10) as db:
-                    try:
-                        rows = db.execute("SELECT worker_id FROM workers").fetchall()
-                    except sqlite3.OperationalError:
-                        rows = []
-                if any(f":{self.pid}:" in r[0] for r in rows):
-                    return
+            rows = store_rows(self.settings.store_target, "SELECT worker_id FROM workers")
+            if any(f":{self.pid}:" in str(r[0]) for r in rows):
+                return
             time.sleep(0.1)
         raise RuntimeError("worker did not start")
 

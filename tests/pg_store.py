@@ -11,6 +11,7 @@ put every store of a test in such a database: the same tests, on the other backe
 
 from __future__ import annotations
 
+import asyncio
 import os
 import pwd
 import secrets
@@ -18,6 +19,7 @@ import shutil
 import sqlite3
 import subprocess
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,3 +128,34 @@ async def admin_sql(target: StoreTarget, *statements: str) -> None:
     with sqlite3.connect(target.path) as db:
         for statement in statements:
             db.execute(statement)
+
+
+def store_rows(target: StoreTarget, sql: str, *params: object) -> list[tuple[object, ...]]:
+    """Rows of one query on a store's database, from sync or async code alike (a
+    thread of its own for PostgreSQL: the caller may be inside a running loop)."""
+    if not target.url:
+        if not target.path.exists():
+            return []
+        with sqlite3.connect(target.path, timeout=10) as db:
+            try:
+                return db.execute(sql, params).fetchall()
+            except sqlite3.OperationalError:
+                return []  # no such table yet
+
+    async def query() -> list[tuple[object, ...]]:
+        conn = await asyncpg.connect(target.url)
+        try:
+            pg_sql = sql
+            for n in range(1, len(params) + 1):
+                pg_sql = pg_sql.replace("?", f"${n}", 1)
+            return [tuple(r) for r in await conn.fetch(pg_sql, *params)]
+        except asyncpg.UndefinedTableError:
+            return []
+        finally:
+            await conn.close()
+
+    result: list[list[tuple[object, ...]]] = []
+    thread = threading.Thread(target=lambda: result.append(asyncio.run(query())))
+    thread.start()
+    thread.join(30)
+    return result[0] if result else []
