@@ -11,12 +11,16 @@ PYTEST_ARGS ?=
 # file stays in one process, with its module fixtures and order); `make test
 # PYTEST_JOBS=0` runs them in this one process.
 PYTEST_JOBS ?= 2
+# The store contract and end-to-end tests, run a second time with every store in
+# PostgreSQL (a private cluster per test process, tests/pg_store.py).
+PG_TESTS ?= tests/engine/test_store.py
 
 .PHONY: help setup system-packages venv bytecode init up down demo test lint bench clean
 
 help:
 	@echo "make demo    set up, start a private Redis and a worker, run the scenario, stop"
-	@echo "make test    set up, then run the test suite"
+	@echo "make test    set up, then run the test suite (on SQLite; then the store and"
+	@echo "             end-to-end tests again on PostgreSQL)"
 	@echo "make up      start the private Redis, one worker and the HTTPS API (dew api) in the"
 	@echo "             background (var/run/*.pid; the API's CA is var/tls/ca.pem)"
 	@echo "make down    stop exactly what 'make up' started"
@@ -60,6 +64,7 @@ demo: setup
 test: setup bytecode
 	@sh .ci/services
 	$(BIN)/pytest -n $(PYTEST_JOBS) --dist loadfile $(PYTEST_ARGS)
+	DEW_TEST_STORE=postgresql $(BIN)/pytest -n $(PYTEST_JOBS) --dist loadfile $(PYTEST_ARGS) $(PG_TESTS)
 
 lint: venv
 	$(BIN)/ruff check engine handlers schedules tests bench

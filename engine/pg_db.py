@@ -183,7 +183,7 @@ async def pg_errors(location: str, what: str, code: str, fix: str) -> AsyncItera
     except (asyncpg.InvalidPasswordError, asyncpg.InvalidAuthorizationSpecificationError,
             asyncpg.InvalidCatalogNameError) as exc:
         raise BackendUnavailable(
-            f"PostgreSQL at {location} refused {what}: {exc}",
+            f"PostgreSQL at {location} refused the login for {what}: {exc}",
             fix="Check the user, password and database of [store] url, and pg_hba.conf.",
         ) from None
     except (asyncpg.CannotConnectNowError, asyncpg.TooManyConnectionsError,
@@ -194,7 +194,7 @@ async def pg_errors(location: str, what: str, code: str, fix: str) -> AsyncItera
             OSError, TimeoutError) as exc:
         text = str(exc) or type(exc).__name__
         raise BackendUnavailable(
-            f"PostgreSQL at {location} cannot be used for {what}: {text}",
+            f"PostgreSQL at {location} cannot be reached for {what}: {text}",
             fix="Check that the PostgreSQL server runs and [store] url names it; retry.",
         ) from None
     except asyncpg.PostgresError as exc:

@@ -67,9 +67,11 @@ def dew_env(settings: Settings, **extra: str) -> dict[str, str]:
 
 
 def run_dew(settings: Settings, *args: str, input: str | None = None,
-            timeout: float = 60) -> subprocess.CompletedProcess[str]:
+            timeout: float = 60, env_extra: dict[str, str] | None = None,
+            ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "engine.cli", *args], env=dew_env(settings), cwd=ROOT,
+        [sys.executable, "-m", "engine.cli", *args], env=dew_env(settings, **(env_extra or {})),
+        cwd=ROOT,
         capture_output=True, text=True, input=input, timeout=timeout,
     )
 
