@@ -86,7 +86,7 @@ async def test_postgresql_going_away_is_a_retryable_error_and_coming_back_heals(
         await store.create_task("before", "engine.echo", {}, now, now)
         store_cluster.stop("fast")  # every client connection is cut
         try:
-            with pytest.raises(BackendUnavailable, match="PostgreSQL at .* cannot be reached") \
+            with pytest.raises(BackendUnavailable, match=r"PostgreSQL at .* cannot be reached") \
                     as caught:
                 await store.create_task("during", "engine.echo", {}, now, now)
             assert caught.value.retryable and store_cluster.password not in str(caught.value)
