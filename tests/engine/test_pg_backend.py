@@ -55,7 +55,8 @@ def test_every_store_migrates_once_when_several_nodes_start_at_once(
     errors = [p.communicate(timeout=120)[1].decode() for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], errors
     target = StoreTarget(tmp_path / "x.db", pg_store_url)
-    versions = dict(store_rows(target, "SELECT component, version FROM schema_migrations"))
+    versions = {str(c): v for c, v in
+                store_rows(target, "SELECT component, version FROM schema_migrations")}
     assert set(versions) == set(STORES)
     for component, spec in STORES.items():
         module, name = spec.split(":")
