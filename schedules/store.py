@@ -1,17 +1,22 @@
 """User schedules' persistence: the schedules and their last firings.
 
-The schema is this module's ``MIGRATIONS`` (component ``schedules`` of the
-file's ``schema_migrations``), in the engine's database file. A schedule's name
-is unique per project. ``advance`` moves a schedule's last fired slot with a
-compare-and-set and records that tick's firings in the same transaction, so two
-workers firing at once record a slot once. sqlite3 errors are mapped in
-:func:`engine.sqlite_db.sqlite_errors` only.
+The schema is this module's ``MIGRATIONS`` (component ``schedules`` of
+``schema_migrations``), in the engine's store (``engine.sql_db``: the SQLite file, or
+``[store] url``'s PostgreSQL database shared by every node). A schedule's name is
+unique per project.
+
+With several workers on several machines: ``advance`` moves a schedule's last fired
+slot with a compare-and-set and records that tick's firings in the same
+``_transaction()`` (one writer of this store at a time on either backend), so two
+nodes' cron ticks firing at once record a slot once: one moves the slot, the other's
+compare fails and it writes nothing. A firing's primary key (schedule, kind, slot)
+with ``ON CONFLICT DO NOTHING`` keeps it one row whatever writes it twice.
+``create`` checks the name in the transaction of its insert (and ``UNIQUE`` backs it).
 """
 
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -19,11 +24,14 @@ from typing import Any
 
 from engine.errors import Conflict
 from engine.models import iso, parse_iso
-from engine.sql_db import SqlDb
+from engine.sql_db import Row, SqlDb
 
 COLUMNS = ("schedule_id, project, name, cron, timezone, job, args, paused, catch_up, "
            "created_by, created_at, updated_at, last_slot")
 FIRING_COLUMNS = "schedule_id, kind, slot, task_id, fired_at, error"
+# A slot's firing is recorded once: a second insert of the same key does nothing.
+INSERT_FIRING = (f"INSERT INTO user_schedule_firings ({FIRING_COLUMNS}) "
+                 "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING")
 
 MIGRATIONS: tuple[str, ...] = (
     # 1: user schedules and their firings (a firing: one task enqueued for a slot,
@@ -163,25 +171,24 @@ class SqliteScheduleStore(SqlDb):
         """Compare-and-set: move the last slot from what ``rec`` read to ``last_slot``
         and record ``firings``, only if no other tick moved it meanwhile (False)."""
         async with self._transaction():
+            # SQLite's "last_slot IS ?", spelt so that PostgreSQL takes it too.
             cursor = await self._conn.execute(
                 "UPDATE user_schedules SET last_slot = ? WHERE schedule_id = ? AND "
-                "last_slot IS ? AND paused = 0",
-                (iso(last_slot), rec.schedule_id, iso(rec.last_slot)))
+                "(last_slot = ? OR (last_slot IS NULL AND CAST(? AS TEXT) IS NULL)) "
+                "AND paused = 0",
+                (iso(last_slot), rec.schedule_id, iso(rec.last_slot), iso(rec.last_slot)))
             if int(cursor.rowcount) != 1:
                 return False
             await self._insert_firings(firings)
         return True
 
     async def add_firing(self, firing: FiringRecord) -> None:
-        async with self._transaction():
-            await self._insert_firings([firing])
+        """Record one firing (run-now); one statement, its key keeps it one row."""
+        await self._execute(INSERT_FIRING, _firing_params(firing))
 
     async def _insert_firings(self, firings: Sequence[FiringRecord]) -> None:
         for f in firings:
-            await self._conn.execute(
-                f"INSERT OR IGNORE INTO user_schedule_firings ({FIRING_COLUMNS}) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                (f.schedule_id, f.kind, iso(f.slot), f.task_id, iso(f.fired_at), f.error))
+            await self._conn.execute(INSERT_FIRING, _firing_params(f))
 
     async def firings(self, schedule_id: str, limit: int = 20) -> list[FiringRecord]:
         """The latest firings, newest first."""
@@ -193,13 +200,17 @@ class SqliteScheduleStore(SqlDb):
                              r["task_id"], _time(r["fired_at"]), r["error"]) for r in rows]
 
 
+def _firing_params(f: FiringRecord) -> tuple[Any, ...]:
+    return (f.schedule_id, f.kind, iso(f.slot), f.task_id, iso(f.fired_at), f.error)
+
+
 def _time(text: str) -> datetime:
     value = parse_iso(text)
     assert value is not None
     return value
 
 
-def _schedule(row: sqlite3.Row) -> ScheduleRecord:
+def _schedule(row: Row) -> ScheduleRecord:
     return ScheduleRecord(
         schedule_id=str(row["schedule_id"]), project=str(row["project"]),
         name=str(row["name"]), cron=str(row["cron"]), timezone=str(row["timezone"]),

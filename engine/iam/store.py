@@ -1,13 +1,16 @@
 """The identity store: projects, users, their roles, access keys and custom roles.
 
-Tables in the engine's SQLite file (``settings.db_path``), schema ``MIGRATIONS``
-below (component ``iam`` of the file's ``schema_migrations``), on a connection
-of their own set up like every store's (``engine.sqlite_db``: WAL, busy timeout,
-``BEGIN IMMEDIATE`` for check-then-write). A secret key is stored only as the
-blob the service sealed under the HSM (``secret_sealed``); this module never
-sees it in clear. Checks that need the database (a taken name, a role still
-held, the access-key limit, an unknown custom role) run in the transaction of
-the write they guard and raise engine errors, which roll it back.
+Tables in the engine's store (``engine.sql_db``: the SQLite file, or ``[store] url``'s
+PostgreSQL database shared by every node), schema ``MIGRATIONS`` below (component
+``iam`` of ``schema_migrations``). A secret key is stored only as the blob the service
+sealed under the HSM (``secret_sealed``); this module never sees it in clear.
+
+With several processes on several machines: checks that need the database (a taken
+name, a role still held, the access-key limit, an unknown custom role) run in the
+``_transaction()`` of the write they guard (one writer of this store at a time on
+either backend) and raise engine errors, which roll it back. The wrong-password count
+is one atomic upsert (``ON CONFLICT ... RETURNING``): every node's failure counts.
+Console sessions are keyed by a random token's hash: creating one checks nothing.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from engine.iam.model import (
     new_id,
 )
 from engine.models import iso, parse_iso, utcnow
-from engine.sql_db import SqlDb
+from engine.sql_db import Dialects, Row, SqlDb
 
 # This store's schema, numbered from 1 and tracked as component "iam".
 MIGRATIONS: tuple[str, ...] = (
@@ -92,34 +95,49 @@ MIGRATIONS: tuple[str, ...] = (
     """,
 )
 
-# A user's roles, each with its custom actions (JSON; null for a built-in role), and
-# what the console's Principal needs: read anew on every console request.
-USER_PRINCIPAL_SQL = """
-    SELECT u.user_id, u.name AS user, u.enabled, u.cidrs, p.project_id, p.name AS project,
-           (SELECT json_group_array(json_array(r.role, c.actions))
+# A user's roles, each with its custom actions, as JSON text: [[role, actions], ...]
+# (actions: the custom role's JSON text; null for a role that is not custom). The
+# same text on both backends ('[]' for no role), read by the service's json.loads.
+ROLES_WITH_ACTIONS = Dialects(
+    sqlite="""(SELECT json_group_array(json_array(r.role, c.actions))
             FROM iam_user_roles r LEFT JOIN iam_roles c ON c.name = r.role
-            WHERE r.user_id = u.user_id) AS roles
-    FROM iam_users u JOIN iam_projects p ON p.project_id = u.project_id
-    WHERE u.user_id = ?"""
+            WHERE r.user_id = u.user_id)""",
+    postgresql="""(SELECT COALESCE(json_agg(json_build_array(r.role, c.actions)), '[]')::text
+            FROM iam_user_roles r LEFT JOIN iam_roles c ON c.name = r.role
+            WHERE r.user_id = u.user_id)""")
+# The user's role names, sorted, as a JSON array (text).
+ROLE_NAMES = Dialects(
+    sqlite="""(SELECT json_group_array(role) FROM (
+                SELECT role FROM iam_user_roles r WHERE r.user_id = u.user_id ORDER BY role))""",
+    postgresql="""(SELECT COALESCE(json_agg(r.role ORDER BY r.role), '[]')::text
+            FROM iam_user_roles r WHERE r.user_id = u.user_id)""")
 
-CALLER_SQL = """
+
+def _with_roles(template: str, roles: Dialects) -> Dialects:
+    return Dialects(sqlite=template.format(roles=roles.sqlite),
+                    postgresql=template.format(roles=roles.postgresql))
+
+
+# What the console's Principal needs: read anew on every console request.
+USER_PRINCIPAL_SQL = _with_roles("""
+    SELECT u.user_id, u.name AS user, u.enabled, u.cidrs, p.project_id, p.name AS project,
+           {roles} AS roles
+    FROM iam_users u JOIN iam_projects p ON p.project_id = u.project_id
+    WHERE u.user_id = ?""", ROLES_WITH_ACTIONS)
+
+CALLER_SQL = _with_roles("""
     SELECT k.access_key, k.secret_sealed, k.status, u.user_id, u.name AS user,
            u.enabled, u.cidrs, p.project_id, p.name AS project,
-           (SELECT json_group_array(json_array(r.role, c.actions))
-            FROM iam_user_roles r LEFT JOIN iam_roles c ON c.name = r.role
-            WHERE r.user_id = u.user_id) AS roles
+           {roles} AS roles
     FROM iam_access_keys k JOIN iam_users u ON u.user_id = k.user_id
          JOIN iam_projects p ON p.project_id = u.project_id
-    WHERE k.access_key = ?"""
+    WHERE k.access_key = ?""", ROLES_WITH_ACTIONS)
 
-USER_SELECT = """
+USER_SELECT = _with_roles("""
     SELECT u.user_id, u.name, u.project_id, p.name AS project, u.enabled, u.cidrs,
-           u.created_at,
-           (SELECT json_group_array(role) FROM (
-                SELECT role FROM iam_user_roles r WHERE r.user_id = u.user_id ORDER BY role
-           )) AS roles
+           u.created_at, {roles} AS roles
     FROM iam_users u JOIN iam_projects p ON p.project_id = u.project_id
-"""
+""", ROLE_NAMES)
 KEY_SELECT = """
     SELECT k.access_key, k.user_id, u.name AS user, u.project_id, p.name AS project,
            k.status, k.created_at
@@ -148,6 +166,9 @@ class SqliteIamStore(SqlDb):
                 await self._conn.execute(
                     "INSERT INTO iam_projects (project_id, name, created_at) VALUES (?, ?, ?) "
                     "ON CONFLICT (name) DO NOTHING", (new_id(), DEFAULT_PROJECT, iso(utcnow())))
+
+    def _sql(self, statement: Dialects) -> str:
+        return statement.for_dialect(self.dialect)
 
     # --- projects --------------------------------------------------------------------
 
@@ -183,13 +204,15 @@ class SqliteIamStore(SqlDb):
         """By 32-hex id or by name."""
         column = "u.user_id" if is_id(ref) else "u.name"
         async with self._locked():
-            row = await self._fetchone(f"{USER_SELECT} WHERE {column} = ?", (ref,))
+            row = await self._fetchone(f"{self._sql(USER_SELECT)} WHERE {column} = ?",
+                                       (ref,))
         return None if row is None else _user(row)
 
     async def list_users(self, project_id: str | None = None) -> list[User]:
         where, params = ("WHERE u.project_id = ?", (project_id,)) if project_id else ("", ())
         async with self._locked():
-            rows = await self._fetchall(f"{USER_SELECT} {where} ORDER BY u.name", params)
+            rows = await self._fetchall(f"{self._sql(USER_SELECT)} {where} ORDER BY u.name",
+                                        params)
         return [_user(r) for r in rows]
 
     async def create_user(self, user: User, builtin_roles: Collection[str]) -> None:
@@ -285,20 +308,25 @@ class SqliteIamStore(SqlDb):
         return await self._execute("UPDATE iam_access_keys SET status = ? WHERE access_key = ?",
                                    (status, access_key)) > 0
 
-    async def caller_row(self, access_key: str) -> sqlite3.Row | None:
+    async def caller_row(self, access_key: str) -> Row | None:
         """Everything a request needs about ``access_key``, in one statement (so one
         snapshot): the sealed SK, status, user, project, and each role of the user with
         its custom actions (JSON; null for a role that is not custom).
 
-        Read on a reader connection of this process, in the calling thread: a WAL
-        read of one indexed row never waits for writers and costs less than the hop
-        to the store's own thread. If the file is busy anyway (a recovery), the
-        store's connection reads it."""
-        try:
-            return self._reader().execute(CALLER_SQL, (access_key,)).fetchone()  # type: ignore[no-any-return]
-        except sqlite3.OperationalError:
-            async with self._locked():
-                return await self._fetchone(CALLER_SQL, (access_key,))
+        SQLite: read on a reader connection of this process, in the calling thread: a
+        WAL read of one indexed row never waits for writers and costs less than the
+        hop to the store's own thread. If the file is busy anyway (a recovery), the
+        store's connection reads it. PostgreSQL: one statement on the pool."""
+        if self.dialect == "sqlite":
+            try:
+                row: Row | None = self._reader().execute(
+                    CALLER_SQL.sqlite, (access_key,)).fetchone()
+                return row
+            except sqlite3.OperationalError:
+                pass
+        async with self._locked():
+            found: Row | None = await self._fetchone(self._sql(CALLER_SQL), (access_key,))
+        return found
 
     def _reader(self) -> sqlite3.Connection:
         if self._reader_conn is None:
@@ -338,18 +366,18 @@ class SqliteIamStore(SqlDb):
             return None
         return str(row[0]), None if row[1] is None else str(row[1]), bool(row[2])
 
-    async def user_principal_row(self, user_id: str) -> sqlite3.Row | None:
+    async def user_principal_row(self, user_id: str) -> Row | None:
         async with self._locked():
-            row = await self._fetchone(USER_PRINCIPAL_SQL, (user_id,))
+            row: Row | None = await self._fetchone(self._sql(USER_PRINCIPAL_SQL), (user_id,))
         return row
 
     async def create_session(self, token_hash: str, user_id: str, csrf: str,
                              now: datetime) -> None:
-        async with self._transaction():
-            await self._conn.execute(
-                "INSERT INTO iam_console_sessions (token_hash, user_id, csrf, created_at, "
-                "last_seen) VALUES (?, ?, ?, ?, ?)",
-                (token_hash, user_id, csrf, iso(now), iso(now)))
+        # One insert of a fresh random token's hash: nothing to check first.
+        await self._execute(
+            "INSERT INTO iam_console_sessions (token_hash, user_id, csrf, created_at, "
+            "last_seen) VALUES (?, ?, ?, ?, ?)",
+            (token_hash, user_id, csrf, iso(now), iso(now)))
 
     async def get_session(self, token_hash: str) -> tuple[str, str, datetime] | None:
         """(user id, CSRF token, last seen) of a session."""
@@ -390,16 +418,16 @@ class SqliteIamStore(SqlDb):
         return (0, None) if row is None else (int(row[0]), parse_iso(row[1]))
 
     async def add_sign_in_failure(self, name: str, now: datetime) -> int:
-        """One more wrong password for ``name``; the count now (every process sees it)."""
-        async with self._transaction():
-            await self._conn.execute(
+        """One more wrong password for ``name``; the count now (every process sees it).
+        One statement: concurrent failures on several nodes each count."""
+        async with self._locked():
+            rows = await self._fetchall(
                 "INSERT INTO iam_sign_in_failures (name, failures, last_failure) "
                 "VALUES (?, 1, ?) ON CONFLICT (name) DO UPDATE SET "
-                "failures = failures + 1, last_failure = excluded.last_failure",
+                "failures = iam_sign_in_failures.failures + 1, "
+                "last_failure = excluded.last_failure RETURNING failures",
                 (name, iso(now)))
-            row = await self._fetchone(
-                "SELECT failures FROM iam_sign_in_failures WHERE name = ?", (name,))
-        return 0 if row is None else int(row[0])
+        return int(rows[0][0]) if rows else 0
 
     async def clear_sign_in_failures(self, name: str) -> None:
         await self._execute("DELETE FROM iam_sign_in_failures WHERE name = ?", (name,))

@@ -232,7 +232,7 @@ async def _site_data(settings: Settings) -> tuple[str, str]:
         await ids.set_password("olga", PASSWORD)
         await ids.create_user("pete", project.name, ["DEW TaskReadOnlyAccess"])
         await ids.set_password("pete", PASSWORD)
-    store = await SqliteTaskStore.open(settings.db_path)
+    store = await SqliteTaskStore.open(settings.store_target)
     try:
         task_id, now = uuid.uuid4().hex, utcnow()
         await store.create_task(task_id, "engine.fail", {"message": "<b>boom</b>"}, now, now,

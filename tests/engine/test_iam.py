@@ -8,10 +8,11 @@ depend on no real service's catalog.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
-import sqlite3
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,7 @@ from engine.iam.service import SECRET_KEY_LABEL, Identities, resolve_project
 from engine.resources import Resources
 from engine.services import ServiceSpec
 from engine.settings import Settings
+from tests.pg_store import store_rows
 
 CATALOG = RoleCatalog(
     roles={
@@ -82,10 +84,9 @@ async def other(iam_settings: Settings, core: CryptoCore) -> AsyncIterator[Ident
     await identities.close()
 
 
-def db_rows(settings: Settings, sql: str, params: tuple[object, ...] = ()
-            ) -> list[tuple[object, ...]]:
-    with sqlite3.connect(settings.db_path, timeout=10) as db:
-        return db.execute(sql, params).fetchall()
+def db_rows(settings: Settings, sql: str, *params: object) -> list[tuple[object, ...]]:
+    """A statement on the store's database (either backend), behind the store's back."""
+    return store_rows(settings.store_target, sql, *params)
 
 
 # --------------------------------------------------------------------------- the store
@@ -100,7 +101,8 @@ async def test_the_default_project_exists_from_the_first_open(
     assert [p.name for p in await ids.list_projects()] == ["default"]
     assert db_rows(iam_settings, "SELECT version FROM schema_migrations WHERE component = 'iam'"
                    ) == [(2,)]
-    assert db_rows(iam_settings, "PRAGMA journal_mode") == [("wal",)]
+    if not iam_settings.store_target.url:
+        assert db_rows(iam_settings, "PRAGMA journal_mode") == [("wal",)]
 
 
 async def test_projects_users_and_access_keys(ids: Identities) -> None:
@@ -165,6 +167,25 @@ async def test_at_most_two_access_keys_per_user(ids: Identities) -> None:
         await ids.delete_access_key(second.access_key)
     with pytest.raises(NotFound, match="no user 'nobody'"):
         await ids.create_access_key("nobody")
+
+
+async def test_check_then_write_holds_with_writers_at_once(
+    ids: Identities, other: Identities
+) -> None:
+    """Two processes (their own connections) writing at once: the access-key limit and
+    the wrong-password count hold as with one writer."""
+    await ids.create_user("ken", "default")
+    made = await asyncio.gather(*(s.create_access_key("ken") for s in (ids, other) * 2),
+                                return_exceptions=True)
+    assert sorted(type(m).__name__ for m in made) == ["IdentityConflict", "IdentityConflict",
+                                                      "tuple", "tuple"]
+    assert len(await ids.list_access_keys("ken")) == 2
+
+    now = datetime(2026, 1, 1, 12, tzinfo=UTC)
+    counts = await asyncio.gather(*(s.store.add_sign_in_failure("ken", now)
+                                    for s in (ids, other) * 10))
+    assert sorted(counts) == list(range(1, 21))  # each counted once, each saw its own
+    assert await other.store.sign_in_failures("ken") == (20, now)
 
 
 async def test_a_change_applies_to_the_very_next_call_in_every_process(
@@ -310,11 +331,9 @@ async def test_a_sealed_secret_key_is_bound_to_its_access_key(
     two, two_secret = await ids.create_access_key("gina")
     blobs = {str(ak): blob for ak, blob in db_rows(
         iam_settings, "SELECT access_key, secret_sealed FROM iam_access_keys")}
-    with sqlite3.connect(iam_settings.db_path, timeout=10) as db:  # swap the two sealed SKs
-        db.execute("UPDATE iam_access_keys SET secret_sealed = ? WHERE access_key = ?",
-                   (blobs[two.access_key], one.access_key))
-        db.execute("UPDATE iam_access_keys SET secret_sealed = ? WHERE access_key = ?",
-                   (blobs[one.access_key], two.access_key))
+    swap = "UPDATE iam_access_keys SET secret_sealed = ? WHERE access_key = ?"
+    db_rows(iam_settings, swap, blobs[two.access_key], one.access_key)  # swap the sealed SKs
+    db_rows(iam_settings, swap, blobs[one.access_key], two.access_key)
     for record in (one, two):
         with pytest.raises(AuthenticationFailed) as refused:
             await ids.caller(record.access_key)
@@ -323,11 +342,8 @@ async def test_a_sealed_secret_key_is_bound_to_its_access_key(
         assert one_secret not in str(refused.value.to_dict())
         assert two_secret not in str(refused.value.to_dict())
 
-    with sqlite3.connect(iam_settings.db_path, timeout=10) as db:  # garbage, then truncated
-        db.execute("UPDATE iam_access_keys SET secret_sealed = ? WHERE access_key = ?",
-                   (b"\x01" + bytes(40), one.access_key))
-        db.execute("UPDATE iam_access_keys SET secret_sealed = ? WHERE access_key = ?",
-                   (b"\x01\x02", two.access_key))
+    db_rows(iam_settings, swap, b"\x01" + bytes(40), one.access_key)  # garbage
+    db_rows(iam_settings, swap, b"\x01\x02", two.access_key)  # truncated
     for record in (one, two):
         with pytest.raises(AuthenticationFailed, match="cannot be used"):
             await ids.caller(record.access_key)
@@ -346,9 +362,13 @@ async def test_no_secret_key_in_the_store_file_the_logs_or_a_repr(
     assert secret not in repr(caller) and secret not in repr(record)
     assert "secret_key" not in repr(caller)
     assert secret not in str(caller.principal("127.0.0.1"))
-    raw = b"".join(p.read_bytes() for p in (iam_settings.db_path,
-                                            Path(f"{iam_settings.db_path}-wal")) if p.exists())
-    assert record.access_key.encode() in raw  # the file was read, the AK is stored
+    if iam_settings.store_target.url:  # every column of every row of the store's tables
+        raw = repr(db_rows(iam_settings, "SELECT k.*, u.* FROM iam_access_keys k "
+                           "JOIN iam_users u ON u.user_id = k.user_id")).encode()
+    else:  # the file itself, and its WAL
+        raw = b"".join(p.read_bytes() for p in (
+            iam_settings.db_path, Path(f"{iam_settings.db_path}-wal")) if p.exists())
+    assert record.access_key.encode() in raw  # the store was read, the AK is stored
     assert secret.encode() not in raw
 
 

@@ -15,7 +15,7 @@ from engine.models import utcnow
 from engine.registry import default_registry
 from engine.settings import Settings
 from schedules import service
-from schedules.store import ScheduleRecord, SqliteScheduleStore
+from schedules.store import FiringRecord, ScheduleRecord, SqliteScheduleStore
 from tests.helpers import FakeClock
 
 T0 = datetime(2026, 1, 1, 12, 0, 30, tzinfo=UTC)
@@ -24,7 +24,7 @@ SLEEP = {"seconds": 0}
 
 @pytest.fixture
 async def store(settings: Settings) -> AsyncIterator[SqliteScheduleStore]:
-    s = await SqliteScheduleStore.open(settings.db_path)
+    s = await SqliteScheduleStore.open(settings.store_target)
     yield s
     await s.close()
 
@@ -49,7 +49,7 @@ async def test_every_minute_fires_once_per_slot_with_two_ticks_at_once(
     rec = await add(settings, store, "every-minute", "* * * * *", clock())
     assert (await service.fire_due(store, client, clock()))["fired"] == []  # nothing due yet
 
-    other_store = await SqliteScheduleStore.open(settings.db_path)
+    other_store = await SqliteScheduleStore.open(settings.store_target)
     try:
         async with await Client.open(settings) as other:
             for minute in (1, 2, 3):
@@ -70,6 +70,26 @@ async def test_every_minute_fires_once_per_slot_with_two_ticks_at_once(
     assert {f.kind for f in firings} == {"cron"}
     assert (await store.get("default", "every-minute")).last_slot == datetime(  # type: ignore[union-attr]
         2026, 1, 1, 12, 3, tzinfo=UTC)
+
+
+async def test_a_slot_is_recorded_once_by_ticks_at_once(
+    settings: Settings, store: SqliteScheduleStore,
+) -> None:
+    """Two processes' ticks advancing the same schedule from the same read: exactly
+    one moves the slot and records its firing; a firing written twice is one row."""
+    rec = await add(settings, store, "race", "* * * * *", T0)
+    slot = T0.replace(second=0) + timedelta(minutes=1)
+    firing = FiringRecord(rec.schedule_id, "cron", slot, "t-1", slot)
+    other_store = await SqliteScheduleStore.open(settings.store_target)
+    try:
+        moved = await asyncio.gather(*(s.advance(rec, slot, [firing])
+                                       for s in (store, other_store) * 3))
+        assert sorted(moved) == [False] * 5 + [True]
+        await asyncio.gather(store.add_firing(firing), other_store.add_firing(firing))
+    finally:
+        await other_store.close()
+    assert await store.firings(rec.schedule_id) == [firing]
+    assert (await store.get("default", "race")).last_slot == slot  # type: ignore[union-attr]
 
 
 async def test_slot_in_the_schedules_timezone(
