@@ -520,7 +520,9 @@ class SecretsService:
             return _skipped(name, account)
         kind = m.SecretType(secret.secret_type)
         lock = self._locks.setdefault(secret.secret_id, asyncio.Lock())
-        async with self.limiter.slot() as concurrent, lock:
+        # The lock: one run per secret in this process; the lease: in every process.
+        async with self.limiter.slot() as concurrent, lock, \
+                self.store.rotation_lease(secret.secret_id, task_id):
             started = self.clock()
             secret = await self._live(account, name, "rotate")  # fresh, under the lock
             # Checked again: waiting for a slot or the lock can take a while, and a

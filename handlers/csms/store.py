@@ -1,33 +1,43 @@
 """CSMS persistence: secrets, their encrypted versions, stages and rotation state.
 
-``SqliteCsmsStore`` keeps them in the task store's database (migration 3 of
-:mod:`engine.sqlite_store`), with its own aiosqlite connection, the same way
-:mod:`handlers.kms.store` does: WAL, every write under ``_tx_lock``, and
-multi-statement writes in ``BEGIN IMMEDIATE`` transactions so that two
-processes (worker, CLI) queue on the busy timeout; reads take ``_tx_lock`` too
-(see ``_read``), so no statement of one coroutine is open on the connection
-while another begins a transaction. Stage changes are
-compare-and-swap: the caller passes the stage map it decided from, and the
-write happens only if the stored map is still that one, so two writers never
-leave a stage on two versions or lose SYSCURRENT.
+``SqliteCsmsStore`` is a store of :mod:`engine.sql_db` (component ``csms``): in the
+SQLite file beside the task store, or in the PostgreSQL database every node shares.
+What must hold with several processes on several machines, and how:
+
+- Every check-then-write (a name taken, a stage map compared, a pending version
+  present, a secret due for rotation or deletion) is one ``_transaction()``: one
+  writer of this store at a time everywhere (SQLite's ``BEGIN IMMEDIATE``,
+  PostgreSQL's advisory lock of the store), so the check still holds at the write.
+- Stage changes are compare-and-swap: the caller passes the stage map it decided
+  from, and the write happens only if the stored map is still that one, so two
+  writers never leave a stage on two versions or lose SYSCURRENT.
+- One rotation of a secret at a time: a run holds the secret's rotation lease
+  (``rotation_lease()``: owner and expiry, taken by one conditional ``UPDATE``,
+  renewed while the run lasts); a run in another process or node waits for it. A
+  run that died leaves it to expire, or to its own task's re-run at once.
+- Rows are written only for a secret that is still there (SQLite does not check
+  the foreign keys; PostgreSQL would refuse the write): a secret deleted meanwhile
+  is ``Conflict(code="secret_gone")`` on both.
 
 Only ciphertext is stored: a version row holds the KMS-encrypted data key,
-the nonce and the AES-GCM ciphertext, never a value. sqlite3 errors become
-engine errors in :func:`engine.sqlite_db.sqlite_errors` and nowhere else.
+the nonce and the AES-GCM ciphertext, never a value. Backend errors become
+engine errors in the backend (``engine.sqlite_db``, ``engine.pg_db``) and nowhere else.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
-import sqlite3
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
-from engine.errors import Conflict
-from engine.models import iso, parse_iso
-from engine.sql_db import SqlDb
+from engine.errors import Conflict, DewError
+from engine.logs import get_logger
+from engine.models import iso, parse_iso, utcnow
+from engine.sql_db import Migration, Row, SqlDb
 
 SECRET_COLUMNS = (
     "secret_id, account, name, secret_type, kms_key, description, state, created_at, "
@@ -40,9 +50,15 @@ VERSION_COLUMNS = (
     "expire_time"
 )
 MAX_TAGS = 20  # per secret
+log = get_logger("dew.csms")
+
 PENDING = "SYSPENDING"
 CURRENT = "SYSCURRENT"
 PREVIOUS = "SYSPREVIOUS"
+# A rotation's lease on its secret: renewed every third of it while the run lasts,
+# so it lapses only when the run's process is gone (or stalled that long).
+LEASE_SECONDS = 60.0
+LEASE_POLL_SECONDS = 0.2  # how often a run waiting for another's lease looks again
 
 
 @dataclass(frozen=True)
@@ -89,8 +105,8 @@ class VersionRecord:
 
 
 # This store's schema, numbered from 1 and tracked as component "csms" in the
-# file's schema_migrations table (engine.sqlite_db). Scripts are idempotent.
-MIGRATIONS: tuple[str, ...] = (
+# database's schema_migrations table (engine.sql_db).
+MIGRATIONS: tuple[Migration, ...] = (
     # 1: csms: secrets (rotation schedule and state, failure count), versions, stages
     """
     CREATE TABLE IF NOT EXISTS csms_secrets (
@@ -151,6 +167,12 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (secret_id, tag_key)
     );
     """,
+    # 3: the rotation lease (one rotation of a secret at a time, in every process):
+    # who holds it (the run's task id) and until when (ISO UTC, text order is time order)
+    """
+    ALTER TABLE csms_secrets ADD COLUMN rotation_owner TEXT;
+    ALTER TABLE csms_secrets ADD COLUMN rotation_lease TEXT;
+    """,
 )
 
 
@@ -201,7 +223,7 @@ class SqliteCsmsStore(SqlDb):
                 "UPDATE csms_secrets SET next_version = next_version + 1 WHERE secret_id = ? "
                 "RETURNING next_version - 1", (secret_id,))
         if row is None:
-            raise Conflict("the secret was deleted meanwhile", code="secret_gone")
+            raise _gone()
         return int(row[0])
 
     async def set_state(
@@ -315,6 +337,7 @@ class SqliteCsmsStore(SqlDb):
         """Set ``put`` (a key's value is replaced) and delete ``remove``, in one
         transaction; None (nothing written) when the secret would pass ``max_tags``."""
         async with self._transaction():
+            await self._check_exists(secret_id)
             rows = await self._fetchall(
                 "SELECT tag_key, tag_value FROM csms_tags WHERE secret_id = ?", (secret_id,))
             tags = {str(r[0]): str(r[1]) for r in rows}
@@ -372,9 +395,9 @@ class SqliteCsmsStore(SqlDb):
                 " SELECT version_id FROM csms_versions v WHERE secret_id = ? AND NOT EXISTS"
                 " (SELECT 1 FROM csms_stages s WHERE s.secret_id = v.secret_id"
                 "  AND s.version_id = v.version_id)"
-                " ORDER BY seq LIMIT max(0, (SELECT COUNT(*) FROM csms_versions"
-                "  WHERE secret_id = ?) - ?))",
-                (version.secret_id, version.secret_id, version.secret_id, keep))
+                " ORDER BY seq LIMIT (SELECT CASE WHEN COUNT(*) > ? THEN COUNT(*) - ? ELSE 0"
+                "  END FROM csms_versions WHERE secret_id = ?))",
+                (version.secret_id, version.secret_id, keep, keep, version.secret_id))
             await self._touch(version.secret_id, now)
         return True
 
@@ -421,12 +444,13 @@ class SqliteCsmsStore(SqlDb):
         rotation is still ``due_at``; None otherwise: another run (in any process)
         rotated it, or the schedule changed, since the caller looked."""
         async with self._transaction():
-            if due_at is not None:
-                row = await self._fetchone(
-                    "SELECT next_rotation_at FROM csms_secrets WHERE secret_id = ?",
-                    (version.secret_id,))
-                if row is None or row[0] != iso(due_at):
-                    return None
+            row = await self._fetchone(
+                "SELECT next_rotation_at FROM csms_secrets WHERE secret_id = ?",
+                (version.secret_id,))
+            if row is None:
+                raise _gone()
+            if due_at is not None and row[0] != iso(due_at):
+                return None
             stages = await self._stages(version.secret_id)
             pending = stages.get(PENDING)
             if pending is None:
@@ -480,8 +504,62 @@ class SqliteCsmsStore(SqlDb):
                 (json.dumps(dict(failure), separators=(",", ":")), step, pending, iso(next_at),
                  iso(now), secret_id))
 
+    @contextlib.asynccontextmanager
+    async def rotation_lease(self, secret_id: str, owner: str) -> AsyncIterator[None]:
+        """Hold the secret's rotation lease for the block: one rotation of a secret at a
+        time in every process and node. Waits while another run holds it (until that
+        run ends, or its lease lapses); ``owner`` (the run's task id) takes it over at
+        once from an earlier run of the same task (that run's worker died). Raises
+        Conflict(secret_gone) if the secret is deleted meanwhile."""
+        while not await self.claim_rotation(secret_id, owner, LEASE_SECONDS):
+            await asyncio.sleep(LEASE_POLL_SECONDS)
+        renewal = asyncio.create_task(self._renew_lease(secret_id, owner))
+        try:
+            yield
+        finally:
+            renewal.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewal
+            # Shielded: a cancelled run still frees the secret (else it waits out the lease).
+            await asyncio.shield(self.release_rotation(secret_id, owner))
+
+    async def claim_rotation(self, secret_id: str, owner: str, seconds: float) -> bool:
+        """Take or renew the lease for ``seconds`` from now: one statement, so two
+        claims (any processes, any nodes) never both succeed. False: another holds it."""
+        now = utcnow()  # the wall clock (every node's, kept by NTP), not a service's
+        async with self._locked():
+            row = await self._fetchone(
+                "UPDATE csms_secrets SET rotation_owner = ?, rotation_lease = ? "
+                "WHERE secret_id = ? AND (rotation_owner IS NULL OR rotation_owner = ? "
+                "OR rotation_lease < ?) RETURNING 1",
+                (owner, iso(now + timedelta(seconds=seconds)), secret_id, owner, iso(now)))
+            if row is not None:
+                return True
+            await self._check_exists(secret_id)
+        return False
+
+    async def release_rotation(self, secret_id: str, owner: str) -> None:
+        await self._execute(
+            "UPDATE csms_secrets SET rotation_owner = NULL, rotation_lease = NULL "
+            "WHERE secret_id = ? AND rotation_owner = ?", (secret_id, owner))
+
+    async def _renew_lease(self, secret_id: str, owner: str) -> None:
+        while True:
+            await asyncio.sleep(LEASE_SECONDS / 3)
+            try:
+                if not await self.claim_rotation(secret_id, owner, LEASE_SECONDS):
+                    log.warning("rotation lease lost: this run was stalled past it",
+                                secret_id=secret_id, task_id=owner)
+            except DewError as exc:  # the store is away: the next renewal tries again
+                log.warning("rotation lease not renewed", secret_id=secret_id,
+                            code=exc.code, error=exc.message)
+
     # --- plumbing --------------------------------------------------------------------
 
+    async def _check_exists(self, secret_id: str) -> None:
+        if await self._fetchone("SELECT 1 FROM csms_secrets WHERE secret_id = ?",
+                                (secret_id,)) is None:
+            raise _gone()
 
     async def _step(
         self, secret_id: str, step: str, pending: str | None, task_id: str, now: datetime
@@ -521,6 +599,8 @@ class SqliteCsmsStore(SqlDb):
              v.nonce, v.ciphertext, v.expire_time))
 
 
+def _gone() -> Conflict:
+    return Conflict("the secret was deleted meanwhile", code="secret_gone")
 
 
 def _marks(n: int) -> str:
@@ -543,7 +623,7 @@ def _ts(text: str) -> datetime:
     return ts
 
 
-def _secret(row: sqlite3.Row) -> SecretRecord:
+def _secret(row: Row) -> SecretRecord:
     period = row["rotation_period"]
     failure = row["last_failure"]
     return SecretRecord(
@@ -563,7 +643,7 @@ def _secret(row: sqlite3.Row) -> SecretRecord:
     )
 
 
-def _version(row: sqlite3.Row) -> VersionRecord:
+def _version(row: Row) -> VersionRecord:
     return VersionRecord(
         secret_id=row["secret_id"], version_id=row["version_id"], seq=int(row["seq"]),
         created_at=_ts(row["created_at"]), kms_key_id=row["kms_key_id"],

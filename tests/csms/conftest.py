@@ -17,6 +17,7 @@ import os
 import pwd
 import secrets
 import shutil
+import sqlite3
 import ssl
 import subprocess
 import sys
@@ -33,12 +34,14 @@ import pytest
 from engine.crypto import CryptoCore, HsmConfig
 from engine.redis_server import free_port
 from engine.settings import Settings
+from engine.sql_db import StoreTarget
 from handlers.csms.service import SecretsService
 from handlers.csms.store import SqliteCsmsStore
 from handlers.kms.service import KmsService
 from handlers.kms.store import SqliteKmsStore
 from tests.csms.pki import Ca
 from tests.helpers import ROOT, FakeClock, WorkerProcess, dew_env
+from tests.pg_store import store_rows
 
 PG_BIN = Path(sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))[-1]).parent \
     if list(Path("/usr/lib/postgresql").glob("*/bin/initdb")) else Path("/nonexistent")
@@ -83,9 +86,9 @@ async def core(hsm_config: HsmConfig) -> AsyncIterator[CryptoCore]:
 @pytest.fixture
 async def csms(settings: Settings, core: CryptoCore) -> AsyncIterator[SecretsService]:
     """A secrets service in this process, on the test's database (real clock)."""
-    kms_store = await SqliteKmsStore.open(settings.db_path)
+    kms_store = await SqliteKmsStore.open(settings.store_target)
     kms = KmsService(kms_store, core, actor="test", audit_flush_interval=0, cache_ttl=0)
-    store = await SqliteCsmsStore.open(settings.db_path)
+    store = await SqliteCsmsStore.open(settings.store_target)
     yield SecretsService(store, kms, actor="test", db_timeout=2.0)
     await kms.close()
     await store.close()
@@ -94,6 +97,23 @@ async def csms(settings: Settings, core: CryptoCore) -> AsyncIterator[SecretsSer
             "SELECT token_label FROM kms_key_versions WHERE destroyed_at IS NULL"):
         await core.destroy_key(str(row[0]))
     await kms_store.close()
+
+
+def stored_bytes(target: StoreTarget) -> bytes:
+    """Everything the stores hold, as stored, to search for a value in clear: the
+    SQLite files (database, WAL), or every value of every table in PostgreSQL."""
+    if not target.url:
+        with sqlite3.connect(target.path, timeout=10) as db:
+            db.execute("PRAGMA wal_checkpoint(FULL)")
+            dump = "\n".join(db.iterdump()).encode()
+        files = target.path.parent.glob(target.path.name + "*")
+        return dump + b"".join(path.read_bytes() for path in files if path.is_file())
+    tables = store_rows(target, "SELECT table_name FROM information_schema.tables "
+                                "WHERE table_schema = 'public'")
+    return b"\n".join(
+        value if isinstance(value, bytes) else str(value).encode()
+        for (table,) in tables for row in store_rows(target, f"SELECT * FROM {table}")
+        for value in row)
 
 
 class EnvWorker(WorkerProcess):

@@ -4,23 +4,18 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 from pathlib import Path
 
 import pytest
 
 from engine.settings import Settings
 from tests.helpers import run_dew
+from tests.pg_store import store_rows
 
 
 def _secret_rows(settings: Settings) -> int:
-    if not settings.db_path.exists():
-        return 0
-    with sqlite3.connect(settings.db_path) as db:
-        try:
-            return int(db.execute("SELECT COUNT(*) FROM csms_secrets").fetchone()[0])
-        except sqlite3.OperationalError:
-            return 0
+    rows = store_rows(settings.store_target, "SELECT COUNT(*) FROM csms_secrets")
+    return int(str(rows[0][0])) if rows else 0
 
 
 @pytest.mark.parametrize("args", [

@@ -3,7 +3,7 @@
 opt-out). Proves the new password logs in and the old one does not, failures
 leave SYSCURRENT working and are recorded, a worker killed between steps 2 and
 4 is finished by the next one, scheduled rotations start on time with a
-concurrency bound, and no value is in clear in Redis, the SQLite files or the
+concurrency bound, and no value is in clear in Redis, the stores or the
 logs."""
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from engine.redis_server import RedisServer, free_port
 from engine.settings import Settings
 from handlers.csms import model as m
 from handlers.csms.service import PAUSE_AFTER_SET_ENV, ROTATE_JOB, SecretsService
-from tests.csms.conftest import EnvWorker, PgCluster, pg_login
+from tests.csms.conftest import EnvWorker, PgCluster, pg_login, stored_bytes
 from tests.helpers import run_dew, wait_for
 
 pytestmark = pytest.mark.slow
@@ -38,8 +38,8 @@ async def _doc(csms: SecretsService, name: str, stage: str = m.CURRENT) -> dict[
 
 def _scan_for(values: list[str], settings: Settings, redis_server: RedisServer,
               logs: list[Path]) -> list[str]:
-    """Where any of ``values`` appears in clear: Redis keys and values, the SQLite
-    files (database, WAL), the log files."""
+    """Where any of ``values`` appears in clear: Redis keys and values, the stores
+    (SQLite files, or PostgreSQL rows), the log files."""
     found = []
     r = redis.Redis.from_url(redis_server.url)
     blobs: list[tuple[str, bytes]] = []
@@ -56,6 +56,7 @@ def _scan_for(values: list[str], settings: Settings, redis_server: RedisServer,
             blobs.append((f"redis {key!r}", b" ".join(r.lrange(key, 0, -1))))
         elif kind == b"set":
             blobs.append((f"redis {key!r}", b" ".join(r.smembers(key))))
+    blobs.append(("the stores", stored_bytes(settings.store_target)))
     for path in [*settings.state_dir.rglob("dew.sqlite3*"), *logs,
                  *settings.log_file.parent.glob("*")]:
         if path.is_file():

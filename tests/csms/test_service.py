@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from datetime import timedelta
 from typing import Any
 
@@ -17,6 +17,7 @@ from engine.errors import InvalidInput, NotFound, SecurityError
 from engine.settings import Settings
 from handlers.csms import model as m
 from handlers.csms.service import (
+    PAUSE_AFTER_SET_ENV,
     ROTATE_JOB,
     SecretExists,
     SecretNotFound,
@@ -25,7 +26,9 @@ from handlers.csms.service import (
     enqueue_due_rotations,
 )
 from handlers.csms.store import SecretRecord, SqliteCsmsStore, VersionRecord
-from tests.csms.conftest import FakeClock
+from tests.csms.conftest import stored_bytes
+from tests.helpers import FakeClock
+from tests.pg_store import admin_sql, sqlite_only, store_rows
 
 VALUE = b"correct horse battery staple 7f3a"
 
@@ -61,7 +64,7 @@ async def test_versions_and_stages(csms: SecretsService) -> None:
 async def test_bad_input_changes_nothing(csms: SecretsService) -> None:
     await csms.create("s1", VALUE)
     before = await csms.describe("s1")
-    calls = [
+    calls: list[Callable[[], Awaitable[object]]] = [
         lambda: csms.put_version("s1", b"x" * (m.MAX_VALUE_BYTES + 1)),
         lambda: csms.set_stage("s1", "bad stage", "v1"),
         lambda: csms.set_stage("s1", "OK", "v7"),
@@ -92,8 +95,9 @@ async def test_deletion_window_restore_and_due_deletion(csms: SecretsService,
     await csms.create("old", VALUE)
     info = await csms.schedule_deletion("old", 7)
     assert info.record.state == "pending_deletion"
-    calls = [lambda: csms.get_value("old"), lambda: csms.put_version("old", b"x"),
-             lambda: csms.rotate("old")]
+    calls: list[Callable[[], Awaitable[object]]] = [
+        lambda: csms.get_value("old"), lambda: csms.put_version("old", b"x"),
+        lambda: csms.rotate("old")]
     for call in calls:
         with pytest.raises(SecretStateError, match="pending deletion"):
             await call()
@@ -117,15 +121,14 @@ async def test_values_are_enveloped_under_the_chosen_cmk(
     await csms.create("k2", VALUE)  # csms/default, created on first use
     keys = {k.key_alias for k in await csms.kms.list_keys()}  # type: ignore[attr-defined]
     assert {"team-key", "csms/default"} <= keys
-    with sqlite3.connect(settings.db_path) as db:
-        rows = db.execute("SELECT secret_id, wrapped_dek, ciphertext FROM csms_versions").fetchall()
-        dump = "\n".join(db.iterdump()).encode()
+    target = settings.store_target
+    rows = store_rows(target, "SELECT secret_id, wrapped_dek, ciphertext FROM csms_versions")
     assert len(rows) == 2 and rows[0][1] != rows[1][1]  # a fresh data key per version
-    assert VALUE not in dump and VALUE not in settings.db_path.read_bytes()
+    assert VALUE not in stored_bytes(target)
     # A ciphertext moved onto another secret does not open there.
-    with sqlite3.connect(settings.db_path) as db:
-        db.execute("UPDATE csms_versions SET ciphertext = (SELECT ciphertext FROM csms_versions "
-                   "WHERE secret_id = ?) WHERE secret_id = ?", (rows[0][0], rows[1][0]))
+    await admin_sql(target, "UPDATE csms_versions SET ciphertext = (SELECT ciphertext FROM "
+                    f"csms_versions WHERE secret_id = '{rows[0][0]}') "
+                    f"WHERE secret_id = '{rows[1][0]}'")
     other = "k1" if rows[1][0] == (await csms.store.get_secret("default", "k1")
                                    or pytest.fail()).secret_id else "k2"
     with pytest.raises(SecurityError, match="integrity check failed"):
@@ -197,7 +200,7 @@ async def test_a_scheduled_run_that_waited_for_a_slot_does_not_rotate_again(
     secret = await csms.store.get_secret("default", "once")
     assert secret is not None and secret.next_rotation_at is not None
     due = int(secret.next_rotation_at.timestamp())
-    store = await _LookingStore.open(settings.db_path)
+    store = await _LookingStore.open(settings.store_target)
     store.looked = asyncio.Event()
     service = SecretsService(store, csms.kms, clock=clock, max_rotations=1)
     try:
@@ -234,6 +237,7 @@ async def test_a_scheduled_rotation_starts_only_if_still_due(csms: SecretsServic
     assert (await csms.store.stages(secret_id))[m.PENDING] == "v8"
 
 
+@sqlite_only
 async def test_a_read_in_flight_does_not_fail_another_coroutines_transaction(
     csms: SecretsService, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -272,3 +276,30 @@ async def test_a_read_in_flight_does_not_fail_another_coroutines_transaction(
     await writer
     updated = await store.get_secret("default", "busy")
     assert updated is not None and updated.rotation_step == "create"
+
+
+async def test_one_rotation_of_a_secret_at_a_time_across_processes(
+    csms: SecretsService, settings: Settings, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two services on stores of their own (as in two worker processes, or on two
+    nodes: no lock in common but the store's rotation lease) rotate one secret at
+    once: the second run starts after the first has finished, and rotates again."""
+    monkeypatch.setenv(PAUSE_AFTER_SET_ENV, "0.3")  # each run holds the secret a while
+    await csms.create("one", VALUE)
+    store = await SqliteCsmsStore.open(settings.store_target)
+    other = SecretsService(store, csms.kms, actor="test", db_timeout=2.0)
+    try:
+        first, second = await asyncio.gather(csms.rotate("one", task_id="run-a"),
+                                             other.rotate("one", task_id="run-b"))
+    finally:
+        await store.close()
+    for result in (first, second):
+        assert result["steps"] == ["create", "set", "test", "finish"], result
+    runs = sorted((first, second), key=lambda r: str(r["started_at"]))
+    assert runs[0]["finished_at"] <= runs[1]["started_at"]  # one after the other
+    assert [v.version_id for v in await csms.list_versions("one")] == ["v1", "v2", "v3"]
+    assert (await csms.describe("one")).stages == {m.CURRENT: "v3", m.PREVIOUS: "v2"}
+    secret = await csms.store.get_secret("default", "one")
+    assert secret is not None
+    # Both runs let go of the lease: a third run (any task) takes it at once.
+    assert await csms.store.claim_rotation(secret.secret_id, "run-c", 60)

@@ -1,18 +1,16 @@
 """What the secrets service gained for the HTTPS API: versions with chosen stages and
 an expiry, stage times, update, immediate deletion, tags (all or nothing, at most
-20), search by tags and name, lookup by id; the store's migration 2 on a database
-made by migration 1; and the API module's pure request readers."""
+20), search by tags and name, lookup by id; and the API module's pure request readers
+(the store's migrations on an older database: tests/csms/test_store.py)."""
 
 from __future__ import annotations
 
 import json
-import sqlite3
 import string
 
 import pytest
 
 from engine.errors import InvalidInput
-from engine.settings import Settings
 from handlers.csms import api
 from handlers.csms import model as m
 from handlers.csms.service import (
@@ -21,7 +19,6 @@ from handlers.csms.service import (
     SecretsService,
     SecretStateError,
 )
-from handlers.csms.store import MIGRATIONS, SqliteCsmsStore
 
 VALUE = b"correct horse battery staple 7f3a"
 
@@ -90,29 +87,6 @@ async def test_tags_all_or_nothing_and_search(csms: SecretsService) -> None:
     assert names(await csms.search(tags={"env": ["prod"]}, account="other")) == ["svc-c"]
     await csms.delete_now("svc-a")  # tags go with the secret
     assert names(await csms.search(tags={"env": []})) == ["svc-b"]
-
-
-async def test_migration_2_on_a_database_of_migration_1(settings: Settings) -> None:
-    path = settings.db_path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(path)
-    conn.executescript(MIGRATIONS[0])
-    conn.execute("CREATE TABLE IF NOT EXISTS schema_migrations ("
-                 " component TEXT PRIMARY KEY, version INTEGER NOT NULL)")
-    conn.execute("INSERT INTO schema_migrations VALUES ('csms', 1)")
-    conn.execute(
-        "INSERT INTO csms_secrets (secret_id, account, name, secret_type, kms_key, state, "
-        "created_at, updated_at, next_version) VALUES ('id1', 'default', 'old', 'COMMON', "
-        "'csms/default', 'enabled', '2026-01-01T00:00:00Z', '2026-01-01T00:00:00Z', 2)")
-    conn.commit()
-    conn.close()
-    store = await SqliteCsmsStore.open(path)
-    try:
-        secret = await store.get_secret("default", "old")
-        assert secret is not None and secret.rotation_config == ""
-        assert await store.tags("id1") == {}
-    finally:
-        await store.close()
 
 
 def test_api_request_readers() -> None:
