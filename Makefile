@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 PYTEST_JOBS ?= 2
 # The store contract and end-to-end tests, run a second time with every store in
 # PostgreSQL (a private cluster per test process, tests/pg_store.py).
-PG_TESTS ?= tests/engine/test_store.py
+PG_TESTS ?= tests/engine/test_store.py tests/engine/test_iam.py tests/schedules/test_firing.py
 
 .PHONY: help setup system-packages venv bytecode init up down demo test lint bench clean
 
