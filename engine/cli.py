@@ -281,7 +281,7 @@ async def cmd_init(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     from redis.exceptions import RedisError
 
-    from engine.queue import unavailable
+    from engine.queue import redis_where, unavailable
     from engine.worker import run_worker
 
     try:
@@ -289,7 +289,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     except (RedisError, OSError) as exc:
         # arq's poll loop ends on a Redis outage longer than the retries; the task
         # store keeps every task, so a restarted worker (or `make up`) carries on.
-        raise unavailable(exc, settings.redis_url) from None
+        raise unavailable(exc, redis_where(settings)) from None
     return 0
 
 

@@ -15,6 +15,7 @@ Redis has, and a claim never takes a job that is running or not yet due.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 from collections.abc import AsyncIterator, Sequence
@@ -22,11 +23,12 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from arq.connections import ArqRedis, RedisSettings, create_pool
 from arq.constants import (
     abort_jobs_ss,
+    expires_extra_ms,
     in_progress_key_prefix,
     job_key_prefix,
     result_key_prefix,
@@ -35,10 +37,11 @@ from arq.constants import (
 from arq.jobs import serialize_job
 from arq.utils import timestamp_ms, to_unix_ms
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import MasterNotFoundError, Sentinel, SentinelManagedConnection
 from redis.backoff import ExponentialBackoff
 from redis.commands.core import AsyncScript
+from redis.exceptions import AuthenticationError, RedisError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from engine import serialization
@@ -46,33 +49,159 @@ from engine.batching import Batcher
 from engine.errors import BackendUnavailable, ConfigError
 from engine.job_signing import SIGNATURE_ARG
 from engine.lifecycle import RedisView
-from engine.settings import Settings
+from engine.settings import Settings, parse_sentinel
 
 
 def redis_settings(settings: Settings) -> RedisSettings:
-    try:
-        rs = RedisSettings.from_dsn(settings.redis_url)
-    except (RuntimeError, ValueError) as exc:
-        raise ConfigError(f"invalid redis.url {_shown(settings.redis_url)!r}: {exc}") from None
+    if settings.redis.sentinels:
+        # The Sentinels name the master; arq's create_pool (and our open_pool) give
+        # its connections this password and database.
+        rs = RedisSettings(host=sentinel_addresses(settings), sentinel=True,
+                           sentinel_master=settings.redis.sentinel_master, database=0)
+    else:
+        try:
+            rs = RedisSettings.from_dsn(settings.redis_url)
+        except (RuntimeError, ValueError) as exc:
+            raise ConfigError(
+                f"invalid redis.url {_shown(settings.redis_url)!r}: {exc}") from None
     if not rs.unix_socket_path:
         # Any local user (and more) reaches a TCP port: that Redis must ask for a password.
         rs.password = rs.password or redis_password(settings)
         if not rs.password:
+            fix = ("Give it one (requirepass / an ACL user) and set DEW_REDIS_PASSWORD, or "
+                   "[redis] password_file (mode 0600), or redis://:PASSWORD@host/ in redis.url.")
+            if settings.redis.sentinels:
+                fix = ("Give the master and its replicas one password (requirepass and "
+                       "masterauth: a replica may become the master) and set "
+                       "DEW_REDIS_PASSWORD, or [redis] password_file (mode 0600).")
             raise ConfigError(
-                f"the Redis at {_shown(settings.redis_url)} is reached over TCP without a "
-                "password",
-                fix="Give it one (requirepass / an ACL user) and set DEW_REDIS_PASSWORD, or "
-                "[redis] password_file (mode 0600), or redis://:PASSWORD@host/ in redis.url.",
-            )
+                f"the {redis_where(settings)} is reached over TCP without a password",
+                fix=fix)
     # Fail fast: a CLI call must not hang for long when Redis is down...
     rs.conn_timeout = 2
     rs.conn_retries = 2
     rs.conn_retry_delay = 0
-    # ...but ride out a restart: a dropped connection is re-opened and the
-    # command retried a few times (about 3 s in all) before it counts as down.
+    # ...but ride out a restart: a dropped connection is re-opened and the command
+    # retried a few times (about 3 s in all) before it counts as down. (With
+    # Sentinels, re-opening also waits for a failover: _FailoverConnection.)
     rs.retry = Retry(ExponentialBackoff(cap=1.0, base=0.1), 5)
     rs.retry_on_error = [RedisConnectionError, RedisTimeoutError]
     return rs
+
+
+def sentinel_addresses(settings: Settings) -> list[tuple[str, int]]:
+    """``[redis] sentinels`` as (host, port) pairs (checked when settings load)."""
+    return [parse_sentinel(entry) for entry in settings.redis.sentinels]
+
+
+def redis_where(settings: Settings) -> str:
+    """This process's Redis as messages name it (never with its password)."""
+    if settings.redis.sentinels:
+        return (f"Redis master {settings.redis.sentinel_master!r} of the Sentinels "
+                f"{', '.join(settings.redis.sentinels)}")
+    return f"Redis at {_shown(settings.redis_url)}"
+
+
+# How long a process waits for a master when the Sentinels name none that answers
+# (a failover: down-after-milliseconds, then a second or two of promotion).
+FAILOVER_WAIT = 10.0  # seconds
+
+
+class NoRedisMaster(RedisError):
+    """No Redis master to connect to: no Sentinel answers, or none named a master that
+    answered within ``FAILOVER_WAIT``. Not a ConnectionError, so a command's own
+    retries (``redis_settings``) do not wait for the failover once more."""
+
+
+class _Sentinels(Sentinel):
+    """redis-py's Sentinel client, telling "no Sentinel answers" (Redis is down for
+    us: fail now) from "no master is up" (a failover: worth waiting for)."""
+
+    async def discover_master(self, service_name: str) -> tuple[str, int]:
+        errors = []
+        for sentinel in self.sentinels:
+            try:
+                masters = await sentinel.sentinel_masters()  # type: ignore[no-untyped-call]
+            except (RedisConnectionError, RedisTimeoutError) as exc:
+                errors.append(f"{_where(sentinel)}: {exc}")
+                continue
+            state = masters.get(service_name)
+            if state and self.check_master_state(state, service_name):
+                # Ask this one first next time (as redis-py does).
+                at = self.sentinels.index(sentinel)
+                self.sentinels[0], self.sentinels[at] = sentinel, self.sentinels[0]
+                return state["ip"], int(state["port"])
+        if len(errors) == len(self.sentinels):
+            raise NoRedisMaster("no Sentinel answers (" + "; ".join(errors) + ")")
+        raise MasterNotFoundError(f"the Sentinels name no master {service_name!r} that is up")
+
+
+def _where(client: Any) -> str:
+    kwargs = client.connection_pool.connection_kwargs
+    return f"{kwargs.get('host')}:{kwargs.get('port')}"
+
+
+class _FailoverConnection(SentinelManagedConnection):
+    """A connection to the master the Sentinels name, asked again on each (re)connect.
+    While they name none that is up, or the one named refuses (it died and they
+    have not noticed yet), it waits up to ``FAILOVER_WAIT`` for the new master, so
+    a worker rides out a failover instead of ending."""
+
+    async def connect(self) -> None:
+        deadline = asyncio.get_running_loop().time() + FAILOVER_WAIT
+        delay = 0.05
+        while True:
+            try:
+                await self._connect_retry()  # type: ignore[no-untyped-call]
+                return
+            except AuthenticationError:
+                raise  # a wrong password: no failover mends that
+            except (RedisConnectionError, RedisTimeoutError) as exc:
+                if asyncio.get_running_loop().time() + delay > deadline:
+                    raise NoRedisMaster(
+                        f"no Redis master answered within {FAILOVER_WAIT:g} s: {exc}") from exc
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.5)
+
+
+async def open_pool(rs: RedisSettings, queue_name: str, expires_extra: int = expires_extra_ms,
+                    ) -> ArqRedis:
+    """arq's ``create_pool``, with JSON jobs. For a Sentinel master arq passes only the
+    password and database to its connections, not ``redis_settings``' timeouts and
+    retries, so that pool is made here, the way arq makes it otherwise."""
+    if not rs.sentinel:
+        return await create_pool(rs, job_serializer=serialization.dumps,
+                                 job_deserializer=serialization.loads,
+                                 default_queue_name=queue_name, expires_extra_ms=expires_extra)
+    assert not isinstance(rs.host, str)
+    # The Sentinels are asked without a password (theirs is not the master's).
+    timeouts = {"socket_connect_timeout": rs.conn_timeout, "socket_timeout": rs.conn_timeout}
+    sentinels = _Sentinels(  # type: ignore[no-untyped-call]
+        rs.host, sentinel_kwargs=timeouts, db=rs.database, username=rs.username,
+        password=rs.password, socket_connect_timeout=rs.conn_timeout, retry=rs.retry,
+        retry_on_error=rs.retry_on_error, max_connections=rs.max_connections,
+    )
+    pool = cast(ArqRedis, sentinels.master_for(rs.sentinel_master, redis_class=ArqRedis,
+                                               connection_class=_FailoverConnection))
+    pool.job_serializer = serialization.dumps
+    pool.job_deserializer = serialization.loads
+    pool.default_queue_name = queue_name
+    pool.expires_extra_ms = expires_extra
+    try:
+        # One try: connecting already waited for a failover (FAILOVER_WAIT).
+        await pool.ping()
+    except BaseException:
+        await close_pool(pool)
+        raise
+    return pool
+
+
+async def close_pool(pool: ArqRedis) -> None:
+    """Close ``pool``'s connections, and those to the Sentinels if it has any."""
+    await pool.aclose()
+    manager = getattr(pool.connection_pool, "sentinel_manager", None)
+    for client in getattr(manager, "sentinels", ()):
+        await client.aclose()
 
 
 def redis_password(settings: Settings) -> str:
@@ -96,19 +225,20 @@ def _shown(url: str) -> str:
     return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
 
 
-def unavailable(exc: BaseException, url: str) -> BackendUnavailable:
+def unavailable(exc: BaseException, where: str) -> BackendUnavailable:
+    """``where``: ``redis_where(settings)``."""
     return BackendUnavailable(
-        f"Redis at {_shown(url)} cannot be reached", cause=f"{type(exc).__name__}: {exc}"
+        f"{where} cannot be reached", cause=f"{type(exc).__name__}: {exc}"
     )
 
 
 @asynccontextmanager
-async def mapped_redis_errors(url: str) -> AsyncIterator[None]:
+async def mapped_redis_errors(where: str) -> AsyncIterator[None]:
     """The one place redis-py errors become engine errors."""
     try:
         yield
     except (RedisError, OSError) as exc:
-        raise unavailable(exc, url) from None
+        raise unavailable(exc, where) from None
 
 
 # KEYS: the queue, then each job's job key and result key; ARGV: each job's id,
@@ -241,27 +371,24 @@ def _text(value: bytes | str) -> str:
 class Queue:
     """arq's queue on one Redis, for the client and the sweeper."""
 
-    def __init__(self, pool: ArqRedis, queue_name: str, url: str) -> None:
+    def __init__(self, pool: ArqRedis, queue_name: str, where: str) -> None:
         self.pool = pool
         self.queue_name = queue_name
-        self.url = url
+        self.where = where  # redis_where(settings), for messages
         self._push_script: AsyncScript = pool.register_script(PUSH_SCRIPT)
         # Pushes that arrive together (a client enqueueing many jobs) share a round trip.
         self._pushes: Batcher[PushItem, bool] = Batcher(self._push_batch)
 
     @classmethod
     async def connect(cls, settings: Settings) -> Queue:
-        async with mapped_redis_errors(settings.redis_url):
-            pool = await create_pool(
-                redis_settings(settings),
-                job_serializer=serialization.dumps,
-                job_deserializer=serialization.loads,
-                default_queue_name=settings.redis.queue,
-            )
-        return cls(pool, settings.redis.queue, settings.redis_url)
+        rs = redis_settings(settings)
+        where = redis_where(settings)
+        async with mapped_redis_errors(where):
+            pool = await open_pool(rs, settings.redis.queue)
+        return cls(pool, settings.redis.queue, where)
 
     async def close(self) -> None:
-        await self.pool.aclose()
+        await close_pool(self.pool)
 
     async def push(
         self, task_id: str, name: str, args: dict[str, Any], due_at: datetime | None = None,
@@ -278,7 +405,7 @@ class Queue:
         for task_id, score, expires_ms, payload in items:
             keys += (job_key_prefix + task_id, result_key_prefix + task_id)
             args += (task_id, score, expires_ms, payload)
-        async with mapped_redis_errors(self.url):
+        async with mapped_redis_errors(self.where):
             reply = await self._push_script(keys=keys, args=args)
         return [bool(r) for r in reply]
 
@@ -286,7 +413,7 @@ class Queue:
         """What Redis knows of each job, in one round trip."""
         if not task_ids:
             return {}
-        async with mapped_redis_errors(self.url):
+        async with mapped_redis_errors(self.where):
             pipe = self.pool.pipeline(transaction=False)
             for task_id in task_ids:
                 pipe.zscore(self.queue_name, task_id)
@@ -306,12 +433,12 @@ class Queue:
 
     async def release(self, task_id: str) -> None:
         """Drop the in-progress lock of a job whose worker died, so another takes it."""
-        async with mapped_redis_errors(self.url):
+        async with mapped_redis_errors(self.where):
             await self.pool.delete(in_progress_key_prefix + task_id)
 
     async def result_error(self, task_id: str) -> str:
         """The error arq stored for a job that failed outside our runner."""
-        async with mapped_redis_errors(self.url):
+        async with mapped_redis_errors(self.where):
             raw = await self.pool.get(result_key_prefix + task_id)
         if raw is None:
             return "unknown"

@@ -48,6 +48,10 @@ class RedisSection:
     url: str = ""
     queue: str = "arq:queue"
     password_file: str = ""
+    # Redis Sentinel: "host:port" of each Sentinel; they name the master of
+    # ``sentinel_master`` (followed through failovers). Empty: ``url`` is used.
+    sentinels: tuple[str, ...] = ()
+    sentinel_master: str = "mymaster"
 
 
 @dataclass(frozen=True)
@@ -196,6 +200,11 @@ class Settings:
     def redis_url(self) -> str:
         # Absolute: in "unix://var/run/x.sock" a URL parser takes "var" for a host.
         return self.redis.url or f"unix://{self.redis_socket.absolute()}"
+
+    @property
+    def private_redis(self) -> bool:
+        """True when this node runs its own Redis (no ``url``, no Sentinels)."""
+        return not self.redis.url and not self.redis.sentinels
 
     def replace(self, **sections: Any) -> Settings:
         """A copy with some keys changed: ``replace(worker={"max_jobs": 5})``."""
@@ -406,10 +415,27 @@ def parse_listen(text: str) -> tuple[str, int]:
     return host, port
 
 
+def parse_sentinel(text: str) -> tuple[str, int]:
+    """One ``[redis] sentinels`` entry, ``host:port`` or ``[v6 address]:port`` ->
+    (host, port); ConfigError naming the setting if malformed."""
+    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:([0-9]{1,5})|([^\s:\[\],/@]+):([0-9]{1,5})",
+                         text)
+    port = int(match.group(2) or match.group(4)) if match else 0
+    if match is None or not 1 <= port <= 65535:
+        raise ConfigError(
+            f"redis.sentinels: each entry must be host:port (port 1-65535) of a Redis "
+            f"Sentinel, got {text!r}",
+            fix="e.g. sentinels = [\"10.0.0.1:26379\", \"10.0.0.2:26379\"], or "
+                "DEW_REDIS_SENTINELS=10.0.0.1:26379,10.0.0.2:26379")
+    return match.group(1) or match.group(3), port
+
+
 def _validate(s: Settings, origin: str) -> None:
     try:
         parse_listen(s.api.listen)
         check_store_url(s.store.url)
+        for entry in s.redis.sentinels:
+            parse_sentinel(entry)
     except ConfigError as exc:
         raise ConfigError(f"{origin}: {exc.message}", fix=exc.fix) from None
     checks = [
@@ -443,6 +469,18 @@ def _validate(s: Settings, origin: str) -> None:
         (
             not s.redis.url or s.redis.url.startswith(("redis://", "rediss://", "unix://")),
             "redis.url must start with redis://, rediss:// or unix://",
+        ),
+        (
+            # The Sentinels name the master: a URL beside them would be a second truth.
+            not (s.redis.url and s.redis.sentinels),
+            "redis.url and redis.sentinels exclude each other: the Sentinels name the "
+            "master (set url = \"\", and the password in DEW_REDIS_PASSWORD or "
+            "redis.password_file)",
+        ),
+        (
+            bool(re.fullmatch(r"[A-Za-z0-9._-]+", s.redis.sentinel_master)),
+            "redis.sentinel_master must be a Sentinel master name (letters, digits, . _ -), "
+            f"got {s.redis.sentinel_master[:80]!r}",
         ),
         (1 <= s.store.pool_max <= 1000, "store.pool_max must be between 1 and 1000"),
         (0 <= s.store.pool_min <= s.store.pool_max,

@@ -4,7 +4,8 @@ They run in the background with pid files under ``STATE_DIR/run`` and their
 terminal output in ``STATE_DIR/logs/{worker,api}.out``; ``down`` stops exactly
 those processes and nothing else (the API first, then the worker, then Redis).
 The private Redis (AOF on, a unix socket, no TCP port) is started only when
-``redis.url`` is empty; with a configured Redis only the worker and the API are.
+``redis.url`` and ``redis.sentinels`` are empty; with a configured Redis (or
+Sentinels) only the worker and the API are.
 ``up`` returns once the worker beats and the API's port answers.
 """
 
@@ -76,7 +77,7 @@ def up(settings: Settings, config_file: str | None = None, timeout: float = 20.0
     private_dir(settings.state_dir)
     private_dir(settings.run_dir)
     private_dir(settings.log_file.parent)
-    if not settings.redis.url and status(settings).redis_pid is None:
+    if settings.private_redis and status(settings).redis_pid is None:
         private_redis(settings).start(daemonize=True)
     if status(settings).worker_pid is None:
         proc = _start(settings, "worker", config_file)
@@ -117,7 +118,7 @@ def down(settings: Settings) -> StackStatus:
         if pid is not None:
             stop_pid(pid, timeout=15)
         (settings.run_dir / f"{name}.pid").unlink(missing_ok=True)
-    if not settings.redis.url:
+    if settings.private_redis:
         redis = _pid("redis.pid", settings)
         if redis is not None:
             stop_pid(redis, timeout=15)

@@ -34,7 +34,16 @@ from engine.job_signing import SIGNATURE_ARG, JobSigner
 from engine.logs import get_logger
 from engine.models import WorkerRecord, utcnow
 from engine.private import private_umask
-from engine.queue import Claimed, JobClaimer, JobFinisher, Queue, redis_settings
+from engine.queue import (
+    Claimed,
+    JobClaimer,
+    JobFinisher,
+    Queue,
+    close_pool,
+    open_pool,
+    redis_settings,
+    redis_where,
+)
 from engine.registry import JobSpec, Registry, default_registry
 from engine.resources import Resources
 from engine.runner import TaskRunner
@@ -92,6 +101,20 @@ class DewWorker(Worker):
         self._claimer: JobClaimer | None = None
         self._finisher: JobFinisher | None = None
         self._claimed: dict[str, Claimed] = {}
+
+    async def main(self) -> None:
+        # Our pool, not arq's: for a Sentinel master arq's leaves out the timeouts
+        # and retries that carry the worker through a failover (engine.queue.open_pool).
+        if self._pool is None and self.redis_settings is not None:
+            self._pool = await open_pool(self.redis_settings, self.queue_name,
+                                         self.expires_extra_ms)
+        await super().main()
+
+    async def close(self) -> None:
+        pool = self._pool
+        await super().close()
+        if pool is not None:
+            await close_pool(pool)  # also the connections to the Sentinels
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
         if self._claimer is None:
@@ -307,7 +330,7 @@ def build_worker(
 
     async def on_startup(ctx: dict[str, Any]) -> None:
         store = await open_store(settings)
-        queue = Queue(ctx["redis"], settings.redis.queue, settings.redis_url)
+        queue = Queue(ctx["redis"], settings.redis.queue, redis_where(settings))
         state = WorkerState(
             settings=settings, worker_id=worker_id, store=store, queue=queue,
             runner=TaskRunner(settings, store, worker_id, Resources(settings)),

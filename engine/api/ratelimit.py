@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from limits import RateLimitItem, parse_many
-from limits.aio.storage import RedisStorage
+from limits.aio.storage import RedisSentinelStorage, RedisStorage
 from limits.aio.strategies import MovingWindowRateLimiter
 from limits.errors import StorageError
 from redis.exceptions import RedisError
@@ -52,6 +52,31 @@ def storage_uri(url: str) -> str:
     if url.startswith("unix://"):
         return "async+redis+unix://" + url.removeprefix("unix://")
     return "async+" + url
+
+
+def sentinel_uri(sentinels: Sequence[str], master: str) -> str:
+    """Our ``[redis] sentinels`` and ``sentinel_master`` in ``limits``' notation."""
+    return f"async+redis+sentinel://{','.join(sentinels)}/{master}"
+
+
+def _storage(settings: Settings) -> RedisStorage:
+    options: dict[str, Any] = {"socket_timeout": TIMEOUT, "socket_connect_timeout": TIMEOUT}
+    rs = redis_settings(settings)  # ConfigError: a TCP Redis without a password
+    if rs.password:
+        options["password"] = rs.password
+    prefix = f"dew:api-limits:{settings.redis.queue}"
+    if settings.redis.sentinels:
+        # The Sentinels are asked without the master's password (limits would pass it on).
+        to_sentinels: dict[str, Any] = {"password": None, "socket_timeout": TIMEOUT,
+                                        "socket_connect_timeout": TIMEOUT}
+        return RedisSentinelStorage(
+            sentinel_uri(settings.redis.sentinels, settings.redis.sentinel_master),
+            implementation="redispy", wrap_exceptions=True, key_prefix=prefix,
+            use_replicas=False,  # the master counts: a replica may lag behind it
+            sentinel_kwargs=to_sentinels, **options,
+        )
+    return RedisStorage(storage_uri(settings.redis_url), implementation="redispy",
+                        wrap_exceptions=True, key_prefix=prefix, **options)
 
 
 class OverLimit(Throttled):
@@ -79,15 +104,7 @@ class RateLimits:
         # (bucket, project, rate) -> [calls taken from Redis and not spent yet, until when]
         self._taken: dict[tuple[str, str, str], list[float]] = {}
         if limiter is None:
-            options: dict[str, Any] = {"socket_timeout": TIMEOUT,
-                                       "socket_connect_timeout": TIMEOUT}
-            rs = redis_settings(settings)  # ConfigError: a TCP Redis without a password
-            if rs.password:
-                options["password"] = rs.password
-            self._storage = RedisStorage(
-                storage_uri(settings.redis_url), implementation="redispy", wrap_exceptions=True,
-                key_prefix=f"dew:api-limits:{settings.redis.queue}", **options,
-            )
+            self._storage = _storage(settings)
             limiter = MovingWindowRateLimiter(self._storage)
         self.limiter = limiter
 
@@ -140,6 +157,10 @@ class RateLimits:
         return bool(await self.limiter.hit(item, bucket, project_id))
 
     async def close(self) -> None:
-        storage = getattr(getattr(self._storage, "bridge", None), "storage", None)
-        if storage is not None:
-            await storage.aclose()
+        bridge = getattr(self._storage, "bridge", None)
+        # The master's client; with Sentinels also the replicas' and the Sentinels'.
+        clients = [getattr(bridge, "storage", None), getattr(bridge, "storage_replica", None),
+                   *getattr(getattr(bridge, "sentinel", None), "sentinels", ())]
+        for client in clients:
+            if client is not None:
+                await client.aclose()
