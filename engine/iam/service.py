@@ -443,19 +443,30 @@ class Identities:
         store so that every API process applies it."""
         console = self.settings.console
         now = self.clock()
-        failures, last = await self.store.sign_in_failures(name)
-        until = locked_until(failures, last, console.lockout_after, console.lockout_seconds,
-                             console.lockout_max_seconds)
-        if until is not None and now < until:
-            raise SignInThrottled((until - now).total_seconds())
+        key = name[:64]
+
+        def wait(failures: int, last: datetime | None) -> float:
+            until = locked_until(failures, last, console.lockout_after,
+                                 console.lockout_seconds, console.lockout_max_seconds)
+            return 0.0 if until is None or now >= until else (until - now).total_seconds()
+
+        failures, last = await self.store.sign_in_failures(key)
+        if pause := wait(failures, last):
+            raise SignInThrottled(pause)
+        # The attempt counts as a failure before its password is checked (a right one
+        # clears the count): guesses sent at once, to one process or several, each see
+        # the others' and only the first ``lockout_after`` are checked at all.
+        count = await self.store.add_sign_in_failure(key, now)
+        if count - 1 > failures and (pause := wait(count - 1, last or now)):
+            log.info("iam.sign_in_refused", user=key, failures=count)
+            raise SignInThrottled(pause)
         found = await self.store.password_of(name) if NAME.fullmatch(name) else None
         stored = found[1] if found is not None else None
         right = await asyncio.to_thread(verify_password, stored, password)
         if found is None or not right or not found[2]:
-            count = await self.store.add_sign_in_failure(name[:64], now)
-            log.info("iam.sign_in_refused", user=name[:64], failures=count)
+            log.info("iam.sign_in_refused", user=key, failures=count)
             raise SignInRefused()
-        await self.store.clear_sign_in_failures(name)
+        await self.store.clear_sign_in_failures(key)
         log.info("iam.signed_in", user=name, user_id=found[0])
         return found[0]
 

@@ -142,6 +142,26 @@ async def test_wrong_passwords_in_a_row_slow_that_name_down(settings: Settings) 
             await ids.sign_in("nobody", "x-password")
 
 
+@pytest.mark.slow
+async def test_guesses_sent_at_once_are_checked_no_more_than_the_limit(
+    settings: Settings,
+) -> None:
+    """A burst of parallel guesses (one process or several) must not all be checked
+    before the first failures are counted: only ``lockout_after`` of them are."""
+    settings = settings.replace(console={"lockout_after": 2, "lockout_seconds": 30})
+    async with await Identities.open(settings) as ids, \
+            await Identities.open(settings) as other:
+        await _user(ids, "grace")
+        results = await asyncio.gather(
+            *((ids if n % 2 else other).sign_in("grace", f"guess-{n}") for n in range(8)),
+            return_exceptions=True)
+        checked = [r for r in results if isinstance(r, SignInRefused)]
+        assert len(checked) <= 2 and len(checked) + sum(
+            isinstance(r, SignInThrottled) for r in results) == 8, results
+        with pytest.raises(SignInThrottled):
+            await ids.sign_in("grace", PASSWORD)
+
+
 def test_the_default_slows_down_after_five() -> None:
     assert load_settings().console.lockout_after == 5
 
