@@ -72,26 +72,29 @@ SCHEMES = ("postgresql", "postgres")
 
 
 def check_store_url(url: str) -> str:
-    """``[store] url``: empty (SQLite) or a ``postgresql://`` URL; else ConfigError (exit 2)."""
+    """``[store] url``: empty (SQLite) or a ``postgresql://`` URL, one host or several
+    (``HOST1:5432,HOST2:5432``: the first that takes writes, with
+    ``?target_session_attrs=read-write``); else ConfigError (exit 2)."""
     if not url:
         return url
     parts = urllib.parse.urlsplit(url)
+    shown = redact_url(url)
     if parts.scheme not in SCHEMES:
         raise ConfigError(
-            f"[store] url {redact_url(url)!r} is not a PostgreSQL URL",
+            f"[store] url {shown!r} is not a PostgreSQL URL",
             fix="Use postgresql://USER@HOST:PORT/DATABASE, or leave it empty for the "
                 "embedded SQLite file.")
-    try:
-        parts.port  # noqa: B018 - raises on a port that is not a number
-    except ValueError:
-        raise ConfigError(f"[store] url {redact_url(url)!r} has a bad port",
-                          fix="Write the port as a number: postgresql://HOST:5432/DB.") from None
-    database = parts.path.lstrip("/")
-    if not database and "dbname=" not in parts.query:
-        raise ConfigError(f"[store] url {redact_url(url)!r} names no database",
+    hosts = parts.netloc.rpartition("@")[2]
+    for host in hosts.split(",") if hosts else []:
+        port = host.rpartition("]")[2].rpartition(":")[2] if ":" in host else ""
+        if port and not (port.isdigit() and 1 <= int(port) <= 65535):
+            raise ConfigError(f"[store] url {shown!r} has a bad port {port!r}",
+                              fix="Write the port as a number: postgresql://HOST:5432/DB.")
+    if not parts.path.lstrip("/") and "dbname=" not in parts.query:
+        raise ConfigError(f"[store] url {shown!r} names no database",
                           fix="End the URL with /DATABASE.")
-    if not parts.hostname and "host=" not in parts.query:
-        raise ConfigError(f"[store] url {redact_url(url)!r} names no host",
+    if not hosts and "host=" not in parts.query:
+        raise ConfigError(f"[store] url {shown!r} names no host",
                           fix="Give the host (or ?host=/run/postgresql for a socket).")
     return url
 
@@ -144,7 +147,8 @@ class Backend(Protocol):
     @property
     def conn(self) -> Any:
         """What stores call directly inside ``_transaction()``: aiosqlite's
-        ``execute(sql, params)`` (awaited, or ``async with``) and ``execute_fetchall``."""
+        ``execute(sql, params)`` (awaited, or ``async with``), ``executemany(sql, rows)``
+        and ``execute_fetchall``."""
 
     def mapped(self, what: str, code: str, fix: str) -> AbstractAsyncContextManager[None]: ...
 

@@ -106,11 +106,28 @@ async def test_postgresql_going_away_is_a_retryable_error_and_coming_back_heals(
         await store.close()
 
 
+async def test_a_url_of_several_hosts_takes_the_one_that_answers(
+    pg_store_url: str, store_cluster: StoreCluster, tmp_path: Path,
+) -> None:
+    """High availability on the client side: a standby list, as libpq writes it."""
+    port = f":{store_cluster.port}/"
+    url = pg_store_url.replace(port, f",127.0.0.1{port}").replace("@127.0.0.1", "@127.0.0.1:1")
+    assert "@127.0.0.1:1,127.0.0.1:" in url
+    store = await SqliteTaskStore.open(StoreTarget(tmp_path / "dew.sqlite3", url))
+    try:
+        now = utcnow()
+        await store.create_task("t", "engine.echo", {}, now, now)
+        assert [t.task_id for t in await store.list_tasks()] == ["t"]
+    finally:
+        await store.close()
+
+
 @pytest.mark.parametrize(
     ("url", "code", "message"),
     [
         ("mysql://127.0.0.1/dew", 2, "[store] url 'mysql://127.0.0.1/dew' is not a PostgreSQL"),
-        ("postgresql://127.0.0.1:99999/dew", 2, "has a bad port"),
+        ("postgresql://127.0.0.1:99999/dew", 2, "has a bad port '99999'"),
+        ("postgresql://h1:5432,h2:x/dew", 2, "has a bad port 'x'"),
         ("postgresql://127.0.0.1:5432", 2, "names no database"),
         ("postgresql://dew:s3cret@127.0.0.1:1/dew", 1,
          "PostgreSQL at postgresql://dew:***@127.0.0.1:1/dew cannot be reached"),
