@@ -47,6 +47,9 @@ TASK_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 ENGINE_GROUPS = (
     ServiceSpec("iam", commands={"iam": "identities of the HTTPS API: projects, users, "
                                         "access keys, roles"}, cli="engine.iam.cli"),
+    # One HSM for several nodes: `dew hsm serve` exports this node's token (p11-kit).
+    ServiceSpec("hsm", commands={"hsm": "share this node's HSM token with other nodes "
+                                        "(p11-kit server)"}, cli="engine.hsm_serve"),
 )
 
 

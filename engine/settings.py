@@ -90,6 +90,9 @@ class HsmSection:
     slot: int = -1
     pin_file: str = ""
     pool_size: int = 2
+    # p11-kit client module only: the socket `dew hsm serve` (p11-kit server) exports
+    # the token on, "unix:path=/path/to/socket" ("": P11_KIT_SERVER_ADDRESS).
+    server_address: str = ""
 
 
 @dataclass(frozen=True)
@@ -466,6 +469,12 @@ def _validate(s: Settings, origin: str) -> None:
         (bool(s.redis.queue), "redis.queue must not be empty"),
         (1 <= s.hsm.pool_size <= 64, "hsm.pool_size must be between 1 and 64"),
         (s.hsm.slot >= -1, "hsm.slot must be -1 (find the token by label) or a slot number"),
+        (
+            not s.hsm.server_address or (s.hsm.server_address.startswith("unix:path=")
+                                         and len(s.hsm.server_address) > 10),
+            "hsm.server_address must be unix:path=SOCKET (a local unix socket; reach "
+            "another machine's through a forwarded socket)",
+        ),
         (
             not s.redis.url or s.redis.url.startswith(("redis://", "rediss://", "unix://")),
             "redis.url must start with redis://, rediss:// or unix://",

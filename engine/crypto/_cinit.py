@@ -7,7 +7,12 @@
 * ``C_InitToken``: python-pkcs11 0.10 has no binding for it.
 
 ctypes ``dlopen``s the same path python-pkcs11 opens later; the dynamic linker
-hands both the same loaded library, so the initialisation is shared.
+hands both the same loaded library, so the initialisation is shared, as long as
+the module's ``C_GetFunctionList`` returns one list for the process (SoftHSM and
+most vendor libraries). p11-kit's client hands out a new list, with its own
+connection, on every call: it is initialised by python-pkcs11 instead (see
+:mod:`engine.crypto._remote`), and so is any other module whose list turns out
+not to be the one we initialised (``C_Finalize`` undoes ours then).
 """
 
 from __future__ import annotations
@@ -45,11 +50,11 @@ class _CVersion(ctypes.Structure):
 
 
 _C_Initialize = ctypes.CFUNCTYPE(CK_RV, ctypes.c_void_p)
+_C_Finalize = ctypes.CFUNCTYPE(CK_RV, ctypes.c_void_p)
 _C_InitToken = ctypes.CFUNCTYPE(CK_RV, CK_ULONG, ctypes.c_char_p, CK_ULONG, ctypes.c_char_p)
 
 # CK_FUNCTION_LIST up to C_InitToken, in the order the standard fixes.
 _SKIPPED = (
-    "C_Finalize",
     "C_GetInfo",
     "C_GetFunctionList",
     "C_GetSlotList",
@@ -64,6 +69,7 @@ class _CFunctionList(ctypes.Structure):
     _fields_ = [
         ("version", _CVersion),
         ("C_Initialize", _C_Initialize),
+        ("C_Finalize", _C_Finalize),
         *((name, ctypes.c_void_p) for name in _SKIPPED),
         ("C_InitToken", _C_InitToken),
     ]
@@ -83,6 +89,10 @@ class RawModule:
             return int(self.functions.C_Initialize(None))
         args = _CInitializeArgs(None, None, None, None, CKF_OS_LOCKING_OK, None)
         return int(self.functions.C_Initialize(ctypes.cast(ctypes.pointer(args), ctypes.c_void_p)))
+
+    def finalize(self) -> int:
+        """``C_Finalize`` of this function list; returns the CK_RV."""
+        return int(self.functions.C_Finalize(None))
 
     def init_token(self, slot_id: int, so_pin: str, label: str) -> int:
         """``C_InitToken``; returns the CK_RV. The label is blank-padded to 32 bytes."""

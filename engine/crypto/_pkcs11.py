@@ -11,6 +11,10 @@ attaches to it through :class:`_AttachedLib`. If the module refuses OS locking
 plain initialisation and report ``os_locking=False``; the pool then uses one
 session on one thread.
 
+A p11-kit client module (a token served over a socket) is not initialised that
+way: :mod:`engine.crypto._remote` explains why, and its ``RemoteToken`` takes
+the place of the python-pkcs11 Token (reconnecting when the server comes back).
+
 Login: PKCS#11 login state belongs to the application, not to a session, and
 closing the session that logged in logs out every session. So one "anchor"
 session per token logs in, reference-counted across the process; worker
@@ -54,9 +58,15 @@ from pkcs11 import (
 from pkcs11 import _pkcs11 as _native
 from pkcs11.util.ec import encode_named_curve_parameters
 
-from engine.crypto import _cinit
+from engine.crypto import _cinit, _remote, gcm_ecb
 from engine.crypto.config import HsmConfig, ensure_softhsm_conf
-from engine.crypto.errors import IntegrityCheckFailed, KeyExists, KeyNotFound, KeyUsageError
+from engine.crypto.errors import (
+    HsmUnreachable,
+    IntegrityCheckFailed,
+    KeyExists,
+    KeyNotFound,
+    KeyUsageError,
+)
 from engine.crypto.model import GCM_TAG_BYTES, KeyFamily, KeyInfo, KeySpec, Sealed, SignAlgorithm
 from engine.crypto.oaep import decryption_failed
 from engine.errors import (
@@ -85,6 +95,13 @@ class StaleHandle(KeyNotFound):
 
 class SessionLost(BackendUnavailable):
     """The session is gone (closed, device removed); the pool drops it and reopens."""
+
+
+class ConnectionLost(SessionLost, HsmUnreachable):
+    """The module's device (for p11-kit: its socket) is gone: the pool drops the
+    session, and the next one is opened on a new connection (``_remote``)."""
+
+    code = "hsm_unreachable"
 
 
 def _unsupported(action: str, label: str | None, exc: p11e.PKCS11Error) -> DewError:
@@ -171,10 +188,19 @@ def _map(exc: p11e.PKCS11Error, action: str, label: str | None, integrity: bool)
         return InvalidInput(f"the HSM refused the data length for {what}", cause=name)
     if isinstance(exc, p11e.SessionHandleInvalid | p11e.SessionClosed | p11e.UserNotLoggedIn):
         return SessionLost(f"the HSM session was lost during {what}", cause=name)
+    if isinstance(exc, p11e.DeviceError | p11e.DeviceRemoved | p11e.TokenNotPresent) or (
+            _remote.not_initialised(exc)):
+        # What p11-kit's client answers once its socket is gone (measured): retried,
+        # and the next session is opened on a new connection.
+        addresses = _remote.known_addresses()
+        where = f" (p11-kit socket {addresses})" if addresses else ""
+        return ConnectionLost(
+            f"the HSM became unreachable during {what}{where}",
+            cause="CKR_CRYPTOKI_NOT_INITIALIZED" if name == "PKCS11Error" else name,
+        )
     if isinstance(
         exc,
-        p11e.DeviceError | p11e.DeviceRemoved | p11e.DeviceMemory | p11e.HostMemory
-        | p11e.TokenNotPresent | p11e.SessionCount | p11e.FunctionFailed,
+        p11e.DeviceMemory | p11e.HostMemory | p11e.SessionCount | p11e.FunctionFailed,
     ):
         return BackendUnavailable(
             f"the HSM failed during {what}", cause=name,
@@ -217,7 +243,11 @@ class Module:
     softhsm_conf: str | None
     os_locking: bool
     lib: _native.lib
-    raw: _cinit.RawModule
+    raw: _cinit.RawModule | None
+    # p11-kit client modules: the server address in use (None: a local module), and
+    # the configured one (None: P11_KIT_SERVER_ADDRESS's).
+    address: str | None = None
+    server_address: str | None = None
 
 
 _MODULES: dict[str, Module] = {}
@@ -229,7 +259,15 @@ def _same_file(a: str | None, b: str) -> bool:
 
 
 def load_module(config: HsmConfig) -> Module:
-    """Load and initialise the configured module once per process."""
+    """Load and initialise the configured module once per process (a p11-kit client:
+    a new connection each time, see ``_remote``)."""
+    if _remote.is_client(config.module_path):
+        with translate("connect to the HSM through p11-kit"):
+            lib = _remote.open_lib(config.module_path, config.server_address)
+        # os_locking: the RPC client locks its socket itself (see _remote).
+        return Module(config.module_path, None, True, lib, None,
+                      address=_remote.address_of(config.server_address),
+                      server_address=config.server_address)
     conf = str(config.softhsm_conf) if config.softhsm_conf else None
     with _MODULES_LOCK:
         module = _MODULES.get(config.module_path)
@@ -261,8 +299,18 @@ def load_module(config: HsmConfig) -> Module:
                 "its token directory) and retry.",
                 code="hsm_init_failed",
             )
-        with translate("attach to the PKCS#11 module"):
+        try:
             lib = _AttachedLib(config.module_path)
+        except p11e.PKCS11Error as exc:
+            if not _remote.not_initialised(exc):
+                raise _map(exc, "attach to the PKCS#11 module", None, False) from exc
+            # The module handed python-pkcs11 another function list than ours (as
+            # p11-kit's do): ours initialised nothing it uses. Let python-pkcs11
+            # initialise its own, without OS locking: one session on one thread.
+            raw.finalize()
+            os_locking = False
+            with translate("initialise the PKCS#11 module"):
+                lib = _native.lib(config.module_path)
         _register_with_python_pkcs11(config.module_path, lib)
         module = Module(config.module_path, conf, os_locking, lib, raw)
         _MODULES[config.module_path] = module
@@ -302,10 +350,19 @@ def find_token(module: Module, label: str, slot: int | None) -> Token | None:
     return found[0] if found else None
 
 
-def require_token(module: Module, label: str, slot: int | None) -> Token:
+def require_token(module: Module, label: str, slot: int | None) -> Any:
+    """The token (for a p11-kit client, a ``_remote.RemoteToken`` standing in for it)."""
     token = find_token(module, label, slot)
     if token is None:
         where = f" in slot {slot}" if slot is not None else ""
+        if module.address is not None:
+            raise ConfigError(
+                f"the HSM served at {module.address} has no initialised token labelled "
+                f"{label!r}{where}",
+                fix="Serve that token (`dew hsm serve` with the same hsm.token_label), or "
+                "set hsm.token_label to the label it serves.",
+                code="hsm_token_missing",
+            )
         raise ConfigError(
             f"no initialised token labelled {label!r}{where} in {module.path}",
             fix=INIT_TOKEN_FIX,
@@ -317,6 +374,10 @@ def require_token(module: Module, label: str, slot: int | None) -> Token:
             fix=INIT_TOKEN_FIX,
             code="hsm_token_uninitialised",
         )
+    if module.address is not None:
+        with translate("list the token's mechanisms"):
+            return _remote.adopt(module.path, module.server_address, label, slot,
+                                 module.lib, token)
     return token
 
 
@@ -337,6 +398,10 @@ def free_slot_id(module: Module, slot: int | None) -> int:
 
 def init_token(module: Module, slot_id: int, label: str, so_pin: str, user_pin: str) -> None:
     """C_InitToken with the SO PIN, then C_InitPIN for the user PIN."""
+    if module.raw is None:
+        raise ConfigError(f"tokens are not initialised through {module.path}",
+                          fix="Initialise the token where it is served (`dew hsm serve`).",
+                          code="hsm_init_token_failed")
     rv = module.raw.init_token(slot_id, so_pin, label)
     if rv != _cinit.CKR_OK:
         raise ConfigError(
@@ -374,8 +439,12 @@ def _token_key(module: Module, token: Token) -> tuple[str, int]:
     return module.path, int(token.slot.slot_id)
 
 
-def login(module: Module, token: Token, pin: str) -> None:
+def login(module: Module, token: Any, pin: str) -> None:
     """Log the process in to ``token`` (reference-counted; PIN checked every time)."""
+    if isinstance(token, _remote.RemoteToken):
+        with translate("log in to the HSM token", token.label):
+            token.login(pin)
+        return
     key = _token_key(module, token)
     with _LOGINS_LOCK:
         current = _LOGINS.get(key)
@@ -398,7 +467,10 @@ def login(module: Module, token: Token, pin: str) -> None:
         _LOGINS[key] = _Login(anchor, _pin_digest(pin), 1)
 
 
-def logout(module: Module, token: Token) -> None:
+def logout(module: Module, token: Any) -> None:
+    if isinstance(token, _remote.RemoteToken):
+        token.release()
+        return
     key = _token_key(module, token)
     with _LOGINS_LOCK:
         current = _LOGINS.get(key)
@@ -659,7 +731,17 @@ def random_bytes(session: Session, n: int) -> bytes:
         raise _map(exc, "generate random bytes", None, False) from exc
 
 
+def _ecb(key: Any, label: str) -> Callable[[bytes], bytes]:
+    """The token's AES block function under ``key`` (for ``gcm_ecb``)."""
+    def encrypt(blocks: bytes) -> bytes:
+        with translate("encrypt with AES-ECB (GCM through p11-kit)", label):
+            return bytes(key.encrypt(blocks, mechanism=Mechanism.AES_ECB))
+    return encrypt
+
+
 def _gcm_encrypt(key: Any, label: str, iv: bytes, plaintext: bytes, aad: bytes) -> bytes:
+    if _remote.composes_gcm(key):
+        return gcm_ecb.seal(_ecb(key, label), iv, plaintext, aad)
     try:
         return bytes(key.encrypt(plaintext, mechanism=Mechanism.AES_GCM,
                                  mechanism_param=GCMParams(iv, aad or None)))
@@ -690,6 +772,8 @@ def gcm_open(key: Any, label: str, iv: bytes, ciphertext: bytes, aad: bytes) -> 
         raise IntegrityCheckFailed(
             "integrity check failed: the ciphertext is shorter than its tag", target=label
         )
+    if _remote.composes_gcm(key):
+        return gcm_ecb.open_sealed(_ecb(key, label), iv, ciphertext, aad, label)
     try:
         return bytes(key.decrypt(ciphertext, mechanism=Mechanism.AES_GCM,
                                  mechanism_param=GCMParams(iv, aad or None)))

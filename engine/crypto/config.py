@@ -3,7 +3,10 @@
 The PKCS#11 module path, token label and slot are plain configuration, so a
 vendor HSM replaces SoftHSM without code changes: set ``module_path`` to the
 vendor's library and ``softhsm_conf`` to None (:func:`hsm_config_from_settings`
-does this from the ``[hsm]`` settings). A PIN comes from ``pin`` (the
+does this from the ``[hsm]`` settings). A token served over the network by
+``p11-kit server`` (``dew hsm serve``) is the same: ``module_path`` is
+``p11-kit-client.so`` and ``server_address`` its socket (``unix:path=...``).
+A PIN comes from ``pin`` (the
 caller passes ``DEW_HSM_PIN`` when set) or from ``pin_file``, which must be mode
 0600 and owned by us. The PIN never appears in a repr, a log line or an error.
 """
@@ -40,6 +43,9 @@ class HsmConfig:
     # SoftHSM only: the softhsm2.conf to write (if missing) and point SOFTHSM2_CONF at.
     softhsm_conf: Path | None = None
     token_dir: Path | None = None
+    # p11-kit client only: the server's address (unix:path=SOCKET); None: the
+    # P11_KIT_SERVER_ADDRESS of the environment.
+    server_address: str | None = None
     pool_size: int = 2
     # How long a pool thread uses its in-memory copy of a secret key before it checks
     # that the token object still exists (another process may have destroyed it).
@@ -84,7 +90,7 @@ class HsmConfig:
             f"slot={self.slot!r}, pin={'<hidden>' if self.pin is not None else None}, "
             f"pin_file={self.pin_file!r}, so_pin_file={self.so_pin_file!r}, "
             f"softhsm_conf={self.softhsm_conf!r}, token_dir={self.token_dir!r}, "
-            f"pool_size={self.pool_size!r})"
+            f"server_address={self.server_address!r}, pool_size={self.pool_size!r})"
         )
 
     __str__ = __repr__
@@ -95,6 +101,16 @@ class HsmConfig:
             return self.pin
         if self.pin_file is not None and self.pin_file.exists():
             return read_pin_file(self.pin_file)
+        if is_p11kit_client(self.module_path):
+            # A node of a served token: its PIN file was written on the HSM node.
+            raise ConfigError(
+                "no HSM user PIN is configured for the served token",
+                cause="neither DEW_HSM_PIN nor an existing PIN file was given",
+                fix="Copy the HSM node's STATE_DIR/hsm/user.pin to "
+                + (f"{self.pin_file} " if self.pin_file else "this node ")
+                + "(mode 0600; or set hsm.pin_file), or set DEW_HSM_PIN.",
+                code="hsm_pin_missing",
+            )
         raise ConfigError(
             "no HSM user PIN is configured",
             cause="neither an explicit PIN nor an existing PIN file was given",
@@ -177,6 +193,11 @@ def is_softhsm_module(module_path: str) -> bool:
     return Path(module_path).name.startswith("libsofthsm2")
 
 
+def is_p11kit_client(module_path: str) -> bool:
+    """p11-kit's client module: a token served by ``p11-kit server`` (``dew hsm serve``)."""
+    return Path(module_path).name.startswith("p11-kit-client")
+
+
 def hsm_config_from_settings(
     settings: Settings, environ: Mapping[str, str] | None = None
 ) -> HsmConfig:
@@ -184,23 +205,33 @@ def hsm_config_from_settings(
 
     With SoftHSM's module the token lives under the state directory
     (``STATE/hsm/{softhsm2.conf,tokens/}``); any other module is a vendor HSM
-    whose own configuration finds its token, so no softhsm2.conf is written.
+    whose own configuration finds its token, so no softhsm2.conf is written. With
+    p11-kit's client (``hsm.module = "p11-kit-client"`` or its path) the token is
+    the one ``hsm.server_address`` serves.
     The PIN is ``DEW_HSM_PIN`` when set (it is deliberately not a setting:
     settings get printed), else the PIN file: ``hsm.pin_file`` or
     ``STATE/hsm/user.pin``.
     """
     env = os.environ if environ is None else environ
     hsm = settings.hsm
+    module = hsm.module
+    server_address = None
+    if is_p11kit_client(module):
+        from engine.crypto import _remote  # imports python-pkcs11: only when needed
+
+        module = _remote.resolve_client(module)
+        server_address = _remote.check_address(hsm.server_address) if hsm.server_address \
+            else None
     pin = env.get(PIN_VARIABLE) or None
     # Absolute, so a token directory written into softhsm2.conf does not depend
     # on the directory a later process starts in.
     state = settings.state_dir.absolute()
     pin_file = Path(hsm.pin_file).absolute() if hsm.pin_file else state / "hsm" / "user.pin"
     base = HsmConfig.for_softhsm(
-        state, pin=pin, token_label=hsm.token_label, module_path=hsm.module,
+        state, pin=pin, token_label=hsm.token_label, module_path=module,
         pool_size=hsm.pool_size,
     )
-    softhsm = is_softhsm_module(hsm.module)
+    softhsm = is_softhsm_module(module)
     token_dir = base.token_dir
     if softhsm and base.softhsm_conf is not None:
         # An existing softhsm2.conf is the truth about where the tokens are.
@@ -211,6 +242,7 @@ def hsm_config_from_settings(
         pin_file=pin_file,
         softhsm_conf=base.softhsm_conf if softhsm else None,
         token_dir=token_dir if softhsm else None,
+        server_address=server_address,
     )
 
 
@@ -252,9 +284,20 @@ def ensure_token(settings: Settings, environ: Mapping[str, str] | None = None) -
         return _ensure_softhsm_token(config, init_token)
     if config.softhsm_conf is None:
         # A vendor HSM's tokens are made with the vendor's tools (C_InitToken on a
-        # real device may need its SO and wipes the slot): only check.
+        # real device may need its SO and wipes the slot), a served token where it
+        # is served (`dew hsm serve`): only check.
         if token_exists(config):
             return False
+        if is_p11kit_client(config.module_path):
+            from engine.crypto import _remote
+
+            raise ConfigError(
+                f"the HSM served at {_remote.address_of(config.server_address)} has no "
+                f"initialised token labelled {config.token_label!r}",
+                fix="Serve that token (`dew hsm serve` with the same hsm.token_label on the "
+                "HSM node), or set hsm.token_label to the label it serves.",
+                code="hsm_token_missing",
+            )
         raise ConfigError(
             f"no initialised token labelled {config.token_label!r} in {config.module_path}",
             fix="Create the token with your HSM vendor's tools, or set hsm.token_label / "

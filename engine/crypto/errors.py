@@ -14,11 +14,13 @@ exactly one place: :func:`engine.crypto._pkcs11.translate`.
     └── KeyExists               a key object with that label already exists
     InvalidInput
     └── KeyUsageError           the key's type cannot do the operation asked
+    BackendUnavailable
+    └── HsmUnreachable          the HSM (e.g. a p11-kit socket) does not answer: retried
 """
 
 from __future__ import annotations
 
-from engine.errors import Conflict, InvalidInput, NotFound, SecurityError
+from engine.errors import BackendUnavailable, Conflict, InvalidInput, NotFound, SecurityError
 
 
 class IntegrityCheckFailed(SecurityError):
@@ -52,3 +54,12 @@ class DecryptionFailed(SecurityError):
         "Check the key and the encryption algorithm used at encryption (e.g. "
         "RSAES_OAEP_SHA_256 with MGF1-SHA-256); if they match, the ciphertext was altered."
     )
+
+
+class HsmUnreachable(BackendUnavailable):
+    """The HSM cannot be reached (a network module's server is down, its connection
+    was lost). Retryable: the crypto core reconnects by itself once it answers."""
+
+    code = "hsm_unreachable"
+    default_fix = ("Check that the HSM is up (for p11-kit: `dew hsm serve` on the HSM node "
+                   "and the socket in hsm.server_address); the engine reconnects by itself.")
