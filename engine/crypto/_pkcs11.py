@@ -731,12 +731,16 @@ def random_bytes(session: Session, n: int) -> bytes:
         raise _map(exc, "generate random bytes", None, False) from exc
 
 
-def _ecb(key: Any, label: str) -> Callable[[bytes], bytes]:
-    """The token's AES block function under ``key`` (for ``gcm_ecb``)."""
+def _ecb(key: Any, label: str, *, decrypt: bool = False) -> Callable[[bytes], bytes]:
+    """The token's AES block function (or its inverse) under ``key``, for ``gcm_ecb``."""
     def encrypt(blocks: bytes) -> bytes:
-        with translate("encrypt with AES-ECB (GCM through p11-kit)", label):
+        with translate("encrypt with AES-ECB (through p11-kit)", label):
             return bytes(key.encrypt(blocks, mechanism=Mechanism.AES_ECB))
-    return encrypt
+
+    def inverse(blocks: bytes) -> bytes:
+        with translate("decrypt with AES-ECB (through p11-kit)", label):
+            return bytes(key.decrypt(blocks, mechanism=Mechanism.AES_ECB))
+    return inverse if decrypt else encrypt
 
 
 def _gcm_encrypt(key: Any, label: str, iv: bytes, plaintext: bytes, aad: bytes) -> bytes:
@@ -824,6 +828,10 @@ def _signed_input(algorithm: SignAlgorithm, message: bytes) -> bytes:
 
 def sign(key: Any, label: str, algorithm: SignAlgorithm, message: bytes) -> bytes:
     require_type(key, label, _KEY_TYPE_OF[algorithm.family], f"sign with {algorithm.value}")
+    if algorithm.name.startswith("RSA_PSS") and _remote.pss_over_digest(key):
+        # Through p11-kit 0.24 only CKM_RSA_PKCS_PSS crosses: the same signature.
+        digest = hashlib.new(algorithm.hash_name, message).digest()
+        return sign_digest(key, label, algorithm, digest)
     mechanism, param = _mechanism(algorithm)
     with translate(f"sign with {algorithm.value}", label):
         signature = bytes(
@@ -843,6 +851,9 @@ def verify(
     key: Any, label: str, algorithm: SignAlgorithm, message: bytes, signature: bytes
 ) -> bool:
     require_type(key, label, _KEY_TYPE_OF[algorithm.family], f"verify {algorithm.value}")
+    if algorithm.name.startswith("RSA_PSS") and _remote.pss_over_digest(key):
+        digest = hashlib.new(algorithm.hash_name, message).digest()
+        return verify_digest(key, label, algorithm, digest, signature)
     mechanism, param = _mechanism(algorithm)
     if algorithm.family is KeyFamily.EC:
         try:
@@ -1122,6 +1133,8 @@ def wrap_secret(session: Session, kek: Any, label: str, secret: bytes) -> bytes:
     """AES-KWP (RFC 5649) of ``secret`` under ``kek`` in the token: C_WrapKey of a
     session object holding it (SoftHSM has no C_Encrypt with CKM_AES_KEY_WRAP_PAD)."""
     require_type(kek, label, KeyType.AES, "wrap with AES key wrap")
+    if _remote.composes_kwp(kek):
+        return gcm_ecb.kwp_wrap(_ecb(kek, label), secret)
     with translate("wrap a secret", label):
         # Extractable on purpose: a throw-away session object (never a CMK) carrying
         # material that lives outside the token by design, only to wrap it.
@@ -1139,6 +1152,8 @@ def wrap_secret(session: Session, kek: Any, label: str, secret: bytes) -> bytes:
 def unwrap_secret(session: Session, kek: Any, label: str, wrapped: bytes) -> bytes:
     """Inverse of :func:`wrap_secret`; a wrong KEK or altered blob is an integrity error."""
     require_type(kek, label, KeyType.AES, "unwrap with AES key wrap")
+    if _remote.composes_kwp(kek):
+        return gcm_ecb.kwp_unwrap(_ecb(kek, label, decrypt=True), wrapped, label)
     with translate("unwrap a secret", label, integrity=True):
         # A session object (never a CMK) whose value is read back once, then destroyed.
         obj = kek.unwrap_key(

@@ -35,8 +35,10 @@ with CKR_CRYPTOKI_NOT_INITIALIZED instead of reaching the new connection.
 
 p11-kit 0.24 forwards only mechanisms whose parameters its RPC can encode:
 CKM_AES_GCM is not among them, CKM_AES_ECB is. Tokens reached that way are
-recorded here, and :mod:`engine.crypto.gcm_ecb` runs GCM around the token's
-AES block function for them (same bytes as the token's GCM).
+recorded here, and :mod:`engine.crypto.gcm_ecb` runs GCM (and AES key wrap
+with padding, also not carried) around the token's AES block function for them
+(same bytes as the token's own mechanisms); RSA-PSS over a message, whose
+hashing mechanisms do not cross either, is hashed here and signed as a digest.
 
 Like :mod:`engine.crypto._pkcs11`, this module calls python-pkcs11 directly;
 its PKCS#11 exceptions are translated by the callers in ``_pkcs11``.
@@ -230,19 +232,45 @@ def quiet_lost_operations() -> None:
 # --------------------------------------------------------------------------- GCM via ECB
 
 # Tokens (python-pkcs11 Token objects, by id; kept alive here so ids stay unique)
-# whose module does not carry CKM_AES_GCM but does carry CKM_AES_ECB.
+# reached through a module that does not carry CKM_AES_GCM but does carry CKM_AES_ECB,
+# and those that carry CKM_RSA_PKCS_PSS but not CKM_SHA256_RSA_PKCS_PSS (p11-kit 0.24
+# both: RSA-PSS over a message is then hashed here and signed as a digest).
 _ECB_GCM: dict[int, Any] = {}
+_DIGEST_PSS: dict[int, Any] = {}
+_ECB_KWP: dict[int, Any] = {}
 
 
 def note_mechanisms(token: Any) -> None:
     mechanisms = {int(m) for m in token.slot.get_mechanisms()}
     if int(Mechanism.AES_GCM) not in mechanisms and int(Mechanism.AES_ECB) in mechanisms:
         _ECB_GCM[id(token)] = token
+    if (int(Mechanism.SHA256_RSA_PKCS_PSS) not in mechanisms
+            and int(Mechanism.RSA_PKCS_PSS) in mechanisms):
+        _DIGEST_PSS[id(token)] = token
+    if (int(Mechanism.AES_KEY_WRAP_PAD) not in mechanisms
+            and int(Mechanism.AES_ECB) in mechanisms):
+        _ECB_KWP[id(token)] = token
+
+
+def forget_token(token: Any) -> None:
+    _ECB_GCM.pop(id(token), None)
+    _DIGEST_PSS.pop(id(token), None)
+    _ECB_KWP.pop(id(token), None)
 
 
 def composes_gcm(key: Any) -> bool:
     """Whether GCM with ``key`` is built from the token's AES-ECB (see module doc)."""
     return bool(_ECB_GCM) and id(key.session.token) in _ECB_GCM
+
+
+def composes_kwp(key: Any) -> bool:
+    """Whether AES key wrap with padding under ``key`` is built from its AES-ECB."""
+    return bool(_ECB_KWP) and id(key.session.token) in _ECB_KWP
+
+
+def pss_over_digest(key: Any) -> bool:
+    """Whether RSA-PSS over a message is hashed here and signed as a digest."""
+    return bool(_DIGEST_PSS) and id(key.session.token) in _DIGEST_PSS
 
 
 # --------------------------------------------------------------------------- the token
@@ -381,7 +409,7 @@ class RemoteToken:
         # referenced: python-pkcs11 objects of that connection point into it.
         _finalize(conn.lib)
         self._retired.append(conn.lib)
-        _ECB_GCM.pop(id(conn.token), None)
+        forget_token(conn.token)
 
     def _reconnect(self) -> _Connection:
         with self._lock:

@@ -1,4 +1,4 @@
-"""AES-GCM (NIST SP 800-38D) built from the token's AES block function.
+"""AES-GCM (NIST SP 800-38D) and AES-KWP (RFC 5649) from the token's AES block function.
 
 Why: p11-kit 0.24 (Debian bookworm) forwards only the mechanisms whose
 parameters its RPC can encode, and CKM_AES_GCM (a CK_GCM_PARAMS) is not one of
@@ -123,3 +123,57 @@ def open_sealed(ecb: Callable[[bytes], bytes], iv: bytes, data: bytes, aad: byte
             "integrity check failed: wrong key, wrong additional data, or altered ciphertext",
             target=label)
     return _xor(ciphertext, stream) if ciphertext else b""
+
+
+# --------------------------------------------------------------------------- AES-KWP
+
+# RFC 5649: AES key wrap with padding, from single-block AES calls. Through p11-kit
+# 0.24 CKM_AES_KEY_WRAP_PAD does not cross either; this is one ECB call per step
+# (6 per 64-bit semiblock, one after the other). The secret wrapped is in this
+# process anyway (it is the caller's input, or the unwrapped output).
+_KWP_AIV = bytes.fromhex("A65959A6")
+
+
+def kwp_wrap(ecb: Callable[[bytes], bytes], secret: bytes) -> bytes:
+    """``secret`` wrapped as CKM_AES_KEY_WRAP_PAD would wrap it."""
+    padded = secret + bytes(-len(secret) % 8)
+    aiv = _KWP_AIV + len(secret).to_bytes(4, "big")
+    if len(padded) == 8:
+        return ecb(aiv + padded)
+    a, r = aiv, [padded[i : i + 8] for i in range(0, len(padded), 8)]
+    n = len(r)
+    for j in range(6):
+        for i in range(n):
+            b = ecb(a + r[i])
+            a = _xor(b[:8], (n * j + i + 1).to_bytes(8, "big"))
+            r[i] = b[8:]
+    return a + b"".join(r)
+
+
+def kwp_unwrap(decrypt: Callable[[bytes], bytes], wrapped: bytes,
+               label: str | None = None) -> bytes:
+    """Inverse of :func:`kwp_wrap` with the block decryption; a wrong key or altered
+    blob is IntegrityCheckFailed."""
+    if len(wrapped) < 16 or len(wrapped) % 8:
+        raise _kwp_failed(label)
+    if len(wrapped) == 16:
+        block = decrypt(wrapped)
+        a, plain = block[:8], block[8:]
+    else:
+        a, r = wrapped[:8], [wrapped[i : i + 8] for i in range(8, len(wrapped), 8)]
+        n = len(r)
+        for j in range(5, -1, -1):
+            for i in range(n - 1, -1, -1):
+                b = decrypt(_xor(a, (n * j + i + 1).to_bytes(8, "big")) + r[i])
+                a, r[i] = b[:8], b[8:]
+        plain = b"".join(r)
+    length = int.from_bytes(a[4:], "big")
+    ok = hmac.compare_digest(a[:4], _KWP_AIV) and len(plain) - 8 < length <= len(plain)
+    if not ok or any(plain[length:]):
+        raise _kwp_failed(label)
+    return plain[:length]
+
+
+def _kwp_failed(label: str | None) -> IntegrityCheckFailed:
+    return IntegrityCheckFailed(
+        "integrity check failed: wrong key or altered wrapped secret", target=label)

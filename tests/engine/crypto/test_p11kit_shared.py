@@ -17,8 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.keywrap import aes_key_wrap_with_padding
 
 from engine.crypto import (
     CryptoCore,
@@ -222,6 +225,39 @@ def test_gcm_from_a_block_function_equals_aes_gcm() -> None:
             assert gcm_ecb.open_sealed(ecb, iv, sealed, aad) == data
             with pytest.raises(IntegrityCheckFailed):
                 gcm_ecb.open_sealed(ecb, iv, sealed[:-1] + bytes([sealed[-1] ^ 1]), aad)
+
+
+def test_key_wrap_from_a_block_function_equals_rfc_5649() -> None:
+    for size in (1, 8, 9, 32, 1024):
+        key, secret = os.urandom(32), os.urandom(size)
+        cipher = Cipher(algorithms.AES(key), modes.ECB())
+        wrapped = gcm_ecb.kwp_wrap(lambda b, c=cipher: c.encryptor().update(b), secret)
+        assert wrapped == aes_key_wrap_with_padding(key, secret)
+        unwrap = cipher.decryptor().update
+        assert gcm_ecb.kwp_unwrap(lambda b, c=cipher: c.decryptor().update(b), wrapped) == \
+            secret
+        with pytest.raises(IntegrityCheckFailed):
+            gcm_ecb.kwp_unwrap(unwrap, wrapped[:-1] + bytes([wrapped[-1] ^ 1]))
+
+
+async def test_what_p11kit_does_not_carry_is_done_with_what_it_does(running: Served) -> None:
+    """AES key wrap with padding (from AES-ECB) and RSA-PSS over a message (hashed
+    here, CKM_RSA_PKCS_PSS in the token) work through p11-kit 0.24 too."""
+    async with CryptoCore(running.client()) as core:
+        await core.ensure_key(KeySpec.AES_256, "kek-aes", b"kek-aes")
+        secret = os.urandom(32)
+        wrapped = await core.wrap_secret("kek-aes", secret)
+        assert len(wrapped) == 40 and await core.unwrap_secret("kek-aes", wrapped) == secret
+        with pytest.raises(IntegrityCheckFailed):
+            await core.unwrap_secret("kek-aes", wrapped[:-1] + bytes([wrapped[-1] ^ 1]))
+        await core.ensure_key(KeySpec.RSA_2048, "pss-rsa", b"pss-rsa")
+        signature = await core.sign("pss-rsa", b"message", "RSA_PSS_SHA256")
+        public = serialization.load_der_public_key(await core.public_key_spki_der("pss-rsa"))
+        assert isinstance(public, rsa.RSAPublicKey)
+        public.verify(signature, b"message", padding.PSS(padding.MGF1(hashes.SHA256()), 32),
+                      hashes.SHA256())
+        assert await core.verify("pss-rsa", b"message", signature, "RSA_PSS_SHA256")
+        assert not await core.verify("pss-rsa", b"massage", signature, "RSA_PSS_SHA256")
 
 
 async def test_keys_made_through_the_client_are_sensitive_and_never_extractable(
