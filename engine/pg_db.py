@@ -146,6 +146,12 @@ class PgConnection:
     ) -> list[asyncpg.Record]:
         return (await self._backend.run(sql, tuple(parameters))).rows
 
+    async def executemany(
+        self, sql: str, parameters: Iterable[Iterable[Any]], /,
+    ) -> PgCursor:
+        """One statement for each row of ``parameters``: one round trip, not one each."""
+        return await self._backend.run_many(sql, [tuple(row) for row in parameters])
+
 
 # The connection of the transaction this task is in, per backend.
 _current: ContextVar[dict[int, asyncpg.Connection] | None] = ContextVar(
@@ -292,6 +298,18 @@ class PgBackend:
         async with self._shared.pool.acquire() as pooled:
             return await _run(pooled, sql, params)
 
+    async def run_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> PgCursor:
+        """One statement for each row of parameters, on this task's transaction if it
+        is in one (asyncpg's ``executemany``: pipelined, all or nothing)."""
+        if not rows:
+            return PgCursor([], 0)
+        held = _current.get()
+        conn = held.get(id(self)) if held else None
+        if conn is not None:
+            return await _run_many(conn, sql, rows)
+        async with self._shared.pool.acquire() as pooled:
+            return await _run_many(pooled, sql, rows)
+
     async def fetchone(self, sql: str, params: Sequence[Any]) -> asyncpg.Record | None:
         rows = (await self.run(sql, params)).rows
         return rows[0] if rows else None
@@ -345,6 +363,16 @@ async def _run(conn: asyncpg.Connection, sql: str, params: Sequence[Any]) -> PgC
     rows = await statement.fetch(*args)
     count = _rowcount(statement.get_statusmsg())
     return PgCursor(rows, len(rows) if count < 0 else count)
+
+
+async def _run_many(
+    conn: asyncpg.Connection, sql: str, rows: Sequence[Sequence[Any]],
+) -> PgCursor:
+    statement = await conn._prepare(placeholders(sql), use_cache=True)
+    types = [t.name for t in statement.get_parameters()]
+    await statement.executemany(
+        [[_coerce(v, t) for v, t in zip(row, types, strict=False)] for row in rows])
+    return PgCursor([], -1)  # asyncpg does not count the rows of an executemany
 
 
 def _returns_rows(sql: str) -> bool:

@@ -13,6 +13,25 @@ fsync, rename, fsync of the directory; it only ever moves forward). Deleting the
 newest entries and rewriting ``audit_head`` then no longer passes: the anchor
 names an entry the log no longer has.
 
+Several nodes (``[store] url``: one PostgreSQL database). The anchor is a file of
+the node, not of the database: ``STATE_DIR/dew.sqlite3.kms-audit-anchor``, the
+SQLite file's name serving only as the base of node-local files. Each node anchors
+the newest batch *it* sealed, so when other nodes appended since, a node's anchor
+names an older entry of the one chain, and that is no sign of tampering. What
+``verify_audit`` on a node checks of that node's anchor, and reports:
+
+- made with this token's audit key, else forged (or of another token); damaged;
+- naming an entry the log still has, with the same hash (hence a valid seal):
+  else the newest entries were deleted (the log ends before it) or rewritten;
+- missing while the log has seals: on SQLite (one file, one machine, every sealed
+  batch moved this anchor) it was deleted; on PostgreSQL the node has anchored
+  nothing yet, and the seals alone are checked.
+
+So a node's anchor vouches for the chain up to the newest entry that node wrote: a
+cut of later entries is found on the nodes that wrote them (verify on each node,
+or copy the anchors elsewhere). The nodes must seal with one key (the token they
+share); another token's seals and anchors do not verify.
+
 This module holds no crypto: the store gets an :class:`AuditKey` (the KMS core's
 token key) and calls it. Pure functions: :func:`seal_message`,
 :func:`parse_anchor`, :func:`format_anchor`.

@@ -1,17 +1,28 @@
-"""The KMS key registry and the hash-chained audit log, in the task store's database.
+"""The KMS key registry and the hash-chained audit log, in the stores' database.
 
-``KmsStore`` is the interface the KMS service uses; ``SqliteKmsStore`` is the
-default backend (a PostgreSQL one would implement the same Protocol). Its
-schema is ``MIGRATIONS`` below, applied when the store is opened.
+``KmsStore`` is the interface the KMS service uses; ``SqliteKmsStore`` implements it
+as a store of :mod:`engine.sql_db` (component ``kms``, schema ``MIGRATIONS`` below,
+applied on open): in the SQLite file of the state directory, or in the PostgreSQL
+database every node shares (``[store] url``). The SQL is written once; where the
+dialects differ (a JSON field, a substring, migration 3's fix of old rows) it is
+given as :class:`~engine.sql_db.Dialects`.
 
-Same discipline as the task store: one aiosqlite connection per process (its
-own, beside the task store's), WAL, and every statement, reads included, holds
-the connection's lock (``_locked``), so a statement of one coroutine never lands
-inside another coroutine's transaction. Multi-statement writes use ``BEGIN
-IMMEDIATE``, so two processes (worker, CLI) queue on the busy timeout instead of
-failing on a lock upgrade;
-that is also what makes "check the quota, then insert" and "read the chain's
-head, then append" atomic across processes.
+What must hold with several processes on several machines, and how:
+
+- Every check-then-write (an alias or a quota checked, a key's state guarded, tags
+  or grants counted) and every audit append is one ``_transaction()``: one writer
+  of this store at a time everywhere (SQLite's ``BEGIN IMMEDIATE``, PostgreSQL's
+  advisory lock of the store), so the check still holds at the write.
+- The audit chain stays one chain: an append reads the head, chains its entries
+  after it, moves the head and seals the batch in that one transaction; ``seq`` is
+  the primary key besides, so even a writer outside the lock could only fail, never
+  fork the chain or leave a gap.
+- One rotation of a key at a time (``claim_rotation``: the lease taken in a
+  transaction; ``renew_rotation`` fences each destructive step), one import or
+  removal of a key's material at a time (``claim_lease``: one upsert whose ``WHERE``
+  is re-checked on the row a concurrent writer left), and an import finishes only
+  while the key is still ``pending_import`` under that lease (``finish_import``).
+- ``verify_audit`` reads the chain, the head and the seals in one ``_snapshot()``.
 
 Audit chain: entry ``seq`` holds ``prev_hash`` (the hash of entry ``seq - 1``,
 64 zeros for the first) and ``hash`` = SHA-256 over its previous hash and its
@@ -19,11 +30,13 @@ own stored fields. ``audit_head`` keeps the last ``(seq, hash)``. The hashes
 alone are unkeyed, so each append batch is also *sealed* (``audit_seals``: an
 HMAC made in the token over the batch's last ``(seq, hash)``, through the
 :class:`~handlers.kms.audit_seal.AuditKey` the KMS core hands the store) and
-the newest seal is anchored in a file beside the database
-(:mod:`handlers.kms.audit_seal`): an edited entry, recomputed hashes, or a cut
-tail with a rewritten ``audit_head`` all fail :meth:`SqliteKmsStore.verify_audit`.
+the newest seal a node wrote is anchored in a file of that node
+(:mod:`handlers.kms.audit_seal`, which also says what an anchor proves when several
+nodes append): an edited entry, recomputed hashes, or a cut tail with a rewritten
+``audit_head`` all fail :meth:`SqliteKmsStore.verify_audit`.
 
-sqlite3 errors become engine errors in :func:`engine.sqlite_db.sqlite_errors` and nowhere else.
+Backend errors become engine errors in the backend (``engine.sqlite_db``,
+``engine.pg_db``) and nowhere else.
 """
 
 from __future__ import annotations
@@ -31,7 +44,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import sqlite3
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -42,7 +54,8 @@ from typing import Any, Literal, Protocol
 from engine.errors import ConfigError, DewError
 from engine.logs import get_logger
 from engine.models import iso, parse_iso
-from engine.sql_db import SqlDb
+from engine.private import private_dir
+from engine.sql_db import Dialect, Dialects, Migration, Row, SqlDb, pg_ddl
 from handlers.kms.audit_seal import (
     Anchor,
     AnchorDamaged,
@@ -75,6 +88,7 @@ AUDIT_COLUMNS = (
 CreateOutcome = Literal["created", "alias_taken", "quota_exceeded"]
 _NO_PARAMS: tuple[Any, ...] = ()
 SEAL_CHECKS_AT_ONCE = 256
+VERIFY_PAGE = 5000  # audit entries read at once by verify_audit
 
 
 @dataclass(frozen=True)
@@ -213,6 +227,17 @@ class AuditEntry:
         }
 
 
+# An entry's ``detail.secret``. PostgreSQL reads JSON text as ``json``; its ``->>``
+# refuses a whole document that holds the escape of a NUL character (text cannot hold
+# one), so that escape is read as U+0001 first: no entry breaks the query, and a
+# secret's name has no NUL to match.
+_DETAIL_SECRET = Dialects(
+    sqlite="json_extract(detail, '$.secret')",
+    postgresql="(CAST(replace(detail, E'\\\\u0000', E'\\\\u0001') AS json) ->> 'secret')")
+# ``actor`` holds the text given (a substring, case and all).
+_HAS_ACTOR = Dialects(sqlite="instr(actor, ?) > 0", postgresql="strpos(actor, ?) > 0")
+
+
 @dataclass(frozen=True)
 class AuditFilter:
     """What ``dew audit list`` narrows the entries to (every field optional, all ANDed):
@@ -226,18 +251,18 @@ class AuditFilter:
     since: datetime | None = None
     until: datetime | None = None
 
-    def sql(self) -> tuple[list[str], list[Any]]:
+    def sql(self, dialect: Dialect) -> tuple[list[str], list[Any]]:
         clauses: list[str] = []
         params: list[Any] = []
         if self.secret is not None:
-            clauses.append("json_extract(detail, '$.secret') = ?")
+            clauses.append(f"{_DETAIL_SECRET.for_dialect(dialect)} = ?")
             params.append(self.secret)
         for column, value in (("operation", self.operation), ("outcome", self.outcome)):
             if value is not None:
                 clauses.append(f"{column} = ?")
                 params.append(value)
         if self.actor is not None:
-            clauses.append("instr(actor, ?) > 0")
+            clauses.append(_HAS_ACTOR.for_dialect(dialect))
             params.append(self.actor)
         # Times are stored as ISO 8601 UTC with microseconds: text order is time order.
         if self.since is not None:
@@ -326,7 +351,8 @@ def audit_time(when: datetime) -> str:
 
 
 class KmsStore(Protocol):
-    """What the KMS service needs from persistence (SQLite today)."""
+    """What the KMS service needs from persistence (:class:`SqliteKmsStore`, on either
+    backend)."""
 
     async def close(self) -> None: ...
 
@@ -519,12 +545,28 @@ class KmsStore(Protocol):
     ) -> list[AuditEntry]: ...
 
     async def verify_audit(self) -> AuditVerdict:
-        """Walk the chain, check the seals in the token and the anchor file."""
+        """Walk the chain, check the seals in the token and this node's anchor file."""
 
+
+# Migration 3's tables (see there).
+_SEALS_AND_LEASES = """
+    CREATE TABLE IF NOT EXISTS audit_seals (
+        seq INTEGER PRIMARY KEY,
+        mac TEXT NOT NULL
+    );
+    CREATE TABLE IF NOT EXISTS kms_leases (
+        key_id  TEXT NOT NULL,
+        purpose TEXT NOT NULL,
+        until   TEXT NOT NULL,
+        PRIMARY KEY (key_id, purpose)
+    );
+"""
 
 # This store's schema, numbered from 1 and tracked as component "kms" in the
-# file's schema_migrations table (engine.sqlite_db). Scripts are idempotent.
-MIGRATIONS: tuple[str, ...] = (
+# database's schema_migrations table (engine.sql_db). Scripts are idempotent; a
+# script without a PostgreSQL text of its own gets SQLite's column types mapped
+# (engine.sql_db.pg_ddl).
+MIGRATIONS: tuple[Migration, ...] = (
     # 1: KMS key registry (keys, their versions in the HSM) and the hash-chained audit log
     """
     CREATE TABLE IF NOT EXISTS kms_keys (
@@ -625,21 +667,13 @@ MIGRATIONS: tuple[str, ...] = (
     # re-keying). kms_leases: per-key leases (the BYOK "material" lease serialises
     # imports and removals of material). Import tokens are kept as SHA-256 from now on;
     # those stored in clear before are expired (their wrapping keys then get destroyed).
-    """
-    CREATE TABLE IF NOT EXISTS audit_seals (
-        seq INTEGER PRIMARY KEY,
-        mac TEXT NOT NULL
-    );
-    CREATE TABLE IF NOT EXISTS kms_leases (
-        key_id  TEXT NOT NULL,
-        purpose TEXT NOT NULL,
-        until   TEXT NOT NULL,
-        PRIMARY KEY (key_id, purpose)
-    );
+    Dialects(sqlite=_SEALS_AND_LEASES + """
     UPDATE kms_import_tokens SET token = 'expired-' || lower(hex(randomblob(32))),
         expires_at = created_at
         WHERE length(token) <> 64 AND token NOT LIKE 'expired-%';
     """,
+    # A PostgreSQL database starts at this engine's version: no token kept in clear.
+             postgresql=pg_ddl(_SEALS_AND_LEASES)),
     # 4: the HTTPS API's KMS data. kms_tags: a key's tags (Huawei TagItem; at most 20 a
     # key). kms_grants: who else may use a key, for which operations (at most 100 a key).
     # kms_usage: uses of a key per UTC day, added with each batch of use audit entries.
@@ -983,7 +1017,7 @@ class SqliteKmsStore(SqlDb):
             await self._conn.execute(
                 "INSERT INTO kms_rotation (key_id, enabled, interval_days, rotations, "
                 "last_rotated_at, last_request) VALUES (?, 0, 365, 1, ?, ?) "
-                "ON CONFLICT (key_id) DO UPDATE SET rotations = rotations + 1, "
+                "ON CONFLICT (key_id) DO UPDATE SET rotations = kms_rotation.rotations + 1, "
                 "last_rotated_at = excluded.last_rotated_at, last_request = "
                 "excluded.last_request, lease_until = NULL, next_rotation_at = ?",
                 (key_id, now, request, iso(following)),
@@ -1210,7 +1244,7 @@ class SqliteKmsStore(SqlDb):
             row = await self._fetchone(
                 "SELECT COALESCE(MAX(n), 0) FROM (SELECT COUNT(*) AS n FROM kms_grants g "
                 "JOIN kms_keys k ON k.key_id = g.key_id WHERE k.account = ? "
-                "AND k.state <> 'deleted' GROUP BY g.key_id)", (account,))
+                "AND k.state <> 'deleted' GROUP BY g.key_id) AS per_key", (account,))
         return 0 if row is None else int(row[0])
 
     async def remove_grant(self, key_id: str, grant_id: str, event: AuditEvent) -> bool:
@@ -1309,7 +1343,7 @@ class SqliteKmsStore(SqlDb):
                 await self._conn.executemany(
                     "INSERT INTO kms_usage (account, key_id, day, count) VALUES (?, ?, ?, ?) "
                     "ON CONFLICT (account, key_id, day) DO UPDATE SET "
-                    "count = count + excluded.count",
+                    "count = kms_usage.count + excluded.count",
                     [(account, key_id, day, n) for (account, key_id, day), n in usage.items()])
             if events:
                 await self._append(events, batch)
@@ -1325,24 +1359,25 @@ class SqliteKmsStore(SqlDb):
                 clauses.append(f"{column} = ?")
                 params.append(value)
         if where is not None:
-            more, values = where.sql()
+            more, values = where.sql(self.dialect)
             clauses += more
             params += values
         sql_where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
         async with self._locked():
             rows = await self._fetchall(
                 f"SELECT {AUDIT_COLUMNS} FROM (SELECT {AUDIT_COLUMNS} FROM audit {sql_where} "
-                "ORDER BY seq DESC LIMIT ?) ORDER BY seq", (*params, limit),
+                "ORDER BY seq DESC LIMIT ?) AS newest ORDER BY seq", (*params, limit),
             )
         return [_entry(r) for r in rows]
 
     async def verify_audit(self) -> AuditVerdict:
         """Walk the whole chain; the first entry that does not fit is reported. Then
-        the seals (in the token) and the anchor file: a cut tail, recomputed hashes or
-        a forged or missing anchor are reported too."""
+        the seals (in the token) and this node's anchor file: a cut tail, recomputed
+        hashes or a forged anchor are reported too (and, on SQLite, a missing one)."""
         path = anchor_path(self._path)
         # The anchor first: read after the chain, a concurrent append's newer anchor
-        # would look like a cut.
+        # would look like a cut. (An anchor names an entry committed before it was
+        # written, so the snapshot below, taken later, has that entry.)
         damaged = None
         try:
             anchor = await asyncio.to_thread(read_anchor, path)
@@ -1350,27 +1385,28 @@ class SqliteKmsStore(SqlDb):
             anchor, damaged = None, str(exc)
         expected_seq, prev, count = 1, GENESIS_HASH, 0
         hashes: dict[int, str] = {}
-        # One read transaction: a concurrent append cannot show a half chain.
-        async with self._locked():
-            await self._conn.execute("BEGIN")
-            try:
-                seals = {int(r[0]): str(r[1]) for r in await self._fetchall(
-                    "SELECT seq, mac FROM audit_seals ORDER BY seq")}
-                wanted = set(seals) | ({anchor.seq} if anchor is not None else set())
-                async with self._conn.execute(
-                    f"SELECT {AUDIT_COLUMNS} FROM audit ORDER BY seq"
-                ) as cursor:
-                    async for row in cursor:
-                        entry = _entry(row)
-                        broken = _check_entry(entry, expected_seq, prev)
-                        if broken:
-                            return AuditVerdict(False, count, broken[0], broken[1])
-                        if entry.seq in wanted:
-                            hashes[entry.seq] = entry.hash
-                        expected_seq, prev, count = entry.seq + 1, entry.hash, count + 1
-                head = await self._fetchone("SELECT seq, hash FROM audit_head WHERE id = 1")
-            finally:
-                await self._conn.execute("COMMIT")
+        # One consistent read: a concurrent append cannot show a half chain.
+        async with self._snapshot():
+            seals = {int(r[0]): str(r[1]) for r in await self._fetchall(
+                "SELECT seq, mac FROM audit_seals ORDER BY seq")}
+            wanted = set(seals) | ({anchor.seq} if anchor is not None else set())
+            after = 0
+            while True:  # in pages: the log may be longer than memory should hold
+                rows = await self._fetchall(
+                    f"SELECT {AUDIT_COLUMNS} FROM audit WHERE seq > ? ORDER BY seq LIMIT ?",
+                    (after, VERIFY_PAGE))
+                for row in rows:
+                    entry = _entry(row)
+                    broken = _check_entry(entry, expected_seq, prev)
+                    if broken:
+                        return AuditVerdict(False, count, broken[0], broken[1])
+                    if entry.seq in wanted:
+                        hashes[entry.seq] = entry.hash
+                    expected_seq, prev, count = entry.seq + 1, entry.hash, count + 1
+                if len(rows) < VERIFY_PAGE:
+                    break
+                after = expected_seq - 1
+            head = await self._fetchone("SELECT seq, hash FROM audit_head WHERE id = 1")
         head_seq, head_hash = (int(head[0]), str(head[1])) if head else (0, GENESIS_HASH)
         if (head_seq, head_hash) != (expected_seq - 1, prev):
             return AuditVerdict(
@@ -1431,10 +1467,16 @@ class SqliteKmsStore(SqlDb):
                         anchored_at=anchor.seq if anchor else None)
                 good = seq
         if anchor is None:
-            return AuditVerdict(
-                False, count, None,
-                f"the audit anchor {path} is missing, but the log is sealed up to entry "
-                f"{good}: the anchor was deleted", sealed_through=good)
+            if self.dialect == "sqlite":
+                # One file, one machine: every sealed batch moved this anchor.
+                return AuditVerdict(
+                    False, count, None,
+                    f"the audit anchor {path} is missing, but the log is sealed up to entry "
+                    f"{good}: the anchor was deleted", sealed_through=good)
+            # A shared database: the seals may all be other nodes'; this node has
+            # anchored none yet. Intact as far as the seals go.
+            return AuditVerdict(True, count, sealed_through=good or None,
+                                unsealed=last - good)
         if hashes.get(anchor.seq) != anchor.hash:
             return AuditVerdict(
                 False, count, min(good + 1, anchor.seq),
@@ -1465,11 +1507,12 @@ class SqliteKmsStore(SqlDb):
 
     async def _anchor(self, anchor: Anchor) -> None:
         try:
-            await asyncio.to_thread(write_anchor, anchor_path(self._path), anchor)
-        except OSError as exc:
+            await asyncio.to_thread(_write_anchor, anchor_path(self._path), anchor)
+        except (OSError, DewError) as exc:
             # The entries and their seal are committed; the anchor lags behind.
             log.error("the audit anchor could not be written", seq=anchor.seq,
-                      error=exc.strerror or str(exc))
+                      error=exc.message if isinstance(exc, DewError)
+                      else exc.strerror or str(exc))
 
     async def _append(self, events: Iterable[AuditEvent], batch: _Batch) -> None:
         """Chain ``events`` after the head and seal the batch; inside ``_audited``."""
@@ -1502,10 +1545,21 @@ class SqliteKmsStore(SqlDb):
             log.warning("audit entries written unsealed: sealing failed", error=exc.message)
             return
         await self._conn.execute(
-            "INSERT OR REPLACE INTO audit_seals (seq, mac) VALUES (?, ?)", (seq, tag))
+            "INSERT INTO audit_seals (seq, mac) VALUES (?, ?) "
+            "ON CONFLICT (seq) DO UPDATE SET mac = excluded.mac", (seq, tag))
         batch.anchor = Anchor(seq, prev, tag)
 
     # --- plumbing --------------------------------------------------------------------
+
+
+def _write_anchor(path: Path, anchor: Anchor) -> None:
+    try:
+        write_anchor(path, anchor)
+    except FileNotFoundError:
+        # SQLite made the directory for its file; with PostgreSQL nothing of the store
+        # did (a state directory is there once dew init ran; a test's may not be).
+        private_dir(path.parent)
+        write_anchor(path, anchor)
 
 
 def _check_entry(entry: AuditEntry, seq: int, prev: str) -> tuple[int, str] | None:
@@ -1528,7 +1582,7 @@ def _ts(text: str) -> datetime:
     return ts
 
 
-def _key(row: sqlite3.Row) -> KeyRecord:
+def _key(row: Row) -> KeyRecord:
     return KeyRecord(
         key_id=row["key_id"], account=row["account"], alias=row["alias"], spec=row["spec"],
         usage=row["usage"], state=row["state"], origin=row["origin"],
@@ -1553,7 +1607,7 @@ def _key_filter(
     return where, params
 
 
-def _grant(row: sqlite3.Row) -> GrantRecord:
+def _grant(row: Row) -> GrantRecord:
     return GrantRecord(
         grant_id=row["grant_id"], key_id=row["key_id"], name=row["name"],
         grantee_principal=row["grantee_principal"],
@@ -1564,14 +1618,14 @@ def _grant(row: sqlite3.Row) -> GrantRecord:
     )
 
 
-def _version(row: sqlite3.Row) -> KeyVersion:
+def _version(row: Row) -> KeyVersion:
     return KeyVersion(
         key_id=row["key_id"], version=int(row["version"]), token_label=row["token_label"],
         created_at=_ts(row["created_at"]), destroyed_at=parse_iso(row["destroyed_at"]),
     )
 
 
-def _rotation(row: sqlite3.Row) -> RotationRecord:
+def _rotation(row: Row) -> RotationRecord:
     return RotationRecord(
         key_id=row["key_id"], enabled=bool(row["enabled"]),
         interval_days=int(row["interval_days"]),
@@ -1581,7 +1635,7 @@ def _rotation(row: sqlite3.Row) -> RotationRecord:
     )
 
 
-def _entry(row: sqlite3.Row) -> AuditEntry:
+def _entry(row: Row) -> AuditEntry:
     return AuditEntry(
         seq=int(row["seq"]), time=row["time"], account=row["account"], actor=row["actor"],
         operation=row["operation"], key_id=row["key_id"], outcome=row["outcome"],

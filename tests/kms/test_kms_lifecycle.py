@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-import sqlite3
 from datetime import timedelta
-from pathlib import Path
+from typing import Any
 
 import pytest
 
 from engine.crypto import CryptoCore
 from engine.errors import InvalidInput
+from engine.sql_db import StoreTarget
 from handlers.kms.core import token_label
 from handlers.kms.errors import KeyDeleted, KeyStateError
 from handlers.kms.service import KmsService
-from handlers.kms.store import AuditEvent, SqliteKmsStore
-from tests.kms.conftest import FakeClock
+from handlers.kms.store import AuditEvent, AuditFilter, SqliteKmsStore
+from tests.helpers import FakeClock
+from tests.pg_store import admin_sql
 
 
 async def _audit_ops(kms: KmsService, key: str) -> list[tuple[str, str]]:
@@ -120,7 +121,7 @@ async def test_pending_key_cannot_be_used_but_its_metadata_can(kms: KmsService) 
 # --------------------------------------------------------------------------- audit chain
 
 
-async def _some_entries(kms: KmsService) -> Path:
+async def _some_entries(kms: KmsService) -> None:
     await kms.create_key("chain")
     for _ in range(3):
         await kms.encrypt_data("chain", b"x")
@@ -128,42 +129,71 @@ async def _some_entries(kms: KmsService) -> Path:
     assert (await kms.audit_verify()).to_json() == {
         "intact": True, "entries": 5, "first_broken_seq": None, "reason": "",
         "sealed_through": 5, "anchored_at": 5, "unsealed": 0}
-    return Path(str(kms.store._path))  # type: ignore[attr-defined]
 
 
-def _sql(path: Path, statement: str) -> None:
-    with sqlite3.connect(path) as db:
-        db.execute(statement)
-
-
-async def test_audit_verify_finds_an_edited_row(kms: KmsService) -> None:
-    path = await _some_entries(kms)
-    _sql(path, "UPDATE audit SET outcome = 'failure' WHERE seq = 3")
+async def test_audit_verify_finds_an_edited_row(
+    kms: KmsService, kms_target: StoreTarget
+) -> None:
+    await _some_entries(kms)
+    await admin_sql(kms_target, "UPDATE audit SET outcome = 'failure' WHERE seq = 3")
     verdict = await kms.audit_verify()
     assert not verdict.intact and verdict.first_broken_seq == 3
     assert "changed" in verdict.reason
 
 
-async def test_audit_verify_finds_a_deleted_row(kms: KmsService) -> None:
-    path = await _some_entries(kms)
-    _sql(path, "DELETE FROM audit WHERE seq = 2")
+async def test_audit_verify_finds_a_deleted_row(
+    kms: KmsService, kms_target: StoreTarget
+) -> None:
+    await _some_entries(kms)
+    await admin_sql(kms_target, "DELETE FROM audit WHERE seq = 2")
     verdict = await kms.audit_verify()
     assert not verdict.intact and verdict.first_broken_seq == 2
     assert "missing" in verdict.reason
 
 
-async def test_audit_verify_finds_a_deleted_newest_row(kms: KmsService) -> None:
-    path = await _some_entries(kms)
-    _sql(path, "DELETE FROM audit WHERE seq = 5")
+async def test_audit_verify_finds_a_deleted_newest_row(
+    kms: KmsService, kms_target: StoreTarget
+) -> None:
+    await _some_entries(kms)
+    await admin_sql(kms_target, "DELETE FROM audit WHERE seq = 5")
     verdict = await kms.audit_verify()
     assert not verdict.intact and verdict.first_broken_seq == 5
 
 
-async def test_audit_verify_finds_a_rehashed_edit(kms: KmsService) -> None:
+async def test_audit_verify_finds_a_rehashed_edit(
+    kms: KmsService, kms_target: StoreTarget
+) -> None:
     # An edit that also fixes its own hash still breaks the next entry's link.
-    path = await _some_entries(kms)
+    await _some_entries(kms)
     # Change the first hex digit to another one (never to the digit it already is).
-    _sql(path, "UPDATE audit SET hash = (CASE WHEN substr(hash, 1, 1) = 'f' THEN '0' "
-               "ELSE 'f' END) || substr(hash, 2) WHERE seq = 2")
+    await admin_sql(kms_target, "UPDATE audit SET hash = (CASE WHEN substr(hash, 1, 1) = 'f' "
+                    "THEN '0' ELSE 'f' END) || substr(hash, 2) WHERE seq = 2")
     verdict = await kms.audit_verify()
     assert not verdict.intact and verdict.first_broken_seq == 2
+
+
+async def test_audit_list_filters(kms_store: SqliteKmsStore, clock: FakeClock) -> None:
+    t0, second = clock.now, timedelta(seconds=1)
+    await kms_store.append_audit([
+        AuditEvent(t0, "default", "api:alice ak=1", "csms.get_value", None, "success",
+                   {"secret": "db.app", "version": "v1"}),
+        # A NUL in the detail (JSON's escape of it in the stored text) breaks no filter.
+        AuditEvent(t0 + second, "default", "cli:bob", "csms.get_value", None, "failure",
+                   {"secret": "db.app", "error": "bad\x00input"}),
+        AuditEvent(t0 + 2 * second, "default", "api:alice", "csms.get_value", None, "success",
+                   {"secret": "db.other"}),
+        AuditEvent(t0 + 3 * second, "default", "api:Alice", "encrypt_data", "k1", "success",
+                   {"bytes": 3, "note": "\\u0000 as text"}),
+    ])
+
+    async def seqs(**where: Any) -> list[int]:
+        return [e.seq for e in await kms_store.list_audit(where=AuditFilter(**where))]
+
+    assert await seqs(secret="db.app") == [1, 2]
+    assert await seqs(secret="db.app", outcome="failure") == [2]
+    assert await seqs(actor="alice") == [1, 3]  # a substring, case and all
+    assert await seqs(operation="encrypt_data") == [4]
+    assert await seqs(since=t0 + second, until=t0 + 2 * second) == [2, 3]
+    assert [e.seq for e in await kms_store.list_audit(limit=2)] == [3, 4]  # the newest
+    assert [e.detail for e in await kms_store.list_audit(key_id="k1")] == [
+        '{"bytes":3,"note":"\\\\u0000 as text"}']
