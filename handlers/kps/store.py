@@ -1,23 +1,32 @@
 """KPS persistence: SSH key pairs, servers, and which key pair is bound where.
 
-The schema is this module's ``MIGRATIONS`` (component ``kps`` of the file's
-``schema_migrations``); opening the store runs the ones the file lacks. Same
-discipline as the KMS store: an aiosqlite connection of its own, WAL, one lock
-around every write, and ``BEGIN IMMEDIATE`` for check-then-write so that two
-processes (CLI, worker) queue on the busy timeout. A managed private key is
-stored only as the envelope the service hands in (never in clear). sqlite3
-errors in :func:`engine.sqlite_db.sqlite_errors` and nowhere else.
+``SqliteKpsStore`` is a store of :mod:`engine.sql_db` (component ``kps`` of the
+database's ``schema_migrations``; opening the store runs the scripts it lacks): in
+the SQLite file beside the task store, or in the PostgreSQL database every node
+shares. What must hold with several processes on several machines, and how:
+
+- Every check-then-write (a name taken, the account's quota, a key pair or server
+  still bound, a binding's key pair and server still there) is one
+  ``_transaction()``: one writer of this store at a time everywhere (SQLite's
+  ``BEGIN IMMEDIATE``, PostgreSQL's advisory lock of the store), so the check still
+  holds at the write. The unique indexes on names back the name checks.
+- The rest are single statements that no check depends on the absence of: pinning
+  a host key (``WHERE host_key IS NULL``: the first pin wins), a job's progress row
+  (``ON CONFLICT DO UPDATE``), removing bindings, a description or an envelope.
+
+A managed private key is stored only as the envelope the service hands in (never in
+clear). Backend errors become engine errors in the backend (``engine.sqlite_db``,
+``engine.pg_db``) and nowhere else.
 """
 
 from __future__ import annotations
 
-import sqlite3
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
 from engine.models import iso, parse_iso
-from engine.sql_db import SqlDb
+from engine.sql_db import Migration, Row, SqlDb
 
 KEYPAIR_COLUMNS = (
     "keypair_id, account, owner, scope, name, algorithm, key_type, public_key, fingerprint, "
@@ -80,8 +89,8 @@ class ServerRecord:
 
 
 # This store's schema, numbered from 1 and tracked as component "kps" in the
-# file's schema_migrations table (engine.sqlite_db). Scripts are idempotent.
-MIGRATIONS: tuple[str, ...] = (
+# database's schema_migrations table (engine.sql_db).
+MIGRATIONS: tuple[Migration, ...] = (
     # 1: kps: SSH key pairs, servers and which key pair is bound to which server
     # (IF NOT EXISTS: safe whatever position the CSMS migration takes beside it)
     """
@@ -323,9 +332,16 @@ class SqliteKpsStore(SqlDb):
     # --- bindings --------------------------------------------------------------------
 
     async def bind(self, keypair_id: str, server_id: str, now: datetime, task_id: str | None,
-                   replaces: str | None = None) -> None:
-        """Record the binding (and drop the one it replaces) in one transaction."""
+                   replaces: str | None = None) -> bool:
+        """Record the binding (and drop the one it replaces) in one transaction; False
+        (nothing written) when the key pair or the server was deleted meanwhile: SQLite
+        does not check the foreign keys, PostgreSQL would refuse the row."""
         async with self._transaction():
+            if await self._fetchone(
+                    "SELECT 1 WHERE EXISTS (SELECT 1 FROM kps_keypairs WHERE keypair_id = ?) "
+                    "AND EXISTS (SELECT 1 FROM kps_servers WHERE server_id = ?)",
+                    (keypair_id, server_id)) is None:
+                return False
             if replaces is not None and replaces != keypair_id:
                 await self._conn.execute(
                     "DELETE FROM kps_bindings WHERE keypair_id = ? AND server_id = ?",
@@ -334,6 +350,7 @@ class SqliteKpsStore(SqlDb):
                 "INSERT INTO kps_bindings (keypair_id, server_id, bound_at, task_id) "
                 "VALUES (?, ?, ?, ?) ON CONFLICT (keypair_id, server_id) DO NOTHING",
                 (keypair_id, server_id, iso(now), task_id))
+        return True
 
     async def unbind(self, keypair_id: str, server_id: str) -> None:
         async with self._locked():
@@ -389,9 +406,6 @@ class SqliteKpsStore(SqlDb):
                 "SELECT server, status FROM kps_task_servers WHERE task_id = ?", (task_id,))
         return {r[0]: r[1] for r in rows}
 
-    # --- plumbing --------------------------------------------------------------------
-
-
 
 
 def _ts(text: str) -> datetime:
@@ -400,7 +414,7 @@ def _ts(text: str) -> datetime:
     return ts
 
 
-def _keypair(row: sqlite3.Row) -> KeyPairRecord:
+def _keypair(row: Row) -> KeyPairRecord:
     return KeyPairRecord(
         keypair_id=row["keypair_id"], account=row["account"], owner=row["owner"],
         scope=row["scope"], name=row["name"], algorithm=row["algorithm"],
@@ -411,7 +425,7 @@ def _keypair(row: sqlite3.Row) -> KeyPairRecord:
     )
 
 
-def _server(row: sqlite3.Row) -> ServerRecord:
+def _server(row: Row) -> ServerRecord:
     return ServerRecord(
         server_id=row["server_id"], account=row["account"], name=row["name"], host=row["host"],
         port=int(row["port"]), login_user=row["login_user"], host_key=row["host_key"],

@@ -17,7 +17,6 @@ import os
 import pwd
 import secrets
 import shutil
-import sqlite3
 import ssl
 import subprocess
 import sys
@@ -34,14 +33,12 @@ import pytest
 from engine.crypto import CryptoCore, HsmConfig
 from engine.redis_server import free_port
 from engine.settings import Settings
-from engine.sql_db import StoreTarget
 from handlers.csms.service import SecretsService
 from handlers.csms.store import SqliteCsmsStore
 from handlers.kms.service import KmsService
 from handlers.kms.store import SqliteKmsStore
 from tests.csms.pki import Ca
 from tests.helpers import ROOT, FakeClock, WorkerProcess, dew_env
-from tests.pg_store import store_rows
 
 PG_BIN = Path(sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))[-1]).parent \
     if list(Path("/usr/lib/postgresql").glob("*/bin/initdb")) else Path("/nonexistent")
@@ -97,23 +94,6 @@ async def csms(settings: Settings, core: CryptoCore) -> AsyncIterator[SecretsSer
             "SELECT token_label FROM kms_key_versions WHERE destroyed_at IS NULL"):
         await core.destroy_key(str(row[0]))
     await kms_store.close()
-
-
-def stored_bytes(target: StoreTarget) -> bytes:
-    """Everything the stores hold, as stored, to search for a value in clear: the
-    SQLite files (database, WAL), or every value of every table in PostgreSQL."""
-    if not target.url:
-        with sqlite3.connect(target.path, timeout=10) as db:
-            db.execute("PRAGMA wal_checkpoint(FULL)")
-            dump = "\n".join(db.iterdump()).encode()
-        files = target.path.parent.glob(target.path.name + "*")
-        return dump + b"".join(path.read_bytes() for path in files if path.is_file())
-    tables = store_rows(target, "SELECT table_name FROM information_schema.tables "
-                                "WHERE table_schema = 'public'")
-    return b"\n".join(
-        value if isinstance(value, bytes) else str(value).encode()
-        for (table,) in tables for row in store_rows(target, f"SELECT * FROM {table}")
-        for value in row)
 
 
 class EnvWorker(WorkerProcess):

@@ -24,7 +24,8 @@ from engine.redis_server import RedisServer, free_port
 from engine.settings import Settings
 from handlers.csms import model as m
 from handlers.csms.service import PAUSE_AFTER_SET_ENV, ROTATE_JOB, SecretsService
-from tests.csms.conftest import EnvWorker, PgCluster, pg_login, stored_bytes
+from tests.csms.conftest import EnvWorker, PgCluster, pg_login
+from tests.csms.store_helpers import stored_bytes
 from tests.helpers import run_dew, wait_for
 
 pytestmark = pytest.mark.slow

@@ -26,7 +26,7 @@ from handlers.csms.service import (
     enqueue_due_rotations,
 )
 from handlers.csms.store import SecretRecord, SqliteCsmsStore, VersionRecord
-from tests.csms.conftest import stored_bytes
+from tests.csms.store_helpers import stored_bytes
 from tests.helpers import FakeClock
 from tests.pg_store import admin_sql, sqlite_only, store_rows
 

@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
-import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import datetime, timedelta
@@ -31,7 +28,7 @@ from handlers.csms.store import (
     SqliteCsmsStore,
     VersionRecord,
 )
-from tests.helpers import ROOT
+from tests.csms.store_helpers import race
 from tests.pg_store import admin_sql
 
 T0 = datetime(2026, 1, 1, tzinfo=utcnow().tzinfo)
@@ -250,19 +247,23 @@ async def test_migrations_2_and_3_on_a_database_of_migration_1(
 
 
 RACER = """
-import asyncio, json, sys, time
-from dataclasses import replace
+import asyncio, json, sys
 from pathlib import Path
 from engine.models import utcnow
 from engine.sql_db import StoreTarget
-from handlers.csms.store import SqliteCsmsStore
-from tests.csms.test_store import secret, version
+from handlers.csms.store import SecretRecord, SqliteCsmsStore, VersionRecord
 
-async def main(n, path, url, start):
+def version(sid, seq):  # as the test module's (not imported: pytest takes a second)
+    return VersionRecord(sid, f"v{seq}", seq, utcnow(), "key-1", b"d", b"n", b"c")
+
+async def main(n, path, url):
     store = await SqliteCsmsStore.open(StoreTarget(Path(path), url))
-    record = replace(secret("racy"), secret_id=f"racer-{n}")
-    while time.time() < start:
-        await asyncio.sleep(0.005)
+    now = utcnow()
+    record = SecretRecord(f"racer-{n}", "default", "racy", "COMMON", "csms/default", "",
+                          "enabled", now, now, None, 2, None, None, None, 0, None, None,
+                          None, None, None)
+    print("ready", flush=True)
+    sys.stdin.readline()  # go: every process is ready
     created = await store.create_secret(record, version(record.secret_id, 1), {"SYSCURRENT": "v1"})
     sid = "id-default-shared"
     pending = await store.start_pending(version(sid, 10 + n), f"t{n}", utcnow())
@@ -274,7 +275,7 @@ async def main(n, path, url, start):
     print(json.dumps([created, pending, claimed, moved]))
     await store.close()
 
-asyncio.run(main(int(sys.argv[1]), sys.argv[2], sys.argv[3], float(sys.argv[4])))
+asyncio.run(main(int(sys.argv[1]), sys.argv[2], sys.argv[3]))
 """
 
 
@@ -286,14 +287,8 @@ async def test_check_then_writes_hold_across_processes(
     for name in ("shared", "moved"):
         record = secret(name)
         assert await store.create_secret(record, version(record.secret_id, 0), {CURRENT: "v0"})
-    start = time.time() + 2.5  # every process has imported and connected by then
-    procs = [subprocess.Popen(
-        [sys.executable, "-c", RACER, str(n), str(store_target.path), store_target.url,
-         str(start)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for n in range(4)]
-    outs = [p.communicate(timeout=120) for p in procs]
-    assert [p.returncode for p in procs] == [0] * 4, [err for _, err in outs]
-    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    outs = race(RACER, store_target)
+    results = [json.loads(out.strip().splitlines()[-1]) for out in outs]
     created, pending, claimed, moved = (list(column) for column in zip(*results, strict=True))
     assert created.count(True) == 1
     assert [r.name for r in await store.list_secrets("default")] == ["moved", "racy", "shared"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import sqlite3
 import subprocess
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import pytest
 import redis
 
 from engine.settings import Settings
+from tests.csms.store_helpers import stored_bytes
 from tests.helpers import WorkerProcess, run_dew
 from tests.kps.conftest import (
     Sshd,
@@ -225,9 +225,7 @@ def test_secrets_never_in_clear(
     secrets_ = [a.user.password, private_body[:40], private_body[-40:]]
     r = redis.Redis.from_url(s.redis_url)
     dumped = b"".join((k + (r.dump(k) or b"")) for k in r.keys("*"))
-    with sqlite3.connect(s.db_path) as db:
-        db.execute("PRAGMA wal_checkpoint(FULL)")
-    blobs = {"redis": dumped, "db": s.db_path.read_bytes(),
+    blobs = {"redis": dumped, "db": stored_bytes(s.store_target),
              "logs": b"".join(p.read_bytes() for p in s.state_dir.rglob("*.log"))
              + (tmp_path / "worker.out").read_bytes()}
     for where, blob in blobs.items():

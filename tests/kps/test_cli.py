@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 import subprocess
 from pathlib import Path
 
@@ -12,19 +11,15 @@ import pytest
 from engine.settings import Settings
 from tests.helpers import run_dew
 from tests.kps.conftest import dew_ok
+from tests.pg_store import store_rows
 
 ALGORITHMS = ["SSH_ED25519", "ECDSA_NISTP256", "ECDSA_NISTP384", "ECDSA_NISTP521",
               "SSH_RSA_2048"]
 
 
 def _count(settings: Settings, table: str) -> int:
-    if not settings.db_path.exists():
-        return 0
-    with sqlite3.connect(settings.db_path) as db:
-        try:
-            return int(db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
-        except sqlite3.OperationalError:
-            return 0
+    rows = store_rows(settings.store_target, f"SELECT COUNT(*) FROM {table}")
+    return int(str(rows[0][0])) if rows else 0
 
 
 @pytest.mark.slow
@@ -115,10 +110,9 @@ def test_import_forms_scope_and_refusals(kps_settings: Settings, tmp_path: Path)
     listed = json.loads(run_dew(s, "keypairs", "list", "--owner", "bob", "--json").stdout)
     assert sorted(p["name"] for p in listed) == ["dup", "shared"]
     # Unmanaged private keys are never stored.
-    with sqlite3.connect(s.db_path) as db:
-        rows = db.execute("SELECT name, managed, private_key FROM kps_keypairs").fetchall()
+    rows = store_rows(s.store_target, "SELECT name, managed, private_key FROM kps_keypairs")
     assert all((m == 0) == (p is None) for _, m, p in rows)
-    assert all(p is None or "PRIVATE KEY" not in p for _, _, p in rows)
+    assert all(p is None or "PRIVATE KEY" not in str(p) for _, _, p in rows)
 
 
 def test_create_into_a_bad_path_leaves_nothing(kps_settings: Settings, tmp_path: Path) -> None:

@@ -9,7 +9,6 @@ of the 20 presented another's host key ("does not match the pinned key")."""
 from __future__ import annotations
 
 import os
-import sqlite3
 import subprocess
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ from engine.settings import Settings
 from tests.helpers import WorkerProcess, run_dew
 from tests.kps.conftest import Sshd, TestUser, add_server, dew_ok, enqueue_sealed
 from tests.kps.sshd_servers import PortLost
+from tests.pg_store import store_rows
 
 pytestmark = pytest.mark.slow
 
@@ -45,9 +45,9 @@ def test_killed_worker_mid_bind(kps_settings: Settings, sshds: list[Sshd],
         "auth": {"password": sshds[0].user.password}, "user": "root"})
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        with sqlite3.connect(s.db_path, timeout=10) as db:
-            done = db.execute("SELECT COUNT(*) FROM kps_task_servers WHERE task_id = ? AND "
-                              "status = 'succeeded'", (task_id,)).fetchone()[0]
+        rows = store_rows(s.store_target, "SELECT COUNT(*) FROM kps_task_servers "
+                          "WHERE task_id = ? AND status = 'succeeded'", task_id)
+        done = int(str(rows[0][0])) if rows else 0
         if done >= 3:
             break
         time.sleep(0.05)

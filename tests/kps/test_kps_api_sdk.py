@@ -20,6 +20,7 @@ from engine.crypto import HsmConfig
 from engine.redis_server import RedisServer
 from tests.api_process import ApiStack as Stack
 from tests.api_process import api_stack
+from tests.csms.store_helpers import stored_bytes
 from tests.helpers import run_dew
 from tests.kps.conftest import KPS_TEST_SETTINGS, Sshd, ssh_login, ssh_password_probe
 from tests.kps.sshd_servers import free_ports
@@ -242,8 +243,7 @@ def test_associate_disables_password_then_disassociate(
     # The password never reached the task store in clear.
     tasks = run_dew(stack.settings, "tasks", "show", reply.task_id, "--json")
     assert sshd.user.password not in tasks.stdout
-    for db in stack.settings.db_path.parent.glob(stack.settings.db_path.name + "*"):
-        assert sshd.user.password.encode() not in db.read_bytes()
+    assert sshd.user.password.encode() not in stored_bytes(stack.settings.store_target)
     # A bound key pair cannot be deleted.
     error = _refused(lambda: admin.delete_keypair(m.DeleteKeypairRequest(keypair_name=name)))
     assert error.status_code == 409

@@ -5,10 +5,10 @@ Each test fails on the old behaviour: the audit's reproduction is the test."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
-import sqlite3
 from pathlib import Path
 
 import pytest
@@ -25,6 +25,7 @@ from tests.kps.conftest import (
     ssh_login,
     ssh_password_probe,
 )
+from tests.pg_store import admin_sql
 
 pytestmark = pytest.mark.slow
 
@@ -76,8 +77,8 @@ def test_unbind_with_failing_reload_keeps_the_way_in(
            "--disable-password")
     assert PASSWORD_OFF in _probe(a, tmp_path)
     keys_before, config_before = a.authorized_keys.read_bytes(), a.config.read_bytes()
-    with sqlite3.connect(s.db_path) as db:
-        db.execute("UPDATE kps_servers SET reload_command = 'false' WHERE name = 'a'")
+    asyncio.run(admin_sql(s.store_target,
+                          "UPDATE kps_servers SET reload_command = 'false' WHERE name = 'a'"))
 
     code, result = _job(s, "unbind", "k1", "--server", "a", "--private-key", str(key),
                         "--enable-password")
