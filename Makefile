@@ -14,6 +14,7 @@ PYTEST_JOBS ?= 2
 # The store contract and end-to-end tests, run a second time with every store in
 # PostgreSQL (a private cluster per test process, tests/pg_store.py).
 PG_TESTS ?= tests/engine/test_store.py tests/engine/test_iam.py tests/schedules/test_firing.py \
+	tests/engine/test_engine.py tests/engine/test_durability.py tests/engine/test_cancel_running.py \
 	tests/kms/test_kms_lifecycle.py tests/kms/test_kms_usage.py tests/kms/test_kms_tags_grants.py \
 	tests/kms/test_kms_rotation.py tests/kms/test_kms_trust.py tests/kms/test_kms_service.py
 
