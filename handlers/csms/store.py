@@ -520,8 +520,13 @@ class SqliteCsmsStore(SqlDb):
             renewal.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await renewal
-            # Shielded: a cancelled run still frees the secret (else it waits out the lease).
-            await asyncio.shield(self.release_rotation(secret_id, owner))
+            try:
+                # Shielded: a cancelled run still frees the secret at once.
+                await asyncio.shield(self.release_rotation(secret_id, owner))
+            except DewError as exc:
+                # Not the run's outcome (a retry would rotate again): the lease lapses.
+                log.warning("rotation lease not released", secret_id=secret_id,
+                            code=exc.code, error=exc.message)
 
     async def claim_rotation(self, secret_id: str, owner: str, seconds: float) -> bool:
         """Take or renew the lease for ``seconds`` from now: one statement, so two
