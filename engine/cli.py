@@ -270,6 +270,7 @@ async def cmd_init(args: argparse.Namespace, settings: Settings) -> int:
     from engine.crypto import ensure_token
     from engine.store import open_store
 
+    settings.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # stores may be elsewhere
     store = await open_store(settings)
     await store.close()
     created = await asyncio.to_thread(ensure_token, settings)

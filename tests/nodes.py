@@ -155,12 +155,10 @@ class Node:
     @classmethod
     def create(cls, name: str, shared: Settings, state_dir: Path, store_url: str,
                export: HsmExport) -> Node:
-        """The node's settings and state directory (its copy of the PIN, mode 0600);
-        ``dew init`` is :func:`init_nodes`'."""
-        # `dew init` does not create the state directory when nothing of the node is
-        # in it (stores in PostgreSQL, token served): the operator makes it.
-        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        pin_file = state_dir / "hsm" / "user.pin"
+        """The node's settings and its copy of the token's PIN (mode 0600, beside the
+        state directory, as /etc/dew/hsm.pin in docs/nodes.md); the state directory is
+        made by ``dew init`` (:func:`init_nodes`)."""
+        pin_file = state_dir.with_name(f"{state_dir.name}.pin")
         write_pin_file(pin_file, read_pin_file(export.pin_file))
         settings = shared.replace(
             engine={"state_dir": state_dir}, store={"url": store_url},
