@@ -16,7 +16,9 @@ PYTEST_JOBS ?= 2
 PG_TESTS ?= tests/engine/test_store.py tests/engine/test_iam.py tests/schedules/test_firing.py \
 	tests/engine/test_engine.py tests/engine/test_durability.py tests/engine/test_cancel_running.py \
 	tests/kms/test_kms_lifecycle.py tests/kms/test_kms_usage.py tests/kms/test_kms_tags_grants.py \
-	tests/kms/test_kms_rotation.py tests/kms/test_kms_trust.py tests/kms/test_kms_service.py
+	tests/kms/test_kms_rotation.py tests/kms/test_kms_trust.py tests/kms/test_kms_service.py \
+	tests/csms/test_store.py tests/csms/test_rotation.py tests/csms/test_service.py \
+	tests/kps/test_store.py tests/kps/test_accounts.py
 
 .PHONY: help setup system-packages venv bytecode init up down demo test lint bench clean
 
