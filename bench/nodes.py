@@ -323,7 +323,7 @@ def make_configs(shared: Settings, root: Path, pg: StoreCluster) -> list[Config]
         for config in configs:
             # One node makes the CMK (and the token's audit key) before nodes run at once.
             config.nodes[0].dew_json("kms", "create-key", "--alias", KEY_ALIAS)
-            # The first worker alone makes the token's job-signing key (tests/nodes.py).
+            # The token's job-signing key is made before the timed runs, not during them.
             start_workers(config.nodes[:1])
             config.nodes[0].worker.stop()
     except BaseException:

@@ -254,14 +254,9 @@ class Cluster:
                              for name in names]
             init_nodes(cluster.nodes)
             if workers:
-                # The first worker starts alone and makes the token's job-signing key.
-                # Workers starting at once on a fresh served token each make one: the
-                # check-and-create of a key made on first use (``engine:job-signing``,
-                # ``kms:audit-hmac``...) is locked by a file in the node's own
-                # STATE_DIR/hsm, which other nodes do not see; the token then holds
-                # two objects with that label and every job fails to be signed.
-                start_workers(cluster.nodes[:1])
-                start_workers(cluster.nodes[1:])
+                # At once, on a fresh served token: each worker makes the token's
+                # job-signing key on first use, and one key must come out of it.
+                start_workers(cluster.nodes)
         except BaseException:
             cluster.stop()
             raise
