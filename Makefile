@@ -18,7 +18,8 @@ PG_TESTS ?= tests/engine/test_store.py tests/engine/test_iam.py tests/schedules/
 	tests/kms/test_kms_lifecycle.py tests/kms/test_kms_usage.py tests/kms/test_kms_tags_grants.py \
 	tests/kms/test_kms_rotation.py tests/kms/test_kms_trust.py tests/kms/test_kms_service.py \
 	tests/csms/test_store.py tests/csms/test_rotation.py tests/csms/test_service.py \
-	tests/kps/test_store.py tests/kps/test_accounts.py
+	tests/kps/test_store.py tests/kps/test_accounts.py \
+	tests/kms/test_kms_api_sdk.py tests/csms/test_csms_api_sdk.py tests/kps/test_kps_api_sdk.py
 
 .PHONY: help setup system-packages venv bytecode init up down demo test lint bench clean
 

@@ -21,6 +21,7 @@ from engine.redis_server import RedisServer
 from engine.settings import Settings, load_settings
 from tests.conftest import TEST_SETTINGS
 from tests.helpers import ROOT, WorkerProcess, dew_env, link_shared_token, run_dew
+from tests.pg_store import on_postgresql, process_cluster
 
 
 class ApiProcess:
@@ -191,6 +192,8 @@ def api_stack(tmp: Path, redis_server: RedisServer, hsm_config: HsmConfig, plan:
         redis={"url": redis_server.url, "queue": f"arq:queue:{uuid.uuid4().hex[:12]}"},
         **{**TEST_SETTINGS, **sections},
     )
+    if on_postgresql():
+        settings = settings.replace(store={"url": process_cluster().new_database()})
     settings = link_shared_token(settings, hsm_config)
     assert run_dew(settings, "init").returncode == 0
     identities = asyncio.run(make_identities(settings, plan))

@@ -18,7 +18,7 @@ from engine.redis_server import RedisServer, free_port
 from engine.settings import Settings, load_settings
 from engine.sql_db import StoreTarget
 from tests.helpers import WorkerProcess, link_shared_token
-from tests.pg_store import StoreCluster, on_postgresql
+from tests.pg_store import StoreCluster, on_postgresql, process_cluster
 
 # Short intervals so crash and loss recovery take seconds in tests.
 TEST_SETTINGS = {
@@ -56,11 +56,9 @@ def hsm_config() -> HsmConfig:
 
 
 @pytest.fixture(scope="session")
-def store_cluster() -> Iterator[StoreCluster]:
+def store_cluster() -> StoreCluster:
     """This test process's private PostgreSQL cluster (tests/pg_store.py)."""
-    cluster = StoreCluster.create(free_port())
-    yield cluster
-    cluster.remove()
+    return process_cluster()
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ put every store of a test in such a database: the same tests, on the other backe
 from __future__ import annotations
 
 import asyncio
+import atexit
 import os
 import pwd
 import secrets
@@ -36,6 +37,21 @@ ROLE = "dew"
 def on_postgresql() -> bool:
     """Whether this run puts the stores in PostgreSQL (``DEW_TEST_STORE``)."""
     return os.environ.get("DEW_TEST_STORE", "sqlite") == "postgresql"
+
+
+_PROCESS_CLUSTER: list[StoreCluster] = []
+
+
+def process_cluster() -> StoreCluster:
+    """This test process's cluster, started on first use and removed at exit (fixtures
+    of any scope, and plain context managers such as tests/api_process.py, share it)."""
+    if not _PROCESS_CLUSTER:
+        from engine.redis_server import free_port
+
+        cluster = StoreCluster.create(free_port())
+        atexit.register(cluster.remove)
+        _PROCESS_CLUSTER.append(cluster)
+    return _PROCESS_CLUSTER[0]
 
 
 def _as_postgres(args: list[str]) -> list[str]:

@@ -12,7 +12,6 @@ import hashlib
 import hmac
 import json
 import os
-import sqlite3
 import time
 import uuid
 from collections.abc import Iterator
@@ -31,6 +30,7 @@ from engine.redis_server import RedisServer
 from tests.api_process import ApiProcess, api_stack, kms_client
 from tests.api_process import ApiStack as Stack
 from tests.helpers import run_dew
+from tests.pg_store import store_rows
 
 pytestmark = pytest.mark.slow
 
@@ -244,9 +244,8 @@ def test_key_lifecycle_with_jobs_and_rotation(stack: Stack) -> None:
 
 
 def _succeeded_tasks(stack: Stack, job: str, key_id: str) -> int:
-    with sqlite3.connect(stack.settings.db_path) as db:
-        rows = db.execute("SELECT args FROM tasks WHERE name = ? AND status = 'succeeded'",
-                          (job,)).fetchall()
+    rows = store_rows(stack.settings.store_target,
+                      "SELECT args FROM tasks WHERE name = ? AND status = 'succeeded'", job)
     return sum(key_id in str(row[0]) for row in rows)
 
 
@@ -376,8 +375,8 @@ def test_read_only_user_cannot_create_a_key(stack: Stack) -> None:
 
 
 def _key_count(stack: Stack) -> int:
-    with sqlite3.connect(stack.settings.db_path) as db:
-        return int(db.execute("SELECT count(*) FROM kms_keys").fetchone()[0])
+    return int(str(store_rows(stack.settings.store_target,
+                              "SELECT count(*) FROM kms_keys")[0][0]))
 
 
 def test_another_projects_key_is_not_found_like_a_missing_one(stack: Stack) -> None:
