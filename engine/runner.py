@@ -31,9 +31,10 @@ from engine.errors import (
     PermanentError,
     SecurityError,
     TaskCancelled,
+    TransientError,
 )
 from engine.job_signing import JobSigner
-from engine.lifecycle import decide_outcome
+from engine.lifecycle import backoff_delay, decide_outcome
 from engine.logs import enabled, get_logger
 from engine.models import Fence, utcnow
 from engine.redaction import REDACTED, contains_redacted, is_sealed, keep_sealed, redact
@@ -79,7 +80,18 @@ class TaskRunner:
     ) -> RunOutcome:
         stored_args = stored_form(spec, args)
         signer: JobSigner = await self.resources.get("job_signer")
-        if not await signer.verify(spec.name, task_id, stored_args, signature):
+        try:
+            genuine = await signer.verify(spec.name, task_id, stored_args, signature)
+        except TransientError as exc:
+            # The token cannot be reached (a network HSM or the p11-kit export went
+            # away): the job is neither refused as forged nor run; it comes back.
+            delay = backoff_delay(1, self.settings.retry.backoff_base,
+                                  self.settings.retry.backoff_max, self.rand)
+            log.warning("job signature not checked yet: the HSM is unavailable",
+                        task_id=task_id, job=spec.name, code=exc.code, error=exc.message,
+                        retry_in=round(delay, 3))
+            return RunOutcome("retry", delay)
+        if not genuine:
             return await self._refuse(spec, task_id, signature)
         now = self.clock()
         task, claimed = await self.store.mark_running(
