@@ -171,6 +171,13 @@ class SessionPool:
             thread.start()
 
     async def run(self, fn: Callable[[Worker], T]) -> T:
+        return await self.submit(fn)
+
+    def submit(self, fn: Callable[[Worker], T]) -> asyncio.Future[T]:
+        """Queue ``fn`` for a pool thread; its result (or error) arrives in the future.
+
+        Not a coroutine: a data-plane call awaits this future itself, one coroutine
+        layer (its frame, its send at every resume) fewer than through :meth:`run`."""
         loop = asyncio.get_running_loop()
         if self._closed:
             raise BackendUnavailable("the crypto core is closed", code="hsm_closed",
@@ -187,7 +194,7 @@ class SessionPool:
             loop.call_soon(self._hand_over, loop)
         else:
             waiting.append((fn, future, outbox))
-        return await future
+        return future
 
     def _hand_over(self, loop: asyncio.AbstractEventLoop) -> None:
         calls = self._waiting.pop(loop, [])

@@ -206,7 +206,6 @@ class CryptoCore:
 
         await pool.run(work)
 
-
     async def destroy_key(self, label: str) -> bool:
         """Destroy every object labelled ``label``; False if there was none."""
         check_label(label)
@@ -243,25 +242,51 @@ class CryptoCore:
 
     async def seal(self, key_label: str, plaintext: bytes, aad: bytes = b"") -> Sealed:
         """AES-256-GCM in the token: ``(iv, ciphertext || tag)``, IV from the token RNG."""
-        check_label(key_label)
-        plaintext = check_bytes("plaintext", plaintext, MAX_PLAINTEXT_BYTES)
-        aad = check_bytes("aad", aad, MAX_AAD_BYTES)
-        return await self._require().run(
-            lambda w: _pkcs11.gcm_seal(w.session, w.key(key_label, "secret"), key_label,
-                                       plaintext, aad)
-        )
+        return await self.submit_seal(key_label, plaintext, aad)
 
     async def open(
         self, key_label: str, iv: bytes, ciphertext: bytes, aad: bytes = b""
     ) -> bytes:
         """Inverse of :meth:`seal`; IntegrityCheckFailed on a wrong key, AAD or tag."""
+        return await self.submit_open(key_label, iv, ciphertext, aad)
+
+    # The data plane's calls without a coroutine of their own: each checks its input
+    # and returns the pool's future, which the caller awaits (an asyncio hand-off
+    # costs about as much as the token call, so every layer on the way counts).
+
+    def submit_seal(self, key_label: str, plaintext: bytes, aad: bytes = b""
+                    ) -> asyncio.Future[Sealed]:
+        """:meth:`seal`'s future."""
+        check_label(key_label)
+        plaintext = check_bytes("plaintext", plaintext, MAX_PLAINTEXT_BYTES)
+        aad = check_bytes("aad", aad, MAX_AAD_BYTES)
+        return self._require().submit(
+            lambda w: _pkcs11.gcm_seal(w.session, w.key(key_label, "secret"), key_label,
+                                       plaintext, aad)
+        )
+
+    def submit_open(self, key_label: str, iv: bytes, ciphertext: bytes, aad: bytes = b""
+                    ) -> asyncio.Future[bytes]:
+        """:meth:`open`'s future."""
         check_label(key_label)
         check_iv(iv)
         ciphertext = check_bytes("ciphertext", ciphertext, MAX_PLAINTEXT_BYTES + GCM_TAG_BYTES)
         aad = check_bytes("aad", aad, MAX_AAD_BYTES)
-        return await self._require().run(
+        return self._require().submit(
             lambda w: _pkcs11.gcm_open(w.key(key_label, "secret"), key_label, iv, ciphertext,
                                        aad)
+        )
+
+    def submit_data_key(self, key_label: str, length_bytes: int = 32, aad: bytes = b""
+                        ) -> asyncio.Future[tuple[bytes, Sealed]]:
+        """:meth:`generate_data_key`'s future: the DEK and its :class:`Sealed` (not packed
+        into a blob: a caller with a format of its own would only take it apart)."""
+        check_label(key_label)
+        check_length("length_bytes", length_bytes, DATA_KEY_MIN_BYTES, DATA_KEY_MAX_BYTES)
+        aad = check_bytes("aad", aad, MAX_AAD_BYTES)
+        return self._require().submit(
+            lambda w: _pkcs11.new_data_key(w.session, w.key(key_label, "secret"), key_label,
+                                           length_bytes, aad)
         )
 
     # ------------------------------------------------------------------ data keys
@@ -270,16 +295,8 @@ class CryptoCore:
         self, key_label: str, length_bytes: int = 32, aad: bytes = b""
     ) -> DataKey:
         """A fresh DEK from the token RNG, and the same DEK sealed under ``key_label``."""
-        check_label(key_label)
-        check_length("length_bytes", length_bytes, DATA_KEY_MIN_BYTES, DATA_KEY_MAX_BYTES)
-        aad = check_bytes("aad", aad, MAX_AAD_BYTES)
-
-        def work(w: Worker) -> DataKey:
-            dek, sealed = _pkcs11.new_data_key(w.session, w.key(key_label, "secret"), key_label,
-                                               length_bytes, aad)
-            return DataKey(dek, pack_sealed(sealed))
-
-        return await self._require().run(work)
+        dek, sealed = await self.submit_data_key(key_label, length_bytes, aad)
+        return DataKey(dek, pack_sealed(sealed))
 
     async def wrap_data_key(self, key_label: str, plaintext_dek: bytes, aad: bytes = b"") -> bytes:
         """Seal a caller's DEK under ``key_label``; returns the wrapped blob."""

@@ -14,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any, TypeVar
 
-from engine.crypto import CryptoCore, KeyNotFound, KeySpec, KeyUsageError, unpack_sealed
+from engine.crypto import CryptoCore, KeyNotFound, KeySpec, KeyUsageError
 from engine.crypto.model import KeyFamily
 from engine.errors import ConfigError, Conflict, DewError, InvalidInput
 from engine.logs import get_logger
@@ -40,7 +40,7 @@ from handlers.kms.format import (
     context_digest,
     default_service,
     is_key_id,
-    pack_ciphertext,
+    pack_after_prefix,
     pad,
     unpad,
 )
@@ -53,10 +53,13 @@ T = TypeVar("T")
 CryptoProvider = Callable[[], Awaitable[CryptoCore]]
 
 DEFAULT_CACHE_TTL = 1.0
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_NO_CONTEXT = context_digest({})
 DEFAULT_AUDIT_FLUSH_INTERVAL = 0.2
 AUDIT_BATCH = 500
 AUDIT_BACKLOG = 4 * AUDIT_BATCH
 CACHE_MAX = 10_000
+PREFIXES_MAX = 64
 # Operations that *use* a key: each success adds one to the key's count for the day
 # (kms_usage), written with the batch of audit entries that records it.
 USE_OPERATIONS = frozenset({
@@ -108,11 +111,36 @@ class Audited:
                                               op.outcome))
             return
         if isinstance(exc, DewError):
-            op.detail = {**op.detail, "code": exc.code}
-            if exc.target is not None and is_key_id(exc.target):
-                op.key_id = exc.target  # refused after the key was found: name it by id
-            await core.record(core._event(self._operation, self._account, self._actor, op,
-                                          "failure"))
+            await core.failed(self._operation, self._account, self._actor, op.key_id,
+                              op.detail, exc)
+
+
+class KeyUse:
+    """What the data plane needs of an enabled AES ENCRYPT_DECRYPT key, made when its
+    record is cached: the record, the token label of its current version and the AAD
+    prefixes (header bytes 0..64) of the ciphertexts made under it, by plaintext
+    length, purpose and context digest; they are the same bytes call after call."""
+
+    __slots__ = ("key_id", "label", "prefixes", "record", "version")
+
+    def __init__(self, record: KeyRecord) -> None:
+        self.record = record
+        self.key_id = record.key_id
+        self.version = record.current_version
+        self.label = token_label(record.key_id, record.current_version)
+        self.prefixes: dict[tuple[int, Purpose, bytes], bytes] = {}
+
+    def prefix(self, length: int, purpose: Purpose, digest: bytes) -> bytes:
+        """Header bytes 0..64 of a ciphertext of ``length`` bytes under the current version."""
+        slot = (length, purpose, digest)  # an IntEnum hashes as its int, fast
+        prefix = self.prefixes.get(slot)
+        if prefix is None:
+            prefix = CipherHeader(self.key_id, self.version, length, purpose,
+                                  digest).aad_prefix()
+            if len(self.prefixes) >= PREFIXES_MAX:  # many contexts: keep it bounded
+                self.prefixes.clear()
+            self.prefixes[slot] = prefix
+        return prefix
 
 
 def _aad(prefix: bytes, ctx: dict[str, str]) -> bytes:
@@ -211,10 +239,11 @@ class KmsCore:
         else:
             self._crypto, self._provider = None, crypto
         self._crypto_lock = asyncio.Lock()
-        self.cache: dict[tuple[str, str], tuple[float, KeyRecord]] = {}
+        # (account, key ref) -> (expiry, record, its KeyUse if the data plane may use it)
+        self.cache: dict[tuple[str, str], tuple[float, KeyRecord, KeyUse | None]] = {}
         self._pending: list[AuditEvent] = []
         self._usage: dict[tuple[str, str, str], int] = {}  # (account, key id, day) -> uses
-        self._day_text: tuple[int, str] = (0, "")
+        self._day_text: tuple[datetime | None, datetime, str] = (None, _EPOCH, "")
         self._flush_lock = asyncio.Lock()
         self._flusher: asyncio.TimerHandle | None = None
         self._flush_tasks: set[asyncio.Task[None]] = set()
@@ -266,6 +295,29 @@ class KmsCore:
                           op.key_id, outcome, op.detail)
 
     async def record(self, event: AuditEvent) -> None:
+        if self._buffer(event):
+            await self.flush_audit()
+
+    def used(self, operation: str, account: str, actor: str | None, key_id: str,
+             detail: dict[str, Any]) -> bool:
+        """Buffer the entry of a successful use (``account`` checked already) and count
+        the use. True: the caller must ``await flush_audit()`` now (a full batch)."""
+        return self._buffer(AuditEvent(self.clock(), account, actor or self.actor, operation,
+                                       key_id, "success", detail))
+
+    async def failed(self, operation: str, account: str, actor: str | None,
+                     key_ref: str | None, detail: dict[str, Any], exc: DewError) -> None:
+        """Record a refused or failed operation with its error code; ``key_ref`` as the
+        caller gave it, unless the error names the key it found (by id)."""
+        key_id = _short(key_ref)
+        if exc.target is not None and is_key_id(exc.target):
+            key_id = exc.target  # refused after the key was found: name it by id
+        await self.record(AuditEvent(self.clock(), _short(account) or "", actor or self.actor,
+                                     operation, key_id, "failure",
+                                     {**detail, "code": exc.code}))
+
+    def _buffer(self, event: AuditEvent) -> bool:
+        """Buffer ``event`` (counting a use); True when it must be flushed now."""
         self._pending.append(event)
         if (event.outcome == "success" and event.key_id is not None
                 and event.operation in USE_OPERATIONS):
@@ -279,19 +331,23 @@ class KmsCore:
             # written the other calls go on (they used to queue behind it, every one of
             # them, leaving the token idle) up to AUDIT_BACKLOG entries; past that they
             # wait, so a stalled disk cannot make the buffer grow without bound.
-            await self.flush_audit()
-        elif self._flusher is None:
+            return True
+        if self._flusher is None:
             loop = asyncio.get_running_loop()
             self._flusher = loop.call_later(self.audit_flush_interval, self._flush_later)
+        return False
 
     def _day(self, when: datetime) -> str:
-        """The UTC day of ``when`` as ISO text; the same day's text is reused, not rebuilt."""
+        """The UTC day of ``when`` as ISO text; the same day's text is reused, not rebuilt
+        (a time within the cached day is found by two comparisons)."""
+        start, end, text = self._day_text
+        if start is not None and start <= when < end:
+            return text
         utc = when.astimezone(UTC)
-        ordinal = utc.toordinal()
-        cached = self._day_text
-        if cached[0] != ordinal:
-            cached = self._day_text = (ordinal, utc.date().isoformat())
-        return cached[1]
+        start = datetime(utc.year, utc.month, utc.day, tzinfo=UTC)
+        text = start.date().isoformat()
+        self._day_text = (start, start + timedelta(days=1), text)
+        return text
 
     def _flush_later(self) -> None:
         self._flusher = None
@@ -492,28 +548,46 @@ class KmsCore:
 
     async def usable(self, ref: str, account: str) -> KeyRecord:
         """An enabled AES key to use; metadata cached for ``cache_ttl`` seconds."""
-        key = await self.enabled(ref, account)
-        if key.spec != KeySpec.AES_256 or key.usage != KeyUsage.ENCRYPT_DECRYPT:
+        return (await self.key_use(ref, account)).record
+
+    def usable_now(self, ref: str, account: str) -> KeyUse | None:
+        """The data plane's fast path: the cached, fresh :class:`KeyUse` of ``ref`` in
+        ``account`` (an enabled AES ENCRYPT_DECRYPT key), else None: then
+        :meth:`key_use` reads the registry, or refuses the key."""
+        hit = self.cache.get((account, ref))
+        if hit is not None and hit[2] is not None and hit[0] > time.monotonic():
+            return hit[2]
+        return None
+
+    async def key_use(self, ref: str, account: str) -> KeyUse:
+        """:meth:`usable`, as the data plane uses it (a :class:`KeyUse`)."""
+        key, use = await self._enabled(ref, account)
+        if use is None:
             raise KeyUsageError(
                 f"key {key_name(key)} is a {key.spec} key for {key.usage}; data keys and "
                 "encrypt-data need an AES_256 ENCRYPT_DECRYPT key",
                 target=key.key_id,
             )
-        return key
+        return use
 
     async def enabled(self, ref: str, account: str) -> KeyRecord:
         """An enabled key of any spec; metadata cached for ``cache_ttl`` seconds."""
+        return (await self._enabled(ref, account))[0]
+
+    async def _enabled(self, ref: str, account: str) -> tuple[KeyRecord, KeyUse | None]:
         cache_key = (account, ref)
         hit = self.cache.get(cache_key)
         now = time.monotonic()
         if hit is not None and hit[0] > now:
-            key = hit[1]
+            key, use = hit[1], hit[2]
         else:
             key = await self.lookup(ref, account, create_default=True)
+            use = (KeyUse(key) if key.state == KeyState.ENABLED and key.spec == KeySpec.AES_256
+                   and key.usage == KeyUsage.ENCRYPT_DECRYPT else None)
             if self.cache_ttl > 0:
                 if len(self.cache) >= CACHE_MAX:
                     self.cache.clear()
-                self.cache[cache_key] = (now + self.cache_ttl, key)
+                self.cache[cache_key] = (now + self.cache_ttl, key, use)
         if key.state != KeyState.ENABLED:
             state = key.state.replace("_", " ")
             if key.state == KeyState.PENDING_DELETION:
@@ -530,67 +604,84 @@ class KmsCore:
                 else "Finish the key's set-up first.",
                 target=key.key_id,
             )
-        return key
+        return key, use
 
     async def in_token(self, key: KeyRecord, call: Awaitable[T]) -> T:
         """Await a token call on ``key``; a vanished key object is explained from the registry."""
         try:
             return await call
         except KeyNotFound:
-            self.cache.clear()
-            fresh = await self.store.get_key(key.key_id)
-            if fresh is not None and fresh.state == KeyState.DELETED:
-                raise _deleted(fresh) from None
-            raise ConfigError(
-                f"the HSM has no material for key {key_name(key)}",
-                cause="the key registry and the token disagree",
-                fix="Check that hsm.token_label / DEW_STATE_DIR name the token these keys "
-                "were created in.",
-                code="hsm_key_material_missing",
-            ) from None
+            raise await self._vanished(key) from None
+
+    async def _vanished(self, key: KeyRecord) -> DewError:
+        """Why the token has no object for ``key``: deleted meanwhile, or a wrong token."""
+        self.cache.clear()
+        fresh = await self.store.get_key(key.key_id)
+        if fresh is not None and fresh.state == KeyState.DELETED:
+            return _deleted(fresh)
+        return ConfigError(
+            f"the HSM has no material for key {key_name(key)}",
+            cause="the key registry and the token disagree",
+            fix="Check that hsm.token_label / DEW_STATE_DIR name the token these keys "
+            "were created in.",
+            code="hsm_key_material_missing",
+        )
+
+    # The data plane's token calls await the pool's future directly (no coroutine per
+    # layer), with the AAD prefix of the key's ciphertexts made once (KeyUse).
 
     async def encrypt(
-        self, key: KeyRecord, data: bytes, purpose: Purpose, ctx: dict[str, str]
+        self, use: KeyUse, data: bytes, purpose: Purpose, ctx: dict[str, str]
     ) -> bytes:
-        header = CipherHeader(key.key_id, key.current_version, len(data), purpose,
-                              context_digest(ctx))
-        prefix = header.aad_prefix()
+        prefix = use.prefix(len(data), purpose, context_digest(ctx) if ctx else _NO_CONTEXT)
         core = self._crypto or await self.crypto()
-        sealed = await self.in_token(key, core.seal(
-            token_label(key.key_id, key.current_version), pad(data), _aad(prefix, ctx)))
-        return pack_ciphertext(header, sealed.iv, sealed.ciphertext, prefix=prefix)
+        try:
+            iv, body = await core.submit_seal(use.label, pad(data), _aad(prefix, ctx))
+        except KeyNotFound:
+            raise await self._vanished(use.record) from None
+        return pack_after_prefix(prefix, len(data), iv, body)
 
     async def new_datakey(
-        self, key: KeyRecord, length: int, ctx: dict[str, str]
+        self, use: KeyUse, length: int, ctx: dict[str, str]
     ) -> tuple[bytes, bytes]:
         """A fresh data key of ``length`` bytes from the token RNG and its ciphertext under
-        ``key``'s current version: one token hop (random bytes and seal together)."""
-        header = CipherHeader(key.key_id, key.current_version, length, Purpose.DATA_KEY,
-                              context_digest(ctx))
-        prefix = header.aad_prefix()
+        the key's current version: one token hop (random bytes and seal together)."""
+        prefix = use.prefix(length, Purpose.DATA_KEY,
+                            context_digest(ctx) if ctx else _NO_CONTEXT)
         core = self._crypto or await self.crypto()
-        dek = await self.in_token(key, core.generate_data_key(
-            token_label(key.key_id, key.current_version), length, _aad(prefix, ctx)))
-        iv, body = unpack_sealed(dek.wrapped)
-        return dek.plaintext, pack_ciphertext(header, iv, body, prefix=prefix)
+        try:
+            dek, (iv, body) = await core.submit_data_key(use.label, length, _aad(prefix, ctx))
+        except KeyNotFound:
+            raise await self._vanished(use.record) from None
+        return dek, pack_after_prefix(prefix, length, iv, body)
 
     async def decrypt(
-        self, key: KeyRecord, header: CipherHeader, iv: bytes, body: bytes, ctx: dict[str, str]
+        self, use: KeyUse, header: CipherHeader, iv: bytes, body: bytes, ctx: dict[str, str],
+        prefix: bytes | None = None,
     ) -> bytes:
-        if header.key_version > key.current_version:
+        """The plaintext of a ciphertext under ``use``'s key; ``prefix``: the ciphertext's
+        first 64 bytes, which are its header's AAD prefix (else made from ``header``)."""
+        key = use.record
+        if header.key_version > use.version:
             # Rotated by another process since we cached the key: read it again.
             self.cache.clear()
             key = await self.store.get_key(key.key_id) or key
         if not 1 <= header.key_version <= key.current_version:
             raise InvalidInput(f"the ciphertext names version {header.key_version} of "
                                f"{key_name(key)}, which does not exist", code="invalid_ciphertext")
-        if context_digest(ctx) != header.context:
+        if (context_digest(ctx) if ctx else _NO_CONTEXT) != header.context:
             raise InvalidInput(
                 "the encryption context differs from the one used at encryption",
                 code="encryption_context_mismatch",
                 fix="Pass exactly the encryption context given when the data was encrypted.",
             )
+        label = (use.label if header.key_version == use.version
+                 else token_label(key.key_id, header.key_version))
+        if prefix is None:
+            prefix = header.aad_prefix()
         core = self._crypto or await self.crypto()
-        padded = await self.in_token(key, core.open(
-            token_label(key.key_id, header.key_version), iv, body, header.aad(ctx)))
+        try:
+            padded = await core.submit_open(label, iv, body, _aad(prefix, ctx))
+        except KeyNotFound:
+            raise await self._vanished(key) from None
         return unpad(header, padded)

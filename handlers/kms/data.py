@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from engine.errors import InvalidInput
+from typing import Any
+
+from engine.errors import DewError, InvalidInput
 from engine.logs import get_logger
 from handlers.kms.core import KmsCore, key_name
 from handlers.kms.format import (
+    AAD_HEADER_BYTES,
     DEFAULT_ACCOUNT,
     MAX_DATA_BYTES,
     Purpose,
@@ -26,7 +29,6 @@ from handlers.kms.results import (
 from handlers.kms.signing import Signing
 
 log = get_logger("dew.kms")
-
 
 
 DATA_KEY_BYTES = (16, 64)  # what encrypt-datakey accepts (128..512 bits)
@@ -58,51 +60,77 @@ class DataPlane:
         self, operation: str, key: str, length_bits: int, account: str, actor: str | None,
         context: dict[str, str] | None, *, keep_plaintext: bool,
     ) -> DataKeyResult:
-        async with self.core.audit(operation, account, actor, key) as op:
-            account = check_account(account)
+        # The hot path, audited as `core.audit` would (one entry, success or failure),
+        # without its context object and coroutines: each costs as much as a check.
+        core = self.core
+        key_id: str | None = key
+        detail: dict[str, Any] = {}
+        try:
+            check_account(account)
             bits = check_length_bits(length_bits)
             ctx = check_context(context)
-            record = await self.core.usable(key, account)
-            op.key_id, op.detail = record.key_id, {"length_bits": bits}
-            plain, blob = await self.core.new_datakey(record, bits // 8, ctx)
-            return DataKeyResult(record.key_id, plain if keep_plaintext else None, blob)
+            use = core.usable_now(key, account) or await core.key_use(key, account)
+            key_id, detail = use.key_id, {"length_bits": bits}
+            plain, blob = await core.new_datakey(use, bits // 8, ctx)
+        except DewError as exc:
+            await core.failed(operation, account, actor, key_id, detail, exc)
+            raise
+        if core.used(operation, account, actor, use.key_id, detail):
+            await core.flush_audit()
+        return DataKeyResult(use.key_id, plain if keep_plaintext else None, blob)
 
     async def encrypt_datakey(
         self, key: str, plain_text: bytes, *, account: str = DEFAULT_ACCOUNT,
         actor: str | None = None, encryption_context: dict[str, str] | None = None,
     ) -> DataKeyResult:
         """Encrypt a caller's data key (16..64 bytes) under ``key``."""
-        async with self.core.audit("encrypt_datakey", account, actor, key) as op:
-            account = check_account(account)
+        core = self.core
+        key_id: str | None = key
+        detail: dict[str, Any] = {}
+        try:
+            check_account(account)
             low, high = DATA_KEY_BYTES
             if not isinstance(plain_text, bytes | bytearray) or not low <= len(plain_text) <= high:
                 raise InvalidInput(f"a data key must be {low}..{high} bytes "
                                    f"({low * 8}..{high * 8} bits)", code="invalid_datakey")
             ctx = check_context(encryption_context)
-            record = await self.core.usable(key, account)
-            op.key_id, op.detail = record.key_id, {"length_bits": len(plain_text) * 8}
-            blob = await self.core.encrypt(record, bytes(plain_text), Purpose.DATA_KEY, ctx)
-            return DataKeyResult(record.key_id, None, blob)
+            use = core.usable_now(key, account) or await core.key_use(key, account)
+            key_id, detail = use.key_id, {"length_bits": len(plain_text) * 8}
+            blob = await core.encrypt(use, bytes(plain_text), Purpose.DATA_KEY, ctx)
+        except DewError as exc:
+            await core.failed("encrypt_datakey", account, actor, key_id, detail, exc)
+            raise
+        if core.used("encrypt_datakey", account, actor, use.key_id, detail):
+            await core.flush_audit()
+        return DataKeyResult(use.key_id, None, blob)
 
     async def decrypt_datakey(
         self, key: str, cipher_text: bytes, *, account: str = DEFAULT_ACCOUNT,
         actor: str | None = None, encryption_context: dict[str, str] | None = None,
     ) -> DataKeyResult:
         """The plaintext of a data key made by create-datakey / encrypt-datakey under ``key``."""
-        async with self.core.audit("decrypt_datakey", account, actor, key) as op:
-            account = check_account(account)
+        core = self.core
+        key_id: str | None = key
+        try:
+            check_account(account)
             ctx = check_context(encryption_context)
-            header, iv, body = unpack_ciphertext(bytes(cipher_text), Purpose.DATA_KEY)
-            record = await self.core.usable(key, account)
-            op.key_id = record.key_id
-            if header.key_id != record.key_id:
+            blob = bytes(cipher_text)
+            header, iv, body = unpack_ciphertext(blob, Purpose.DATA_KEY)
+            use = core.usable_now(key, account) or await core.key_use(key, account)
+            key_id = use.key_id
+            if header.key_id != key_id:
                 raise InvalidInput(
-                    f"this data key was not encrypted under {key_name(record)}",
+                    f"this data key was not encrypted under {key_name(use.record)}",
                     code="key_mismatch",
                     fix="Pass the key the data key was created with (decrypt-data needs none).",
                 )
-            plain = await self.core.decrypt(record, header, iv, body, ctx)
-            return DataKeyResult(record.key_id, plain, bytes(cipher_text))
+            plain = await core.decrypt(use, header, iv, body, ctx, blob[:AAD_HEADER_BYTES])
+        except DewError as exc:
+            await core.failed("decrypt_datakey", account, actor, key_id, {}, exc)
+            raise
+        if core.used("decrypt_datakey", account, actor, key_id, {}):
+            await core.flush_audit()
+        return DataKeyResult(key_id, plain, blob)
 
     # ------------------------------------------------------------------ encrypt-data
 
@@ -111,14 +139,22 @@ class DataPlane:
         actor: str | None = None, encryption_context: dict[str, str] | None = None,
     ) -> EncryptResult:
         """Encrypt up to 4096 bytes directly under a CMK (self-describing ciphertext)."""
-        async with self.core.audit("encrypt_data", account, actor, key) as op:
-            account = check_account(account)
+        core = self.core
+        key_id: str | None = key
+        detail: dict[str, Any] = {}
+        try:
+            check_account(account)
             data = check_plaintext(plain_text)
             ctx = check_context(encryption_context)
-            record = await self.core.usable(key, account)
-            op.key_id, op.detail = record.key_id, {"bytes": len(data)}
-            blob = await self.core.encrypt(record, data, Purpose.DATA, ctx)
-            return EncryptResult(record.key_id, blob)
+            use = core.usable_now(key, account) or await core.key_use(key, account)
+            key_id, detail = use.key_id, {"bytes": len(data)}
+            blob = await core.encrypt(use, data, Purpose.DATA, ctx)
+        except DewError as exc:
+            await core.failed("encrypt_data", account, actor, key_id, detail, exc)
+            raise
+        if core.used("encrypt_data", account, actor, use.key_id, detail):
+            await core.flush_audit()
+        return EncryptResult(use.key_id, blob)
 
     async def decrypt_data(
         self, cipher_text: bytes | str, *, account: str = DEFAULT_ACCOUNT,
@@ -144,10 +180,12 @@ class DataPlane:
                                    code="invalid_ciphertext")
             header, iv, body = unpack_ciphertext(blob, Purpose.DATA)
             op.key_id = header.key_id
-            record = await self.core.usable(header.key_id, account)
-            plain = await self.core.decrypt(record, header, iv, body, ctx)
+            core = self.core
+            use = (core.usable_now(header.key_id, account)
+                   or await core.key_use(header.key_id, account))
+            plain = await core.decrypt(use, header, iv, body, ctx, blob[:AAD_HEADER_BYTES])
             op.detail = {"bytes": len(plain)}
-            return DecryptResult(record.key_id, plain)
+            return DecryptResult(use.key_id, plain)
 
     async def gen_random(
         self, n: int, *, account: str = DEFAULT_ACCOUNT, actor: str | None = None

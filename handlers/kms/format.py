@@ -523,16 +523,23 @@ def pack_ciphertext(header: CipherHeader, iv: bytes, body: bytes, *,
     """header || IV || header digest || body (ciphertext of the padded plaintext, then tag).
 
     ``prefix``: ``header.aad_prefix()`` when the caller has it already (it made the
-    AAD from it). The result is built in one allocation."""
+    AAD from it)."""
+    return pack_after_prefix(header.aad_prefix() if prefix is None else prefix,
+                             header.length, iv, body)
+
+
+def pack_after_prefix(prefix: bytes, length: int, iv: bytes, body: bytes) -> bytes:
+    """:func:`pack_ciphertext` from the header's AAD prefix (bytes 0..64) and its
+    plaintext length: what the data plane has in hand, without a header object."""
     if len(iv) != IV_BYTES:
         raise ValueError("the IV must be 12 bytes")
-    if len(body) != padded_length(header.length) + TAG_BYTES:
+    if len(body) != -(-length // BLOCK) * BLOCK + TAG_BYTES:
         raise ValueError("the body does not match the plaintext length")
-    if prefix is None:
-        prefix = header.aad_prefix()
-    digest = hashlib.sha256(prefix)
-    digest.update(iv)
-    return b"".join((prefix, iv, digest.digest(), body))
+    head = prefix + iv
+    return b"".join((head, _sha256(head).digest(), body))
+
+
+_sha256 = hashlib.sha256
 
 
 def _broken(cause: str) -> IntegrityCheckFailed:
@@ -547,8 +554,33 @@ _ALGORITHMS = {a.value: a for a in Algorithm}
 _PURPOSES = {p.value: p for p in Purpose}
 
 
+# Headers read before, by their first 64 bytes (what the GCM tag authenticates
+# besides the context): the ciphertexts of one key, length and context share them,
+# so a decrypt parses its header once, not per call. Only prefixes that passed every
+# check of their own go in; what depends on the whole blob (its header digest, its
+# length) and on the caller (the purpose) is checked on every call.
+_HEADERS: dict[bytes, CipherHeader] = {}
+HEADER_MEMO_MAX = 4096
+
+
 def unpack_ciphertext(blob: bytes, purpose: Purpose) -> tuple[CipherHeader, bytes, bytes]:
     """(header, IV, body) of a ciphertext; refuses anything damaged before key lookup."""
+    if blob.__class__ is not bytes:  # a bytearray's slices are no dict keys
+        return _unpack(bytes(blob), purpose)
+    header = _HEADERS.get(blob[:AAD_HEADER_BYTES])
+    if (header is not None and header.purpose is purpose
+            and len(blob) == ciphertext_size(header.length)
+            and _sha256(blob[: HEADER_BYTES - 32]).digest() == blob[HEADER_BYTES - 32 :
+                                                                     HEADER_BYTES]):
+        return header, blob[64:76], blob[HEADER_BYTES:]
+    header, iv, body = _unpack(blob, purpose)
+    if len(_HEADERS) >= HEADER_MEMO_MAX:
+        _HEADERS.clear()
+    _HEADERS[blob[:AAD_HEADER_BYTES]] = header
+    return header, iv, body
+
+
+def _unpack(blob: bytes, purpose: Purpose) -> tuple[CipherHeader, bytes, bytes]:
     what = "data key" if purpose is Purpose.DATA_KEY else "ciphertext"
     if len(blob) < HEADER_BYTES + TAG_BYTES or blob[:4] != MAGIC:
         if len(blob) >= 4 and blob[:4] != MAGIC:
@@ -592,6 +624,8 @@ def unpack_ciphertext(blob: bytes, purpose: Purpose) -> tuple[CipherHeader, byte
 
 
 def unpad(header: CipherHeader, padded: bytes) -> bytes:
+    if len(padded) == header.length:
+        return padded  # a multiple of 16 bytes (every data key): no padding
     plaintext, padding = padded[: header.length], padded[header.length :]
     if len(plaintext) != header.length or any(padding):
         raise _broken("the padding is not what encrypt-data writes")
