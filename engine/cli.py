@@ -269,11 +269,13 @@ async def cmd_init(args: argparse.Namespace, settings: Settings) -> int:
 
     from engine.crypto import ensure_token
     from engine.store import open_store
+    from engine.token_keys import make_token_keys
 
     settings.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # stores may be elsewhere
     store = await open_store(settings)
     await store.close()
     created = await asyncio.to_thread(ensure_token, settings)
+    await make_token_keys(settings)
     _print({"state_dir": str(settings.state_dir), "task_store": settings.store_target.location,
             "hsm_token": settings.hsm.token_label, "hsm_token_created": created}, args.json,
            lambda d: f"state directory {d['state_dir']} ready (task store {d['task_store']})\n"

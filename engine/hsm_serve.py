@@ -17,6 +17,7 @@ it for every node at once, which then fail retryably until it is back.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import shutil
@@ -120,6 +121,7 @@ def serve(settings: Settings, *, socket_path: str | None = None, provider: str |
           user: str | None = None, group: str | None = None, as_json: bool = False) -> int:
     """Ensure the token, run ``p11-kit server`` until SIGINT/SIGTERM; 0 when stopped."""
     from engine.crypto import ensure_token, hsm_config_from_settings
+    from engine.token_keys import make_token_keys
 
     if bool(user) != bool(group):
         raise InvalidInput("--user and --group go together (p11-kit gives the socket to "
@@ -132,6 +134,8 @@ def serve(settings: Settings, *, socket_path: str | None = None, provider: str |
                           "--provider with your HSM's module.")
     own = settings.replace(hsm={"module": module, "server_address": ""})
     created = ensure_token(own)
+    # Alone, before any node connects: nodes starting together never make these.
+    asyncio.run(make_token_keys(own))
     config = hsm_config_from_settings(own)
     path = socket_file(settings, socket_path)
     address = f"unix:path={path}"

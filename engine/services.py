@@ -41,16 +41,18 @@ class ServiceSpec:
       and ``ERROR_PREFIX`` (``"KMS"``), served by ``dew api``.
     - ``roles``: ``module:ATTRIBUTE``, a ``RoleCatalog`` (engine.api.principal):
       the built-in roles and the actions the service's operations check.
+    - ``token_keys``: ``module:ATTRIBUTE``, the service's own HSM keys
+      (``engine.token_keys.TokenKey``), made up front by ``dew init`` and ``dew hsm serve``.
     """
 
     __slots__ = ("api", "cli", "commands", "demo", "jobs", "name", "roles", "schedules",
-                 "settings", "title")
+                 "settings", "title", "token_keys")
 
     def __init__(
         self, name: str, *, title: str = "", commands: Mapping[str, str] | None = None,
         cli: str | None = None, jobs: str | None = None, demo: str | None = None,
         schedules: str | None = None, settings: str | None = None, api: str | None = None,
-        roles: str | None = None,
+        roles: str | None = None, token_keys: str | None = None,
     ) -> None:
         self.name = name
         self.title = title or name
@@ -62,6 +64,7 @@ class ServiceSpec:
         self.settings = settings
         self.api = api
         self.roles = roles
+        self.token_keys = token_keys
 
     def __repr__(self) -> str:
         return f"ServiceSpec({self.name!r})"

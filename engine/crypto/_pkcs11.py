@@ -623,37 +623,6 @@ def generate_key(session: Session, spec: KeySpec, label: str, key_id: bytes) -> 
     return KeyInfo(label, key_id, spec)
 
 
-ENSURE_TRIES = 8
-
-
-def ensure_secret_key(session: Session, spec: KeySpec, label: str, key_id: bytes) -> None:
-    """Make the AES / HMAC key ``label`` unless the token has one: a service's own key,
-    made on first use by whichever process or node gets there first.
-
-    A token does not keep labels unique, and processes on several nodes share it (no
-    lock of ours spans them), so two may each make one. Each maker looks again right
-    after: one that sees another object under the label destroys its own, before it
-    was ever used, and takes the other. One that saw only its own keeps it: any later
-    maker sees it and yields. Two that see each other both yield and start over, after
-    a random pause."""
-    if spec.family not in _SECRET_KEY_TYPES:
-        raise InvalidInput(f"{spec.value} is not a secret key type", target=label)
-    for attempt in range(ENSURE_TRIES):
-        if objects_with_label(session, label):
-            return
-        with translate(f"generate a {spec.value} key", label):
-            mine = session.generate_key(
-                _SECRET_KEY_TYPES[spec.family], spec.bits, label=label, id=key_id,
-                store=True, template=secret_key_template(spec, label, key_id))
-            if len(objects_with_label(session, label)) == 1:
-                return
-            mine.destroy()
-        time.sleep(secrets.randbelow(50 * 2**attempt) / 1000)
-    raise Conflict(f"the HSM key {label!r} could not be made: other processes kept making "
-                   "it at the same moment", code="hsm_label_contended", target=label,
-                   fix="Retry; start one node first if it happens at every start.")
-
-
 def destroy_key(session: Session, label: str) -> bool:
     objects = objects_with_label(session, label)
     with translate("destroy key", label):

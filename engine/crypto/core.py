@@ -30,6 +30,7 @@ Lifecycle: ``await core.connect()`` / ``await core.close()``, or
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 from types import TracebackType
 from typing import Any
@@ -39,6 +40,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from engine.crypto import _pkcs11
 from engine.crypto._pool import SessionPool, Worker
 from engine.crypto.config import HsmConfig
+from engine.crypto.errors import KeyExists
 from engine.crypto.model import (
     DATA_KEY_MAX_BYTES,
     DATA_KEY_MIN_BYTES,
@@ -187,24 +189,13 @@ class CryptoCore:
         return await pool.run(work)
 
     async def ensure_key(self, spec: KeySpec | str, label: str, key_id: bytes) -> None:
-        """Make the AES / HMAC key ``label`` unless the token has it (a service's own
-        key, made on first use): one key, even when processes on several nodes sharing
-        the token make it at the same moment (``_pkcs11.ensure_secret_key``)."""
-        if await self.key_exists(label):
-            return
-        key_spec = _spec(spec)
-        check_label(label)
-        key_id = check_bytes("key_id", key_id, MAX_KEY_ID_BYTES, min_len=1)
-        pool = self._require()
-
-        def work(w: Worker) -> None:
-            with pool.admin_lock:
-                try:
-                    _pkcs11.ensure_secret_key(w.session, key_spec, label, key_id)
-                finally:
-                    pool.invalidate()
-
-        await pool.run(work)
+        """Generate the key ``label`` unless the token has it (a service's own key,
+        made on first use). One made meanwhile by another process is the one used.
+        Nodes sharing a token do not race here: the node that serves it makes these
+        keys up front (engine/token_keys.py)."""
+        if not await self.key_exists(label):
+            with contextlib.suppress(KeyExists):
+                await self.generate_key(spec, label, key_id)
 
     async def destroy_key(self, label: str) -> bool:
         """Destroy every object labelled ``label``; False if there was none."""

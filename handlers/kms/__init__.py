@@ -24,4 +24,5 @@ SERVICE = ServiceSpec(
     settings="handlers.kms.config:KmsSettings",
     api="handlers.kms.api",
     roles="handlers.kms.roles:CATALOG",
+    token_keys="handlers.kms.token_keys:TOKEN_KEYS",
 )

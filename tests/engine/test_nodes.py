@@ -33,8 +33,11 @@ from typing import Any
 import pytest
 
 from engine.client import Client
+from engine.crypto import _pkcs11
+from engine.hsm import connect_crypto
 from engine.models import FINAL_STATUSES, TaskRecord
 from engine.redis_server import RedisServer, free_port
+from engine.token_keys import declared
 from handlers.csms.service import ROTATE_JOB, SecretNotFound, open_secrets
 from handlers.kms.wiring import open_kms
 from tests.conftest import TEST_SETTINGS
@@ -148,6 +151,22 @@ def _task_rows(node: Node, task_ids: set[str]) -> dict[str, tuple[Any, ...]]:
     rows = store_rows(node.settings.store_target,
                       "SELECT task_id, status, attempts, worker_id FROM tasks")
     return {str(r[0]): r[1:] for r in rows if str(r[0]) in task_ids}
+
+
+async def test_the_serving_node_made_every_service_key_once(cluster: Cluster) -> None:
+    """``dew hsm serve`` made the engine's and the services' own keys (job signing,
+    sealed access keys, KMS audit seals...) before any node connected, so nodes that
+    start together never make them: each label is in the served token once."""
+    a = cluster.node("a")
+    labels = [key.label for key in declared(a.settings)]
+    assert {"engine:job-signing", "engine:iam-secret-keys", "kms:audit-hmac"} <= set(labels)
+    core = await connect_crypto(a.settings)
+    try:
+        counts = await core._require().run(lambda w: {
+            label: len(_pkcs11.objects_with_label(w.session, label)) for label in labels})
+    finally:
+        await core.close()
+    assert counts == dict.fromkeys(labels, 1)
 
 
 def test_key_made_on_a_encrypts_on_a_and_decrypts_on_b(nodes: tuple[Node, Node]) -> None:
