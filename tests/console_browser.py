@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -109,13 +110,24 @@ class Browser:
         wait.until(lambda d: d.execute_script("return document.readyState") == "complete")
 
     def press(self, label: str, within: str = "body") -> None:
-        """Click the first button labelled ``label`` (inside the CSS selector ``within``)."""
-        scope = self.driver.find_element("css selector", within)
-        for button in scope.find_elements("css selector", "button"):
-            if button.text == label:
+        """Click the first button labelled ``label`` (inside the CSS selector ``within``).
+        Looked up again if the page was swapped under the lookup (Chromium's "node does
+        not belong to the document": a load still settling when the test went on)."""
+        from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
+
+        for attempt in range(3):
+            try:
+                scope = self.driver.find_element("css selector", within)
+                button = next((b for b in scope.find_elements("css selector", "button")
+                               if b.text == label), None)
+                if button is None:
+                    raise AssertionError(f"no button {label!r} in {within}: {self.buttons()}")
                 self._navigates(button.click)
                 return
-        raise AssertionError(f"no button {label!r} in {within}: {self.buttons()}")
+            except (StaleElementReferenceException, WebDriverException) as exc:
+                if attempt == 2 or not _swapped(exc):
+                    raise
+                time.sleep(0.2)
 
     def follow(self, text: str) -> None:
         self._navigates(self.driver.find_element("link text", text).click)
@@ -145,3 +157,9 @@ class Browser:
             SCREENSHOTS.mkdir(parents=True, exist_ok=True)
             shutil.copy(path, SCREENSHOTS / path.name)
         return path
+
+
+def _swapped(exc: Exception) -> bool:
+    """The element looked up belonged to a page that was replaced meanwhile."""
+    text = str(exc)
+    return "stale element" in text or "does not belong to the document" in text
