@@ -1,13 +1,14 @@
-"""The SQLite task store (aiosqlite, WAL): the default backend of ``TaskStore``.
+"""The task store (``TaskStore``), on SQLite (the default) or PostgreSQL.
 
-The connection, its lock discipline and the sqlite3 error mapping come from
-``engine.sqlite_db`` (shared with the domain stores in the same file). The hot
-writes (enqueue, running, succeeded) are group-committed (``engine.batching``):
-each batch is one multi-row statement (with RETURNING where the caller needs the
-rows) instead of one call per task, run on the event loop's thread when the write
-lock is free (``SqliteDb._hot_fetchall``: a thread hand-off to aiosqlite costs more
-than the statement). Its schema is ``MIGRATIONS`` below, applied on open
-(``SqliteDb.migrate``); each service's store in the same file has its own.
+The connection, its lock discipline and the error mapping come from the backend
+(``engine.sql_db``: ``engine.sqlite_db`` or ``engine.pg_db``), shared with the
+domain stores; the SQL here is written once for both. The hot writes (enqueue,
+running, succeeded) are group-committed (``engine.batching``): each batch is one
+multi-row statement (with RETURNING where the caller needs the rows) instead of one
+call per task; on SQLite it runs on the event loop's thread when the write lock is
+free (``SqliteBackend.hot_fetchall``: a thread hand-off to aiosqlite costs more than
+the statement). Its schema is ``MIGRATIONS`` below, applied on open
+(``SqlDb.migrate``); each service's store has its own.
 """
 
 from __future__ import annotations

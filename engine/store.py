@@ -1,9 +1,10 @@
 """The task store interface: the source of truth for tasks and failure records.
 
 Redis is only a transport; what a task is, how often it ran and how it ended
-lives here. The engine talks to the store only through ``TaskStore``, so that
-moving to PostgreSQL (the scale-out path) is a new backend, not a rewrite.
-``open_store`` picks the backend; today that is SQLite (``engine.sqlite_store``).
+lives here. The engine talks to the store only through ``TaskStore``;
+``open_store`` opens ``engine.sqlite_store``'s on the backend ``[store] url`` names:
+the SQLite file (the default) or a PostgreSQL database shared by several nodes
+(``engine.sql_db``).
 """
 
 from __future__ import annotations
