@@ -28,6 +28,10 @@ this module saves, two ways beyond the batches themselves:
 - Results go back through one outbox per event loop, which wakes the loop only
   if no wake-up is on the way already: batches finished while the loop is busy
   cost no wake-up of their own.
+- One batch per loop is out at a time: the calls made meanwhile go over when its
+  results are in (or after ``HOLD``), with the calls its callers make next. The
+  loop and the threads then take turns a batch at a time, not call by call (see
+  ``_Outbox``).
 
 Results are not handed back one by one, although that would let the loop work
 on the first while the thread is in the token with the next: measured, that
@@ -103,18 +107,37 @@ class Worker:
 
 
 class _Outbox:
-    """One event loop's finished calls, handed back from the pool threads.
+    """One event loop's way to the pool threads and back (its calls and its results).
 
+    Calls wait in ``waiting`` and go over together (:meth:`SessionPool._hand_over`);
     ``put_all`` runs on a pool thread, ``deliver`` on the loop. ``signalled`` is
     cleared *before* the loop drains, so a result appended while it drains is
     either drained now or wakes the loop once more: none is left behind, and a
     burst of results costs one wake-up (a write to the loop's self-pipe).
+
+    One batch is in flight at a time: calls made while the threads work on one wait
+    for its results and go over with the calls their callers make next (``deliver``
+    hands them over once the callers it woke have run). Else a caller that fell out
+    of step (it waited for the registry, or wrote the audit batch) makes a batch of
+    its own, and the next, until the loop works on one batch's results while a thread
+    works on another's calls: under the GIL they then take turns call by call, each
+    turn a thread switch, and both spend more than one does after the other
+    (bench/kms_ops.py: about a third more CPU per data-key operation). A batch that
+    takes longer than ``HOLD`` (a key generation, a slow token) does not hold the
+    others back: after that they go over anyway.
     """
 
-    __slots__ = ("done", "loop", "signalled")
+    __slots__ = ("done", "hand_over", "in_flight", "loop", "scheduled", "signalled", "timer",
+                 "waiting")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop,
+                 hand_over: Callable[[_Outbox], None] | None = None) -> None:
         self.loop = loop
+        self.hand_over = hand_over  # the owning pool's (None: results only)
+        self.waiting: list[_Call] = []
+        self.in_flight = 0  # calls handed over whose results are not delivered yet
+        self.scheduled = False  # a hand-over is due in the loop's next turn
+        self.timer: asyncio.TimerHandle | None = None
         self.done: deque[_Result] = deque()
         self.signalled = False
 
@@ -128,15 +151,26 @@ class _Outbox:
     def deliver(self) -> None:
         self.signalled = False
         done = self.done
+        delivered = 0
         while done:
             future, result, error = done.popleft()
+            delivered += 1
             if future.cancelled():
                 continue
             if error is not None:
                 future.set_exception(error)
             else:
                 future.set_result(result)
+        self.in_flight -= delivered
+        if not self.in_flight and not self.scheduled and self.hand_over is not None:
+            # After the callers just woken (their wake-ups were scheduled first): the
+            # calls they make next go over with the ones that waited, as one batch.
+            self.scheduled = True
+            self.loop.call_soon(self.hand_over, self)
 
+
+# How long calls wait for the batch in flight before they go over anyway (seconds).
+HOLD = 0.002
 
 # A queued call: the work, its future and where its result goes.
 _Call = tuple[Callable[[Worker], Any], asyncio.Future[Any], _Outbox]
@@ -152,7 +186,6 @@ class SessionPool:
         self._token = token
         self._calls: queue.SimpleQueue[list[_Call] | None] = queue.SimpleQueue()
         self._outboxes: dict[asyncio.AbstractEventLoop, _Outbox] = {}
-        self._waiting: dict[asyncio.AbstractEventLoop, list[_Call]] = {}
         self._idle = 0  # threads waiting for work (changed under the lock, read as a hint)
         self._local = threading.local()
         self._lock = threading.Lock()
@@ -185,22 +218,29 @@ class SessionPool:
         future: asyncio.Future[T] = loop.create_future()
         outbox = self._outboxes.get(loop)
         if outbox is None:
-            outbox = self._outboxes.setdefault(loop, _Outbox(loop))
-        # Calls made during one turn of the event loop travel together: when a
-        # batch of results wakes many coroutines, their next calls go over as one.
-        waiting = self._waiting.get(loop)
-        if waiting is None:
-            self._waiting[loop] = [(fn, future, outbox)]
-            loop.call_soon(self._hand_over, loop)
-        else:
-            waiting.append((fn, future, outbox))
+            outbox = self._outboxes.setdefault(loop, _Outbox(loop, self._hand_over))
+        outbox.waiting.append((fn, future, outbox))
+        if not outbox.scheduled:
+            if not outbox.in_flight:
+                # Calls made during this turn of the loop travel together.
+                outbox.scheduled = True
+                loop.call_soon(self._hand_over, outbox)
+            elif outbox.timer is None:
+                outbox.timer = loop.call_later(HOLD, self._hand_over, outbox)
         return future
 
-    def _hand_over(self, loop: asyncio.AbstractEventLoop) -> None:
-        calls = self._waiting.pop(loop, [])
+    def _hand_over(self, outbox: _Outbox) -> None:
+        outbox.scheduled = False
+        if outbox.timer is not None:
+            outbox.timer.cancel()
+            outbox.timer = None
+        calls, outbox.waiting = outbox.waiting, []
+        if not calls:
+            return
         # Under the lock, so no call can be queued behind close()'s stop marks.
         with self._lock:
             if not self._closed:
+                outbox.in_flight += len(calls)
                 # One share per thread, so every thread has work.
                 share = -(-len(calls) // self.size)
                 for i in range(0, len(calls), share):

@@ -248,6 +248,7 @@ class KmsCore:
         self._flusher: asyncio.TimerHandle | None = None
         self._flush_tasks: set[asyncio.Task[None]] = set()
         self._closed = False
+        self._batch_retry_at = 0.0  # loop time before which a full batch waits for the timer
         self.audit_key = TokenAuditKey(self)
         store.use_audit_key(self.audit_key)
 
@@ -278,6 +279,7 @@ class KmsCore:
                 for slot, n in usage.items():
                     self._usage[slot] = self._usage.get(slot, 0) + n
                 raise
+            self._batch_retry_at = 0.0  # written: full batches go at once again
 
     # ------------------------------------------------------------------ internals
 
@@ -301,7 +303,8 @@ class KmsCore:
     def used(self, operation: str, account: str, actor: str | None, key_id: str,
              detail: dict[str, Any]) -> bool:
         """Buffer the entry of a successful use (``account`` checked already) and count
-        the use. True: the caller must ``await flush_audit()`` now (a full batch)."""
+        the use. True: the caller must ``await flush_audit()`` now (unbuffered, or a
+        backlog)."""
         return self._buffer(AuditEvent(self.clock(), account, actor or self.actor, operation,
                                        key_id, "success", detail))
 
@@ -325,14 +328,20 @@ class KmsCore:
             usage = self._usage
             usage[slot] = usage.get(slot, 0) + 1
         pending = len(self._pending)
-        if (self.audit_flush_interval <= 0 or self._closed or pending >= AUDIT_BACKLOG
-                or (pending >= AUDIT_BATCH and not self._flush_lock.locked())):
-            # A full batch is written by the call that filled it. While a batch is being
-            # written the other calls go on (they used to queue behind it, every one of
-            # them, leaving the token idle) up to AUDIT_BACKLOG entries; past that they
-            # wait, so a stalled disk cannot make the buffer grow without bound.
+        if self.audit_flush_interval <= 0 or self._closed or pending >= AUDIT_BACKLOG:
+            # Written before the call returns: unbuffered, closing, or a backlog. While
+            # a batch is being written the other calls go on (they used to queue behind
+            # it, every one of them, leaving the token idle) up to AUDIT_BACKLOG
+            # entries; past that they wait, so a stalled disk cannot make the buffer
+            # grow without bound.
             return True
-        if self._flusher is None:
+        if (pending >= AUDIT_BATCH and not self._flush_lock.locked()
+                and asyncio.get_running_loop().time() >= self._batch_retry_at):
+            # A full batch is written now, by a task of its own rather than by the call
+            # that filled it: that call's caller would wait for the disk and come back
+            # out of step with the others (each such caller costs its own token hop).
+            self._flush_soon()
+        elif self._flusher is None:
             loop = asyncio.get_running_loop()
             self._flusher = loop.call_later(self.audit_flush_interval, self._flush_later)
         return False
@@ -351,6 +360,9 @@ class KmsCore:
 
     def _flush_later(self) -> None:
         self._flusher = None
+        self._flush_soon()
+
+    def _flush_soon(self) -> None:
         task = asyncio.get_running_loop().create_task(self._flush_quietly())
         self._flush_tasks.add(task)
         task.add_done_callback(self._flush_tasks.discard)
@@ -359,7 +371,12 @@ class KmsCore:
         try:
             await self.flush_audit()
         except DewError as exc:
-            # The entries stay buffered; the next flush (or close) retries them.
+            # The entries stay buffered; the next flush (or close) retries them. Not
+            # every use from now on: a full batch waits for the timer's next try.
+            loop = asyncio.get_running_loop()
+            self._batch_retry_at = loop.time() + max(self.audit_flush_interval, 0.05)
+            if self._flusher is None and not self._closed:
+                self._flusher = loop.call_later(self.audit_flush_interval, self._flush_later)
             log.warning("audit entries not written yet", pending=len(self._pending),
                         error=exc.message)
 

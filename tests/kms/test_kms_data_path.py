@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
@@ -24,6 +25,7 @@ from typing import Any
 import pytest
 
 from engine.crypto import CryptoCore, IntegrityCheckFailed
+from engine.crypto import _pool as pool_module
 from engine.crypto._pool import SessionPool, Worker
 from engine.errors import BackendUnavailable, DewError, InvalidInput
 from handlers.kms import core as kms_core_module
@@ -109,6 +111,52 @@ async def test_a_cancelled_caller_leaves_the_rest_of_its_batch_alone(pool: Sessi
     assert await first == "first"
     assert [await r for i, r in enumerate(rest) if i != 2] == [0, 1, 3, 4]
     assert rest[2].cancelled()
+
+
+async def test_calls_made_while_a_batch_is_out_wait_for_it_then_go_as_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(pool_module, "HOLD", 5.0)
+    two = SessionPool(_Token(), 2, per_thread_sessions=True)
+    try:
+        gate = threading.Event()
+        first = two.submit(lambda w: gate.wait(5))
+        await asyncio.sleep(0.05)  # that batch is with a thread now
+        seen: list[tuple[int, int]] = []
+
+        def note(i: int) -> Callable[[Worker], int]:
+            def work(w: Worker) -> int:
+                seen.append((i, threading.get_ident()))
+                return i
+            return work
+
+        rest = [two.submit(note(i)) for i in range(6)]
+        await asyncio.sleep(0.1)
+        assert seen == []  # a thread is idle, but they wait for the batch out there
+        gate.set()
+        assert await first is True
+        assert await asyncio.gather(*rest) == list(range(6))
+        assert sorted(i for i, _ in seen) == list(range(6))
+    finally:
+        await two.close()
+
+
+async def test_a_long_call_holds_the_others_back_no_longer_than_hold(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(pool_module, "HOLD", 0.05)
+    two = SessionPool(_Token(), 2, per_thread_sessions=True)
+    try:
+        gate = threading.Event()
+        slow = two.submit(lambda w: gate.wait(5))  # a key generation, say
+        await asyncio.sleep(0.02)
+        began = time.monotonic()
+        assert await asyncio.wait_for(two.submit(lambda w: "quick"), 2) == "quick"
+        assert 0.03 <= time.monotonic() - began < 1  # after HOLD, on the other thread
+        gate.set()
+        assert await slow is True
+    finally:
+        await two.close()
 
 
 async def test_no_call_is_taken_after_close(pool: SessionPool) -> None:
@@ -264,6 +312,41 @@ async def test_uses_are_counted_on_their_utc_day_whatever_order_the_clock_gives(
         days = sorted((u.day, u.count) for u in await kms_store.usage(key_id=key.key_id))
         assert days == [("2026-02-28", 1), ("2026-03-01", 2), ("2026-03-02", 2),
                         ("2026-03-03", 1)]
+    finally:
+        await kms.close()
+        await _destroy_leftovers(kms_store, core)
+
+
+async def test_a_full_batch_written_by_its_own_task_keeps_its_entries_when_that_fails(
+    kms_store: SqliteKmsStore, core: CryptoCore, clock: FakeClock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(kms_core_module, "AUDIT_BATCH", 4)
+    kms = KmsService(kms_store, core, clock=clock, actor="test", audit_flush_interval=3600)
+    try:
+        key = await kms.create_key("path/batch")
+        real = kms_store.append_audit
+        failures = 0
+
+        async def failing(*args: Any) -> None:
+            nonlocal failures
+            failures += 1
+            raise BackendUnavailable("the disk is gone for a moment")
+
+        monkeypatch.setattr(kms_store, "append_audit", failing)
+        for _ in range(6):  # the 4th fills a batch: its task fails, the uses do not
+            await kms.create_datakey(key.key_id)
+            await asyncio.sleep(0.01)
+        assert failures == 1 and len(kms.core._pending) == 6
+        monkeypatch.setattr(kms_store, "append_audit", real)
+        for _ in range(2):  # no batch is tried again before the timer's next try ...
+            await kms.create_datakey(key.key_id)
+        await asyncio.sleep(0.1)
+        assert failures == 1 and len(kms.core._pending) == 8
+        await kms.flush_audit()  # ... which writes everything, in order
+        entries = await kms_store.list_audit(key_id=key.key_id, limit=100)
+        assert [e.operation for e in entries] == ["create_key"] + ["create_datakey"] * 8
+        assert [u.count for u in await kms_store.usage(key_id=key.key_id)] == [8]
     finally:
         await kms.close()
         await _destroy_leftovers(kms_store, core)

@@ -204,17 +204,25 @@ async def test_uses_go_on_while_a_full_batch_is_written_up_to_the_backlog(
     other = sqlite3.connect(tmp_path / "kms" / "dew.sqlite3", isolation_level=None)
     other.execute("BEGIN IMMEDIATE")
     try:
+        # The 5th use fills a batch: a task of its own takes it to write (and waits);
+        # the use itself does not wait for the disk.
+        for _ in range(5):
+            await asyncio.wait_for(buffered.create_datakey(key.key_id), 5)
+        await asyncio.sleep(0.2)
+        assert not buffered.core._pending
+        # The next uses go on while it waits, up to 20 buffered (the backlog): the
+        # 20th and later buffer their entry and wait for the batch, so no caller runs
+        # ahead of the disk by more than the backlog.
         uses = [asyncio.create_task(buffered.create_datakey(key.key_id)) for _ in range(30)]
         await asyncio.sleep(0.5)
-        # The 5th use to finish takes the batch to write (and waits); the next 19 go
-        # on while it waits; with 20 more buffered, the 25th and later wait too.
-        assert sum(task.done() for task in uses) == 4 + 19
+        assert sum(task.done() for task in uses) == 19
+        assert len(buffered.core._pending) == 30
     finally:
         other.execute("COMMIT")
         other.close()
     await asyncio.gather(*uses)
     await buffered.flush_audit()
-    assert [u.count for u in await kms_store.usage(key_id=key.key_id)] == [30]
+    assert [u.count for u in await kms_store.usage(key_id=key.key_id)] == [35]
     entries = await kms_store.list_audit(key_id=key.key_id, limit=100)
-    assert [e.operation for e in entries].count("create_datakey") == 30
+    assert [e.operation for e in entries].count("create_datakey") == 35
     assert (await buffered.audit_verify()).intact
