@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -40,6 +42,7 @@ from engine.redis_server import RedisServer, free_port
 from engine.token_keys import declared
 from handlers.csms.service import ROTATE_JOB, SecretNotFound, open_secrets
 from handlers.kms.wiring import open_kms
+from tests.api_process import ApiProcess, make_identities
 from tests.conftest import TEST_SETTINGS
 from tests.helpers import FakeClock, wait_for
 from tests.nodes import (
@@ -255,6 +258,38 @@ async def test_200_jobs_enqueued_on_both_nodes_at_once_run_once_each(
     assert set(starts) == task_ids
     assert all(count == 1 for count in starts.values()), \
         {t: c for t, c in starts.items() if c != 1}
+
+
+def test_an_access_key_made_on_a_is_served_by_the_api_of_b(
+    nodes: tuple[Node, Node], tmp_path: Path,
+) -> None:
+    """Identities live in the shared database and access keys are sealed in the
+    shared token: a user and access key made through node A sign requests that node
+    B's ``dew api`` serves (A's CLI routed to B's API with ``[cli] api_url``), and the
+    shared audit names that user as the caller."""
+    a, b = nodes
+    ident = asyncio.run(make_identities(
+        a.settings, {"nodes-user": ("default", ["KMS CMKFullAccess"], ())}))["nodes-user"]
+    a.dew_json("kms", "create-key", "--alias", "nodes/api")
+    api = ApiProcess(b.settings, tmp_path / "api-b.out").start()
+    try:
+        creds = tmp_path / "cli-credentials"
+        creds.write_text(json.dumps({"access_key": ident.ak, "secret_key": ident.sk,
+                                     "project_id": ident.project_id,
+                                     "project": ident.project}))
+        creds.chmod(0o600)
+        routed = Node(a.name, a.settings.replace(cli={
+            "api_url": api.url, "credentials_file": str(creds), "ca_file": str(api.ca)}),
+            a.worker)
+        made = routed.dew_json("kms", "create-datakey", "nodes/api")
+        opened = b.dew_json("kms", "decrypt-datakey", "nodes/api", "--cipher-text",
+                            made["cipher_text"])
+        assert opened["plain_text"] == made["plain_text"]
+    finally:
+        api.stop()
+    entries = a.dew_json("audit", "list", "--key", made["key_id"],
+                         "--operation", "create_datakey")
+    assert [e["actor"].split()[0] for e in entries] == ["api:nodes-user@default"], entries
 
 
 async def _cron_state(a: Node, b: Node, work: DueWork) -> dict[str, Any]:
