@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import weakref
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -288,27 +288,26 @@ class PgBackend:
 
     async def run(self, sql: str, params: Sequence[Any]) -> PgCursor:
         """One statement, on this task's transaction if it is in one."""
-        head = sql.lstrip()[:6].upper()
-        if head.startswith("PRAGMA"):
+        if sql.lstrip()[:6].upper() == "PRAGMA":
             return PgCursor([], -1)
-        held = _current.get()
-        conn = held.get(id(self)) if held else None
-        if conn is not None:
-            return await _run(conn, sql, params)
-        async with self._shared.pool.acquire() as pooled:
-            return await _run(pooled, sql, params)
+        return await self._on_connection(lambda conn: _run(conn, sql, params))
 
     async def run_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> PgCursor:
         """One statement for each row of parameters, on this task's transaction if it
         is in one (asyncpg's ``executemany``: pipelined, all or nothing)."""
         if not rows:
             return PgCursor([], 0)
+        return await self._on_connection(lambda conn: _run_many(conn, sql, rows))
+
+    async def _on_connection(
+        self, work: Callable[[asyncpg.Connection], Awaitable[PgCursor]],
+    ) -> PgCursor:
         held = _current.get()
         conn = held.get(id(self)) if held else None
         if conn is not None:
-            return await _run_many(conn, sql, rows)
+            return await work(conn)
         async with self._shared.pool.acquire() as pooled:
-            return await _run_many(pooled, sql, rows)
+            return await work(pooled)
 
     async def fetchone(self, sql: str, params: Sequence[Any]) -> asyncpg.Record | None:
         rows = (await self.run(sql, params)).rows

@@ -43,6 +43,21 @@ from engine.sql_db import Backend, Dialects, Migration, SqlDb, pg_ddl
 # Each script is idempotent (IF NOT EXISTS): a database made before the
 # per-component versions (one PRAGMA user_version for every store) is brought
 # under them by running them all once.
+_PROJECTS_AND_RETRIES = """
+    ALTER TABLE tasks ADD COLUMN project TEXT NOT NULL DEFAULT 'default';
+    ALTER TABLE tasks ADD COLUMN retry_of TEXT;
+    CREATE UNIQUE INDEX IF NOT EXISTS tasks_retry_of ON tasks (retry_of)
+        WHERE retry_of IS NOT NULL;
+    CREATE INDEX IF NOT EXISTS tasks_project_enqueued ON tasks (project, enqueued_at);
+    ALTER TABLE failures ADD COLUMN retried_at TEXT;
+    ALTER TABLE failures ADD COLUMN retried_by TEXT;
+    ALTER TABLE failures ADD COLUMN retry_task_id TEXT;
+"""
+_FILL_PROJECTS = """
+    UPDATE tasks SET project = json_extract(args, '$.account')
+        WHERE json_type(args, '$.account') = 'text' AND json_extract(args, '$.account') != '';
+"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     # 1: tasks, failure records, workers
     """
@@ -92,30 +107,10 @@ MIGRATIONS: tuple[Migration, ...] = (
     """,
     # 3: the project that enqueued each task (existing rows: the job's `account`
     # argument, else 'default'); retries (a new task linked to the failed one, noted
-    # on its failure records)
-    Dialects(sqlite="""
-    ALTER TABLE tasks ADD COLUMN project TEXT NOT NULL DEFAULT 'default';
-    UPDATE tasks SET project = json_extract(args, '$.account')
-        WHERE json_type(args, '$.account') = 'text' AND json_extract(args, '$.account') != '';
-    ALTER TABLE tasks ADD COLUMN retry_of TEXT;
-    CREATE UNIQUE INDEX IF NOT EXISTS tasks_retry_of ON tasks (retry_of)
-        WHERE retry_of IS NOT NULL;
-    CREATE INDEX IF NOT EXISTS tasks_project_enqueued ON tasks (project, enqueued_at);
-    ALTER TABLE failures ADD COLUMN retried_at TEXT;
-    ALTER TABLE failures ADD COLUMN retried_by TEXT;
-    ALTER TABLE failures ADD COLUMN retry_task_id TEXT;
-    """,
-    # A PostgreSQL database starts at this engine's version: no old rows to fix.
-             postgresql=pg_ddl("""
-    ALTER TABLE tasks ADD COLUMN project TEXT NOT NULL DEFAULT 'default';
-    ALTER TABLE tasks ADD COLUMN retry_of TEXT;
-    CREATE UNIQUE INDEX IF NOT EXISTS tasks_retry_of ON tasks (retry_of)
-        WHERE retry_of IS NOT NULL;
-    CREATE INDEX IF NOT EXISTS tasks_project_enqueued ON tasks (project, enqueued_at);
-    ALTER TABLE failures ADD COLUMN retried_at TEXT;
-    ALTER TABLE failures ADD COLUMN retried_by TEXT;
-    ALTER TABLE failures ADD COLUMN retry_task_id TEXT;
-    """)),
+    # on its failure records). A PostgreSQL database starts at this engine's version:
+    # it has no old rows to fill.
+    Dialects(sqlite=_PROJECTS_AND_RETRIES + _FILL_PROJECTS,
+             postgresql=pg_ddl(_PROJECTS_AND_RETRIES)),
     # 4: status 'cancelled' (`dew tasks cancel`): SQLite changes a CHECK constraint
     # only by rebuilding the table (same columns, same rows, same indexes).
     """

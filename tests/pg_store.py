@@ -54,7 +54,8 @@ def process_cluster() -> StoreCluster:
     return _PROCESS_CLUSTER[0]
 
 
-def _as_postgres(args: list[str]) -> list[str]:
+def as_postgres(args: list[str]) -> list[str]:
+    """initdb refuses to run as root: the cluster runs as the postgres OS user."""
     return ["runuser", "-u", "postgres", "--", *args] if os.geteuid() == 0 else args
 
 
@@ -81,7 +82,7 @@ class StoreCluster:
             pg = pwd.getpwnam("postgres")
             for path in (base, pwfile):
                 os.chown(path, pg.pw_uid, pg.pw_gid)
-        subprocess.run(_as_postgres([
+        subprocess.run(as_postgres([
             str(PG_BIN / "initdb"), "-D", str(base / "data"), "-U", "postgres",
             "--pwfile", str(pwfile), "-A", "scram-sha-256", "--no-sync", "-E", "UTF8",
             "--locale", "C.UTF-8"]), check=True, capture_output=True, timeout=120)
@@ -91,7 +92,7 @@ class StoreCluster:
         return cluster
 
     def start(self) -> None:
-        subprocess.run(_as_postgres([
+        subprocess.run(as_postgres([
             str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-l", str(self.base / "pg.log"),
             "-w", "-t", "60", "-o",
             f"-p {self.port} -k {self.data} -c listen_addresses=127.0.0.1 -c fsync=off "
@@ -99,7 +100,7 @@ class StoreCluster:
             "start"]), check=True, capture_output=True, timeout=90)
 
     def stop(self, mode: str = "fast") -> None:
-        subprocess.run(_as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", mode,
+        subprocess.run(as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", mode,
                                      "-w", "stop"]), capture_output=True, timeout=60)
 
     def remove(self) -> None:

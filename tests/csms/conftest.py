@@ -39,9 +39,8 @@ from handlers.kms.service import KmsService
 from handlers.kms.store import SqliteKmsStore
 from tests.csms.pki import Ca
 from tests.helpers import ROOT, FakeClock, WorkerProcess, dew_env
+from tests.pg_store import PG_BIN, as_postgres
 
-PG_BIN = Path(sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))[-1]).parent \
-    if list(Path("/usr/lib/postgresql").glob("*/bin/initdb")) else Path("/nonexistent")
 # Server certificates name only this host: a secret naming 127.0.0.1 gets a host name
 # mismatch under verify-full (and is accepted under verify-ca).
 TLS_HOST = "localhost"
@@ -133,11 +132,6 @@ def env_worker(settings: Settings, tmp_path: Path) -> Iterator[Callable[..., Env
 # --------------------------------------------------------------------------- PostgreSQL
 
 
-def _as_postgres(args: list[str]) -> list[str]:
-    # initdb refuses to run as root: run the cluster as the postgres OS user.
-    return ["runuser", "-u", "postgres", "--", *args] if os.geteuid() == 0 else args
-
-
 @dataclass
 class PgCluster:
     data: Path
@@ -147,14 +141,14 @@ class PgCluster:
     ca_pem: str = ""  # the CA of the server certificate (for TLS_HOST)
 
     def start(self) -> None:
-        subprocess.run(_as_postgres([
+        subprocess.run(as_postgres([
             str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-w", "-t", "30",
             "-o", f"-p {self.port} -k {self.data} -c listen_addresses=127.0.0.1 "
                   "-c fsync=off -c max_connections=300",
             "start"]), check=True, capture_output=True, timeout=60)
 
     def stop(self) -> None:
-        subprocess.run(_as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", "fast",
+        subprocess.run(as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", "fast",
                                      "-w", "stop"]), capture_output=True, timeout=60)
 
     async def admin(self) -> asyncpg.Connection:
@@ -235,7 +229,7 @@ def pg_cluster(pki: Pki) -> Iterator[PgCluster]:
         pg = pwd.getpwnam("postgres")
         for path in (base, pwfile):
             os.chown(path, pg.pw_uid, pg.pw_gid)
-    subprocess.run(_as_postgres([
+    subprocess.run(as_postgres([
         str(PG_BIN / "initdb"), "-D", str(data), "-U", "postgres", "--pwfile", str(pwfile),
         "-A", "scram-sha-256", "--no-sync", "-E", "UTF8"]),
         check=True, capture_output=True, timeout=120)
