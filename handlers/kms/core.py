@@ -249,6 +249,7 @@ class KmsCore:
         self._flush_tasks: set[asyncio.Task[None]] = set()
         self._closed = False
         self._batch_retry_at = 0.0  # loop time before which a full batch waits for the timer
+        self._batch_task: asyncio.Task[None] | None = None  # writing a full batch
         self.audit_key = TokenAuditKey(self)
         store.use_audit_key(self.audit_key)
 
@@ -336,11 +337,13 @@ class KmsCore:
             # grow without bound.
             return True
         if (pending >= AUDIT_BATCH and not self._flush_lock.locked()
+                and (self._batch_task is None or self._batch_task.done())
                 and asyncio.get_running_loop().time() >= self._batch_retry_at):
             # A full batch is written now, by a task of its own rather than by the call
             # that filled it: that call's caller would wait for the disk and come back
             # out of step with the others (each such caller costs its own token hop).
-            self._flush_soon()
+            # One such task at a time: the uses until it starts join its batch.
+            self._batch_task = self._flush_soon()
         elif self._flusher is None:
             loop = asyncio.get_running_loop()
             self._flusher = loop.call_later(self.audit_flush_interval, self._flush_later)
@@ -362,10 +365,11 @@ class KmsCore:
         self._flusher = None
         self._flush_soon()
 
-    def _flush_soon(self) -> None:
+    def _flush_soon(self) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(self._flush_quietly())
         self._flush_tasks.add(task)
         task.add_done_callback(self._flush_tasks.discard)
+        return task
 
     async def _flush_quietly(self) -> None:
         try:

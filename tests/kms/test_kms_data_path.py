@@ -352,6 +352,42 @@ async def test_a_full_batch_written_by_its_own_task_keeps_its_entries_when_that_
         await _destroy_leftovers(kms_store, core)
 
 
+async def test_uses_past_a_full_batch_join_it_rather_than_start_one_each(
+    kms_store: SqliteKmsStore, core: CryptoCore, clock: FakeClock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(kms_core_module, "AUDIT_BATCH", 4)
+    kms = KmsService(kms_store, core, clock=clock, actor="test", audit_flush_interval=3600)
+    disk = asyncio.Event()
+    try:
+        key = await kms.create_key("path/one-batch")
+        await kms.create_datakey(key.key_id)  # its metadata is cached now
+        await kms.flush_audit()
+        real = kms_store.append_audit
+        batches: list[int] = []
+
+        async def slow(events: Any, usage: Any = None) -> None:
+            batches.append(len(events))
+            await disk.wait()
+            await real(events, usage)
+
+        monkeypatch.setattr(kms_store, "append_audit", slow)
+        # 40 uses come back from the token: the 4th fills a batch; the ones after it
+        # join that batch (or, once it is being written, the next), none starts a
+        # writer of its own.
+        await asyncio.gather(*(kms.create_datakey(key.key_id) for _ in range(40)))
+        await asyncio.sleep(0.05)
+        assert len(kms.core._flush_tasks) == 1 and len(batches) == 1
+        disk.set()
+        await kms.flush_audit()
+        assert sum(batches) == 40 and len(batches) <= 2
+        assert [u.count for u in await kms_store.usage(key_id=key.key_id)] == [41]
+    finally:
+        disk.set()
+        await kms.close()
+        await _destroy_leftovers(kms_store, core)
+
+
 # --------------------------------------------------------------------------- the header memo
 
 
