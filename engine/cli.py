@@ -271,9 +271,9 @@ async def cmd_init(args: argparse.Namespace, settings: Settings) -> int:
     from engine.store import open_store
     from engine.token_keys import make_token_keys
 
-    settings.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # stores may be elsewhere
-    store = await open_store(settings)
+    store = await open_store(settings)  # a store that cannot be reached: nothing made
     await store.close()
+    settings.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # stores may be elsewhere
     created = await asyncio.to_thread(ensure_token, settings)
     await make_token_keys(settings)
     _print({"state_dir": str(settings.state_dir), "task_store": settings.store_target.location,

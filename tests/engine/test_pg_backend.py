@@ -145,6 +145,15 @@ def test_a_bad_or_unreachable_store_url_is_one_line_and_writes_nothing(
     assert not settings.db_path.exists()
 
 
+def test_init_with_a_store_it_cannot_reach_makes_nothing(settings: Settings,
+                                                         tmp_path: Path) -> None:
+    fresh = settings.replace(engine={"state_dir": tmp_path / "fresh"})
+    result = run_dew(fresh, "init", env_extra={
+        "DEW_STORE_URL": "postgresql://dew@127.0.0.1:1/dew"})
+    assert result.returncode == 1 and "cannot be reached" in result.stderr, result
+    assert not (tmp_path / "fresh").exists()
+
+
 def test_a_wrong_password_and_a_newer_schema_name_what_to_check(
     settings: Settings, store_cluster: StoreCluster,
 ) -> None:
