@@ -96,18 +96,26 @@ def measure_threads(seconds: float, ops: Sequence[Callable[[], Any]]) -> float:
 
 
 class Tally:
-    """Counts and seconds per measurement, summed over interleaved rounds."""
+    """Counts, seconds and the process's CPU seconds per measurement, summed over
+    interleaved rounds."""
 
     def __init__(self) -> None:
         self.runs: dict[tuple[str, str, int], list[float]] = {}
 
-    def add(self, key: tuple[str, str, int], rate: float, seconds: float) -> None:
-        run = self.runs.setdefault(key, [0.0, 0.0])
+    def add(self, key: tuple[str, str, int], rate: float, seconds: float,
+            cpu: float = 0.0) -> None:
+        run = self.runs.setdefault(key, [0.0, 0.0, 0.0])
         run[0] += rate * seconds
         run[1] += seconds
+        run[2] += cpu
 
     def rates(self) -> dict[tuple[str, str, int], float]:
-        return {key: n / t for key, (n, t) in self.runs.items()}
+        return {key: n / t for key, (n, t, _) in self.runs.items()}
+
+    def cpu_per_op(self) -> dict[tuple[str, str, int], float]:
+        """CPU seconds of every thread of this process per operation: on a loaded
+        machine a steadier figure than ops/s (it leaves out the time others ran)."""
+        return {key: cpu / n for key, (n, _, cpu) in self.runs.items() if n and cpu}
 
 
 async def measure_async(seconds: float, callers: int, op: Callable[[], Awaitable[Any]]) -> float:
@@ -263,19 +271,28 @@ async def run(seconds: float, callers: int, rounds: int) -> dict[tuple[str, str,
                 for _ in range(rounds):
                     for op in OPERATIONS:
                         for impl in ("dew", "core"):
+                            cpu = time.process_time()
                             rate = await measure_async(piece, callers, calls[(op, impl)])
-                            tally.add((op, impl, threads), rate, piece)
+                            tally.add((op, impl, threads), rate, piece,
+                                      time.process_time() - cpu)
                         for impl in ("pkcs11", "pkcs11-copy", "cryptography"):
+                            cpu = time.process_time()
                             rate = await asyncio.to_thread(
                                 measure_threads, piece, loops[(op, impl)])
-                            tally.add((op, impl, threads), rate, piece)
+                            tally.add((op, impl, threads), rate, piece,
+                                      time.process_time() - cpu)
                 await kms.close()
+            CPU_PER_OP.update(tally.cpu_per_op())
             results = tally.rates() | await run_signing(store, cores, seconds, callers, rounds)
         finally:
             for core in cores.values():
                 await core.close()
             await store.close()
     return results
+
+
+# CPU seconds per data-key operation, by (operation, implementation, threads).
+CPU_PER_OP: dict[tuple[str, str, int], float] = {}
 
 
 def report(results: dict[tuple[str, str, int], float], callers: int) -> str:
@@ -309,6 +326,20 @@ def report(results: dict[tuple[str, str, int], float], callers: int) -> str:
                      + "".join(f"{o / d:>10.2f}" for o, d in zip(ours, copied, strict=True)))
         lines.append(f"{op:17} direct PKCS#11 / cryptography  "
                      + "".join(f"{d / s:>10.3f}" for d, s in zip(direct, soft, strict=True)))
+    if CPU_PER_OP:
+        # The same comparison in CPU time (all threads of the process) per operation.
+        lines.append("")
+        lines.append("CPU per op (µs, all threads)                     1 thread  2 threads")
+        for op in ("create-datakey", "decrypt-datakey"):
+            for impl in ("dew", "core", "pkcs11"):
+                lines.append(f"{op:17} {impl:31}"
+                             + "".join(f"{1e6 * CPU_PER_OP.get((op, impl, t), 0):>10.1f}"
+                                       for t in THREADS))
+            dew_cpu = [CPU_PER_OP.get((op, "dew", t)) for t in THREADS]
+            direct_cpu = [CPU_PER_OP.get((op, "pkcs11", t)) for t in THREADS]
+            lines.append(f"{op:17} {'direct / dew (CPU per op)':31}"
+                         + "".join(f"{d / o:>10.2f}" if o and d else f"{'-':>10}"
+                                   for o, d in zip(dew_cpu, direct_cpu, strict=True)))
     return "\n".join(lines)
 
 
