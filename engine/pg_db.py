@@ -325,26 +325,46 @@ class PgBackend:
     async def migrate(
         self, component: str, migrations: Sequence[Migration], what: str, code: str, fix: str,
     ) -> None:
-        # One lock for every store's migrations: CREATE TABLE IF NOT EXISTS is not
-        # safe against a concurrent one in PostgreSQL (a unique violation in the catalog).
-        async with self._connection(what, code, fix, write_lock=_MIGRATION_LOCK):
-            conn = (_current.get() or {})[id(self)]
-            await conn.execute(
-                "CREATE TABLE IF NOT EXISTS schema_migrations ("
-                " component TEXT COLLATE \"C\" PRIMARY KEY, version BIGINT NOT NULL)")
-            current = int(await conn.fetchval(
-                "SELECT version FROM schema_migrations WHERE component = $1", component) or 0)
-            check_version(current, len(migrations), what, self.location)
+        latest = len(migrations)
+        # Up to date (every start but the first): no lock, so a node that stopped in
+        # the middle of another component's migration holds nobody up.
+        current = await self._version(component, what, code, fix)
+        if current is not None:
+            check_version(current, latest, what, self.location)
+            if current == latest:
+                return
+        else:
+            # One lock for the shared table: CREATE TABLE IF NOT EXISTS is not safe
+            # against a concurrent one in PostgreSQL (a unique violation in the catalog).
+            async with self._connection(what, code, fix, write_lock=_MIGRATION_LOCK):
+                await self.run("CREATE TABLE IF NOT EXISTS schema_migrations ("
+                               " component TEXT COLLATE \"C\" PRIMARY KEY,"
+                               " version BIGINT NOT NULL)", ())
+        # One component's scripts under its own lock: nodes migrate it once.
+        async with self._connection(what, code, fix,
+                                    write_lock=f"{_MIGRATION_LOCK}:{component}"):
+            current = await self._version(component, what, code, fix) or 0
+            check_version(current, latest, what, self.location)
             for script in migrations[current:]:
                 text = (script.for_dialect("postgresql") if isinstance(script, Dialects)
                         else pg_ddl(script))
                 for statement in statements(text):
-                    await conn.execute(statement)
-            if len(migrations) > current:
-                await conn.execute(
-                    "INSERT INTO schema_migrations (component, version) VALUES ($1, $2) "
+                    await self.run(statement, ())
+            if latest > current:
+                await self.run(
+                    "INSERT INTO schema_migrations (component, version) VALUES (?, ?) "
                     "ON CONFLICT (component) DO UPDATE SET version = excluded.version",
-                    component, len(migrations))
+                    (component, latest))
+
+    async def _version(self, component: str, what: str, code: str, fix: str) -> int | None:
+        """The component's schema version; None before any store made the table."""
+        async with self.mapped(what, code, fix):
+            try:
+                row = await self.fetchone(
+                    "SELECT version FROM schema_migrations WHERE component = ?", (component,))
+            except asyncpg.UndefinedTableError:
+                return None
+        return 0 if row is None else int(row[0])
 
 
 async def _run(conn: asyncpg.Connection, sql: str, params: Sequence[Any]) -> PgCursor:

@@ -14,7 +14,7 @@ import pytest
 
 from engine.errors import BackendUnavailable, SchemaTooNew
 from engine.models import utcnow
-from engine.pg_db import placeholders
+from engine.pg_db import lock_key, placeholders
 from engine.settings import Settings
 from engine.sql_db import StoreTarget, pg_ddl
 from engine.sqlite_store import SqliteTaskStore
@@ -63,6 +63,28 @@ def test_every_store_migrates_once_when_several_nodes_start_at_once(
         store_class = getattr(__import__(module, fromlist=[name]), name)
         assert versions[component] == len(store_class.migrations), component
     assert not (tmp_path / "n0.db").exists()  # nothing written to a local SQLite file
+
+
+async def test_a_node_stopped_in_a_migration_holds_up_only_that_component(
+    pg_store_url: str, tmp_path: Path,
+) -> None:
+    """A node frozen (SIGSTOP, a pause) halfway through migrating a store keeps its
+    migration locks until it wakes; another node still opens a store whose schema is up
+    to date: that takes no migration lock at all (the stalled-worker takeover test met
+    this: a second worker waited for the frozen first one to finish CSMS's migration)."""
+    import asyncpg
+
+    target = StoreTarget(tmp_path / "dew.sqlite3", pg_store_url)
+    await (await SqliteTaskStore.open(target)).close()
+    frozen = await asyncpg.connect(pg_store_url)
+    try:
+        async with frozen.transaction():
+            for name in ("dew:schema_migrations", "dew:schema_migrations:kms"):
+                await frozen.execute("SELECT pg_advisory_xact_lock($1)", lock_key(name))
+            store = await asyncio.wait_for(SqliteTaskStore.open(target), timeout=10)
+            await store.close()
+    finally:
+        await frozen.close()
 
 
 async def test_a_newer_schema_is_refused_and_left_as_it_is(pg_store_url: str,
