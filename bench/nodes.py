@@ -50,7 +50,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -213,16 +213,25 @@ async def succeeded(target: StoreTarget) -> Any:
     return count_sqlite, close
 
 
+def ready_per_node(config: Config, total: int,
+                   start: Callable[[Node, int], subprocess.Popen[str]],
+                   ) -> list[subprocess.Popen[str]]:
+    """One process per node, ``total`` split between them, each ready and waiting for
+    the release that starts them all at once."""
+    procs = [start(node, n) for node, n in zip(config.nodes, split(total, len(config.nodes)),
+                                                strict=True)]
+    for proc in procs:
+        wait_ready(proc)
+    return procs
+
+
 async def run_jobs(config: Config, sampler: Sampler, args: argparse.Namespace) -> Figures:
     start_workers(config.nodes)
     count, close = await succeeded(config.target)
     try:
         before = await count()
-        procs = [start_enqueuer(node.env(), n, concurrency=args.concurrency)
-                 for node, n in zip(config.nodes, split(args.jobs, len(config.nodes)),
-                                    strict=True)]
-        for proc in procs:
-            wait_ready(proc)
+        procs = ready_per_node(config, args.jobs, lambda node, n: start_enqueuer(
+            node.env(), n, concurrency=args.concurrency))
         cpu0 = sampler.sample()
         t0 = time.time()
         release(procs)
@@ -258,11 +267,8 @@ def start_driver(node: Node, count: int, callers: int) -> subprocess.Popen[str]:
 
 async def run_datakeys(config: Config, sampler: Sampler, args: argparse.Namespace
                        ) -> Figures:
-    procs = [start_driver(node, n, args.callers)
-             for node, n in zip(config.nodes, split(args.calls, len(config.nodes)),
-                                strict=True)]
-    for proc in procs:
-        wait_ready(proc)
+    procs = ready_per_node(config, args.calls,
+                           lambda node, n: start_driver(node, n, args.callers))
     cpu0 = sampler.sample()
     t0 = time.time()
     release(procs)

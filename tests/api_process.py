@@ -20,7 +20,14 @@ from engine.crypto import HsmConfig
 from engine.redis_server import RedisServer
 from engine.settings import Settings, load_settings
 from tests.conftest import TEST_SETTINGS
-from tests.helpers import ROOT, WorkerProcess, dew_env, link_shared_token, run_dew
+from tests.helpers import (
+    ROOT,
+    WorkerProcess,
+    dew_env,
+    link_shared_token,
+    run_dew,
+    stop_process,
+)
 from tests.pg_store import on_postgresql, process_cluster
 
 
@@ -61,13 +68,7 @@ class ApiProcess:
         raise RuntimeError(f"dew api did not listen: {self.log_path.read_text()[-3000:]}")
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc)
         self.proc = None
 
 

@@ -76,6 +76,17 @@ def run_dew(settings: Settings, *args: str, input: str | None = None,
     )
 
 
+def stop_process(proc: subprocess.Popen[Any] | None, sig: int = signal.SIGTERM) -> None:
+    """Send ``sig`` to a process still running and wait for it (SIGKILL after 20 s)."""
+    if proc is not None and proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
 class WorkerProcess:
     """``dew worker`` in a subprocess, as operators run it."""
 
@@ -118,13 +129,7 @@ class WorkerProcess:
         self.stop(signal.SIGKILL)
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc, sig)
         self.proc = None
 
 

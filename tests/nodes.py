@@ -23,7 +23,6 @@ import asyncio
 import json
 import resource
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -35,7 +34,7 @@ from typing import Any
 
 from engine.crypto.config import SOFTHSM_MODULE, read_pin_file, write_pin_file
 from engine.settings import Settings, load_settings
-from tests.helpers import ROOT, WorkerProcess, dew_env, run_dew
+from tests.helpers import ROOT, WorkerProcess, dew_env, run_dew, stop_process
 
 CLIENT_GLOB = "/usr/lib/*/pkcs11/p11-kit-client.so"
 TOKEN_LABEL = "dew-nodes"
@@ -133,13 +132,7 @@ class HsmExport:
 
     def stop(self) -> None:
         """SIGTERM: ``dew hsm serve`` stops p11-kit server and its per-connection children."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc)
         self.proc = None
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from engine.pg_db import placeholders
 from engine.sql_db import StoreTarget
 
 PG_BINS = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
@@ -59,6 +60,26 @@ def as_postgres(args: list[str]) -> list[str]:
     return ["runuser", "-u", "postgres", "--", *args] if os.geteuid() == 0 else args
 
 
+def initdb(prefix: str, *options: str) -> tuple[Path, str]:
+    """A new cluster in a temporary directory (BASE/data): password logins only
+    (scram-sha-256), the superuser ``postgres`` with a fresh password; (BASE, password)."""
+    if not (PG_BIN / "initdb").exists():
+        raise RuntimeError("PostgreSQL is not installed (initdb): run `make setup`")
+    base = Path(tempfile.mkdtemp(prefix=prefix))
+    password = secrets.token_hex(12)
+    pwfile = base / "pw"
+    pwfile.write_text(password + "\n")
+    if os.geteuid() == 0:
+        pg = pwd.getpwnam("postgres")
+        for path in (base, pwfile):
+            os.chown(path, pg.pw_uid, pg.pw_gid)
+    subprocess.run(as_postgres([
+        str(PG_BIN / "initdb"), "-D", str(base / "data"), "-U", "postgres", "--pwfile",
+        str(pwfile), "-A", "scram-sha-256", "--no-sync", "-E", "UTF8", *options]),
+        check=True, capture_output=True, timeout=120)
+    return base, password
+
+
 @dataclass
 class StoreCluster:
     base: Path
@@ -72,20 +93,7 @@ class StoreCluster:
 
     @classmethod
     def create(cls, port: int) -> StoreCluster:
-        if not (PG_BIN / "initdb").exists():
-            raise RuntimeError("PostgreSQL is not installed (initdb): run `make setup`")
-        base = Path(tempfile.mkdtemp(prefix="dew-store-pg-"))
-        password = secrets.token_hex(12)
-        pwfile = base / "pw"
-        pwfile.write_text(password + "\n")
-        if os.geteuid() == 0:
-            pg = pwd.getpwnam("postgres")
-            for path in (base, pwfile):
-                os.chown(path, pg.pw_uid, pg.pw_gid)
-        subprocess.run(as_postgres([
-            str(PG_BIN / "initdb"), "-D", str(base / "data"), "-U", "postgres",
-            "--pwfile", str(pwfile), "-A", "scram-sha-256", "--no-sync", "-E", "UTF8",
-            "--locale", "C.UTF-8"]), check=True, capture_output=True, timeout=120)
+        base, password = initdb("dew-store-pg-", "--locale", "C.UTF-8")
         cluster = cls(base, port, password)
         cluster.start()
         cluster.psql(f"CREATE ROLE {ROLE} LOGIN CREATEDB PASSWORD '{password}'")
@@ -162,10 +170,7 @@ def store_rows(target: StoreTarget, sql: str, *params: object) -> list[tuple[obj
     async def query() -> list[tuple[object, ...]]:
         conn = await asyncpg.connect(target.url)
         try:
-            pg_sql = sql
-            for n in range(1, len(params) + 1):
-                pg_sql = pg_sql.replace("?", f"${n}", 1)
-            return [tuple(r) for r in await conn.fetch(pg_sql, *params)]
+            return [tuple(r) for r in await conn.fetch(placeholders(sql), *params)]
         except asyncpg.UndefinedTableError:
             return []
         finally:

@@ -330,17 +330,8 @@ def _register_with_python_pkcs11(path: str, lib: _native.lib) -> None:
 
 def find_token(module: Module, label: str, slot: int | None) -> Token | None:
     """The initialised token with ``label`` (in ``slot`` when given), or None."""
-    found: list[Token] = []
     with translate("list the HSM slots"):
-        for candidate in module.lib.get_slots(token_present=True):
-            if slot is not None and candidate.slot_id != slot:
-                continue
-            try:
-                token = candidate.get_token()
-            except (p11e.TokenNotPresent, p11e.TokenNotRecognised):
-                continue
-            if token.label == label and token.flags & TokenFlag.TOKEN_INITIALIZED:
-                found.append(token)
+        found: list[Token] = list(_remote.tokens_in(module.lib, label, slot))
     if len(found) > 1:
         raise ConfigError(
             f"{len(found)} tokens are labelled {label!r}",

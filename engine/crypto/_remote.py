@@ -53,6 +53,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
@@ -285,8 +286,8 @@ class _Connection:
         self.anchor: Any = None  # the session that logged in (login is per connection)
 
 
-def find_in(lib: Any, label: str, slot: int | None) -> Any:
-    """The initialised token labelled ``label`` in ``lib``, or None."""
+def tokens_in(lib: Any, label: str, slot: int | None) -> Iterator[Any]:
+    """The initialised tokens labelled ``label`` in ``lib`` (in ``slot`` when given)."""
     for candidate in lib.get_slots(token_present=True):
         if slot is not None and candidate.slot_id != slot:
             continue
@@ -295,8 +296,12 @@ def find_in(lib: Any, label: str, slot: int | None) -> Any:
         except (p11e.TokenNotPresent, p11e.TokenNotRecognised):
             continue
         if token.label == label and token.flags & TokenFlag.TOKEN_INITIALIZED:
-            return token
-    return None
+            yield token
+
+
+def find_in(lib: Any, label: str, slot: int | None) -> Any:
+    """The first initialised token labelled ``label`` in ``lib``, or None."""
+    return next(tokens_in(lib, label, slot), None)
 
 
 class RemoteToken:

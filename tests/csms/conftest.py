@@ -39,7 +39,7 @@ from handlers.kms.service import KmsService
 from handlers.kms.store import SqliteKmsStore
 from tests.csms.pki import Ca
 from tests.helpers import ROOT, FakeClock, WorkerProcess, dew_env
-from tests.pg_store import PG_BIN, as_postgres
+from tests.pg_store import PG_BIN, as_postgres, initdb
 
 # Server certificates name only this host: a secret naming 127.0.0.1 gets a host name
 # mismatch under verify-full (and is accepted under verify-ca).
@@ -218,21 +218,8 @@ def pg_cluster(pki: Pki) -> Iterator[PgCluster]:
     """A private cluster: scram-sha-256 for every login, so a wrong password fails;
     TLS on with a certificate for TLS_HOST from ``pki.ca`` (key 0600, owned by the
     user running the cluster); members of TLS_ONLY_GROUP log in over TLS only."""
-    if not (PG_BIN / "initdb").exists():
-        pytest.fail("PostgreSQL is not installed (initdb): run `make setup`")
-    base = Path(tempfile.mkdtemp(prefix="dew-pg-"))
+    base, superpass = initdb("dew-pg-")
     data = base / "data"
-    superpass = secrets.token_hex(12)
-    pwfile = base / "pw"
-    pwfile.write_text(superpass + "\n")
-    if os.geteuid() == 0:
-        pg = pwd.getpwnam("postgres")
-        for path in (base, pwfile):
-            os.chown(path, pg.pw_uid, pg.pw_gid)
-    subprocess.run(as_postgres([
-        str(PG_BIN / "initdb"), "-D", str(data), "-U", "postgres", "--pwfile", str(pwfile),
-        "-A", "scram-sha-256", "--no-sync", "-E", "UTF8"]),
-        check=True, capture_output=True, timeout=120)
     _enable_pg_tls(data, pki.ca)
     cluster = PgCluster(data, free_port(), superpass, base / "pg.log", pki.ca.pem)
     cluster.start()
