@@ -40,6 +40,8 @@ SOCKET_NAME = "hsm.sock"
 # A sockaddr_un path holds 107 bytes and a NUL.
 MAX_SOCKET_PATH = 107
 START_TIMEOUT = 10.0
+TOKEN_CHECK_TIMEOUT = 5.0
+TOKEN_CHECK_PAUSE = 0.2
 
 
 def register(subparsers: Any, commands: dict[str, Any]) -> None:
@@ -188,21 +190,32 @@ def _wait_started(proc: subprocess.Popen[bytes], path: Path, stop: threading.Eve
 
 
 def _check_serving(settings: Settings, module: str, address: str) -> None:
-    """Connect through the client module, as a node would, when it is installed here."""
+    """Connect through the client module, as a node would, when it is installed here.
+
+    Each try is a new connection. A SoftHSM token rewrites its token file at every
+    login, and a module initialised meanwhile in another process (here, the server's
+    p11-kit-remote) does not list that token (measured): nodes logging in again
+    while the export restarts make that happen, so a missing token is looked for
+    again for a few seconds before it is an error."""
     from engine.crypto import _remote
 
     client = _remote.client_module_path()
     if client is None:
         return
-    lib = _remote.open_lib(client, address)
-    try:
-        token = _remote.find_in(lib, settings.hsm.token_label, None)
-    finally:
-        _remote._finalize(lib)
-    if token is None:
-        raise ConfigError(f"p11-kit server runs but serves no token labelled "
-                          f"{settings.hsm.token_label!r} from {module}",
-                          fix="Check hsm.token_label and --provider.")
+    deadline = time.monotonic() + TOKEN_CHECK_TIMEOUT
+    while True:
+        lib = _remote.open_lib(client, address)
+        try:
+            token = _remote.find_in(lib, settings.hsm.token_label, None)
+        finally:
+            _remote._finalize(lib)
+        if token is not None:
+            return
+        if time.monotonic() > deadline:
+            raise ConfigError(f"p11-kit server runs but serves no token labelled "
+                              f"{settings.hsm.token_label!r} from {module}",
+                              fix="Check hsm.token_label and --provider.")
+        time.sleep(TOKEN_CHECK_PAUSE)
 
 
 def _server_failed(proc: subprocess.Popen[bytes], what: str) -> PermanentError:

@@ -336,13 +336,16 @@ def build_worker(
             runner=TaskRunner(settings, store, worker_id, Resources(settings)),
             started_at=utcnow(),
         )
+        # Known before anything else is awaited: a stop during start-up (a SIGTERM
+        # while the first heartbeat is written) still closes what is open, or the
+        # stores' threads would keep the process alive after the worker stopped.
+        ctx["dew"] = state
         signer: JobSigner = await state.resources.get("job_signer")
         await signer.ready()
         state.beat_store = await open_store(settings)
         await state.beat_store.set_busy_timeout(HEARTBEAT_BUSY_TIMEOUT_MS)
         await _beat(state)
         state.heartbeat_task = asyncio.create_task(_heartbeat_loop(state))
-        ctx["dew"] = state
         log.info("worker started", worker_id=worker_id, queue=settings.redis.queue,
                  jobs=len(list(registry)), max_jobs=settings.worker.max_jobs)
 

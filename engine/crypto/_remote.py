@@ -431,9 +431,14 @@ class RemoteToken:
             if self._pin is not None:
                 try:
                     self._log_in(conn, self._pin)
-                except BaseException:
+                except BaseException as exc:
                     self._conn = None
                     self._retire(conn)
+                    if isinstance(exc, p11e.GeneralError):
+                        # SoftHSM rewrites the token file at each login; logins from
+                        # several processes at once can fail so (measured): try again.
+                        raise unreachable(self.shown_address, "did not take the login "
+                                          "again (a general error)") from None
                     raise
             self.reconnects += 1
             return conn

@@ -11,6 +11,7 @@ from collections.abc import Callable
 import pytest
 
 from engine.client import Client
+from engine.queue import close_pool, open_pool, redis_settings
 from engine.redis_server import RedisServer
 from engine.settings import Settings
 from tests.helpers import WorkerProcess, wait_for
@@ -106,6 +107,45 @@ def test_worker_exits_cleanly_when_redis_is_gone(
     assert proc.wait(timeout=30) is not None  # exited, did not hang
     redis_server.start()
 
+
+
+async def test_a_stop_during_start_up_still_closes_the_stores(
+    settings: Settings, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A SIGTERM lands while the first heartbeat is being written (arq cancels the
+    start-up there): the worker's state is already known, so the shutdown closes the
+    stores it opened (their threads would keep the process alive: a worker that never
+    exits)."""
+    import threading
+
+    from engine import worker as worker_module
+
+    written = asyncio.Event()
+    real_beat = worker_module._beat
+
+    async def beat_then_stopped(state: worker_module.WorkerState) -> None:
+        await real_beat(state)
+        written.set()
+        raise asyncio.CancelledError
+
+    monkeypatch.setattr(worker_module, "_beat", beat_then_stopped)
+    worker = worker_module.build_worker(settings, handle_signals=False)
+    worker.ctx["redis"] = await open_pool(redis_settings(settings),
+                                          settings.redis.queue)
+    before = set(threading.enumerate())
+    with pytest.raises(asyncio.CancelledError):
+        assert worker.on_startup is not None
+        await worker.on_startup(worker.ctx)
+    assert written.is_set()
+    state = worker.ctx.get("dew")
+    assert state is not None and state.beat_store is not None
+    await worker_module.shutdown_state(state)
+    assert state.closed
+    await close_pool(worker.ctx["redis"])
+    # (asyncio_N: the loop's default executor, joined when the loop closes)
+    left = [t for t in set(threading.enumerate()) - before
+            if t.is_alive() and not t.daemon and not t.name.startswith("asyncio_")]
+    assert left == [], left
 
 @pytest.mark.slow
 async def test_a_stalled_worker_taken_over_never_writes(

@@ -450,3 +450,34 @@ def test_dew_hsm_serve_without_p11kit_names_the_package(tmp_path: Path) -> None:
     assert as_json.returncode == 1
     assert json.loads(as_json.stderr.strip().splitlines()[-1])["error"]["code"] == \
         "p11kit_missing"
+
+
+def test_dew_hsm_serve_looks_again_for_a_token_a_login_hid(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A SoftHSM token rewrites its file at each login; a module initialised meanwhile
+    in another process (the server's p11-kit-remote) lists no such token. The export
+    check connects again until it sees the token, and says so only when it never does."""
+    from engine import hsm_serve
+    from engine.crypto import _remote
+
+    answers = [None, None, object()]
+    connections: list[object] = []
+
+    def opened(module: str, address: str) -> object:
+        connections.append(object())
+        return connections[-1]
+
+    monkeypatch.setattr(_remote, "client_module_path", lambda: "client.so")
+    monkeypatch.setattr(_remote, "open_lib", opened)
+    monkeypatch.setattr(_remote, "_finalize", lambda lib: None)
+    monkeypatch.setattr(_remote, "find_in", lambda lib, label, slot: answers.pop(0))
+    monkeypatch.setattr(hsm_serve, "TOKEN_CHECK_PAUSE", 0.01)
+    settings = load_settings()
+    hsm_serve._check_serving(settings, SOFTHSM_MODULE, "unix:path=/x")
+    assert len(connections) == 3  # a new connection each time
+
+    monkeypatch.setattr(_remote, "find_in", lambda lib, label, slot: None)
+    monkeypatch.setattr(hsm_serve, "TOKEN_CHECK_TIMEOUT", 0.05)
+    with pytest.raises(ConfigError, match="serves no token labelled"):
+        hsm_serve._check_serving(settings, SOFTHSM_MODULE, "unix:path=/x")
