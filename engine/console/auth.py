@@ -68,14 +68,14 @@ def routes_of(console: Console) -> list[tuple[str, object, list[str]]]:
                 raise InvalidInput("Give your user name and password.")
             identities = await console.identities()
             try:
-                user_id = await identities.sign_in(name, password)
+                signed = await identities.sign_in(name, password)
+                session = await (await console.sessions()).open(signed)
             except Throttled as exc:
                 return sign_in_form(console, request, 429, exc.message, name)
             except DewError as exc:
                 if exc.code != "sign_in_refused":
                     raise
                 return sign_in_form(console, request, 401, exc.message, name)
-            session = await (await console.sessions()).open(user_id)
         except InvalidInput as exc:
             return sign_in_form(console, request, 400, exc.message)
         except Exception as exc:  # noqa: BLE001 - a page in the console's style, logged there

@@ -15,8 +15,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from engine.iam.service import SignedIn, SignInRefused
 from engine.iam.store import SqliteIamStore
+from engine.logs import get_logger
 from engine.models import utcnow
+
+log = get_logger("dew.console")
 
 COOKIE = "dew_console"
 COOKIE_PATH = "/console"
@@ -63,12 +67,18 @@ class Sessions:
         self.idle_minutes = idle_minutes
         self.clock = clock
 
-    async def open(self, user_id: str) -> Session:
+    async def open(self, signed: SignedIn) -> Session:
+        """A session for a sign-in that passed; refused like a wrong password when the
+        password changed, or the user was disabled, while it was being checked."""
         now = self.clock()
         # Sessions nobody ended are dropped here, not by a sweeper of their own.
         await self.store.delete_idle_sessions(now - timedelta(minutes=self.idle_minutes))
-        session = Session(new_token(), user_id, new_token())
-        await self.store.create_session(token_hash(session.token), user_id, session.csrf, now)
+        session = Session(new_token(), signed.user_id, new_token())
+        if not await self.store.create_session(token_hash(session.token), signed.user_id,
+                                               session.csrf, now, signed.password_hash):
+            log.info("iam.sign_in_refused", user_id=signed.user_id,
+                     reason="password changed or user disabled during sign-in")
+            raise SignInRefused()
         return session
 
     async def find(self, token: str | None) -> Session | None:

@@ -26,7 +26,7 @@ import os
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from datetime import datetime
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from engine.api.principal import Principal, RoleCatalog, merge_catalogs
 from engine.errors import (
@@ -95,6 +95,14 @@ class SignInRefused(AuthenticationFailed):
 
     def __init__(self) -> None:
         super().__init__(WRONG_SIGN_IN)
+
+
+class SignedIn(NamedTuple):
+    """A sign-in that passed: the user, and the password hash the password was checked
+    against (a console session opens only while it is still the user's)."""
+
+    user_id: str
+    password_hash: str
 
 
 class SignInThrottled(Throttled):
@@ -435,8 +443,8 @@ class Identities:
         log.info("iam.password_set", user=user.name, user_id=user.user_id)
         return user
 
-    async def sign_in(self, name: str, password: str) -> str:
-        """The id of the user ``name`` whose ``password`` this is, enabled. Otherwise
+    async def sign_in(self, name: str, password: str) -> SignedIn:
+        """The user ``name`` whose ``password`` this is, enabled. Otherwise
         one generic refusal, whether the name is unknown, the password wrong, none set
         or the user disabled (:class:`SignInRefused`); after ``[console] lockout_after``
         wrong ones in a row the name must wait (:class:`SignInThrottled`), counted in the
@@ -463,12 +471,12 @@ class Identities:
         found = await self.store.password_of(name) if NAME.fullmatch(name) else None
         stored = found[1] if found is not None else None
         right = await asyncio.to_thread(verify_password, stored, password)
-        if found is None or not right or not found[2]:
+        if found is None or stored is None or not right or not found[2]:
             log.info("iam.sign_in_refused", user=key, failures=count)
             raise SignInRefused()
         await self.store.clear_sign_in_failures(key)
         log.info("iam.signed_in", user=name, user_id=found[0])
-        return found[0]
+        return SignedIn(found[0], stored)
 
     async def principal_for(self, user_id: str, source_ip: str, via: str) -> Principal | None:
         """The :class:`Principal` of a console user, read now (a changed role or a

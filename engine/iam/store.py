@@ -372,12 +372,23 @@ class SqliteIamStore(SqlDb):
         return row
 
     async def create_session(self, token_hash: str, user_id: str, csrf: str,
-                             now: datetime) -> None:
-        # One insert of a fresh random token's hash: nothing to check first.
-        await self._execute(
-            "INSERT INTO iam_console_sessions (token_hash, user_id, csrf, created_at, "
-            "last_seen) VALUES (?, ?, ?, ?, ?)",
-            (token_hash, user_id, csrf, iso(now), iso(now)))
+                             now: datetime, password_hash: str) -> bool:
+        """Store a session of a fresh random token (its hash) for ``user_id``, only while
+        the user is enabled and ``password_hash`` (the one the password was checked
+        against) is still its own; False otherwise. In the transaction set_password
+        writes in: a password changed during the sign-in (whose check takes a fifth
+        of a second) ends that session too, before it begins."""
+        async with self._transaction():
+            row = await self._fetchone(
+                "SELECT 1 FROM iam_users WHERE user_id = ? AND password_hash = ? "
+                "AND enabled = 1", (user_id, password_hash))
+            if row is None:
+                return False
+            await self._conn.execute(
+                "INSERT INTO iam_console_sessions (token_hash, user_id, csrf, created_at, "
+                "last_seen) VALUES (?, ?, ?, ?, ?)",
+                (token_hash, user_id, csrf, iso(now), iso(now)))
+        return True
 
     async def get_session(self, token_hash: str) -> tuple[str, str, datetime] | None:
         """(user id, CSRF token, last seen) of a session."""

@@ -93,7 +93,7 @@ async def test_passwords_are_argon2id_and_sign_in_says_one_thing(
         assert found is not None and found[1] is not None
         assert found[1].startswith("$argon2id$") and PASSWORD not in found[1]
         assert verify_password(found[1], PASSWORD) and not verify_password(found[1], "x")
-        assert await ids.sign_in("erin", PASSWORD) == user_id
+        assert (await ids.sign_in("erin", PASSWORD)).user_id == user_id
         refusals = []
         for name, password in (("erin", "wrong-one"), ("nobody", PASSWORD)):
             with pytest.raises(SignInRefused) as info:
@@ -116,7 +116,7 @@ async def test_wrong_passwords_in_a_row_slow_that_name_down(settings: Settings) 
         user_id = await _user(ids, "frank")
         with pytest.raises(SignInRefused):
             await ids.sign_in("frank", "wrong-password")
-        assert await ids.sign_in("frank", PASSWORD) == user_id  # a right one ends the count
+        assert (await ids.sign_in("frank", PASSWORD)).user_id == user_id  # a right one: count ends
         for _ in range(2):
             with pytest.raises(SignInRefused):
                 await ids.sign_in("frank", "wrong-password")
@@ -173,7 +173,9 @@ async def test_sessions_end_when_idle_signed_out_or_the_password_changes(
     async with await Identities.open(console_settings) as ids:
         user_id = await _user(ids, "heidi")
         sessions = Sessions(ids.store, 30, clock=lambda: now[0])
-        first = await sessions.open(user_id)
+        signed = await ids.sign_in("heidi", PASSWORD)
+        assert signed.user_id == user_id
+        first = await sessions.open(signed)
         assert len(first.token) >= 40 and first.csrf != first.token
         row = await ids.store.get_session(token_hash(first.token))
         assert row is not None and row[0] == user_id
@@ -185,13 +187,37 @@ async def test_sessions_end_when_idle_signed_out_or_the_password_changes(
         now[0] += timedelta(minutes=30)
         assert await sessions.find(first.token) is None  # idle: over, and gone
         assert await ids.store.get_session(token_hash(first.token)) is None
-        second = await sessions.open(user_id)
+        second = await sessions.open(signed)
         assert await sessions.end(second.token)
         assert await sessions.find(second.token) is None
-        third = await sessions.open(user_id)
+        third = await sessions.open(signed)
         await ids.set_password("heidi", "a-new-password")
         assert await sessions.find(third.token) is None
         assert await sessions.find("not-a-token") is None and await sessions.find(None) is None
+
+
+@pytest.mark.slow  # argon2 hashes: a fifth of a second of CPU each
+async def test_a_password_changed_during_a_sign_in_gets_it_no_session(
+    console_settings: Settings
+) -> None:
+    """The old password was checked (a fifth of a second of argon2), then the password
+    changed (or the user was disabled) before the session was stored: no session, the
+    sign-in refused like a wrong password."""
+    async with await Identities.open(console_settings) as ids:
+        user_id = await _user(ids, "rita")
+        sessions = Sessions(ids.store, 30)
+        checked = await ids.sign_in("rita", PASSWORD)
+        await ids.set_password("rita", "a-new-password")
+        with pytest.raises(SignInRefused):
+            await sessions.open(checked)
+        assert await ids.store.count_sessions(user_id) == 0
+        checked = await ids.sign_in("rita", "a-new-password")
+        await ids.disable_user("rita")
+        with pytest.raises(SignInRefused):
+            await sessions.open(checked)
+        assert await ids.store.count_sessions(user_id) == 0
+        await ids.enable_user("rita")
+        assert (await sessions.open(checked)).user_id == user_id
 
 
 async def test_the_console_principal_is_read_anew(console_settings: Settings) -> None:
