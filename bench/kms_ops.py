@@ -7,6 +7,10 @@ decrypt), on one SoftHSM2 token created in a temporary directory:
 - ``dew``: ``KmsService.create_datakey`` / ``decrypt_datakey`` from asyncio
   tasks (``--callers`` concurrent), through the crypto core's thread pool
   (``threads`` = pool size), with key lookup, ciphertext format and audit.
+- ``dew-procs``: the same, with ``hsm.data_processes`` = threads: the token calls
+  in child processes (engine/crypto/_lane.py), so the event loop works beside the
+  token instead of taking turns with it under one GIL. Its CPU per op counts the
+  children's too.
 - ``core``: the crypto core alone (``CryptoCore.generate_data_key`` / ``open``),
   same callers and pool: shows how the overhead splits between the thread
   pool and the KMS layer above it.
@@ -238,7 +242,9 @@ async def run(seconds: float, callers: int, rounds: int) -> dict[tuple[str, str,
         init_token(base)
         store = await SqliteKmsStore.open(Path(tmp) / "dew.sqlite3")
         cores = {n: CryptoCore(replace(base, pool_size=n)) for n in THREADS}
-        for core in cores.values():
+        # The same, with the data plane's token calls in as many child processes.
+        lanes = {n: CryptoCore(replace(base, pool_size=n, data_processes=n)) for n in THREADS}
+        for core in (*cores.values(), *lanes.values()):
             await core.connect()
         try:
             setup = KmsService(store, cores[1])
@@ -248,12 +254,18 @@ async def run(seconds: float, callers: int, rounds: int) -> dict[tuple[str, str,
             label = token_label(key.key_id, 1)
             for threads in THREADS:
                 kms = KmsService(store, cores[threads])
+                kms_procs = KmsService(store, lanes[threads])
                 core = cores[threads]
+                children = lanes[threads].data_process_pids
                 blob = (await core.generate_data_key(label, 32, AAD)).wrapped
                 calls: dict[tuple[str, str], Callable[[], Awaitable[Any]]] = {
                     ("create-datakey", "dew"): partial(kms.create_datakey, key.key_id),
                     ("decrypt-datakey", "dew"): partial(kms.decrypt_datakey, key.key_id,
                                                         sample.cipher_text),
+                    ("create-datakey", "dew-procs"): partial(kms_procs.create_datakey,
+                                                             key.key_id),
+                    ("decrypt-datakey", "dew-procs"): partial(kms_procs.decrypt_datakey,
+                                                              key.key_id, sample.cipher_text),
                     ("create-datakey", "core"): partial(core.generate_data_key, label, 32,
                                                         AAD),
                     ("decrypt-datakey", "core"): partial(core.unwrap_data_key, label, blob,
@@ -270,11 +282,11 @@ async def run(seconds: float, callers: int, rounds: int) -> dict[tuple[str, str,
                 # machine weighs on every implementation alike.
                 for _ in range(rounds):
                     for op in OPERATIONS:
-                        for impl in ("dew", "core"):
-                            cpu = time.process_time()
+                        for impl in ("dew", "dew-procs", "core"):
+                            cpu = cpu_seconds(children)
                             rate = await measure_async(piece, callers, calls[(op, impl)])
                             tally.add((op, impl, threads), rate, piece,
-                                      time.process_time() - cpu)
+                                      cpu_seconds(children) - cpu)
                         for impl in ("pkcs11", "pkcs11-copy", "cryptography"):
                             cpu = time.process_time()
                             rate = await asyncio.to_thread(
@@ -282,13 +294,27 @@ async def run(seconds: float, callers: int, rounds: int) -> dict[tuple[str, str,
                             tally.add((op, impl, threads), rate, piece,
                                       time.process_time() - cpu)
                 await kms.close()
+                await kms_procs.close()
             CPU_PER_OP.update(tally.cpu_per_op())
             results = tally.rates() | await run_signing(store, cores, seconds, callers, rounds)
         finally:
-            for core in cores.values():
+            for core in (*cores.values(), *lanes.values()):
                 await core.close()
             await store.close()
     return results
+
+
+def cpu_seconds(children: Sequence[int] = ()) -> float:
+    """CPU seconds of this process and of the running ``children`` (from /proc)."""
+    total = time.process_time()
+    tick = os.sysconf("SC_CLK_TCK")
+    for pid in children:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+    return total
 
 
 # CPU seconds per data-key operation, by (operation, implementation, threads).
@@ -297,6 +323,7 @@ CPU_PER_OP: dict[tuple[str, str, int], float] = {}
 
 def report(results: dict[tuple[str, str, int], float], callers: int) -> str:
     names = {"dew": f"dew KmsService ({callers} asyncio callers)",
+             "dew-procs": "dew KmsService, data processes (same)",
              "core": "dew crypto core alone (same callers)",
              "pkcs11": "direct python-pkcs11 call",
              "pkcs11-copy": "direct, on a session copy of the key",
@@ -304,7 +331,7 @@ def report(results: dict[tuple[str, str, int], float], callers: int) -> str:
     lines = [f"{'operation':17} {'implementation':40} {'1 thread':>10} {'2 threads':>10} "
              f"{'2t/1t':>6}"]
     for op in ("create-datakey", "decrypt-datakey"):
-        for impl in ("dew", "core", "pkcs11", "pkcs11-copy", "cryptography"):
+        for impl in ("dew", "dew-procs", "core", "pkcs11", "pkcs11-copy", "cryptography"):
             one, two = results[(op, impl, 1)], results[(op, impl, 2)]
             lines.append(f"{op:17} {names[impl]:40} {one:>10,.0f} {two:>10,.0f} "
                          f"{two / one:>6.2f}")
@@ -318,6 +345,9 @@ def report(results: dict[tuple[str, str, int], float], callers: int) -> str:
                      + "".join(f"{o / d:>10.2f}" for o, d in zip(ours, direct, strict=True)))
         lines.append(f"{op:17} our overhead (direct/dew - 1)   "
                      + "".join(f"{d / o - 1:>+10.0%}" for o, d in zip(ours, direct, strict=True)))
+        procs = [results[(op, "dew-procs", t)] for t in THREADS]
+        lines.append(f"{op:17} dew, data processes / direct    "
+                     + "".join(f"{o / d:>10.2f}" for o, d in zip(procs, direct, strict=True)))
         core = [results[(op, "core", t)] for t in THREADS]
         lines.append(f"{op:17} core overhead (direct/core - 1) "
                      + "".join(f"{d / c - 1:>+10.0%}" for c, d in zip(core, direct, strict=True)))
@@ -331,7 +361,7 @@ def report(results: dict[tuple[str, str, int], float], callers: int) -> str:
         lines.append("")
         lines.append("CPU per op (µs, all threads)                     1 thread  2 threads")
         for op in ("create-datakey", "decrypt-datakey"):
-            for impl in ("dew", "core", "pkcs11"):
+            for impl in ("dew", "dew-procs", "core", "pkcs11"):
                 lines.append(f"{op:17} {impl:31}"
                              + "".join(f"{1e6 * CPU_PER_OP.get((op, impl, t), 0):>10.1f}"
                                        for t in THREADS))

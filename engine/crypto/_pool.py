@@ -296,6 +296,12 @@ class SessionPool:
         with self._lock:
             self._generation += 1
 
+    @property
+    def generation(self) -> int:
+        """Counts the keys generated, imported or destroyed in this process (a thread,
+        or a data process, drops its cached keys when it changed)."""
+        return self._generation
+
     def _call(self, fn: Callable[[Worker], T]) -> T:
         worker = self._worker()
         try:

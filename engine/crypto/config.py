@@ -51,10 +51,15 @@ class HsmConfig:
     # that the token object still exists (another process may have destroyed it).
     # 0: no copies; the token object is used, and checked by the module, every time.
     key_recheck_seconds: float = 1.0
+    # Child processes for the data plane's token calls (engine/crypto/_lane.py); 0:
+    # the pool threads make them. A local module only (not through p11-kit).
+    data_processes: int = 0
 
     def __post_init__(self) -> None:
         if not 1 <= self.pool_size <= 64:
             raise ConfigError(f"hsm pool_size must be 1..64, got {self.pool_size}")
+        if not 0 <= self.data_processes <= 16:
+            raise ConfigError(f"hsm data_processes must be 0..16, got {self.data_processes}")
         if not 0 <= self.key_recheck_seconds <= 60:
             raise ConfigError("hsm key_recheck_seconds must be 0..60, got "
                               f"{self.key_recheck_seconds}")
@@ -243,6 +248,7 @@ def hsm_config_from_settings(
         softhsm_conf=base.softhsm_conf if softhsm else None,
         token_dir=token_dir if softhsm else None,
         server_address=server_address,
+        data_processes=hsm.data_processes,
     )
 
 

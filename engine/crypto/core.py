@@ -38,6 +38,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from engine.crypto import _pkcs11
+from engine.crypto._lane import DataLane, run_call
 from engine.crypto._pool import SessionPool, Worker
 from engine.crypto.config import HsmConfig
 from engine.crypto.errors import KeyExists
@@ -91,6 +92,7 @@ class CryptoCore:
     def __init__(self, config: HsmConfig) -> None:
         self.config = config
         self._pool: SessionPool | None = None
+        self._lane: DataLane | None = None
         self._module: _pkcs11.Module | None = None
         self._token: Any = None
         self._connect_lock = asyncio.Lock()
@@ -110,10 +112,20 @@ class CryptoCore:
                 return
             module, token = await asyncio.to_thread(self._login)
             self._module, self._token = module, token
-            self._pool = SessionPool(
+            pool = SessionPool(
                 token, self.config.pool_size, per_thread_sessions=module.os_locking,
                 key_recheck=self.config.key_recheck_seconds,
             )
+            if self.config.data_processes and module.address is None:
+                lane = DataLane(self.config, pool, self.config.data_processes)
+                try:
+                    await lane.start()
+                except BaseException:
+                    await pool.close()
+                    await asyncio.to_thread(_pkcs11.logout, module, token)
+                    raise
+                self._lane = lane
+            self._pool = pool
 
     def _login(self) -> tuple[_pkcs11.Module, Any]:
         module = _pkcs11.load_module(self.config)
@@ -126,7 +138,10 @@ class CryptoCore:
         pool, self._pool = self._pool, None
         if pool is None:
             return
+        lane, self._lane = self._lane, None
         try:
+            if lane is not None:
+                await lane.close()  # its last calls may go to the threads: first
             await pool.close()
         finally:
             if self._module is not None:
@@ -153,6 +168,12 @@ class CryptoCore:
     @property
     def threads(self) -> int:
         return self._require().size
+
+    @property
+    def data_process_pids(self) -> list[int]:
+        """The data processes' pids (none: the threads make the data plane's calls)."""
+        lane = self._lane
+        return lane.pids if lane is not None and lane.broken is None else []
 
     @property
     def sessions_opened(self) -> int:
@@ -251,10 +272,7 @@ class CryptoCore:
         check_label(key_label)
         plaintext = check_bytes("plaintext", plaintext, MAX_PLAINTEXT_BYTES)
         aad = check_bytes("aad", aad, MAX_AAD_BYTES)
-        return self._require().submit(
-            lambda w: _pkcs11.gcm_seal(w.session, w.key(key_label, "secret"), key_label,
-                                       plaintext, aad)
-        )
+        return self._submit("seal", (key_label, plaintext, aad))
 
     def submit_open(self, key_label: str, iv: bytes, ciphertext: bytes, aad: bytes = b""
                     ) -> asyncio.Future[bytes]:
@@ -263,10 +281,7 @@ class CryptoCore:
         check_iv(iv)
         ciphertext = check_bytes("ciphertext", ciphertext, MAX_PLAINTEXT_BYTES + GCM_TAG_BYTES)
         aad = check_bytes("aad", aad, MAX_AAD_BYTES)
-        return self._require().submit(
-            lambda w: _pkcs11.gcm_open(w.key(key_label, "secret"), key_label, iv, ciphertext,
-                                       aad)
-        )
+        return self._submit("open", (key_label, iv, ciphertext, aad))
 
     def submit_data_key(self, key_label: str, length_bytes: int = 32, aad: bytes = b""
                         ) -> asyncio.Future[tuple[bytes, Sealed]]:
@@ -275,10 +290,20 @@ class CryptoCore:
         check_label(key_label)
         check_length("length_bytes", length_bytes, DATA_KEY_MIN_BYTES, DATA_KEY_MAX_BYTES)
         aad = check_bytes("aad", aad, MAX_AAD_BYTES)
-        return self._require().submit(
-            lambda w: _pkcs11.new_data_key(w.session, w.key(key_label, "secret"), key_label,
-                                           length_bytes, aad)
-        )
+        return self._submit("datakey", (key_label, length_bytes, aad))
+
+    def _submit(self, kind: str, args: tuple[Any, ...]) -> asyncio.Future[Any]:
+        """A data-plane call: to a data process when there is one for this loop, else
+        to the pool's threads (the same call, :func:`_lane.run_call`)."""
+        pool = self._require()
+        lane = self._lane
+
+        def on_thread(w: Worker) -> Any:
+            return run_call(w, kind, args)
+
+        if lane is not None and lane.usable():
+            return lane.submit(kind, args, on_thread)
+        return pool.submit(on_thread)
 
     # ------------------------------------------------------------------ data keys
 

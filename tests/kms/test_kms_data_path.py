@@ -19,6 +19,7 @@ import os
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
@@ -168,16 +169,26 @@ async def test_no_call_is_taken_after_close(pool: SessionPool) -> None:
 # --------------------------------------------------------------------------- the KMS data plane
 
 
-@pytest.fixture
+@pytest.fixture(params=[0, 1], ids=["threads", "data-process"])
 async def cached(
-    kms_store: SqliteKmsStore, core: CryptoCore, clock: FakeClock
+    request: pytest.FixtureRequest, kms_store: SqliteKmsStore, core: CryptoCore,
+    clock: FakeClock,
 ) -> AsyncIterator[KmsService]:
-    """Metadata cached for an hour, entries written at once (read back at once)."""
-    service = KmsService(kms_store, core, clock=clock, actor="test", audit_flush_interval=0,
+    """Metadata cached for an hour, entries written at once (read back at once); the
+    token calls made by the core's threads, or by a data process (hsm.data_processes)."""
+    used = core
+    if request.param:
+        used = CryptoCore(replace(core.config, data_processes=request.param))
+        await used.connect()
+        assert used.data_process_pids
+    service = KmsService(kms_store, used, clock=clock, actor="test", audit_flush_interval=0,
                          cache_ttl=3600)
     yield service
     await service.close()
     await _destroy_leftovers(kms_store, core)
+    if used is not core:
+        assert used.data_process_pids  # it made the calls, to the end
+        await used.close()
 
 
 def _last(entries: list[AuditEntry], operation: str) -> AuditEntry:
