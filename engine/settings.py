@@ -91,8 +91,9 @@ class HsmSection:
     pin_file: str = ""
     pool_size: int = 2
     # Child processes for the data plane's token calls (data keys, encrypt-data): the
-    # event loop then works beside the token instead of in turns with it. 0: threads.
-    data_processes: int = 0
+    # event loop then works beside the token instead of in turns with it. 0: threads;
+    # -1 (auto): one in `dew api`, none in other commands.
+    data_processes: int = -1
     # p11-kit client module only: the socket `dew hsm serve` (p11-kit server) exports
     # the token on, "unix:path=/path/to/socket" ("": P11_KIT_SERVER_ADDRESS).
     server_address: str = ""
@@ -471,7 +472,8 @@ def _validate(s: Settings, origin: str) -> None:
         ),
         (bool(s.redis.queue), "redis.queue must not be empty"),
         (1 <= s.hsm.pool_size <= 64, "hsm.pool_size must be between 1 and 64"),
-        (0 <= s.hsm.data_processes <= 16, "hsm.data_processes must be between 0 and 16"),
+        (-1 <= s.hsm.data_processes <= 16,
+         "hsm.data_processes must be -1 (auto) or between 0 and 16"),
         (s.hsm.slot >= -1, "hsm.slot must be -1 (find the token by label) or a slot number"),
         (
             not s.hsm.server_address or (s.hsm.server_address.startswith("unix:path=")

@@ -29,6 +29,7 @@ from engine.settings import Settings, parse_listen
 GRACEFUL_SECONDS = 10  # calls in progress get this long at shutdown, then are cancelled
 IDLE_GRACE = 0.5  # seconds idle keep-alive connections get to close at shutdown
 GIL_SWITCH_INTERVAL = 0.0005  # seconds (Python's default: 0.005); see serve()
+AUTO_DATA_PROCESSES = 1  # hsm.data_processes = -1 (auto) in the API
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -129,6 +130,9 @@ class ApiServer(uvicorn.Server):
 def serve(settings: Settings, listen: str | None = None) -> int:
     """Run the API in the foreground until SIGTERM / SIGINT; the exit code."""
     host, port = parse_listen(listen or settings.api.listen)
+    if settings.hsm.data_processes < 0:
+        # auto: the API is where data keys are asked for at a rate (engine/crypto/_lane.py)
+        settings = settings.replace(hsm={"data_processes": AUTO_DATA_PROCESSES})
     transport = prepare(settings, host, port)
     app = build_app(settings)
     sock = bind_socket(host, port)

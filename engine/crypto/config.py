@@ -248,7 +248,7 @@ def hsm_config_from_settings(
         softhsm_conf=base.softhsm_conf if softhsm else None,
         token_dir=token_dir if softhsm else None,
         server_address=server_address,
-        data_processes=hsm.data_processes,
+        data_processes=max(hsm.data_processes, 0),  # auto (-1): `dew api` sets it
     )
 
 

@@ -12,6 +12,8 @@ import hashlib
 import hmac
 import json
 import os
+import signal
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -128,6 +130,39 @@ def test_data_keys_in_both_hex_formats(stack: Stack) -> None:
     rnd = client.create_random(m.CreateRandomRequest(body=m.GenRandomRequestBody(
         random_data_length="512")))
     assert len(bytes.fromhex(rnd.random_data)) == 64
+
+
+def _data_processes(pid: int) -> list[int]:
+    """The API process's data processes (hsm.data_processes, auto: one in `dew api`)."""
+    done = subprocess.run(["ps", "--ppid", str(pid), "-o", "pid=,args="], capture_output=True,
+                          text=True, check=False)
+    return [int(line.split()[0]) for line in done.stdout.splitlines()
+            if "engine.crypto._lane" in line]
+
+
+def test_the_apis_data_keys_go_through_its_data_process_which_may_die(stack: Stack) -> None:
+    """By default `dew api` makes the data plane's token calls in a data process of its
+    own; SIGKILLed, its calls and all later ones go to the API's threads: no call
+    fails, no data key is wrong."""
+    client = stack.client("admin")
+    key_id = _create(client)
+
+    def round_trip() -> None:
+        made = client.create_datakey(m.CreateDatakeyRequest(body=m.CreateDatakeyRequestBody(
+            key_id=key_id, datakey_length="256")))
+        opened = client.decrypt_datakey(m.DecryptDatakeyRequest(
+            body=m.DecryptDatakeyRequestBody(key_id=key_id, cipher_text=made.cipher_text,
+                                             datakey_cipher_length=str(
+                                                 len(made.cipher_text) // 2))))
+        assert opened.data_key == made.plain_text
+
+    round_trip()
+    assert stack.api.proc is not None
+    (child,) = _data_processes(stack.api.proc.pid)
+    os.kill(child, signal.SIGKILL)
+    for _ in range(5):
+        round_trip()
+    assert _data_processes(stack.api.proc.pid) == []
 
 
 def test_sign_with_kms_verify_with_cryptography(stack: Stack) -> None:

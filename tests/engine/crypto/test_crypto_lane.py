@@ -141,6 +141,6 @@ def test_data_processes_out_of_range_are_refused(
 ) -> None:
     with pytest.raises(ConfigError, match=r"data_processes must be 0\.\.16"):
         replace(hsm_config, data_processes=17)
-    monkeypatch.setenv("DEW_HSM_DATA_PROCESSES", "-1")
-    with pytest.raises(ConfigError, match=r"hsm\.data_processes must be between 0 and 16"):
+    monkeypatch.setenv("DEW_HSM_DATA_PROCESSES", "-2")
+    with pytest.raises(ConfigError, match=r"data_processes must be -1 \(auto\) or between"):
         load_settings()
