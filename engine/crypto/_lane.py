@@ -33,6 +33,7 @@ import asyncio
 import contextlib
 import os
 import pickle
+import signal
 import struct
 import sys
 from collections import deque
@@ -344,6 +345,9 @@ def _call(worker: Worker, kind: str, args: tuple[Any, ...]) -> Any:
 
 
 def main() -> None:
+    # Ctrl-C in the parent's terminal reaches its whole process group: the parent
+    # decides when its children stop (it closes their stdin).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     # The protocol owns fd 1; anything printed goes to stderr.
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)

@@ -65,7 +65,10 @@ from engine.crypto.model import (
     unpack_sealed,
 )
 from engine.crypto.oaep import OAEP_HASHES, oaep_decode
-from engine.errors import BackendUnavailable, InvalidInput
+from engine.errors import BackendUnavailable, DewError, InvalidInput
+from engine.logs import get_logger
+
+log = get_logger("dew.crypto")
 
 
 def _spec(value: KeySpec | str) -> KeySpec:
@@ -120,11 +123,15 @@ class CryptoCore:
                 lane = DataLane(self.config, pool, self.config.data_processes)
                 try:
                     await lane.start()
+                    self._lane = lane
+                except DewError as exc:
+                    # A way to go faster, not a reason to stop: the threads serve.
+                    log.warning("the HSM data processes did not start; the crypto core's "
+                                "threads make their calls", error=exc.message)
                 except BaseException:
                     await pool.close()
                     await asyncio.to_thread(_pkcs11.logout, module, token)
                     raise
-                self._lane = lane
             self._pool = pool
 
     def _login(self) -> tuple[_pkcs11.Module, Any]:

@@ -144,3 +144,21 @@ def test_data_processes_out_of_range_are_refused(
     monkeypatch.setenv("DEW_HSM_DATA_PROCESSES", "-2")
     with pytest.raises(ConfigError, match=r"data_processes must be -1 \(auto\) or between"):
         load_settings()
+
+
+async def test_data_processes_that_cannot_start_leave_the_threads_serving(
+    hsm_config: HsmConfig, key_label: Callable[[str], str], monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A way to go faster, never a reason to be down: a child that exits at once (here
+    a Python that is not one) leaves the core connected, its threads making the calls."""
+    from engine.crypto import _lane
+
+    monkeypatch.setattr(_lane.sys, "executable", "/bin/false")
+    async with CryptoCore(replace(hsm_config, data_processes=1)) as core:
+        assert core.data_process_pids == []
+        label = await _aes(core, key_label)
+        sealed = await core.seal(label, b"by the threads")
+        assert await core.open(label, sealed.iv, sealed.ciphertext) == b"by the threads"
+        await core.destroy_key(label)
+    assert "data processes did not start" in capsys.readouterr().out
