@@ -13,6 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from engine.crypto import CryptoCore, HsmConfig, KeySpec
 from engine.crypto.errors import IntegrityCheckFailed, KeyNotFound
@@ -97,7 +98,7 @@ async def test_a_key_destroyed_here_is_gone_for_the_child_at_once(
 
 
 async def test_a_data_process_that_dies_loses_no_call(
-    lane_core: CryptoCore, key_label: Callable[[str], str], capsys: pytest.CaptureFixture[str],
+    lane_core: CryptoCore, key_label: Callable[[str], str],
 ) -> None:
     """SIGKILL of the child with calls in flight: those calls and all later ones are
     made by the threads, with one warning; every caller gets its right result."""
@@ -107,15 +108,16 @@ async def test_a_data_process_that_dies_loses_no_call(
              for n in range(200)]
     await asyncio.sleep(0)
     os.kill(pid, signal.SIGKILL)
-    results = await asyncio.gather(*calls)
-    later = await lane_core.seal(label, b"after")
+    with capture_logs() as logs:
+        results = await asyncio.gather(*calls)
+        later = await lane_core.seal(label, b"after")
     for n, sealed in enumerate(results):
         assert await lane_core.open(label, sealed.iv, sealed.ciphertext) == \
             n.to_bytes(2, "big")
     assert await lane_core.open(label, later.iv, later.ciphertext) == b"after"
     assert lane_core.data_process_pids == []
-    out = capsys.readouterr().out
-    assert out.count("HSM data process stopped") == 1 and "status -9" in out
+    warned = [e for e in logs if "HSM data process stopped" in e["event"]]
+    assert len(warned) == 1 and warned[0]["reason"] == "exited with status -9", logs
     await lane_core.destroy_key(label)
 
 
@@ -148,17 +150,19 @@ def test_data_processes_out_of_range_are_refused(
 
 async def test_data_processes_that_cannot_start_leave_the_threads_serving(
     hsm_config: HsmConfig, key_label: Callable[[str], str], monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
 ) -> None:
     """A way to go faster, never a reason to be down: a child that exits at once (here
     a Python that is not one) leaves the core connected, its threads making the calls."""
     from engine.crypto import _lane
 
     monkeypatch.setattr(_lane.sys, "executable", "/bin/false")
-    async with CryptoCore(replace(hsm_config, data_processes=1)) as core:
+    with capture_logs() as logs:
+        core = CryptoCore(replace(hsm_config, data_processes=1))
+        await core.connect()
+    async with core:
         assert core.data_process_pids == []
         label = await _aes(core, key_label)
         sealed = await core.seal(label, b"by the threads")
         assert await core.open(label, sealed.iv, sealed.ciphertext) == b"by the threads"
         await core.destroy_key(label)
-    assert "data processes did not start" in capsys.readouterr().out
+    assert any("data processes did not start" in e["event"] for e in logs), logs
