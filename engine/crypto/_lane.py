@@ -194,9 +194,11 @@ class DataLane:
         try:
             while True:
                 results = await _read_frame(child.proc.stdout)
-                batch = child.out.popleft()
-                if not isinstance(results, list) or len(results) != len(batch):
+                if not child.out or not isinstance(results, list) \
+                        or len(results) != len(child.out[0]):
+                    # Left in ``out``: the threads take the whole batch over.
                     raise ValueError("an answer that does not fit its batch")
+                batch = child.out.popleft()
                 for (_, _, _, future), (ok, value) in zip(batch, results, strict=True):
                     if future.done():
                         continue
