@@ -449,13 +449,30 @@ def login(module: Module, token: Any, pin: str) -> None:
             current.users += 1
             return
         with translate("log in to the HSM token", token.label):
-            try:
-                anchor = token.open(rw=True, user_pin=pin)
-            except p11e.UserAlreadyLoggedIn:
-                # Other code in this process (a tool using python-pkcs11 directly)
-                # logged in first; share its login rather than fail.
-                anchor = token.open(rw=True)
+            anchor = _open_logged_in(token, pin)
         _LOGINS[key] = _Login(anchor, _pin_digest(pin), 1)
+
+
+# SoftHSM rewrites its token file at every login, and logins of several processes at
+# once (a worker and an API starting together) now and then fail with
+# CKR_GENERAL_ERROR (measured: 1 in 40 with two processes logging in in a loop).
+LOGIN_TRIES = 3
+LOGIN_PAUSE = 0.05
+
+
+def _open_logged_in(token: Any, pin: str) -> Any:
+    for attempt in range(LOGIN_TRIES):
+        try:
+            return token.open(rw=True, user_pin=pin)
+        except p11e.UserAlreadyLoggedIn:
+            # Other code in this process (a tool using python-pkcs11 directly)
+            # logged in first; share its login rather than fail.
+            return token.open(rw=True)
+        except p11e.GeneralError:
+            if attempt == LOGIN_TRIES - 1:
+                raise
+            time.sleep(LOGIN_PAUSE)
+    raise AssertionError("unreachable")
 
 
 def logout(module: Module, token: Any) -> None:

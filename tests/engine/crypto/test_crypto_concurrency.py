@@ -17,6 +17,10 @@ import sys
 import time
 from pathlib import Path
 
+import pkcs11.exceptions
+
+from engine.crypto import HsmConfig
+
 ROOT = Path(__file__).resolve().parents[3]
 TASKS = 1_000  # each task makes 2 core calls: 2,000 calls over 2 threads
 
@@ -97,3 +101,33 @@ def test_two_threads_thousand_calls_each_no_crash_no_wrong_result() -> None:
 
 if __name__ == "__main__":
     print(json.dumps(asyncio.run(workload(int(sys.argv[1]), int(sys.argv[2])))))
+
+
+def test_a_login_refused_by_a_concurrent_login_is_tried_again(hsm_config: HsmConfig) -> None:
+    """SoftHSM logins of several processes at once now and then fail with
+    CKR_GENERAL_ERROR (each rewrites the token file): a process starting beside
+    another (a worker and an API) logs in on the next try instead of failing."""
+    from engine.crypto import _pkcs11
+
+    module = _pkcs11.load_module(hsm_config)
+    real = _pkcs11.require_token(module, hsm_config.token_label, hsm_config.slot)
+
+    class RefusedOnce:
+        slot = real.slot
+        label = real.label
+        tries = 0
+
+        def open(self, **kwargs: object) -> object:
+            RefusedOnce.tries += 1
+            if RefusedOnce.tries == 1:
+                raise pkcs11.exceptions.GeneralError()
+            return real.open(**kwargs)
+
+    # The login itself (login() shares one per process: another core of this test
+    # process may hold it already).
+    session = _pkcs11._open_logged_in(RefusedOnce(), hsm_config.user_pin())
+    try:
+        assert RefusedOnce.tries >= 2
+        assert len(session.generate_random(64)) == 8
+    finally:
+        session.close()

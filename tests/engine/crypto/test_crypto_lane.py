@@ -166,3 +166,4 @@ async def test_data_processes_that_cannot_start_leave_the_threads_serving(
         assert await core.open(label, sealed.iv, sealed.ciphertext) == b"by the threads"
         await core.destroy_key(label)
     assert any("data processes did not start" in e["event"] for e in logs), logs
+
