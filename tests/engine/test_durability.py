@@ -7,6 +7,7 @@ import contextlib
 import os
 import signal
 import sqlite3
+import threading
 import time
 from collections.abc import Callable
 
@@ -111,7 +112,6 @@ def test_worker_exits_cleanly_when_redis_is_gone(
     redis_server.start()
 
 
-
 async def test_a_stop_during_start_up_still_closes_the_stores(
     settings: Settings, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -119,8 +119,6 @@ async def test_a_stop_during_start_up_still_closes_the_stores(
     start-up there): the worker's state is already known, so the shutdown closes the
     stores it opened (their threads would keep the process alive: a worker that never
     exits)."""
-    import threading
-
     from engine import worker as worker_module
 
     written = asyncio.Event()
@@ -153,7 +151,7 @@ async def test_a_stop_during_start_up_still_closes_the_stores(
             thread.join(timeout=10)
             assert not thread.is_alive(), thread
 
-@pytest.mark.slow
+
 def _stop_outside_a_write(pid: int, settings: Settings) -> None:
     """SIGSTOP ``pid`` at a moment it holds no write lock of the store. Stopped inside
     a write (a heartbeat, say) it would stop every writer, the worker that should take
@@ -182,6 +180,7 @@ def _store_writable(settings: Settings) -> bool:
     return True
 
 
+@pytest.mark.slow
 async def test_a_stalled_worker_taken_over_never_writes(
     client: Client, settings: Settings, make_worker: Callable[[], WorkerProcess]
 ) -> None:
