@@ -25,25 +25,31 @@ child never changes the token: it only uses keys.
   the first's results.
 * A child that dies or answers nonsense is not used again: its calls, and every
   later one, go to the threads (one warning). A call is never lost or failed by it.
+* Only plain values cross the pipe (``marshal``: bytes, str, numbers, tuples; about
+  half pickle's cost, and nothing is constructed from the other side's bytes but
+  those). Errors travel as :meth:`DewError.to_dict` and come back through
+  :meth:`DewError.from_dict`, as a failed task's error does.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import marshal
 import os
-import pickle
 import signal
 import struct
 import sys
 from collections import deque
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import fields, replace
+from pathlib import Path
 from typing import Any, BinaryIO
 
 from engine.crypto import _pkcs11
 from engine.crypto._pool import SessionPool, Worker
 from engine.crypto.config import HsmConfig
+from engine.crypto.model import Sealed
 from engine.errors import BackendUnavailable, DewError
 from engine.logs import get_logger
 
@@ -60,8 +66,34 @@ _Call = tuple[str, tuple[Any, ...], Callable[[Worker], Any], asyncio.Future[Any]
 
 
 def frame(obj: Any) -> bytes:
-    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    data = marshal.dumps(obj)
     return _LENGTH.pack(len(data)) + data
+
+
+def config_to_wire(config: HsmConfig) -> dict[str, Any]:
+    return {f.name: str(v) if isinstance(v := getattr(config, f.name), Path) else v
+            for f in fields(config)}
+
+
+def config_from_wire(wire: dict[str, Any]) -> HsmConfig:
+    paths = {f.name for f in fields(HsmConfig) if "Path" in str(f.type)}
+    values: dict[str, Any] = {name: Path(value) if name in paths and value is not None
+                              else value for name, value in wire.items()}
+    return HsmConfig(**values)
+
+
+def result_to_wire(kind: str, value: Any) -> Any:
+    """A call's result as plain values (``Sealed`` as its two byte strings)."""
+    if kind == "datakey":
+        dek, sealed = value
+        return (dek, *sealed)
+    return tuple(value) if kind == "seal" else value
+
+
+def result_from_wire(kind: str, wire: Any) -> Any:
+    if kind == "datakey":
+        return wire[0], Sealed(wire[1], wire[2])
+    return Sealed(*wire) if kind == "seal" else wire
 
 
 def run_call(worker: Worker, kind: str, args: tuple[Any, ...]) -> Any:
@@ -135,7 +167,7 @@ class DataLane:
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env)
         child = _Child(proc)
         assert proc.stdin is not None and proc.stdout is not None
-        proc.stdin.write(frame(setup))
+        proc.stdin.write(frame(config_to_wire(setup)))
         try:
             ready = await asyncio.wait_for(_read_frame(proc.stdout), START_TIMEOUT)
         except (asyncio.IncompleteReadError, TimeoutError):
@@ -144,9 +176,9 @@ class DataLane:
                                      fix="See its message above; set hsm.data_processes "
                                      "= 0 to use the crypto core's threads only.",
                                      code="hsm_lane_failed") from None
-        if isinstance(ready, DewError):
+        if ready is not None:
             await _stop(proc)
-            raise ready
+            raise DewError.from_dict(ready)
         return child
 
     @property
@@ -199,13 +231,13 @@ class DataLane:
                     # Left in ``out``: the threads take the whole batch over.
                     raise ValueError("an answer that does not fit its batch")
                 batch = child.out.popleft()
-                for (_, _, _, future), (ok, value) in zip(batch, results, strict=True):
+                for (kind, _, _, future), (ok, value) in zip(batch, results, strict=True):
                     if future.done():
                         continue
                     if ok:
-                        future.set_result(value)
+                        future.set_result(result_from_wire(kind, value))
                     else:
-                        future.set_exception(value)
+                        future.set_exception(DewError.from_dict(value))
                 if self._waiting and not self._scheduled:
                     self._send()
         except asyncio.CancelledError:
@@ -270,7 +302,7 @@ def _chain(source: asyncio.Future[Any], target: asyncio.Future[Any]) -> None:
 
 async def _read_frame(stream: asyncio.StreamReader) -> Any:
     (length,) = _LENGTH.unpack(await stream.readexactly(_LENGTH.size))
-    return pickle.loads(await stream.readexactly(length))
+    return marshal.loads(await stream.readexactly(length))
 
 
 async def _stop(proc: asyncio.subprocess.Process) -> None:
@@ -301,24 +333,25 @@ def _child_frame(stream: BinaryIO) -> Any:
     if head is None:
         return None
     body = _read_exactly(stream, _LENGTH.unpack(head)[0])
-    return None if body is None else pickle.loads(body)
+    return None if body is None else marshal.loads(body)
 
 
 def serve(inp: BinaryIO, out: BinaryIO) -> None:
     """The child: log in, then answer batches until stdin closes."""
-    config = _child_frame(inp)
-    if not isinstance(config, HsmConfig):
+    wire = _child_frame(inp)
+    if not isinstance(wire, dict):
         return
     try:
+        config = config_from_wire(wire)
         module = _pkcs11.load_module(config)
         token = _pkcs11.require_token(module, config.token_label, config.slot)
         _pkcs11.login(module, token, config.user_pin())
         worker = Worker(_pkcs11.open_session(token), 0, config.key_recheck_seconds)
     except DewError as exc:
-        out.write(frame(exc))
+        out.write(frame(exc.to_dict()))
         out.flush()
         return
-    out.write(frame("ready"))
+    out.write(frame(None))  # ready
     out.flush()
     while (request := _child_frame(inp)) is not None:
         generation, calls = request
@@ -328,12 +361,13 @@ def serve(inp: BinaryIO, out: BinaryIO) -> None:
         results: list[tuple[bool, Any]] = []
         for kind, args in calls:
             try:
-                results.append((True, _call(worker, kind, args)))
+                results.append((True, result_to_wire(kind, _call(worker, kind, args))))
             except DewError as exc:
-                results.append((False, exc))
+                results.append((False, exc.to_dict()))
             except Exception as exc:  # noqa: BLE001 - reported to the caller, not fatal
                 results.append((False, BackendUnavailable(
-                    f"the HSM data process failed: {exc!r}", code="hsm_lane_failed")))
+                    f"the HSM data process failed: {exc!r}",
+                    code="hsm_lane_failed").to_dict()))
         out.write(frame(results))
         out.flush()
 
