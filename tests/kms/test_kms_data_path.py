@@ -191,6 +191,18 @@ async def cached(
         await used.close()
 
 
+@pytest.fixture
+async def buffered(
+    kms_store: SqliteKmsStore, core: CryptoCore, clock: FakeClock,
+) -> AsyncIterator[KmsService]:
+    """Use entries written when flushed or when a batch is full (the timer is an hour
+    away)."""
+    service = KmsService(kms_store, core, clock=clock, actor="test", audit_flush_interval=3600)
+    yield service
+    await service.close()
+    await _destroy_leftovers(kms_store, core)
+
+
 def _last(entries: list[AuditEntry], operation: str) -> AuditEntry:
     return [e for e in entries if e.operation == operation][-1]
 
@@ -305,70 +317,60 @@ async def test_many_contexts_and_lengths_each_get_their_own_header(
 
 
 async def test_uses_are_counted_on_their_utc_day_whatever_order_the_clock_gives(
-    kms_store: SqliteKmsStore, core: CryptoCore,
+    buffered: KmsService, kms_store: SqliteKmsStore, clock: FakeClock,
 ) -> None:
-    clock = FakeClock(datetime(2026, 3, 1, 23, 59, 59, 999_000, tzinfo=UTC))
-    kms = KmsService(kms_store, core, clock=clock, actor="test", audit_flush_interval=3600)
-    try:
-        key = await kms.create_key("path/days")
-        # Before and after midnight, back again, then a time given in another zone.
-        for step in (timedelta(0), timedelta(milliseconds=2), timedelta(milliseconds=-2),
-                     timedelta(days=1), timedelta(days=-2)):
-            clock.now += step
-            await kms.create_datakey(key.key_id)
-        clock.now = datetime(2026, 3, 3, 1, 0, tzinfo=UTC).astimezone(
-            timezone(timedelta(hours=-5)))  # 20:00 on the 2nd there, the 3rd in UTC
+    kms = buffered
+    clock.now = datetime(2026, 3, 1, 23, 59, 59, 999_000, tzinfo=UTC)
+    key = await kms.create_key("path/days")
+    # Before and after midnight, back again, then a time given in another zone.
+    for step in (timedelta(0), timedelta(milliseconds=2), timedelta(milliseconds=-2),
+                 timedelta(days=1), timedelta(days=-2)):
+        clock.now += step
         await kms.create_datakey(key.key_id)
-        await kms.flush_audit()
-        days = sorted((u.day, u.count) for u in await kms_store.usage(key_id=key.key_id))
-        assert days == [("2026-02-28", 1), ("2026-03-01", 2), ("2026-03-02", 2),
-                        ("2026-03-03", 1)]
-    finally:
-        await kms.close()
-        await _destroy_leftovers(kms_store, core)
+    clock.now = datetime(2026, 3, 3, 1, 0, tzinfo=UTC).astimezone(
+        timezone(timedelta(hours=-5)))  # 20:00 on the 2nd there, the 3rd in UTC
+    await kms.create_datakey(key.key_id)
+    await kms.flush_audit()
+    days = sorted((u.day, u.count) for u in await kms_store.usage(key_id=key.key_id))
+    assert days == [("2026-02-28", 1), ("2026-03-01", 2), ("2026-03-02", 2),
+                    ("2026-03-03", 1)]
 
 
 async def test_a_full_batch_written_by_its_own_task_keeps_its_entries_when_that_fails(
-    kms_store: SqliteKmsStore, core: CryptoCore, clock: FakeClock,
-    monkeypatch: pytest.MonkeyPatch,
+    buffered: KmsService, kms_store: SqliteKmsStore, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(kms_core_module, "AUDIT_BATCH", 4)
-    kms = KmsService(kms_store, core, clock=clock, actor="test", audit_flush_interval=3600)
-    try:
-        key = await kms.create_key("path/batch")
-        real = kms_store.append_audit
-        failures = 0
+    kms = buffered
+    key = await kms.create_key("path/batch")
+    real = kms_store.append_audit
+    failures = 0
 
-        async def failing(*args: Any) -> None:
-            nonlocal failures
-            failures += 1
-            raise BackendUnavailable("the disk is gone for a moment")
+    async def failing(*args: Any) -> None:
+        nonlocal failures
+        failures += 1
+        raise BackendUnavailable("the disk is gone for a moment")
 
-        monkeypatch.setattr(kms_store, "append_audit", failing)
-        for _ in range(6):  # the 4th fills a batch: its task fails, the uses do not
-            await kms.create_datakey(key.key_id)
-            await asyncio.sleep(0.01)
-        assert failures == 1 and len(kms.core._pending) == 6
-        monkeypatch.setattr(kms_store, "append_audit", real)
-        for _ in range(2):  # no batch is tried again before the timer's next try ...
-            await kms.create_datakey(key.key_id)
-        await asyncio.sleep(0.1)
-        assert failures == 1 and len(kms.core._pending) == 8
-        await kms.flush_audit()  # ... which writes everything, in order
-        entries = await kms_store.list_audit(key_id=key.key_id, limit=100)
-        assert [e.operation for e in entries] == ["create_key"] + ["create_datakey"] * 8
-        assert [u.count for u in await kms_store.usage(key_id=key.key_id)] == [8]
-    finally:
-        await kms.close()
-        await _destroy_leftovers(kms_store, core)
+    monkeypatch.setattr(kms_store, "append_audit", failing)
+    for _ in range(6):  # the 4th fills a batch: its task fails, the uses do not
+        await kms.create_datakey(key.key_id)
+        await asyncio.sleep(0.01)
+    assert failures == 1 and len(kms.core._pending) == 6
+    monkeypatch.setattr(kms_store, "append_audit", real)
+    for _ in range(2):  # no batch is tried again before the timer's next try ...
+        await kms.create_datakey(key.key_id)
+    await asyncio.sleep(0.1)
+    assert failures == 1 and len(kms.core._pending) == 8
+    await kms.flush_audit()  # ... which writes everything, in order
+    entries = await kms_store.list_audit(key_id=key.key_id, limit=100)
+    assert [e.operation for e in entries] == ["create_key"] + ["create_datakey"] * 8
+    assert [u.count for u in await kms_store.usage(key_id=key.key_id)] == [8]
 
 
 async def test_uses_past_a_full_batch_join_it_rather_than_start_one_each(
-    kms_store: SqliteKmsStore, core: CryptoCore, clock: FakeClock,
-    monkeypatch: pytest.MonkeyPatch,
+    buffered: KmsService, kms_store: SqliteKmsStore, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(kms_core_module, "AUDIT_BATCH", 4)
-    kms = KmsService(kms_store, core, clock=clock, actor="test", audit_flush_interval=3600)
+    kms = buffered
     disk = asyncio.Event()
     try:
         key = await kms.create_key("path/one-batch")
@@ -394,9 +396,7 @@ async def test_uses_past_a_full_batch_join_it_rather_than_start_one_each(
         assert sum(batches) == 40 and len(batches) <= 2
         assert [u.count for u in await kms_store.usage(key_id=key.key_id)] == [41]
     finally:
-        disk.set()
-        await kms.close()
-        await _destroy_leftovers(kms_store, core)
+        disk.set()  # else the fixture's close would wait for it
 
 
 # --------------------------------------------------------------------------- the header memo
