@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import json
 import os
-import pwd
 import shutil
 import sqlite3
 import subprocess
@@ -43,30 +42,19 @@ from engine.models import parse_iso, utcnow  # noqa: E402
 from engine.redis_server import RedisServer, free_port  # noqa: E402
 from engine.settings import load_settings  # noqa: E402
 from handlers.csms.service import open_secrets  # noqa: E402
-
-PG_BIN = sorted(Path("/usr/lib/postgresql").glob("*/bin"))[-1]
-
-
-def as_postgres(args: list[str]) -> list[str]:
-    return ["runuser", "-u", "postgres", "--", *args] if os.geteuid() == 0 else args
+from tests.pg_store import PG_BIN, as_postgres, initdb  # noqa: E402
 
 
-def start_pg(base: Path, port: int, superpass: str) -> Path:
+def start_pg(port: int) -> tuple[Path, str]:
+    """A private cluster (tests/pg_store.py's initdb) on ``port``: its data directory
+    and the superuser's password."""
+    base, superpass = initdb("dew-bench-pg-")
     data = base / "data"
-    pwfile = base / "pw"
-    pwfile.write_text(superpass + "\n")
-    if os.geteuid() == 0:
-        pg = pwd.getpwnam("postgres")
-        for path in (base, pwfile):
-            os.chown(path, pg.pw_uid, pg.pw_gid)
-    subprocess.run(as_postgres([str(PG_BIN / "initdb"), "-D", str(data), "-U", "postgres",
-                                "--pwfile", str(pwfile), "-A", "scram-sha-256", "--no-sync"]),
-                   check=True, capture_output=True)
     subprocess.run(as_postgres([
         str(PG_BIN / "pg_ctl"), "-D", str(data), "-l", str(base / "pg.log"), "-w",
         "-o", f"-p {port} -k {data} -c listen_addresses=127.0.0.1 -c fsync=off "
               "-c max_connections=400", "start"]), check=True, capture_output=True)
-    return data
+    return data, superpass
 
 
 def stop_pg(data: Path) -> None:
@@ -77,12 +65,10 @@ def stop_pg(data: Path) -> None:
 async def main(args: argparse.Namespace) -> None:
     n = args.secrets
     base = Path(tempfile.mkdtemp(prefix="dew-bench-rot-"))
-    # Its own temp dir: the postgres OS user must be able to reach it.
-    pg_base = Path(tempfile.mkdtemp(prefix="dew-bench-pg-"))
     redis = RedisServer(base / "redis", port=free_port())
     redis.start()
-    port, superpass = free_port(), "bench-super"
-    data = start_pg(pg_base, port, superpass)
+    port = free_port()
+    data, superpass = start_pg(port)  # its own temp dir: the postgres user reaches it
     env = {k: v for k, v in os.environ.items() if not k.startswith("DEW_")}
     env.update({"DEW_STATE_DIR": str(base / "state"), "DEW_REDIS_URL": redis.url,
                 "DEW_LOG_CONSOLE": "off", "DEW_LOG_LEVEL": "warning",
@@ -160,7 +146,7 @@ async def main(args: argparse.Namespace) -> None:
         stop_pg(data)
         redis.stop()
         shutil.rmtree(base, ignore_errors=True)
-        shutil.rmtree(pg_base, ignore_errors=True)
+        shutil.rmtree(data.parent, ignore_errors=True)
 
 
 if __name__ == "__main__":
