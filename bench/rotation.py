@@ -41,6 +41,7 @@ from engine.logs import configure_logging  # noqa: E402
 from engine.models import parse_iso, utcnow  # noqa: E402
 from engine.redis_server import RedisServer, free_port  # noqa: E402
 from engine.settings import load_settings  # noqa: E402
+from engine.store import open_store  # noqa: E402
 from handlers.csms.service import open_secrets  # noqa: E402
 from tests.pg_store import PG_BIN, as_postgres, initdb  # noqa: E402
 
@@ -107,6 +108,8 @@ async def main(args: argparse.Namespace) -> None:
                 info = await csms.set_rotation(name, 24 * 3600)
                 await csms.store.set_rotation(info.record.secret_id, 24 * 3600, due,
                                               utcnow())
+        # The task store's tables, before the worker makes them: read below at once.
+        await (await open_store(settings)).close()
         worker_out = (base / "worker.out").open("wb")
         worker = subprocess.Popen([sys.executable, "-m", "engine.cli", "worker"], env=env,
                                   cwd=ROOT, stdout=worker_out, stderr=subprocess.STDOUT)
