@@ -46,10 +46,11 @@ import hashlib
 import json
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from types import MappingProxyType
+from typing import Any, Literal, NamedTuple, Protocol
 
 from engine.errors import ConfigError, DewError
 from engine.logs import get_logger
@@ -191,9 +192,10 @@ UpdateOutcome = Literal["updated", "alias_taken", "key_state"]
 UsageCounts = Mapping[tuple[str, str, str], int]  # (account, key id, day) -> uses
 
 
-@dataclass(frozen=True)
-class AuditEvent:
-    """One thing to record: who did what to which key, and how it ended."""
+class AuditEvent(NamedTuple):
+    """One thing to record: who did what to which key, and how it ended. A named tuple:
+    every key use makes one, and a frozen dataclass's set-up cost as much as hashing
+    the entry."""
 
     time: datetime
     account: str
@@ -201,7 +203,7 @@ class AuditEvent:
     operation: str
     key_id: str | None
     outcome: str  # success | failure | unchanged
-    detail: dict[str, Any] = field(default_factory=dict)
+    detail: Mapping[str, Any] = MappingProxyType({})
 
 
 @dataclass(frozen=True)
@@ -306,6 +308,9 @@ _detail_json = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_as
 _detail_memo: dict[tuple[tuple[str, Any], ...], str] = {}
 DETAIL_MEMO_MAX = 1024
 _MEMO_SCALARS = frozenset({str, int, type(None)})
+_tail_memo: dict[tuple[str, str, str, str | None, str, str], str] = {}
+# The stored text of the last second an entry was made in, by its fields.
+_second_memo: dict[tuple[int, int, int, int, int, int], str] = {}
 
 
 def entry_body(
@@ -314,9 +319,16 @@ def entry_body(
 ) -> str:
     """``json.dumps([prev_hash, seq, ...], separators=(",", ":"), ensure_ascii=False)``."""
     q = _json_str
-    kid = "null" if key_id is None else q(key_id)
-    return (f"[{q(prev_hash)},{int.__repr__(seq)},{q(time)},{q(account)},{q(actor)},"
-            f"{q(operation)},{kid},{q(outcome)},{q(detail)}]")
+    # Uses repeat who, what, which key and how: that JSON tail is made once and reused.
+    slot = (account, actor, operation, key_id, outcome, detail)
+    tail = _tail_memo.get(slot)
+    if tail is None:
+        kid = "null" if key_id is None else q(key_id)
+        tail = f"{q(account)},{q(actor)},{q(operation)},{kid},{q(outcome)},{q(detail)}]"
+        if len(_tail_memo) >= DETAIL_MEMO_MAX:
+            _tail_memo.clear()
+        _tail_memo[slot] = tail
+    return f"[{q(prev_hash)},{int.__repr__(seq)},{q(time)},{tail}"
 
 
 def entry_hash(
@@ -346,8 +358,16 @@ def detail_text(detail: Mapping[str, Any]) -> str:
 
 
 def audit_time(when: datetime) -> str:
-    """An entry's stored time: :func:`engine.models.iso`, without its None case."""
-    return when.astimezone(UTC).isoformat(timespec="microseconds")
+    """An entry's stored time: :func:`engine.models.iso`, without its None case. Entries
+    made in the same second share all but the microseconds, formatted once."""
+    if when.tzinfo is not UTC:
+        return when.astimezone(UTC).isoformat(timespec="microseconds")
+    second = (when.second, when.minute, when.hour, when.day, when.month, when.year)
+    text = _second_memo.get(second)
+    if text is None:
+        _second_memo.clear()
+        text = _second_memo[second] = when.replace(microsecond=0, tzinfo=None).isoformat()
+    return f"{text}.{when.microsecond:06d}+00:00"
 
 
 class KmsStore(Protocol):

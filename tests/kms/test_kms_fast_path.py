@@ -2,7 +2,8 @@
 
 What changed for speed (``handlers/kms/core.py``, ``store.py``, ``format.py``):
 the audit context is a plain class, the use entries' chain text is assembled
-by hand and their details memoised, the UTC day of a use is reused, the
+by hand (its who-what-which-key tail, their details and the second of their time
+memoised), the UTC day of a use is reused, the
 ciphertext is built in one allocation from the AAD prefix already made, and a
 data key and its IV come from one RNG call in one token hop. Each is checked
 here against what it replaced or against the guarantee it must keep: every use
@@ -17,14 +18,15 @@ import hashlib
 import json
 import sqlite3
 from collections.abc import AsyncIterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from engine.crypto import CryptoCore
-from engine.errors import InvalidInput
+from engine.errors import DewError, InvalidInput
+from engine.models import iso
 from handlers.kms import core as kms_core_module
 from handlers.kms.errors import KeyStateError
 from handlers.kms.format import (
@@ -35,7 +37,13 @@ from handlers.kms.format import (
     unpack_ciphertext,
 )
 from handlers.kms.service import KmsService
-from handlers.kms.store import SqliteKmsStore, detail_text, entry_body, entry_hash
+from handlers.kms.store import (
+    SqliteKmsStore,
+    audit_time,
+    detail_text,
+    entry_body,
+    entry_hash,
+)
 from tests.helpers import FakeClock
 from tests.kms.conftest import _destroy_leftovers
 
@@ -49,15 +57,30 @@ def _dumps(value: Any, **options: Any) -> str:
 
 
 def test_the_chain_body_is_json_dumps_byte_for_byte() -> None:
-    for i, text in enumerate(AWKWARD):
-        fields: list[Any] = ["f" * 64, 10**12 + i, "2026-01-01T00:00:00.000000+00:00", text,
-                             text[::-1], f"op{text}", None if i % 2 else text, "success",
-                             _dumps({"k": text})]
-        assert entry_body(*fields) == _dumps(fields)
+    for round_ in range(2):  # the second round's tails come from the memo
+        for i, text in enumerate(AWKWARD):
+            fields: list[Any] = ["f" * 64, 10**12 + i + round_,
+                                 f"2026-01-01T00:00:0{round_}.000000+00:00", text, text[::-1],
+                                 f"op{text}", None if i % 2 else text, "success",
+                                 _dumps({"k": text})]
+            assert entry_body(*fields) == _dumps(fields)
+    # A key id of None and the text "null" are different entries.
+    fields = ["0" * 64, 1, "t", "a", "b", "op", None, "success", "{}"]
+    assert entry_body(*fields) != entry_body(*fields[:6], "null", *fields[7:])
     # So every hash of a chain written before stays what verify recomputes.
     fields = ["0" * 64, 1, "2026-01-01T00:00:00.000000+00:00", "default", "local",
               "create_key", KEY_ID, "success", "{}"]
     assert entry_hash(*fields) == hashlib.sha256(_dumps(fields).encode()).hexdigest()
+
+
+def test_the_stored_time_is_iso_in_utc_across_seconds_and_zones() -> None:
+    start = datetime(2026, 12, 31, 23, 59, 58, 999_998, tzinfo=UTC)
+    for step in range(0, 3_000_000, 1_237):
+        when = start + timedelta(microseconds=step)
+        assert audit_time(when) == iso(when)
+    for zone in (timezone(timedelta(0)), timezone(timedelta(hours=-5, minutes=-30))):
+        when = start.astimezone(zone)
+        assert audit_time(when) == iso(when) == "2026-12-31T23:59:58.999998+00:00"
 
 
 def test_memoised_details_are_json_dumps_and_keep_equal_values_of_other_types_apart() -> None:
@@ -186,6 +209,84 @@ async def test_another_process_disable_and_rotation_are_seen_within_the_cache_bo
         await asyncio.sleep(ttl * 1.5)
         with pytest.raises(KeyStateError, match="is disabled"):
             await kms.decrypt_datakey(key.key_id, old.cipher_text)
+        with pytest.raises(KeyStateError, match="is disabled"):
+            await kms.create_datakey(key.key_id)
+    finally:
+        await kms.close()
+        await _destroy_leftovers(kms_store, core)
+
+
+class HeldReads:
+    """The registry's ``get_key`` counted; while ``hold`` is on, a read's answer is
+    held back (as read) until ``release``."""
+
+    def __init__(self, store: SqliteKmsStore, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls = 0
+        self.hold = False
+        self.gate = asyncio.Event()
+        self._read = store.get_key
+        monkeypatch.setattr(store, "get_key", self.get_key)
+
+    async def get_key(self, key_id: str) -> Any:
+        self.calls += 1
+        held, record = self.hold, await self._read(key_id)
+        if held:
+            await self.gate.wait()
+        return record
+
+    def release(self) -> None:
+        self.hold = False
+        self.gate.set()
+
+
+async def test_callers_that_find_a_key_expired_together_share_one_registry_read(
+    kms_store: SqliteKmsStore, core: CryptoCore, clock: FakeClock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    kms = KmsService(kms_store, core, clock=clock, actor="test", audit_flush_interval=0,
+                     cache_ttl=3600)
+    try:
+        key = await kms.create_key("fast/herd")
+        reads = HeldReads(kms_store, monkeypatch)
+        kms.core.forget_keys()  # as an expiry: the next uses must read the key
+        reads.hold = True
+        calls = [asyncio.ensure_future(kms.create_datakey(key.key_id)) for _ in range(40)]
+        await asyncio.sleep(0.05)
+        assert reads.calls == 1
+        calls[0].cancel()  # a caller that gives up leaves the read to the others
+        reads.release()
+        done = await asyncio.gather(*calls[1:])
+        assert len({d.plain_text for d in done}) == 39 and reads.calls == 1
+        assert calls[0].cancelled()
+        # A read that fails fails every caller waiting for it, with the same error.
+        missing = "0b9f3c2e-1d4a-4e5b-8c6d-000000000000"
+        refused = await asyncio.gather(*(kms.create_datakey(missing) for _ in range(5)),
+                                       return_exceptions=True)
+        assert reads.calls == 2
+        assert all(isinstance(r, DewError) and r.code == "key_not_found" for r in refused)
+    finally:
+        await kms.close()
+        await _destroy_leftovers(kms_store, core)
+
+
+async def test_a_read_begun_before_a_disable_here_is_not_cached(
+    kms_store: SqliteKmsStore, core: CryptoCore, clock: FakeClock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    kms = KmsService(kms_store, core, clock=clock, actor="test", audit_flush_interval=0,
+                     cache_ttl=3600)
+    try:
+        key = await kms.create_key("fast/stale")
+        reads = HeldReads(kms_store, monkeypatch)
+        kms.core.forget_keys()
+        reads.hold = True
+        early = asyncio.ensure_future(kms.create_datakey(key.key_id))
+        await asyncio.sleep(0.05)  # it has read the key, enabled, and waits with it
+        reads.hold = False
+        await kms.disable_key(key.key_id)
+        reads.release()
+        await early  # it began before the disable: it may still use what it read
+        # But that read is not kept: refused from now on.
         with pytest.raises(KeyStateError, match="is disabled"):
             await kms.create_datakey(key.key_id)
     finally:
