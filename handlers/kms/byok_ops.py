@@ -156,7 +156,7 @@ class KeyImport:
                     raise KeyStateError(f"key {key_name(record)} changed during the import; "
                                         "check its state", target=record.key_id)
             op.recorded = True
-            self.core.cache.clear()
+            self.core.forget_keys()
             return KeyMetadata.of(done)
 
     async def delete_imported_key_material(
@@ -197,7 +197,7 @@ class KeyImport:
                 KeyState.PENDING_IMPORT.value, now, event)
             if changed is None:
                 return False
-            self.core.cache.clear()
+            self.core.forget_keys()
             core = await self.core.crypto()
             if not await self.core.store.renew_lease(key.key_id, MATERIAL_LEASE, lease, lease):
                 # Held too long: an import may own the label now. The key is pending

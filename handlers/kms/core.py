@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -50,6 +51,7 @@ from handlers.kms.store import AuditEvent, KeyRecord, KeyVersion, KmsStore, Wrap
 
 log = get_logger("dew.kms")
 T = TypeVar("T")
+_Cached = tuple[KeyRecord, "KeyUse | None"]  # a key read from the registry, its data-plane use
 CryptoProvider = Callable[[], Awaitable[CryptoCore]]
 
 DEFAULT_CACHE_TTL = 1.0
@@ -241,6 +243,8 @@ class KmsCore:
         self._crypto_lock = asyncio.Lock()
         # (account, key ref) -> (expiry, record, its KeyUse if the data plane may use it)
         self.cache: dict[tuple[str, str], tuple[float, KeyRecord, KeyUse | None]] = {}
+        self._reads: dict[tuple[str, str], asyncio.Future[_Cached]] = {}  # reads under way
+        self._generation = 0  # counts forget_keys(): a read begun before one is not cached
         self._pending: list[AuditEvent] = []
         self._usage: dict[tuple[str, str, str], int] = {}  # (account, key id, day) -> uses
         self._day_text: tuple[datetime | None, datetime, str] = (None, _EPOCH, "")
@@ -539,7 +543,7 @@ class KmsCore:
                     scheduled_deletion_date=date)
                 if changed is not None:
                     op.recorded = True
-                    self.cache.clear()
+                    self.forget_keys()
                     log.info("key state changed", key_id=key.key_id, operation=operation,
                              state=target)
                     return KeyChange(KeyMetadata.of(changed), True)
@@ -598,17 +602,12 @@ class KmsCore:
     async def _enabled(self, ref: str, account: str) -> tuple[KeyRecord, KeyUse | None]:
         cache_key = (account, ref)
         hit = self.cache.get(cache_key)
-        now = time.monotonic()
-        if hit is not None and hit[0] > now:
+        if hit is not None and hit[0] > time.monotonic():
             key, use = hit[1], hit[2]
+        elif self.cache_ttl > 0:
+            key, use = await self._read_once(cache_key)
         else:
-            key = await self.lookup(ref, account, create_default=True)
-            use = (KeyUse(key) if key.state == KeyState.ENABLED and key.spec == KeySpec.AES_256
-                   and key.usage == KeyUsage.ENCRYPT_DECRYPT else None)
-            if self.cache_ttl > 0:
-                if len(self.cache) >= CACHE_MAX:
-                    self.cache.clear()
-                self.cache[cache_key] = (now + self.cache_ttl, key, use)
+            key, use = await self._read_key(cache_key)
         if key.state != KeyState.ENABLED:
             state = key.state.replace("_", " ")
             if key.state == KeyState.PENDING_DELETION:
@@ -627,6 +626,41 @@ class KmsCore:
             )
         return key, use
 
+    def forget_keys(self) -> None:
+        """Drop the cached keys: the next use of any reads the registry, and no read
+        begun before this call is cached."""
+        self.cache.clear()
+        self._reads.clear()
+        self._generation += 1
+
+    def _read_once(self, cache_key: tuple[str, str]) -> asyncio.Future[_Cached]:
+        """The registry read of an expired key, shared: the callers that find the same
+        key expired together wait for one read instead of each making their own."""
+        read = self._reads.get(cache_key)
+        if read is None:
+            read = self._reads[cache_key] = asyncio.ensure_future(self._read_key(cache_key))
+            read.add_done_callback(partial(self._read_done, cache_key))
+        # A caller cancelled while it waits leaves the read to the others.
+        return asyncio.shield(read)
+
+    def _read_done(self, cache_key: tuple[str, str], read: asyncio.Future[_Cached]) -> None:
+        if self._reads.get(cache_key) is read:
+            del self._reads[cache_key]
+        if not read.cancelled():
+            read.exception()  # each waiter has it; not "never retrieved" when none is left
+
+    async def _read_key(self, cache_key: tuple[str, str]) -> _Cached:
+        generation = self._generation
+        account, ref = cache_key
+        key = await self.lookup(ref, account, create_default=True)
+        use = (KeyUse(key) if key.state == KeyState.ENABLED and key.spec == KeySpec.AES_256
+               and key.usage == KeyUsage.ENCRYPT_DECRYPT else None)
+        if self.cache_ttl > 0 and generation == self._generation:
+            if len(self.cache) >= CACHE_MAX:
+                self.cache.clear()
+            self.cache[cache_key] = (time.monotonic() + self.cache_ttl, key, use)
+        return key, use
+
     async def in_token(self, key: KeyRecord, call: Awaitable[T]) -> T:
         """Await a token call on ``key``; a vanished key object is explained from the registry."""
         try:
@@ -636,7 +670,7 @@ class KmsCore:
 
     async def _vanished(self, key: KeyRecord) -> DewError:
         """Why the token has no object for ``key``: deleted meanwhile, or a wrong token."""
-        self.cache.clear()
+        self.forget_keys()
         fresh = await self.store.get_key(key.key_id)
         if fresh is not None and fresh.state == KeyState.DELETED:
             return _deleted(fresh)
@@ -685,7 +719,7 @@ class KmsCore:
         key = use.record
         if header.key_version > use.version:
             # Rotated by another process since we cached the key: read it again.
-            self.cache.clear()
+            self.forget_keys()
             key = await self.store.get_key(key.key_id) or key
         if not 1 <= header.key_version <= key.current_version:
             raise InvalidInput(f"the ciphertext names version {header.key_version} of "

@@ -204,7 +204,7 @@ class KeyManagement:
             fresh = await self.core.store.get_key(record.key_id) or record
             raise self.core.state_refusal(fresh, operation)
         op.recorded = True
-        self.core.cache.clear()
+        self.core.forget_keys()
         log.info("key changed", key_id=record.key_id, operation=operation)
         return KeyMetadata.of(changed)
 
@@ -274,7 +274,7 @@ class KeyManagement:
             if marked is not None:
                 deleted.append(key.key_id)
                 log.info("key deleted", key_id=key.key_id, account=key.account)
-        self.core.cache.clear()
+        self.core.forget_keys()
         destroyed = 0
         for key in await self.core.store.deleted_with_material():
             destroyed += await self._destroy_material(key, now, who)

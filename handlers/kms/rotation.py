@@ -208,7 +208,7 @@ class Rotation:
             raise KeyStateError(f"key {key_name(record)} changed during its rotation; retry",
                                 target=key_id)
         op.recorded = True
-        self.core.cache.clear()
+        self.core.forget_keys()
         log.info("key rotated", key_id=key_id, version=new)
         return rotated
 

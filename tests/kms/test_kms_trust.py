@@ -455,7 +455,7 @@ async def test_a_rotator_past_its_lease_destroys_nothing(
     monkeypatch.undo()
     # The registered v2 is intact: new data uses it, old data still opens.
     assert await core.key_exists(token_label(key.key_id, 2))
-    kms.core.cache.clear()
+    kms.core.forget_keys()
     new = (await kms.encrypt_data(key.key_id, b"v2")).cipher_text
     assert (await kms.decrypt_data(new)).plain_text == b"v2"
     assert (await kms.decrypt_data(old)).plain_text == b"v1"
