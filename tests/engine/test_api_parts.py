@@ -3,6 +3,7 @@ error, and the [api] settings."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ from engine.api.jobs import JobPending, task_error, task_result
 from engine.api.operations import CRYPTO, Call, Operation
 from engine.api.ratelimit import OverLimit, RateLimits, storage_uri
 from engine.api.routing import Router
+from engine.api.server import auto_data_processes, usable_cpus
 from engine.errors import (
     AuthenticationFailed,
     BackendUnavailable,
@@ -236,3 +238,8 @@ async def test_processes_taking_calls_in_batches_never_pass_the_rate(tmp_path: P
         server.stop()
     batch = 500 // 50
     assert 500 - 2 * (batch - 1) <= served <= 500
+
+
+def test_the_api_runs_one_data_process_by_default_only_with_a_cpu_to_spare() -> None:
+    assert [auto_data_processes(n) for n in (1, 2, 4, 64)] == [0, 1, 1, 1]
+    assert 1 <= usable_cpus() <= (os.cpu_count() or 1)
