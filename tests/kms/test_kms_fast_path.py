@@ -240,58 +240,46 @@ class HeldReads:
 
 
 async def test_callers_that_find_a_key_expired_together_share_one_registry_read(
-    kms_store: SqliteKmsStore, core: CryptoCore, clock: FakeClock,
-    monkeypatch: pytest.MonkeyPatch,
+    buffered: KmsService, kms_store: SqliteKmsStore, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    kms = KmsService(kms_store, core, clock=clock, actor="test", audit_flush_interval=0,
-                     cache_ttl=3600)
-    try:
-        key = await kms.create_key("fast/herd")
-        reads = HeldReads(kms_store, monkeypatch)
-        kms.core.forget_keys()  # as an expiry: the next uses must read the key
-        reads.hold = True
-        calls = [asyncio.ensure_future(kms.create_datakey(key.key_id)) for _ in range(40)]
-        await asyncio.sleep(0.05)
-        assert reads.calls == 1
-        calls[0].cancel()  # a caller that gives up leaves the read to the others
-        reads.release()
-        done = await asyncio.gather(*calls[1:])
-        assert len({d.plain_text for d in done}) == 39 and reads.calls == 1
-        assert calls[0].cancelled()
-        # A read that fails fails every caller waiting for it, with the same error.
-        missing = "0b9f3c2e-1d4a-4e5b-8c6d-000000000000"
-        refused = await asyncio.gather(*(kms.create_datakey(missing) for _ in range(5)),
-                                       return_exceptions=True)
-        assert reads.calls == 2
-        assert all(isinstance(r, DewError) and r.code == "key_not_found" for r in refused)
-    finally:
-        await kms.close()
-        await _destroy_leftovers(kms_store, core)
+    kms = buffered
+    key = await kms.create_key("fast/herd")
+    reads = HeldReads(kms_store, monkeypatch)
+    kms.core.forget_keys()  # as an expiry: the next uses must read the key
+    reads.hold = True
+    calls = [asyncio.ensure_future(kms.create_datakey(key.key_id)) for _ in range(40)]
+    await asyncio.sleep(0.05)
+    assert reads.calls == 1
+    calls[0].cancel()  # a caller that gives up leaves the read to the others
+    reads.release()
+    done = await asyncio.gather(*calls[1:])
+    assert len({d.plain_text for d in done}) == 39 and reads.calls == 1
+    assert calls[0].cancelled()
+    # A read that fails fails every caller waiting for it, with the same error.
+    missing = "0b9f3c2e-1d4a-4e5b-8c6d-000000000000"
+    refused = await asyncio.gather(*(kms.create_datakey(missing) for _ in range(5)),
+                                   return_exceptions=True)
+    assert reads.calls == 2
+    assert all(isinstance(r, DewError) and r.code == "key_not_found" for r in refused)
 
 
 async def test_a_read_begun_before_a_disable_here_is_not_cached(
-    kms_store: SqliteKmsStore, core: CryptoCore, clock: FakeClock,
-    monkeypatch: pytest.MonkeyPatch,
+    buffered: KmsService, kms_store: SqliteKmsStore, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    kms = KmsService(kms_store, core, clock=clock, actor="test", audit_flush_interval=0,
-                     cache_ttl=3600)
-    try:
-        key = await kms.create_key("fast/stale")
-        reads = HeldReads(kms_store, monkeypatch)
-        kms.core.forget_keys()
-        reads.hold = True
-        early = asyncio.ensure_future(kms.create_datakey(key.key_id))
-        await asyncio.sleep(0.05)  # it has read the key, enabled, and waits with it
-        reads.hold = False
-        await kms.disable_key(key.key_id)
-        reads.release()
-        await early  # it began before the disable: it may still use what it read
-        # But that read is not kept: refused from now on.
-        with pytest.raises(KeyStateError, match="is disabled"):
-            await kms.create_datakey(key.key_id)
-    finally:
-        await kms.close()
-        await _destroy_leftovers(kms_store, core)
+    kms = buffered
+    key = await kms.create_key("fast/stale")
+    reads = HeldReads(kms_store, monkeypatch)
+    kms.core.forget_keys()
+    reads.hold = True
+    early = asyncio.ensure_future(kms.create_datakey(key.key_id))
+    await asyncio.sleep(0.05)  # it has read the key, enabled, and waits with it
+    reads.hold = False
+    await kms.disable_key(key.key_id)
+    reads.release()
+    await early  # it began before the disable: it may still use what it read
+    # But that read is not kept: refused from now on.
+    with pytest.raises(KeyStateError, match="is disabled"):
+        await kms.create_datakey(key.key_id)
 
 
 async def test_uses_go_on_while_a_full_batch_is_written_up_to_the_backlog(
