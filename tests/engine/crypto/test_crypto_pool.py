@@ -12,8 +12,10 @@ import asyncio
 import os
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import replace
+from typing import Any
 
 import pkcs11
 import pkcs11.exceptions
@@ -120,6 +122,41 @@ async def test_a_key_destroyed_here_is_not_served_from_the_handle_cache(
             await crypto_core.open(label, *sealed)
     again = await crypto_core.seal(label, b"two")
     assert await crypto_core.open(label, *again) == b"two"
+    await crypto_core.destroy_key(label)
+
+
+async def test_a_key_is_found_once_while_another_thread_copies_it(
+    crypto_core: CryptoCore, key_label: Callable[[str], str]
+) -> None:
+    # A thread's first use of a key makes its session copy while another thread may
+    # look the key up by label. SoftHSM's copy carries the source's label and
+    # CKA_TOKEN until its own template is applied: before copies and searches took
+    # turns, such lookups found two keys ("several HSM objects share the label") or
+    # none, several times a second with both going on in a loop.
+    label = key_label("copied")
+    await crypto_core.generate_key(KeySpec.AES_256, label, b"x")
+    pool = crypto_core._require()
+    stop = threading.Event()
+    found: list[Any] = []
+
+    def copy_in_a_loop(worker: Any) -> int:
+        token = _pkcs11.find_key(worker.session, label, "secret")
+        copies = 0
+        while not stop.is_set():
+            _pkcs11.destroy_copy(_pkcs11.session_copy(token))
+            copies += 1
+        return copies
+
+    def look_up_in_a_loop(worker: Any) -> None:
+        deadline = time.monotonic() + 3.0
+        try:
+            while time.monotonic() < deadline:
+                found.append(_pkcs11.find_key(worker.session, label, "secret"))
+        finally:
+            stop.set()
+
+    copies, _ = await asyncio.gather(pool.run(copy_in_a_loop), pool.run(look_up_in_a_loop))
+    assert copies > 100 and len(found) > 100
     await crypto_core.destroy_key(label)
 
 
