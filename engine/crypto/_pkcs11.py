@@ -600,18 +600,17 @@ def keypair_templates(
 # Searches by label and the making or destroying of session copies take turns in a
 # process. SoftHSM's C_CopyObject gives a copy every attribute of its source (label
 # and CKA_TOKEN included) and applies the copy's template only after: a search of
-# another session's thread in between found two token keys under one label (0.7%
-# of the rounds of 8 concurrent first uses of a new key). Session objects are the
-# process's own, so searches in other processes never see them; both are rare here
-# (a key's first use per thread, a cache miss).
+# another session's thread in between found two keys under one label (0.7% of the
+# rounds of 8 concurrent first uses of a new key; no attribute tells them apart).
+# Session objects are the process's own, so searches in other processes never see
+# them; both are rare here (a key's first use per thread, a cache miss).
 _COPY_OR_SEARCH = threading.Lock()
-_ON_TOKEN = {Attribute.TOKEN: True}
 
 
 def _search(session: Session, template: dict[Any, Any]) -> list[Any]:
-    """Every token object matching ``template`` (the search run to its end)."""
+    """Every object matching ``template`` (the search run to its end)."""
     with _COPY_OR_SEARCH:
-        return list(session.get_objects({**template, **_ON_TOKEN}))
+        return list(session.get_objects(template))
 
 
 def objects_with_label(session: Session, label: str) -> list[Any]:
