@@ -239,14 +239,22 @@ class HeldReads:
         self.gate.set()
 
 
+async def _expired_and_held(kms: KmsService, store: SqliteKmsStore,
+                            monkeypatch: pytest.MonkeyPatch, alias: str) -> tuple[Any, HeldReads]:
+    """A new key whose cached entry is gone (as after an expiry: its next use reads it),
+    with the registry's answers held back until ``release``."""
+    key = await kms.create_key(alias)
+    reads = HeldReads(store, monkeypatch)
+    kms.core.forget_keys()
+    reads.hold = True
+    return key, reads
+
+
 async def test_callers_that_find_a_key_expired_together_share_one_registry_read(
     buffered: KmsService, kms_store: SqliteKmsStore, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     kms = buffered
-    key = await kms.create_key("fast/herd")
-    reads = HeldReads(kms_store, monkeypatch)
-    kms.core.forget_keys()  # as an expiry: the next uses must read the key
-    reads.hold = True
+    key, reads = await _expired_and_held(kms, kms_store, monkeypatch, "fast/herd")
     calls = [asyncio.ensure_future(kms.create_datakey(key.key_id)) for _ in range(40)]
     await asyncio.sleep(0.05)
     assert reads.calls == 1
@@ -267,10 +275,7 @@ async def test_a_read_begun_before_a_disable_here_is_not_cached(
     buffered: KmsService, kms_store: SqliteKmsStore, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     kms = buffered
-    key = await kms.create_key("fast/stale")
-    reads = HeldReads(kms_store, monkeypatch)
-    kms.core.forget_keys()
-    reads.hold = True
+    key, reads = await _expired_and_held(kms, kms_store, monkeypatch, "fast/stale")
     early = asyncio.ensure_future(kms.create_datakey(key.key_id))
     await asyncio.sleep(0.05)  # it has read the key, enabled, and waits with it
     reads.hold = False
